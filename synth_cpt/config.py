@@ -1,0 +1,262 @@
+"""The one pipeline configuration: a YAML file validated by pydantic.
+
+Why one model: every asset, the sensor and the CLI read the same settings, and a bad file must fail
+at load with the file, the field and what is wrong, never halfway through a run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_ENV = "SYNTH_CPT_CONFIG"
+HOME_ENV = "SYNTH_CPT_HOME"
+DROPS_ENV = "SYNTH_CPT_DROPS"
+DEFAULT_HOME = ".synth_cpt_home"
+SAMPLE_DROPS = "package://synth_cpt/sample_corpus/drops"
+
+# Partition keys must not contain Dagster's multi-partition separators (| , [ ]) and are used in paths.
+_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used, with every problem found in it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DropsConfig(_Strict):
+    """Where crawl drops arrive and which files count as drops."""
+
+    location: str = SAMPLE_DROPS
+    patterns: tuple[str, ...] = ("*.jsonl", "*.jsonl.gz", "*.jsonl.zst", "*.parquet")
+    recursive: bool = True
+
+
+class FieldsConfig(_Strict):
+    """Names of the input record's fields. Score fields map a score name to the record's field."""
+
+    text: str = "text"
+    id: str | None = "id"
+    url: str | None = "url"
+    title: str | None = "title"
+    language: str | None = "language"
+    scores: dict[str, str] = Field(default_factory=lambda: {"edu": "edu", "stem": "stem"})
+
+    @field_validator("scores")
+    @classmethod
+    def _score_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not _KEY_RE.match(name):
+                raise ValueError(f"score name {name!r} must match {_KEY_RE.pattern}")
+            if name == "heuristic":
+                raise ValueError("score name 'heuristic' is reserved for the built-in scorer")
+        return v
+
+
+class LanguageIdConfig(_Strict):
+    """Language identification for records that do not carry a language."""
+
+    min_confidence: float = Field(0.40, ge=0.0, le=1.0)
+    max_chars: int = Field(2000, gt=0, description="characters of the text's start that are classified")
+
+
+class BucketBounds(_Strict):
+    """A half-open or closed interval on the combined quality score; unset sides are unbounded."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    @model_validator(mode="after")
+    def _one_side_each(self) -> "BucketBounds":
+        if self.gt is not None and self.ge is not None:
+            raise ValueError("set only one of 'gt' and 'ge'")
+        if self.lt is not None and self.le is not None:
+            raise ValueError("set only one of 'lt' and 'le'")
+        if all(v is None for v in (self.gt, self.ge, self.lt, self.le)):
+            raise ValueError("a bucket needs at least one bound (gt, ge, lt or le)")
+        lo = self.gt if self.gt is not None else self.ge
+        hi = self.lt if self.lt is not None else self.le
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"lower bound {lo} is above upper bound {hi}")
+        return self
+
+    def contains(self, score: float) -> bool:
+        return (
+            (self.gt is None or score > self.gt)
+            and (self.ge is None or score >= self.ge)
+            and (self.lt is None or score < self.lt)
+            and (self.le is None or score <= self.le)
+        )
+
+    def describe(self) -> str:
+        parts = []
+        if self.gt is not None:
+            parts.append(f"> {self.gt}")
+        if self.ge is not None:
+            parts.append(f">= {self.ge}")
+        if self.lt is not None:
+            parts.append(f"< {self.lt}")
+        if self.le is not None:
+            parts.append(f"<= {self.le}")
+        return " and ".join(parts)
+
+
+class QualityConfig(_Strict):
+    """How a document's quality score is made and which bucket it falls in (METHODS.md §1)."""
+
+    combine: Literal["max", "mean", "min"] = "max"
+    scores: tuple[str, ...] = ("edu", "stem")
+    fallback: Literal["heuristic", "quarantine"] = "heuristic"
+    buckets: dict[str, BucketBounds] = Field(
+        default_factory=lambda: {"high": BucketBounds(gt=2.5), "low": BucketBounds(ge=0.5, le=2.0)}
+    )
+
+    @field_validator("buckets")
+    @classmethod
+    def _bucket_names(cls, v: dict[str, BucketBounds]) -> dict[str, BucketBounds]:
+        if not v:
+            raise ValueError("at least one quality bucket is needed")
+        for name in v:
+            if not _KEY_RE.match(name):
+                raise ValueError(f"bucket name {name!r} must match {_KEY_RE.pattern} (it is a partition key)")
+        return v
+
+
+class SubsetsConfig(_Strict):
+    """Token budgets of `quality_subsets`, per partition key ('pt|high') with a default."""
+
+    default_budget_tokens: int | None = Field(200_000, gt=0)
+    budget_tokens: dict[str, int] = Field(default_factory=dict)
+    order: Literal["score", "random"] = "score"
+
+    def budget_for(self, partition_key: str) -> int | None:
+        return self.budget_tokens.get(partition_key, self.default_budget_tokens)
+
+
+class TokenizerConfig(_Strict):
+    """The SentencePiece model used for every token count."""
+
+    model_file: str | None = None
+    vocab_size: int = Field(8000, ge=100, le=1_000_000)
+    sample_documents: int = Field(20_000, gt=0)
+    character_coverage: float = Field(0.9995, gt=0.0, le=1.0)
+
+
+class SeedsConfig(_Strict):
+    subsets: int = 1234
+    tokenizer: int = 1234
+
+
+class LimitsConfig(_Strict):
+    max_record_bytes: int = Field(1_000_000, gt=0)
+    max_quarantine_rate: float = Field(0.2, ge=0.0, le=1.0)
+    batch_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    quarantine_raw_chars: int = Field(500, gt=0)
+
+
+class PipelineConfig(_Strict):
+    """The whole pipeline configuration."""
+
+    storage_root: str | None = None
+    drops: DropsConfig = Field(default_factory=DropsConfig)
+    fields: FieldsConfig = Field(default_factory=FieldsConfig)
+    languages: tuple[str, ...] = ("pt", "en")
+    language_id: LanguageIdConfig = Field(default_factory=LanguageIdConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    subsets: SubsetsConfig = Field(default_factory=SubsetsConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    seeds: SeedsConfig = Field(default_factory=SeedsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @field_validator("languages")
+    @classmethod
+    def _language_codes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("at least one language is needed")
+        for code in v:
+            if not re.match(r"^[a-z]{2,3}$", code):
+                raise ValueError(f"language {code!r} must be an ISO 639 code such as 'pt' or 'en'")
+        if len(set(v)) != len(v):
+            raise ValueError("languages are listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PipelineConfig":
+        unknown = [s for s in self.quality.scores if s not in self.fields.scores]
+        if unknown:
+            raise ValueError(f"quality.scores names {unknown} that fields.scores does not map")
+        valid_keys = {f"{lang}|{q}" for lang in self.languages for q in self.quality.buckets}
+        bad = sorted(set(self.subsets.budget_tokens) - valid_keys)
+        if bad:
+            raise ValueError(f"subsets.budget_tokens has keys {bad} that are not partitions {sorted(valid_keys)}")
+        return self
+
+    def storage_uri(self) -> str:
+        """Storage root: SYNTH_CPT_HOME wins over the file, then the local default."""
+        return os.environ.get(HOME_ENV) or self.storage_root or str(Path(DEFAULT_HOME).resolve())
+
+    def drops_uri(self) -> str:
+        return os.environ.get(DROPS_ENV) or self.drops.location
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = [f"invalid synth-cpt config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  - {loc}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(text: str, source: str) -> PipelineConfig:
+    """Validate YAML text; errors name the source, the field path and the problem."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid synth-cpt config {source}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid synth-cpt config {source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(source, exc)) from None
+
+
+def default_config_text() -> str:
+    return resources.files("synth_cpt").joinpath("defaults/pipeline.yaml").read_text(encoding="utf-8")
+
+
+def load_config(path: str | os.PathLike | None = None) -> PipelineConfig:
+    """Load the config named by `path`, else $SYNTH_CPT_CONFIG, else the shipped defaults."""
+    chosen = path or os.environ.get(CONFIG_ENV)
+    if not chosen:
+        return parse_config(default_config_text(), "(shipped defaults synth_cpt/defaults/pipeline.yaml)")
+    p = Path(chosen)
+    if not p.is_file():
+        raise ConfigError(f"synth-cpt config {p} does not exist (from {'argument' if path else CONFIG_ENV})")
+    return parse_config(p.read_text(encoding="utf-8"), str(p))
+
+
+@lru_cache(maxsize=4)
+def _cached(path: str | None) -> PipelineConfig:
+    return load_config(path)
+
+
+def current_config() -> PipelineConfig:
+    """The config for this process, reloaded when the environment names another file."""
+    return _cached(os.environ.get(CONFIG_ENV))

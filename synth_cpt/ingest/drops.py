@@ -1,0 +1,171 @@
+"""Ingest one crawl drop file into `<root>/crawl_drops/<drop_id>/`.
+
+Outputs, each written atomically: `docs.parquet` (valid documents), `quarantine.parquet` (rejected
+records with reasons) and, last, `manifest.json` (counts, source version, acceptance), so a drop with a
+manifest is complete. The registry entry (`crawl_drops/_registry/<drop_id>.json`) remembers where a
+drop came from, so any run (sensor, CLI, UI) can rematerialize it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import pyarrow.parquet as pq
+
+from synth_cpt.config import PipelineConfig
+from synth_cpt.ingest.records import (
+    QUARANTINE_SCHEMA,
+    RecordParser,
+    docs_schema,
+    finish_batch,
+    iter_batches_jsonl,
+    iter_batches_rows,
+)
+from synth_cpt.ingest.sources import CountingReader, DropFile, DropSource, decompressed, open_source
+from synth_cpt.storage import Storage
+
+ASSET = "crawl_drops"
+REGISTRY = f"{ASSET}/_registry"
+
+
+def drop_prefix(drop_id: str) -> str:
+    return f"{ASSET}/{drop_id}"
+
+
+@dataclass
+class DropReport:
+    drop_id: str
+    source_uri: str
+    source_version: str
+    format: str
+    bytes: int
+    records: int = 0
+    documents: int = 0
+    quarantined: int = 0
+    quarantine_by_reason: dict[str, int] = field(default_factory=dict)
+    languages: dict[str, int] = field(default_factory=dict)
+    quality_sources: dict[str, int] = field(default_factory=dict)
+    characters: int = 0
+    seconds: float = 0.0
+    max_quarantine_rate: float = 0.0
+    ingested_at: str = ""
+
+    @property
+    def quarantine_rate(self) -> float:
+        return self.quarantined / self.records if self.records else 0.0
+
+    @property
+    def accepted(self) -> bool:
+        """Over the configured quarantine rate, a drop is kept out of raw_corpus (and its check fails)."""
+        return self.quarantine_rate <= self.max_quarantine_rate
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "quarantine_rate": round(self.quarantine_rate, 6), "accepted": self.accepted}
+
+
+Progress = Callable[[int, int, int, int], None]  # bytes done, bytes total, records, documents
+
+
+def register_drop(storage: Storage, drop: DropFile, location: str) -> None:
+    """Remember where a drop's partition key points, for later rematerializations."""
+    storage.write_json(f"{REGISTRY}/{drop.key}.json", {"drops_location": location, **asdict(drop)})
+
+
+def resolve_drop(storage: Storage, drop_id: str, config: PipelineConfig) -> tuple[DropSource, DropFile]:
+    """The source and current file of a drop: from the registry, else from the configured location."""
+    entry = f"{REGISTRY}/{drop_id}.json"
+    if storage.exists(entry):
+        reg = storage.read_json(entry)
+        source = open_source(reg["drops_location"])
+        try:
+            return source, source.find(drop_id, config.drops.patterns)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"drop {drop_id!r} was registered from {reg['uri']} but that file is gone; "
+                "restore it or delete the partition"
+            ) from None
+    source = open_source(config.drops_uri())
+    return source, source.find(drop_id, config.drops.patterns)
+
+
+def ingest_drop(
+    config: PipelineConfig,
+    storage: Storage,
+    source: DropSource,
+    drop: DropFile,
+    progress: Progress | None = None,
+) -> DropReport:
+    """Stream one drop through parsing, normalization, language id and scoring, in bounded memory."""
+    started = time.monotonic()
+    report = DropReport(
+        drop_id=drop.key,
+        source_uri=drop.uri,
+        source_version=drop.version,
+        format=drop.format,
+        bytes=drop.size,
+        max_quarantine_rate=config.limits.max_quarantine_rate,
+    )
+    parser = RecordParser(config)
+    prefix = drop_prefix(drop.key)
+    reasons: Counter[str] = Counter()
+    languages: Counter[str] = Counter()
+    qsources: Counter[str] = Counter()
+    counter: CountingReader | None = None
+
+    def batches():
+        nonlocal counter
+        if drop.format == "parquet":
+            with source.local_path(drop) as path:
+                pf = pq.ParquetFile(path)
+                row_no = 0
+
+                def rows():
+                    nonlocal row_no
+                    for rb in pf.iter_batches(batch_size=4096):
+                        for row in rb.to_pylist():
+                            row_no += 1
+                            yield row_no, row
+
+                yield from iter_batches_rows(parser, rows(), config.limits.batch_bytes)
+        else:
+            counter = CountingReader(source.open(drop))
+            with decompressed(counter, drop.format) as stream:  # type: ignore[arg-type]
+                yield from iter_batches_jsonl(parser, stream, config.limits.batch_bytes)
+
+    schema = docs_schema(config)
+    with storage.parquet_writer(f"{prefix}/docs.parquet", schema) as docs_out, storage.parquet_writer(
+        f"{prefix}/quarantine.parquet", QUARANTINE_SCHEMA
+    ) as q_out:
+        for batch in batches():
+            docs, quarantine = finish_batch(batch, config, drop.key, drop.uri)
+            report.records += len(batch.texts) + len(batch.quarantine)
+            report.documents += docs.height
+            report.quarantined += quarantine.height
+            reasons.update(quarantine["reason_code"].to_list())
+            languages.update(docs["language"].to_list())
+            qsources.update(docs["quality_score_source"].to_list())
+            report.characters += int(docs["n_chars"].sum() or 0)
+            if docs.height:
+                docs_out.write_table(docs.to_arrow().cast(schema))
+            if quarantine.height:
+                q_out.write_table(quarantine.to_arrow().cast(QUARANTINE_SCHEMA))
+            if progress:
+                done = counter.count if counter is not None else drop.size
+                progress(done, drop.size, report.records, report.documents)
+    report.quarantine_by_reason = dict(sorted(reasons.items()))
+    report.languages = dict(sorted(languages.items()))
+    report.quality_sources = dict(sorted(qsources.items()))
+    report.seconds = round(time.monotonic() - started, 3)
+    report.ingested_at = datetime.now(timezone.utc).isoformat()
+    storage.write_json(f"{prefix}/manifest.json", report.to_json())
+    return report
+
+
+def ingested_drops(storage: Storage) -> list[dict]:
+    """Manifests of every completely ingested drop, oldest ingestion first then by id."""
+    manifests = [storage.read_json(k) for k in storage.list(ASSET) if k.endswith("/manifest.json")]
+    return sorted(manifests, key=lambda m: m["drop_id"])

@@ -1,0 +1,224 @@
+"""Where every asset's files live: a local folder or an S3 prefix, with atomic writes.
+
+Why: a reader (a downstream asset, DuckDB, a person) must never see half a file. Locally a file is
+written beside its target and renamed; on S3 an object appears only when its single PUT (or multipart
+upload) completes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+class Storage:
+    """Files under one root, addressed by relative keys such as `raw_corpus/pt/high/part-0.parquet`."""
+
+    root: str
+
+    def uri(self, *parts: str) -> str:
+        raise NotImplementedError
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        raise NotImplementedError
+
+    def read_bytes(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys under `prefix`, sorted."""
+        raise NotImplementedError
+
+    def delete_prefix(self, prefix: str) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def local_path(self, key: str) -> Iterator[Path]:
+        """A local file with the key's content, for libraries that only open paths."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def writing(self, key: str) -> Iterator[Path]:
+        """Yields a temporary local path; on clean exit it becomes `key` atomically."""
+        raise NotImplementedError
+
+    # -- helpers shared by both backends ---------------------------------------------------------
+    def write_json(self, key: str, obj: Any) -> str:
+        return self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
+
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key))
+
+    def write_parquet(self, key: str, frame: pl.DataFrame | pa.Table) -> str:
+        table = frame.to_arrow() if isinstance(frame, pl.DataFrame) else frame
+        with self.writing(key) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+        return self.uri(key)
+
+    def read_parquet(self, key: str, columns: list[str] | None = None) -> pl.DataFrame:
+        with self.local_path(key) as path:
+            return pl.read_parquet(path, columns=columns)
+
+    @contextlib.contextmanager
+    def parquet_writer(self, key: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+        """Stream record batches into one Parquet file that appears only when complete."""
+        with self.writing(key) as tmp:
+            writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+            try:
+                yield writer
+            finally:
+                writer.close()
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = str(Path(root).expanduser().resolve())
+
+    def path(self, key: str) -> Path:
+        return Path(self.root, key)
+
+    def uri(self, *parts: str) -> str:
+        return str(Path(self.root, _join(*parts)))
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        with self.writing(key) as tmp:
+            tmp.write_bytes(data)
+        return self.uri(key)
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def list(self, prefix: str) -> list[str]:
+        base = self.path(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(
+            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")
+        )
+
+    def delete_prefix(self, prefix: str) -> None:
+        shutil.rmtree(self.path(prefix), ignore_errors=True)
+
+    @contextlib.contextmanager
+    def local_path(self, key: str) -> Iterator[Path]:
+        path = self.path(key)
+        if not path.exists():
+            raise FileNotFoundError(f"{self.uri(key)} does not exist")
+        yield path
+
+    @contextlib.contextmanager
+    def writing(self, key: str) -> Iterator[Path]:
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".tmp-{uuid.uuid4().hex}-{target.name}")
+        try:
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class S3Storage(Storage):
+    """An `s3://bucket/prefix` root through dagster-aws's S3 resource (credentials from the AWS chain)."""
+
+    def __init__(self, root: str, client: Any | None = None) -> None:
+        bucket, _, prefix = root.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ValueError(f"storage root {root!r} has no bucket")
+        self.root = root.rstrip("/")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from dagster_aws.s3 import S3Resource
+
+            self._client = S3Resource(endpoint_url=os.environ.get("AWS_ENDPOINT_URL")).get_client()
+        return self._client
+
+    def _key(self, key: str) -> str:
+        return _join(self.prefix, key)
+
+    def uri(self, *parts: str) -> str:
+        return f"s3://{self.bucket}/{_join(self.prefix, *parts)}"
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        return self.uri(key)
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except Exception as exc:  # botocore ClientError 404
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def list(self, prefix: str) -> list[str]:
+        full = self._key(prefix) + "/"
+        keys: list[str] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            for obj in page.get("Contents", []):
+                keys.append(obj["Key"][len(self.prefix) + 1 :] if self.prefix else obj["Key"])
+        return sorted(keys)
+
+    def delete_prefix(self, prefix: str) -> None:
+        for key in self.list(prefix):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    @contextlib.contextmanager
+    def local_path(self, key: str) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="synth-cpt-") as d:
+            path = Path(d, Path(key).name)
+            self.client.download_file(self.bucket, self._key(key), str(path))
+            yield path
+
+    @contextlib.contextmanager
+    def writing(self, key: str) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="synth-cpt-") as d:
+            path = Path(d, Path(key).name)
+            yield path
+            self.client.upload_file(str(path), self.bucket, self._key(key))
+
+
+def open_storage(root: str) -> Storage:
+    """The storage for a root URI: `s3://...` or a local folder."""
+    if root.startswith("s3://"):
+        return S3Storage(root)
+    if "://" in root:
+        raise ValueError(f"storage root {root!r}: only local folders and s3:// are supported")
+    return LocalStorage(root)
+
+
+def read_parquet_bytes(data: bytes) -> pl.DataFrame:
+    return pl.read_parquet(io.BytesIO(data))

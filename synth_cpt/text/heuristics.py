@@ -1,0 +1,138 @@
+"""A built-in quality scorer for records that carry no classifier scores.
+
+It maps the Gopher (Rae et al. 2021) and FineWeb quality rules to 0-5: each of the nine rules below
+that a document passes adds 5/9 to its score (so 5.0 passes all, 0.0 none). Lines are the non-empty
+lines of the normalized text; words are whitespace-separated tokens.
+
+| signal                 | passes when                | source  |
+|------------------------|----------------------------|---------|
+| words                  | 50 <= words <= 100,000     | Gopher  |
+| mean_word_length       | 3 <= mean length <= 10     | Gopher  |
+| symbol_ratio           | (# + ... + …) / words <= 0.1 | Gopher |
+| alpha_word_fraction    | words with a letter >= 0.8 | Gopher  |
+| bullet_line_fraction   | lines starting with a bullet <= 0.9 | Gopher |
+| ellipsis_line_fraction | lines ending in ... or … <= 0.3 | Gopher |
+| terminal_punct_fraction| lines ending in . ! ? : ; " ' ” » ) >= 0.12 | FineWeb |
+| dup_line_char_fraction | characters in repeated lines <= 0.1 | FineWeb |
+| short_line_fraction    | lines under 30 characters <= 0.67 | FineWeb |
+
+Vectorized with polars (the scorer runs on every record of every drop); `score_text` is the same
+rule set for one text, used by the benchmark's per-record baseline and by tests to cross-check.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+SIGNALS = (
+    "words",
+    "mean_word_length",
+    "symbol_ratio",
+    "alpha_word_fraction",
+    "bullet_line_fraction",
+    "ellipsis_line_fraction",
+    "terminal_punct_fraction",
+    "dup_line_char_fraction",
+    "short_line_fraction",
+)
+_BULLETS = "•-*·●▪‣◦–"
+_TERMINAL = ".!?:;\"'”»)"
+_BULLET_RE = r"(?m)^[•\-\*·●▪‣◦–]"
+_TERMINAL_RE = r"(?m)[.!?:;\"'”»)]$"
+_ELLIPSIS_RE = r"(?m)(?:\.\.\.|…)$"
+
+
+def _passes(words, mwl, sym, alpha, bullet, ellipsis, term, dup, short):  # works on floats and on exprs
+    return [
+        (words >= 50) & (words <= 100_000),
+        (mwl >= 3) & (mwl <= 10),
+        sym <= 0.1,
+        alpha >= 0.8,
+        bullet <= 0.9,
+        ellipsis <= 0.3,
+        term >= 0.12,
+        dup <= 0.1,
+        short <= 0.67,
+    ]
+
+
+def heuristic_scores(texts: pl.Series) -> pl.Series:
+    """Score in 0-5 for each normalized text (Float64, rounded to 4 places)."""
+    df = pl.DataFrame({"text": texts}).with_row_index("i")
+    t = pl.col("text")
+    lines = (
+        df.select("i", t.str.split("\n").alias("line"))
+        .explode("line")
+        .filter(pl.col("line").str.len_chars() > 0)
+        .group_by("i", "line")
+        .agg(pl.len().alias("n"))
+        .with_columns(pl.col("line").str.len_chars().cast(pl.Int64).alias("chars"))
+        .group_by("i")
+        .agg(
+            ((pl.col("n") - 1) * pl.col("chars")).sum().alias("dup_chars"),
+            (pl.col("n") * pl.col("chars")).sum().alias("line_chars"),
+        )
+    )
+    feats = (
+        df.select(
+            "i",
+            t.str.count_matches(r"\S+").cast(pl.Float64).alias("words"),
+            t.str.count_matches(r"\S").cast(pl.Float64).alias("nonspace"),
+            t.str.count_matches(r"#|\.\.\.|…").cast(pl.Float64).alias("symbols"),
+            t.str.count_matches(r"\S*\p{L}\S*").cast(pl.Float64).alias("alpha_words"),
+            t.str.count_matches(r"(?m)^.+$").cast(pl.Float64).alias("lines"),
+            t.str.count_matches(_BULLET_RE).cast(pl.Float64).alias("bullets"),
+            t.str.count_matches(_ELLIPSIS_RE).cast(pl.Float64).alias("ellipses"),
+            t.str.count_matches(_TERMINAL_RE).cast(pl.Float64).alias("terminal"),
+            t.str.count_matches(r"(?m)^.{1,29}$").cast(pl.Float64).alias("short"),
+        )
+        .join(lines, on="i", how="left", maintain_order="left")
+        .fill_null(0)
+    )
+    w = pl.col("words")
+    n_lines = pl.max_horizontal(pl.col("lines"), pl.lit(1.0))
+    n_words = pl.max_horizontal(w, pl.lit(1.0))
+    passes = _passes(
+        w,
+        pl.col("nonspace") / n_words,
+        pl.col("symbols") / n_words,
+        pl.col("alpha_words") / n_words,
+        pl.col("bullets") / n_lines,
+        pl.col("ellipses") / n_lines,
+        pl.col("terminal") / n_lines,
+        pl.col("dup_chars") / pl.max_horizontal(pl.col("line_chars"), pl.lit(1)),
+        pl.col("short") / n_lines,
+    )
+    score = (pl.sum_horizontal([p.cast(pl.Float64) for p in passes]) * 5.0 / len(passes)).round(4)
+    return feats.select(score.alias("score_heuristic")).to_series()
+
+
+def score_text(text: str) -> float:
+    """The same nine rules for one normalized text, in plain Python."""
+    words = text.split()
+    n_words = len(words)
+    lines = [line for line in text.split("\n") if line]
+    n_lines = max(len(lines), 1)
+    counts: dict[str, int] = {}
+    for line in lines:
+        counts[line] = counts.get(line, 0) + 1
+    dup_chars = sum((n - 1) * len(line) for line, n in counts.items())
+    line_chars = sum(n * len(line) for line, n in counts.items())
+    nw = max(n_words, 1)
+    passes = _passes(
+        n_words,
+        sum(len(x) for x in words) / nw,
+        (text.count("#") + _count_dots(text)) / nw,
+        sum(1 for x in words if any(c.isalpha() for c in x)) / nw,
+        sum(1 for line in lines if line[0] in _BULLETS) / n_lines,
+        sum(1 for line in lines if line.endswith(("...", "…"))) / n_lines,
+        sum(1 for line in lines if line[-1] in _TERMINAL) / n_lines,
+        dup_chars / max(line_chars, 1),
+        sum(1 for line in lines if len(line) < 30) / n_lines,
+    )
+    return round(sum(bool(p) for p in passes) * 5.0 / len(passes), 4)
+
+
+def _count_dots(text: str) -> int:
+    """Non-overlapping '...' and '…' matches, left to right (as the regex counts them)."""
+    return text.count("...") + text.count("…")
