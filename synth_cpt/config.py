@@ -137,7 +137,7 @@ class QualityConfig(_Strict):
 class SubsetsConfig(_Strict):
     """Token budgets of `quality_subsets`, per partition key ('pt|high') with a default."""
 
-    default_budget_tokens: int | None = Field(200_000, gt=0)
+    default_budget_tokens: int | None = Field(60_000, gt=0)
     budget_tokens: dict[str, int] = Field(default_factory=dict)
     order: Literal["score", "random"] = "score"
 

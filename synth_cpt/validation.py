@@ -71,7 +71,7 @@ def expect():
     return _gx().expectations
 
 
-def document_suite(columns: list[str], expected_columns: list[str], language: str, bounds: Any | None) -> list[Any]:
+def document_suite(expected_columns: list[str], language: str, bounds: Any | None) -> list[Any]:
     """Schema, non-empty text, unique doc_id, language of the partition, scores inside the bucket."""
     gxe = expect()
     suite = [

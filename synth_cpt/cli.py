@@ -1,0 +1,169 @@
+"""`synth-cpt`: run from a terminal what the sensor and the daemon do, in the same Dagster instance.
+
+Runs go through the instance at $DAGSTER_HOME, so every one shows in the UI with its logs, checks and
+metadata, exactly as if the sensor had launched it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from synth_cpt.config import DROPS_ENV, ConfigError, load_config
+
+GPU_POOL = "gpu"
+QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def _instance():
+    from dagster import DagsterInstance
+
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        raise SystemExit("synth-cpt: set DAGSTER_HOME to the Dagster instance folder (`make instance` prepares .dagster_home)")
+    Path(home).mkdir(parents=True, exist_ok=True)
+    instance = DagsterInstance.get()
+    storage = instance.event_log_storage
+    if GPU_POOL not in storage.get_concurrency_keys():
+        storage.set_concurrency_slots(GPU_POOL, 1)  # one engine per machine (DESIGN.md)
+    return instance
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    if args.drops:
+        os.environ[DROPS_ENV] = args.drops
+    config = load_config(args.config) if args.config else load_config()
+    if args.config:
+        os.environ["SYNTH_CPT_CONFIG"] = str(Path(args.config).resolve())
+
+    from synth_cpt.definitions import CORPUS_JOB, INGEST_DROP_JOB, SUBSETS_JOB, TOKENIZER_JOB, build_definitions
+    from synth_cpt.ingest.drops import drop_prefix, register_drop
+    from synth_cpt.ingest.sources import open_source
+    from synth_cpt.partitions import crawl_drop_partitions
+    from synth_cpt.storage import open_storage
+
+    console = Console(stderr=True)
+    instance = _instance()
+    defs = build_definitions()
+    storage = open_storage(config.storage_uri())
+    location = config.drops_uri()
+    listing = open_source(location).list(config.drops.patterns, config.drops.recursive)
+    for line in listing.refused:
+        console.print(f"[yellow]refused[/yellow] {line}")
+
+    todo = []
+    for drop in listing.drops:
+        manifest_key = f"{drop_prefix(drop.key)}/manifest.json"
+        if storage.exists(manifest_key) and storage.read_json(manifest_key).get("source_version") == drop.version:
+            continue  # unchanged since its last ingestion
+        register_drop(storage, drop, location)
+        todo.append(drop)
+    known = set(instance.get_dynamic_partitions(crawl_drop_partitions.name))
+    new_keys = sorted({d.key for d in todo} - known)
+    if new_keys:
+        instance.add_dynamic_partitions(crawl_drop_partitions.name, new_keys)
+    console.print(f"{len(listing.drops)} drop(s) in {location}: {len(todo)} new or changed, {len(listing.drops) - len(todo)} unchanged")
+
+    corpus_keys = [f"{lang}|{q}" for lang in config.languages for q in config.quality.buckets]
+    steps = [(INGEST_DROP_JOB, d.key) for d in todo] + [(CORPUS_JOB, k) for k in corpus_keys] + [(TOKENIZER_JOB, None)]
+    steps += [(SUBSETS_JOB, k) for k in corpus_keys]
+    failures: list[str] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("materializing", total=len(steps))
+        for job_name, partition in steps:
+            progress.update(task, description=f"{job_name} {partition or ''}".strip())
+            job = defs.resolve_job_def(job_name)
+            result = job.execute_in_process(
+                instance=instance,
+                partition_key=partition,
+                raise_on_error=False,
+                run_config=QUIET_RUN_CONFIG,
+                tags={"synth_cpt/launched_by": "synth-cpt ingest"},
+            )
+            if not result.success:
+                failures.append(f"{job_name} {partition or ''} (run {result.run_id})")
+            progress.advance(task)
+
+    _print_summary(Console(), storage, config, corpus_keys)
+    if failures:
+        console.print("[red]failed runs (see them in the Dagster UI):[/red]")
+        for f in failures:
+            console.print(f"  - {f}")
+        return 1
+    return 0
+
+
+def _print_summary(console: Console, storage, config, corpus_keys: list[str]) -> None:
+    from synth_cpt.corpus import ASSET as RAW, corpus_file
+    from synth_cpt.ingest.drops import ingested_drops
+
+    drops = Table(title="crawl drops")
+    for col in ("drop", "records", "documents", "quarantined", "rate", "accepted"):
+        drops.add_column(col, justify="left" if col == "drop" else "right")
+    reasons: Counter[str] = Counter()
+    for m in ingested_drops(storage):
+        reasons.update(m["quarantine_by_reason"])
+        drops.add_row(m["drop_id"], f"{m['records']:,}", f"{m['documents']:,}", f"{m['quarantined']:,}", f"{m['quarantine_rate']:.1%}", "yes" if m["accepted"] else "NO")
+    console.print(drops)
+
+    parts = Table(title="partitions (language|quality)")
+    for col in ("partition", "raw_corpus docs", "subset docs", "subset tokens", "budget"):
+        parts.add_column(col, justify="left" if col == "partition" else "right")
+    for key in corpus_keys:
+        lang, q = key.split("|")
+        raw_n = sub_n = sub_tok = None
+        if storage.exists(corpus_file(RAW, lang, q)):
+            raw_n = storage.read_parquet(corpus_file(RAW, lang, q), columns=["doc_id"]).height
+        if storage.exists(corpus_file("quality_subsets", lang, q)):
+            sub = storage.read_parquet(corpus_file("quality_subsets", lang, q), columns=["n_tokens"])
+            sub_n, sub_tok = sub.height, int(sub["n_tokens"].sum() or 0)
+        budget = config.subsets.budget_for(key)
+        fmt = lambda v: "-" if v is None else f"{v:,}"  # noqa: E731
+        parts.add_row(key, fmt(raw_n), fmt(sub_n), fmt(sub_tok), fmt(budget))
+    console.print(parts)
+
+    q = Table(title="quarantined records by reason")
+    q.add_column("reason")
+    q.add_column("records", justify="right")
+    for reason, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+        q.add_row(reason, f"{n:,}")
+    console.print(q)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config) if args.config else load_config()
+    print(config.model_dump_json(indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="synth-cpt", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="pipeline YAML (default: $SYNTH_CPT_CONFIG or the shipped defaults)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ingest = sub.add_parser("ingest", help="register new drops, then materialize crawl_drops, raw_corpus, tokenizer, quality_subsets")
+    ingest.add_argument("--drops", help="drops location: a folder, s3://bucket/prefix (default: the config's drops.location)")
+    ingest.set_defaults(func=cmd_ingest)
+    cfg = sub.add_parser("config", help="validate the pipeline config and print it with every default filled in")
+    cfg.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

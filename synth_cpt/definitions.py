@@ -1,0 +1,47 @@
+"""The one Definitions object of synth-cpt."""
+
+from __future__ import annotations
+
+import warnings
+
+from dagster import AssetSelection, Definitions, PreviewWarning, define_asset_job
+
+from synth_cpt.assets.ingest import QUALITY_SUBSETS, build_ingest_assets
+from synth_cpt.config import current_config
+from synth_cpt.corpus import ASSET as RAW_CORPUS
+from synth_cpt.ingest.drops import ASSET as CRAWL_DROPS
+from synth_cpt.partitions import corpus_partitions, crawl_drop_partitions
+from synth_cpt.resources import PipelineResource
+from synth_cpt.sensors import crawl_drop_sensor
+from synth_cpt.tokens import ASSET as TOKENIZER
+
+INGEST_DROP_JOB = "ingest_drop_job"
+CORPUS_JOB = "corpus_job"
+TOKENIZER_JOB = "tokenizer_job"
+SUBSETS_JOB = "quality_subsets_job"
+
+
+# Partitioned asset checks are "preview" in Dagster 1.13; we rely on them knowingly.
+warnings.filterwarnings("ignore", category=PreviewWarning, message=".*partitions_def on an AssetCheckSpec.*")
+
+
+def build_definitions() -> Definitions:
+    config = current_config()
+    assets, checks = build_ingest_assets(config)
+    corpus_parts = corpus_partitions(config)
+    jobs = [
+        define_asset_job(INGEST_DROP_JOB, AssetSelection.assets(CRAWL_DROPS), partitions_def=crawl_drop_partitions),
+        define_asset_job(CORPUS_JOB, AssetSelection.assets(RAW_CORPUS), partitions_def=corpus_parts),
+        define_asset_job(TOKENIZER_JOB, AssetSelection.assets(TOKENIZER)),
+        define_asset_job(SUBSETS_JOB, AssetSelection.assets(QUALITY_SUBSETS), partitions_def=corpus_parts),
+    ]
+    return Definitions(
+        assets=assets,
+        asset_checks=checks,
+        jobs=jobs,
+        sensors=[crawl_drop_sensor],
+        resources={"pipeline": PipelineResource()},
+    )
+
+
+defs = build_definitions()

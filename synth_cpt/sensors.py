@@ -1,0 +1,53 @@
+"""The drop sensor: new or changed files in the drops location become crawl_drops runs."""
+
+
+import json
+
+from dagster import AssetSelection, DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
+
+from synth_cpt.ingest.drops import ASSET as CRAWL_DROPS, register_drop
+from synth_cpt.ingest.sources import DropFile, open_source
+from synth_cpt.partitions import crawl_drop_partitions
+from synth_cpt.resources import PipelineResource
+
+
+def plan_drop_runs(drops: list[DropFile], seen: dict[str, str]) -> tuple[list[DropFile], dict[str, str]]:
+    """Drops whose version differs from the one seen last (new or replaced), and the updated cursor."""
+    changed = [d for d in drops if seen.get(d.key) != d.version]
+    return changed, {**seen, **{d.key: d.version for d in drops}}
+
+
+def run_key(drop: DropFile) -> str:
+    """Unique per file version: Dagster never launches the same key twice."""
+    return f"{drop.key}@{drop.version}"
+
+
+@sensor(
+    name="crawl_drop_sensor",
+    asset_selection=AssetSelection.assets(CRAWL_DROPS),
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Watches the drops folder or S3 prefix; each new or replaced file becomes a crawl_drops partition and a run.",
+)
+def crawl_drop_sensor(context: SensorEvaluationContext, pipeline: PipelineResource) -> SensorResult | SkipReason:
+    cfg, storage = pipeline.load(), pipeline.storage()
+    location = cfg.drops_uri()
+    listing = open_source(location).list(cfg.drops.patterns, cfg.drops.recursive)
+    for line in listing.refused:
+        context.log.warning(line)
+    seen = json.loads(context.cursor) if context.cursor else {}
+    changed, cursor = plan_drop_runs(listing.drops, seen)
+    if not changed:
+        return SensorResult(skip_reason=SkipReason(f"no new or changed drops in {location}"), cursor=json.dumps(cursor, sort_keys=True))
+    for drop in changed:
+        register_drop(storage, drop, location)
+    known = set(context.instance.get_dynamic_partitions(crawl_drop_partitions.name))
+    new_keys = sorted({d.key for d in changed} - known)
+    return SensorResult(
+        run_requests=[
+            RunRequest(run_key=run_key(d), partition_key=d.key, tags={"synth_cpt/source_uri": d.uri, "synth_cpt/source_version": d.version})
+            for d in changed
+        ],
+        dynamic_partitions_requests=[crawl_drop_partitions.build_add_request(new_keys)] if new_keys else [],
+        cursor=json.dumps(cursor, sort_keys=True),
+    )
