@@ -1,7 +1,9 @@
 """A built-in quality scorer for records that carry no classifier scores.
 
 It maps the Gopher (Rae et al. 2021) and FineWeb quality rules to 0-5: each of the nine rules below
-that a document passes adds 5/9 to its score (so 5.0 passes all, 0.0 none). Lines are the non-empty
+that a document passes adds 5/9 to its score (so 5.0 passes all, 0.0 none). A document under 50 words
+has its score scaled by words/50: Gopher drops such documents outright, and a two-word page must not
+reach a high bucket by passing the rules that short texts pass trivially. Lines are the non-empty
 lines of the normalized text; words are whitespace-separated tokens.
 
 | signal                 | passes when                | source  |
@@ -103,7 +105,8 @@ def heuristic_scores(texts: pl.Series) -> pl.Series:
         pl.col("dup_chars") / pl.max_horizontal(pl.col("line_chars"), pl.lit(1)),
         pl.col("short") / n_lines,
     )
-    score = (pl.sum_horizontal([p.cast(pl.Float64) for p in passes]) * 5.0 / len(passes)).round(4)
+    short_scale = pl.min_horizontal(w / 50.0, pl.lit(1.0))
+    score = (pl.sum_horizontal([p.cast(pl.Float64) for p in passes]) * 5.0 / len(passes) * short_scale).round(4)
     return feats.select(score.alias("score_heuristic")).to_series()
 
 
@@ -130,7 +133,7 @@ def score_text(text: str) -> float:
         dup_chars / max(line_chars, 1),
         sum(1 for line in lines if len(line) < 30) / n_lines,
     )
-    return round(sum(bool(p) for p in passes) * 5.0 / len(passes), 4)
+    return round(sum(bool(p) for p in passes) * 5.0 / len(passes) * min(n_words / 50.0, 1.0), 4)
 
 
 def _count_dots(text: str) -> int:

@@ -1,0 +1,39 @@
+# Two commands set up everything on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+export DAGSTER_HOME   ?= $(CURDIR)/.dagster_home
+export SYNTH_CPT_HOME ?= $(CURDIR)/.synth_cpt_home
+
+.PHONY: install instance demo test ui bench-ingest clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+# The Dagster instance: dagster.yaml copied to $DAGSTER_HOME, the `gpu` pool limited to one slot.
+instance: install
+	mkdir -p "$(DAGSTER_HOME)"
+	cp dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"
+	$(BIN)/dagster instance concurrency set gpu 1 >/dev/null
+
+# Ingest the sample corpus: crawl_drops -> raw_corpus -> tokenizer -> quality_subsets.
+demo: instance
+	$(BIN)/synth-cpt ingest
+
+test: install
+	$(BIN)/python -m pytest
+
+# The Dagster UI and daemon (sensor, declarative automation) on http://127.0.0.1:3000
+ui: instance
+	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+
+bench-ingest: install
+	$(BIN)/python benchmarks/ingest.py
+
+clean:
+	rm -rf "$(DAGSTER_HOME)" "$(SYNTH_CPT_HOME)"

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from synth_cpt.config import PipelineConfig, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DROPS = REPO / "synth_cpt" / "sample_corpus" / "drops"
+
+PT_TEXT = (
+    "O Debian Edu é uma distribuição que implementa uma abordagem cliente-servidor, disponibilizando "
+    "um ambiente de rede escolar completamente configurado. Os servidores fornecem informações e serviços "
+    "aos clientes, que os professores e os alunos usam todos os dias nas salas de aula. A instalação é "
+    "simples e a documentação explica cada passo com exemplos práticos e figuras."
+)
+EN_TEXT = (
+    "The Undo command lets you revert the last change you made to an image and return it to its previous "
+    "state. Almost anything you do to an image can be undone in this way, with the exception of scripts, "
+    "which deactivate this function. Further undo operations may be performed, depending on the number of "
+    "undo levels configured in the preferences dialog of the program."
+)
+
+
+def make_config(tmp_path: Path, **overrides) -> PipelineConfig:
+    """A validated config whose storage root is under tmp_path, with nested overrides."""
+    data: dict = {"storage_root": str(tmp_path / "home"), "drops": {"location": str(tmp_path / "drops")}}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return parse_config(yaml.safe_dump(data), "test")
+
+
+def write_jsonl(path: Path, records: list, compress: str | None = None) -> Path:
+    lines = []
+    for r in records:
+        lines.append(r if isinstance(r, bytes) else json.dumps(r, ensure_ascii=False).encode())
+    data = b"\n".join(lines) + b"\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress == "gz":
+        data = gzip.compress(data)
+    elif compress == "zst":
+        import zstandard
+
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def isolated_env(tmp_path, monkeypatch):
+    """No SYNTH_CPT_* from the caller's shell leaks into a test."""
+    for var in ("SYNTH_CPT_CONFIG", "SYNTH_CPT_HOME", "SYNTH_CPT_DROPS"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A real S3 API (moto in server mode) on 127.0.0.1, with throwaway credentials."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint
+    )
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint, request):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto_endpoint)
+    name = "synth-cpt-" + request.node.name.lower().replace("_", "-")[:40]
+    client.create_bucket(Bucket=name)
+    return client, name

@@ -1,0 +1,139 @@
+"""Every quarantine reason, and that no valid record is lost."""
+
+import io
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from synth_cpt.ingest import records as R
+from synth_cpt.ingest.drops import ingest_drop
+from synth_cpt.ingest.sources import LocalSource
+from synth_cpt.storage import LocalStorage
+
+from .conftest import EN_TEXT, PT_TEXT, make_config, write_jsonl
+
+
+def _run(cfg, lines: list[bytes]):
+    parser = R.RecordParser(cfg)
+    batches = list(R.iter_batches_jsonl(parser, io.BufferedReader(io.BytesIO(b"\n".join(lines) + b"\n")), cfg.limits.batch_bytes))
+    docs, quarantine = [], []
+    for b in batches:
+        d, q = R.finish_batch(b, cfg, "drop-1", "file.jsonl")
+        docs.append(d)
+        quarantine.append(q)
+    return pl.concat(docs), pl.concat(quarantine)
+
+
+BAD = {
+    R.INVALID_JSON: b'{"text": "unterminated',
+    R.INVALID_UTF8: b'{"text": "caf\xe9"}',
+    R.NOT_OBJECT: b'["a", "b"]',
+    R.MISSING_TEXT: b'{"url": "https://x"}',
+    R.NULL_TEXT: b'{"text": null}',
+    R.NON_STRING_TEXT: b'{"text": 42}',
+    R.EMPTY_TEXT: b'{"text": " \\u0000\\t\\n "}',
+    R.LANGUAGE_NOT_DETECTED: b'{"text": "1234 5678 !!!! ---- 9999"}',
+    R.BAD_SCORE: b'{"text": "x", "edu": "very"}',
+}
+
+
+@pytest.mark.parametrize("code", sorted(BAD))
+def test_each_reason_is_quarantined_with_an_actionable_sentence(tmp_path, code):
+    cfg = make_config(tmp_path)
+    good = f'{{"text": {PT_TEXT!r}}}'.replace("'", '"').encode()
+    docs, q = _run(cfg, [good, BAD[code], good])
+    assert q["reason_code"].to_list() == [code]
+    assert q["source_line"].to_list() == [2]
+    assert len(q["reason"][0]) > 10
+    assert docs.height == 2, "the valid records around a bad one are kept"
+
+
+def test_reason_texts_say_what_is_wrong(tmp_path):
+    cfg = make_config(tmp_path)
+    _, q = _run(cfg, list(BAD.values()))
+    by_code = dict(zip(q["reason_code"], q["reason"]))
+    assert "byte 13 (0xe9)" in by_code[R.INVALID_UTF8]  # {"text": "caf is 13 bytes
+    assert "JSON array" in by_code[R.NOT_OBJECT]
+    assert "'text' is a number" in by_code[R.NON_STRING_TEXT]
+    assert "min_confidence" in by_code[R.LANGUAGE_NOT_DETECTED]
+    assert "'edu'" in by_code[R.BAD_SCORE]
+    assert q.height == len(BAD)
+
+
+def test_oversized_record_is_quarantined_without_reading_it_whole(tmp_path):
+    cfg = make_config(tmp_path, limits={"max_record_bytes": 1000})
+    big = b'{"text": "' + b"a" * 50_000 + b'"}'
+    good = b'{"text": "' + EN_TEXT.encode() + b'"}'
+    docs, q = _run(cfg, [good, big, good])
+    assert q["reason_code"].to_list() == [R.TOO_LARGE]
+    assert "50,012 bytes" in q["reason"][0]
+    assert docs.height == 2 and docs["source_line"].to_list() == [1, 3]
+
+
+def test_fields_mapping_languages_and_score_combination(tmp_path):
+    cfg = make_config(
+        tmp_path,
+        fields={"text": "content", "id": "uid", "language": "lang", "scores": {"edu": "edu_int", "stem": "stem"}},
+    )
+    lines = [
+        b'{"content": "' + PT_TEXT.encode() + b'", "uid": 7, "lang": "pt-BR", "edu_int": 1.5, "stem": 3.25}',
+        b'{"content": "' + EN_TEXT.encode() + b'", "stem": 0.75}',
+        b'{"content": "' + EN_TEXT.encode() + b' Again."}',
+    ]
+    docs, q = _run(cfg, lines)
+    assert q.height == 0
+    rows = docs.sort("source_line").to_dicts()
+    assert rows[0]["language"] == "pt" and rows[0]["language_source"] == "record" and rows[0]["language_score"] is None
+    assert rows[0]["record_id"] == "7"
+    assert rows[0]["quality_score"] == 3.25 and rows[0]["quality_score_source"] == "fields"  # max(edu, stem)
+    assert rows[1]["language"] == "en" and rows[1]["language_source"] == "detected" and rows[1]["language_score"] > 0.9
+    assert rows[1]["quality_score"] == 0.75
+    assert rows[2]["quality_score_source"] == "heuristic" and rows[2]["quality_score"] == rows[2]["score_heuristic"]
+
+
+def test_fallback_quarantine_when_scores_are_required(tmp_path):
+    cfg = make_config(tmp_path, quality={"fallback": "quarantine"})
+    docs, q = _run(cfg, [b'{"text": "' + EN_TEXT.encode() + b'"}', b'{"text": "' + EN_TEXT.encode() + b' 2", "edu": 4}'])
+    assert q["reason_code"].to_list() == [R.NO_SCORE]
+    assert docs["quality_score"].to_list() == [4.0]
+
+
+def test_mean_and_min_combination(tmp_path):
+    line = b'{"text": "' + EN_TEXT.encode() + b'", "edu": 1.0, "stem": 3.0}'
+    assert _run(make_config(tmp_path, quality={"combine": "mean"}), [line])[0]["quality_score"][0] == 2.0
+    assert _run(make_config(tmp_path, quality={"combine": "min"}), [line])[0]["quality_score"][0] == 1.0
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "gz", "zst", "parquet"])
+def test_every_drop_format_gives_the_same_documents(tmp_path, fmt):
+    cfg = make_config(tmp_path, limits={"batch_bytes": 300})  # several batches
+    records = [{"id": str(i), "text": f"{PT_TEXT} Número {i}.", "url": f"https://x/{i}"} for i in range(12)]
+    records.insert(5, {"id": "bad", "text": None})
+    drops = tmp_path / "drops"
+    if fmt == "parquet":
+        drops.mkdir()
+        pq.write_table(pa.Table.from_pylist(records), drops / "d.parquet")
+    else:
+        write_jsonl(drops / f"d.jsonl{'' if fmt == 'jsonl' else '.' + fmt}", records, compress=None if fmt == "jsonl" else fmt)
+    source = LocalSource(drops)
+    (drop,) = source.list(cfg.drops.patterns).drops
+    storage = LocalStorage(tmp_path / "home")
+    report = ingest_drop(cfg, storage, source, drop)
+    assert (report.records, report.documents, report.quarantined) == (13, 12, 1)
+    docs = storage.read_parquet(f"crawl_drops/{drop.key}/docs.parquet")
+    assert docs["record_id"].to_list() == [str(i) for i in range(12)]
+    assert docs["source_line"].to_list() == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13]
+    assert docs["doc_id"].n_unique() == 12
+    q = storage.read_parquet(f"crawl_drops/{drop.key}/quarantine.parquet")
+    assert q["reason_code"].to_list() == [R.NULL_TEXT] and q["source_line"].to_list() == [6]
+    manifest = storage.read_json(f"crawl_drops/{drop.key}/manifest.json")
+    assert manifest["accepted"] and manifest["quarantine_by_reason"] == {R.NULL_TEXT: 1}
+    assert not [p for p in (tmp_path / "home").rglob(".tmp-*")], "no temporary files are left behind"
+
+
+def test_blank_lines_are_not_records(tmp_path):
+    cfg = make_config(tmp_path)
+    docs, q = _run(cfg, [b"", b'{"text": "' + EN_TEXT.encode() + b'"}', b"   ", b""])
+    assert docs.height == 1 and q.height == 0 and docs["source_line"][0] == 2
