@@ -149,7 +149,7 @@ class TokenizerConfig(_Strict):
     """The SentencePiece model used for every token count."""
 
     model_file: str | None = None
-    vocab_size: int = Field(8000, ge=100, le=1_000_000)
+    vocab_size: int = Field(8000, ge=512, le=1_000_000, description="byte fallback takes 256 pieces")
     sample_documents: int = Field(20_000, gt=0)
     character_coverage: float = Field(0.9995, gt=0.0, le=1.0)
 

@@ -1,0 +1,108 @@
+"""`synth-cpt ingest` on the shipped sample corpus, through a real Dagster instance, checked with DuckDB."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def _cli(args, env):
+    exe = Path(sys.executable).with_name("synth-cpt")
+    return subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=600, cwd=env["WORKDIR"])
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNTH_CPT_", "DAGSTER_"))}
+    env.update(DAGSTER_HOME=str(base / "dagster_home"), SYNTH_CPT_HOME=str(base / "home"), WORKDIR=str(base), COLUMNS="200")
+    (base / "dagster_home").mkdir()
+    shutil.copy(REPO / "dagster.yaml", base / "dagster_home" / "dagster.yaml")
+    first = _cli(["ingest"], env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+    return base, env, first
+
+
+def test_outputs_checked_with_duckdb(ingested):
+    base, _, first = ingested
+    home = base / "home"
+    docs = duckdb.sql(f"select count(*), count(distinct drop_id) from read_parquet('{home}/crawl_drops/*/docs.parquet')").fetchall()[0]
+    assert docs[0] > 700 and docs[1] == 4
+    q = dict(duckdb.sql(f"select reason_code, count(*) from read_parquet('{home}/crawl_drops/*/quarantine.parquet') group by 1").fetchall())
+    assert q == {
+        "empty_text": 1, "invalid_json": 1, "invalid_utf8": 1, "language_not_detected": 1,
+        "missing_text": 1, "non_string_text": 1, "not_object": 1, "null_text": 1,
+    }  # fmt: skip
+    raw = f"read_parquet('{home}/raw_corpus/*/*/part-0.parquet', union_by_name=true)"
+    dup = duckdb.sql(f"select count(*) - count(distinct doc_id || language) from {raw}").fetchall()[0][0]
+    assert dup == 0, "raw_corpus is deduplicated"
+    wrong = duckdb.sql(
+        f"select count(*) from {raw} where (quality = 'high' and quality_score <= 2.5) or (quality = 'low' and (quality_score < 0.5 or quality_score > 2.0))"
+    ).fetchall()[0][0]
+    assert wrong == 0
+    per_lang = dict(duckdb.sql(f"select language, count(*) from {raw} group by 1").fetchall())
+    assert per_lang["pt"] > 100 and per_lang["en"] > 100
+    subsets = duckdb.sql(
+        f"select language, quality, sum(n_tokens), count(*) from read_parquet('{home}/quality_subsets/*/*/part-0.parquet') group by all"
+    ).fetchall()
+    for language, quality, tokens, n in subsets:
+        if n:
+            assert 0 < tokens <= 60_000, (language, quality, tokens)
+    assert (home / "tokenizer" / "tokenizer.model").is_file()
+    for table in ("crawl drops", "partitions (language|quality)", "quarantined records by reason"):
+        assert table in first.stdout
+
+
+def test_runs_are_recorded_in_the_instance(ingested):
+    base, env, _ = ingested
+    code = (
+        "from dagster import DagsterInstance, AssetKey\n"
+        "i = DagsterInstance.get()\n"
+        "runs = i.get_runs()\n"
+        "print(len(runs), sum(r.is_success for r in runs))\n"
+        "print(sorted(i.get_dynamic_partitions('crawl_drops')))\n"
+        "print(i.get_latest_materialization_event(AssetKey('tokenizer')) is not None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    lines = out.stdout.split("\n")
+    n_runs, n_ok = map(int, lines[0].split())
+    assert n_runs == 13 and n_ok == 13  # 4 drops + 4 raw_corpus + tokenizer + 4 quality_subsets
+    assert "2026-11-02_pt_debian-edu.jsonl" in lines[1]
+    assert lines[2] == "True"
+
+
+def test_rerun_ingests_nothing_new_and_is_deterministic(ingested):
+    base, env, _ = ingested
+    home = base / "home"
+
+    def digest():
+        return {
+            p.relative_to(home).as_posix(): hashlib.sha256(
+                str(duckdb.sql(f"select * from read_parquet('{p}') order by all").fetchall()).encode()
+            ).hexdigest()
+            for p in sorted(home.glob("quality_subsets/*/*/part-0.parquet"))
+        }
+
+    before = digest()
+    again = _cli(["ingest"], env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 new or changed, 4 unchanged" in again.stderr.replace("\n", " ")
+    assert digest() == before
+
+
+def test_bad_config_fails_with_a_clear_message(ingested, tmp_path):
+    base, env, _ = ingested
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("quality:\n  combine: median\n")
+    out = _cli(["--config", str(bad), "ingest"], env)
+    assert out.returncode == 2
+    assert str(bad) in out.stderr and "quality.combine" in out.stderr

@@ -1,0 +1,111 @@
+"""The drop sensor on a local folder and on S3 (moto server), and partition keys."""
+
+import json
+import os
+import time
+
+import pytest
+import yaml
+from dagster import DagsterInstance, SkipReason, build_sensor_context
+
+from synth_cpt.ingest.sources import LocalSource, S3Source
+from synth_cpt.partitions import corpus_partitions, drop_key, split_corpus_key
+from synth_cpt.resources import PipelineResource
+from synth_cpt.sensors import crawl_drop_sensor
+
+from .conftest import PT_TEXT, make_config, write_jsonl
+
+
+def _tick(instance, config_path, cursor=None):
+    ctx = build_sensor_context(instance=instance, cursor=cursor, resources={"pipeline": PipelineResource(config_path=str(config_path))})
+    result = crawl_drop_sensor(ctx)
+    if isinstance(result, SkipReason):
+        return [], [], cursor
+    for req in result.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+    return result.run_requests or [], result.dynamic_partitions_requests, result.cursor
+
+
+def _config_file(tmp_path, location):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"storage_root": str(tmp_path / "home"), "drops": {"location": location}}))
+    return path
+
+
+def test_local_sensor_new_unchanged_replaced_and_escapes(tmp_path, isolated_env):
+    drops = tmp_path / "drops"
+    write_jsonl(drops / "2026-11-01 crawl.jsonl", [{"text": PT_TEXT}])
+    write_jsonl(drops / "sub/part 2.jsonl.gz", [{"text": PT_TEXT}], compress="gz")
+    (drops / "notes.txt").write_text("not a drop")
+    outside = tmp_path / "outside.jsonl"
+    write_jsonl(outside, [{"text": "secret"}])
+    os.symlink(outside, drops / "escape.jsonl")
+    cfg_path = _config_file(tmp_path, str(drops))
+    with DagsterInstance.ephemeral() as instance:
+        runs, parts, cursor = _tick(instance, cfg_path)
+        keys = sorted(r.partition_key for r in runs)
+        assert keys == sorted([drop_key("2026-11-01 crawl.jsonl"), drop_key("sub/part 2.jsonl.gz")])
+        assert sorted(instance.get_dynamic_partitions("crawl_drops")) == keys
+        assert all("@mtime" in r.run_key for r in runs)
+        assert not any("escape" in k for k in keys), "a symlink out of the folder is refused"
+
+        again, parts, cursor = _tick(instance, cfg_path, cursor)
+        assert again == [] and parts == [], "an unchanged file is never ingested twice"
+
+        time.sleep(0.01)
+        write_jsonl(drops / "2026-11-01 crawl.jsonl", [{"text": PT_TEXT}, {"text": PT_TEXT + " 2"}])
+        replaced, parts, cursor = _tick(instance, cfg_path, cursor)
+        assert [r.partition_key for r in replaced] == [drop_key("2026-11-01 crawl.jsonl")]
+        assert replaced[0].run_key not in {r.run_key for r in runs}, "a replaced file gets a new run key"
+        assert parts == [], "its partition already exists"
+        registry = json.loads((tmp_path / "home/crawl_drops/_registry" / f"{replaced[0].partition_key}.json").read_text())
+        assert registry["drops_location"] == str(drops)
+
+
+def test_listing_refuses_escaping_paths(tmp_path):
+    drops = tmp_path / "drops"
+    (drops / "real").mkdir(parents=True)
+    write_jsonl(tmp_path / "elsewhere/x.jsonl", [{"text": "x"}])
+    os.symlink(tmp_path / "elsewhere", drops / "linked")
+    os.symlink(tmp_path / "elsewhere/x.jsonl", drops / "x.jsonl")
+    listing = LocalSource(drops).list(("*.jsonl",))
+    assert listing.drops == []
+    assert len(listing.refused) == 2 and all("refused" in r for r in listing.refused)
+
+
+def test_drop_keys_are_safe_stable_and_distinct():
+    assert drop_key("2026-11-01_pt.jsonl.gz") == "2026-11-01_pt.jsonl.gz"
+    k = drop_key("a b/c|d,[e].jsonl")
+    assert all(ch.isalnum() or ch in "._-" for ch in k)
+    assert k == drop_key("a b/c|d,[e].jsonl")
+    assert drop_key("a b.jsonl") != drop_key("a_b.jsonl"), "sanitizing must not merge two files"
+    assert len(drop_key("x" * 500 + ".jsonl")) <= 120
+
+
+def test_corpus_partition_keys(tmp_path):
+    cfg = make_config(tmp_path, languages=["pt", "en", "es"])
+    keys = corpus_partitions(cfg).get_partition_keys()
+    assert "pt|high" in keys and "es|low" in keys and len(keys) == 6
+    assert split_corpus_key("pt|high") == ("pt", "high")
+    with pytest.raises(ValueError):
+        split_corpus_key("pt-high")
+
+
+def test_s3_sensor_through_moto_server(tmp_path, isolated_env, s3_bucket):
+    client, bucket = s3_bucket
+    client.put_object(Bucket=bucket, Key="drops/2026-11-01.jsonl", Body=json.dumps({"text": PT_TEXT}).encode() + b"\n")
+    client.put_object(Bucket=bucket, Key="drops/nested/b.jsonl", Body=b'{"text": "b"}\n')
+    client.put_object(Bucket=bucket, Key="drops/../evil.jsonl", Body=b'{"text": "x"}\n')
+    client.put_object(Bucket=bucket, Key="drops/readme.md", Body=b"no")
+    cfg_path = _config_file(tmp_path, f"s3://{bucket}/drops")
+    with DagsterInstance.ephemeral() as instance:
+        runs, _, cursor = _tick(instance, cfg_path)
+        assert sorted(r.partition_key for r in runs) == ["2026-11-01.jsonl", drop_key("nested/b.jsonl")]
+        assert all("@etag" in r.run_key for r in runs)
+        again, _, cursor = _tick(instance, cfg_path, cursor)
+        assert again == []
+        client.put_object(Bucket=bucket, Key="drops/2026-11-01.jsonl", Body=b'{"text": "replaced"}\n')
+        replaced, _, _ = _tick(instance, cfg_path, cursor)
+        assert [r.partition_key for r in replaced] == ["2026-11-01.jsonl"]
+    listing = S3Source(f"s3://{bucket}/drops").list(("*.jsonl",))
+    assert any("evil" in r and "refused" in r for r in listing.refused)

@@ -1,0 +1,60 @@
+"""Atomic writes locally and on S3; a whole drop ingested from S3 into an S3 storage root."""
+
+import json
+
+import polars as pl
+import pytest
+
+from synth_cpt.corpus import build_raw_corpus, corpus_file
+from synth_cpt.ingest.drops import ingest_drop, register_drop, resolve_drop
+from synth_cpt.ingest.sources import S3Source
+from synth_cpt.storage import LocalStorage, S3Storage, open_storage
+
+from .conftest import PT_TEXT, make_config
+
+
+def test_local_write_is_atomic(tmp_path):
+    storage = LocalStorage(tmp_path)
+    with pytest.raises(RuntimeError):
+        with storage.writing("a/b.bin") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash mid-write")
+    assert not storage.exists("a/b.bin") and storage.list("a") == []
+    storage.write_bytes("a/b.bin", b"whole")
+    assert storage.read_bytes("a/b.bin") == b"whole" and storage.list("a") == ["a/b.bin"]
+
+
+def test_open_storage_picks_the_backend(tmp_path):
+    assert isinstance(open_storage(str(tmp_path)), LocalStorage)
+    assert isinstance(open_storage("s3://bucket/prefix"), S3Storage)
+    with pytest.raises(ValueError, match="only local folders and s3://"):
+        open_storage("gs://bucket")
+
+
+def test_s3_storage_and_drop_from_s3(tmp_path, isolated_env, s3_bucket, monkeypatch):
+    client, bucket = s3_bucket
+    lines = [json.dumps({"text": f"{PT_TEXT} {i}", "edu": 3.5}) for i in range(5)] + ["{broken"]
+    client.put_object(Bucket=bucket, Key="in/d1.jsonl", Body="\n".join(lines).encode())
+    root = f"s3://{bucket}/home"
+    monkeypatch.setenv("SYNTH_CPT_HOME", root)
+    cfg = make_config(tmp_path, drops={"location": f"s3://{bucket}/in"})
+    storage = open_storage(cfg.storage_uri())
+    source = S3Source(f"s3://{bucket}/in")
+    (drop,) = source.list(cfg.drops.patterns).drops
+    register_drop(storage, drop, f"s3://{bucket}/in")
+    again_source, again_drop = resolve_drop(storage, drop.key, cfg)
+    assert again_drop == drop
+    report = ingest_drop(cfg, storage, again_source, again_drop)
+    assert (report.documents, report.quarantined) == (5, 1)
+    stats = build_raw_corpus(storage, cfg, "pt", "high")
+    assert stats.documents == 5
+    keys = storage.list("raw_corpus")
+    assert keys == [corpus_file("raw_corpus", "pt", "high")]
+    assert storage.read_parquet(keys[0])["quality"].unique().to_list() == ["high"]
+    listed = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="home/")["Contents"]]
+    assert "home/crawl_drops/d1.jsonl/docs.parquet" in listed
+    frame = pl.DataFrame({"a": [1]})
+    storage.write_parquet("x/y.parquet", frame)
+    assert storage.read_parquet("x/y.parquet").equals(frame)
+    storage.delete_prefix("x")
+    assert not storage.exists("x/y.parquet")
