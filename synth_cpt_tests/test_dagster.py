@@ -1,5 +1,7 @@
 """Definitions load and validate; assets run in a real instance; declarative automation propagates a drop."""
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -14,10 +16,15 @@ from dagster import (
 from .conftest import REPO, PT_TEXT, EN_TEXT, write_jsonl
 
 
-def test_dagster_definitions_validate():
+def test_dagster_definitions_validate(tmp_path):
+    """The workspace loads in an instance made from the repository's dagster.yaml template."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
     out = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-w", str(REPO / "workspace.yaml")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Validation successful" in out.stderr + out.stdout
