@@ -162,8 +162,9 @@ class SeedsConfig(_Strict):
 class LimitsConfig(_Strict):
     max_record_bytes: int = Field(1_000_000, gt=0)
     max_quarantine_rate: float = Field(0.2, ge=0.0, le=1.0)
-    batch_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    batch_bytes: int = Field(4 * 1024 * 1024, gt=0)
     quarantine_raw_chars: int = Field(500, gt=0)
+    workers: int | None = Field(None, ge=1, description="processes that normalize, identify and score; default: CPU count")
 
 
 class PipelineConfig(_Strict):

@@ -137,3 +137,20 @@ def test_blank_lines_are_not_records(tmp_path):
     cfg = make_config(tmp_path)
     docs, q = _run(cfg, [b"", b'{"text": "' + EN_TEXT.encode() + b'"}', b"   ", b""])
     assert docs.height == 1 and q.height == 0 and docs["source_line"][0] == 2
+
+
+def test_worker_processes_give_the_same_drop_as_one_process(tmp_path):
+    records = [{"id": str(i), "text": (PT_TEXT if i % 2 else EN_TEXT) + f" {i}"} for i in range(40)] + [{"text": 5}]
+    write_jsonl(tmp_path / "drops/d.jsonl", records)
+    source = LocalSource(tmp_path / "drops")
+    (drop,) = source.list(("*.jsonl",)).drops
+    outputs = []
+    for workers in (1, 2):
+        cfg = make_config(tmp_path, limits={"batch_bytes": 2000, "workers": workers})  # drop >> 2 batches: pool path
+        storage = LocalStorage(tmp_path / f"home{workers}")
+        report = ingest_drop(cfg, storage, source, drop)
+        outputs.append((report.documents, report.quarantined, storage.read_parquet(f"crawl_drops/{drop.key}/docs.parquet")))
+    (n1, q1, d1), (n2, q2, d2) = outputs
+    assert (n1, q1) == (n2, q2) == (40, 1)
+    assert d1.equals(d2)
+    assert set(d2["language"]) == {"pt", "en"}

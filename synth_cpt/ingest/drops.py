@@ -8,9 +8,13 @@ drop came from, so any run (sensor, CLI, UI) can rematerialize it.
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -19,9 +23,12 @@ import pyarrow.parquet as pq
 from synth_cpt.config import PipelineConfig
 from synth_cpt.ingest.records import (
     QUARANTINE_SCHEMA,
+    Batch,
     RecordParser,
+    StartedBatch,
+    complete_batch,
     docs_schema,
-    finish_batch,
+    start_batch,
     iter_batches_jsonl,
     iter_batches_rows,
 )
@@ -140,9 +147,8 @@ def ingest_drop(
     with storage.parquet_writer(f"{prefix}/docs.parquet", schema) as docs_out, storage.parquet_writer(
         f"{prefix}/quarantine.parquet", QUARANTINE_SCHEMA
     ) as q_out:
-        for batch in batches():
-            docs, quarantine = finish_batch(batch, config, drop.key, drop.uri)
-            report.records += len(batch.texts) + len(batch.quarantine)
+        for n_records, (docs, quarantine) in _finished(batches(), config, drop):
+            report.records += n_records
             report.documents += docs.height
             report.quarantined += quarantine.height
             reasons.update(quarantine["reason_code"].to_list())
@@ -163,6 +169,32 @@ def ingest_drop(
     report.ingested_at = datetime.now(timezone.utc).isoformat()
     storage.write_json(f"{prefix}/manifest.json", report.to_json())
     return report
+
+
+def _finished(batches: Iterator, config: PipelineConfig, drop: DropFile) -> Iterator[tuple[int, tuple]]:
+    """(records, (docs, quarantine)) per batch, in input order.
+
+    Language id is per-record C++ that holds the GIL: on a drop larger than two batches it runs in
+    `limits.workers` processes, one batch ahead, while this process scores, hashes and writes the
+    previous batch with polars. Small drops skip the pool (starting processes costs more than it saves).
+    """
+    workers = config.limits.workers or os.cpu_count() or 1
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if workers > 1 and drop.size > 2 * config.limits.batch_bytes:
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
+        previous: StartedBatch | None = None
+        for batch in batches:
+            started = start_batch(batch, config, pool)  # its language id runs while the previous completes
+            if previous is not None:
+                yield _records(previous.batch), complete_batch(previous, config, drop.key, drop.uri)
+            previous = started
+        if previous is not None:
+            yield _records(previous.batch), complete_batch(previous, config, drop.key, drop.uri)
+
+
+def _records(batch: Batch) -> int:
+    return len(batch.texts) + len(batch.quarantine)
 
 
 def ingested_drops(storage: Storage) -> list[dict]:

@@ -8,7 +8,8 @@ A bad record becomes a quarantine row with a reason a person can act on; it neve
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -178,8 +179,43 @@ class RecordParser:
             batch.scores[name].append(value)
 
 
-def finish_batch(batch: Batch, config: PipelineConfig, drop_id: str, source_file: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Normalize, identify language, score and hash; returns (docs, quarantine) frames."""
+def _identify_async(texts: list[str], max_chars: int, pool: Executor | None) -> Callable[[], tuple[list[str], list[float]]]:
+    """Start language id (in worker processes when a pool is given); call the result to collect it."""
+    if not texts:
+        return lambda: ([], [])
+    if pool is None:
+        result = identify(texts, max_chars)
+        return lambda: result
+    clipped = [t[:max_chars] for t in texts]  # ship only what the classifier reads
+    n = getattr(pool, "_max_workers", 2)
+    step = -(-len(clipped) // n)
+    futures = [pool.submit(identify, clipped[i : i + step], max_chars) for i in range(0, len(clipped), step)]
+
+    def collect() -> tuple[list[str], list[float]]:
+        codes: list[str] = []
+        probs: list[float] = []
+        for fut in futures:
+            c, p = fut.result()
+            codes += c
+            probs += p
+        return codes, probs
+
+    return collect
+
+
+@dataclass
+class StartedBatch:
+    """A batch normalized and with its language id under way."""
+
+    batch: Batch
+    frame: pl.DataFrame
+    quarantine: list[tuple[int, str, str, str]]
+    need: pl.Series
+    languages: Callable[[], tuple[list[str], list[float]]]
+
+
+def start_batch(batch: Batch, config: PipelineConfig, pool: Executor | None = None) -> StartedBatch:
+    """Normalize the batch and start language id (in `pool`'s processes when given)."""
     score_names = list(config.fields.scores)
     frame = pl.DataFrame(
         {
@@ -198,11 +234,27 @@ def finish_batch(batch: Batch, config: PipelineConfig, drop_id: str, source_file
     for line in empty["source_line"].to_list():
         quarantine.append((line, EMPTY_TEXT, "text is empty after normalization (only whitespace or control characters)", ""))
     frame = frame.filter(pl.col("text") != "")
-
     # language: the record's own field wins; the rest is identified
     need = frame["record_language"].is_null()
-    to_detect = frame.filter(need)["text"].to_list()
-    codes, probs = identify(to_detect, config.language_id.max_chars) if to_detect else ([], [])
+    languages = _identify_async(frame.filter(need)["text"].to_list(), config.language_id.max_chars, pool)
+    return StartedBatch(batch, frame, quarantine, need, languages)
+
+
+def finish_batch(
+    batch: Batch, config: PipelineConfig, drop_id: str, source_file: str, pool: Executor | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Normalize, identify language, score and hash; returns (docs, quarantine) frames."""
+    return complete_batch(start_batch(batch, config, pool), config, drop_id, source_file)
+
+
+def complete_batch(started: StartedBatch, config: PipelineConfig, drop_id: str, source_file: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Score and hash (while language id may still run elsewhere), then assemble docs and quarantine."""
+    frame, quarantine, need = started.frame, started.quarantine, started.need
+    frame = frame.with_columns(
+        score_heuristic=heuristic_scores(frame["text"]),
+        doc_id=pl.Series(doc_ids(frame["text"].to_list()), dtype=pl.String),
+    )
+    codes, probs = started.languages()
     detected = pl.DataFrame(
         {"i": frame.with_row_index("i").filter(need)["i"], "det_code": codes, "det_prob": probs},
         schema={"i": pl.UInt32, "det_code": pl.String, "det_prob": pl.Float64},
@@ -232,7 +284,6 @@ def finish_batch(batch: Batch, config: PipelineConfig, drop_id: str, source_file
     # quality: combine the configured score fields present; otherwise the heuristic
     present = [pl.col(f"score_{n}") for n in config.quality.scores]
     combine = {"max": pl.max_horizontal, "min": pl.min_horizontal, "mean": pl.mean_horizontal}[config.quality.combine]
-    frame = frame.with_columns(score_heuristic=heuristic_scores(frame["text"]))
     combined = combine(present) if present else pl.lit(None, dtype=pl.Float64)
     frame = frame.with_columns(
         pl.when(combined.is_not_null()).then(pl.lit("fields")).otherwise(pl.lit("heuristic")).alias("quality_score_source"),
@@ -246,7 +297,6 @@ def finish_batch(batch: Batch, config: PipelineConfig, drop_id: str, source_file
         frame = frame.filter(pl.col("quality_score_source") == "fields")
 
     docs = frame.with_columns(
-        doc_id=pl.Series(doc_ids(frame["text"].to_list()), dtype=pl.String),
         n_chars=pl.col("text").str.len_chars().cast(pl.Int64),
         drop_id=pl.lit(drop_id),
         source_file=pl.lit(source_file),

@@ -15,7 +15,11 @@ import unicodedata
 import polars as pl
 
 _CONTROL = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]"
-_HSPACE = r"[ \t\u00A0\u1680\u2000-\u200A\u202F\u205F\u3000]+"
+_HS = r"\t\u00A0\u1680\u2000-\u200A\u202F\u205F\u3000"  # horizontal spaces other than ' '
+_HSPACE = rf"[ {_HS}]+"
+# The same rewrite, matching only runs that change (a lone ' ' is left alone): 4x faster in polars'
+# automaton engine. Python's backtracking `re` keeps the simple form, which is linear there.
+_HSPACE_CHANGING = rf"[ {_HS}]*[{_HS}][ {_HS}]*| {{2,}}"
 _LINE_EDGE = r" *\n *"
 _MANY_BREAKS = r"\n{3,}"
 
@@ -43,7 +47,7 @@ def normalize_expr(column: str | pl.Expr) -> pl.Expr:
         .str.replace_all("\r\n", "\n", literal=True)
         .str.replace_all("\r", "\n", literal=True)
         .str.replace_all(_CONTROL, "")
-        .str.replace_all(_HSPACE, " ")
+        .str.replace_all(_HSPACE_CHANGING, " ")
         .str.replace_all(_LINE_EDGE, "\n")
         .str.replace_all(_MANY_BREAKS, "\n\n")
         .str.strip_chars(" \n")
