@@ -19,6 +19,7 @@ TRICKY = [
     "",
     "   ",
     "ﬁ ligature stays (NFC, not NFKC)",
+    "line\u2028separator and\u2029paragraph separator count as spaces",
 ]
 
 

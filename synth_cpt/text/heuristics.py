@@ -79,7 +79,14 @@ def heuristic_scores(texts: pl.Series) -> pl.Series:
         df.select(
             "i",
             t.str.count_matches(r"\S+").cast(pl.Float64).alias("words"),
-            t.str.count_matches(r"\S").cast(pl.Float64).alias("nonspace"),
+            # normalized text has no whitespace but ' ', LF, U+2028 and U+2029: counting those
+            # literally is 4x faster than counting every non-space character with a regex
+            (
+                t.str.len_chars()
+                - t.str.count_matches(" ", literal=True)
+                - t.str.count_matches("\n", literal=True)
+                - t.str.count_matches("[\u2028\u2029]")
+            ).cast(pl.Float64).alias("nonspace"),
             t.str.count_matches(r"#|\.\.\.|…").cast(pl.Float64).alias("symbols"),
             t.str.count_matches(r"\S*\p{L}\S*").cast(pl.Float64).alias("alpha_words"),
             t.str.count_matches(r"(?m)^.+$").cast(pl.Float64).alias("lines"),
