@@ -8,7 +8,6 @@ upload) completes.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -74,9 +73,9 @@ class Storage:
             pq.write_table(table, tmp, compression="zstd")
         return self.uri(key)
 
-    def read_parquet(self, key: str, columns: list[str] | None = None) -> pl.DataFrame:
+    def read_parquet(self, key: str, columns: list[str] | None = None, n_rows: int | None = None) -> pl.DataFrame:
         with self.local_path(key) as path:
-            return pl.read_parquet(path, columns=columns)
+            return pl.read_parquet(path, columns=columns, n_rows=n_rows)
 
     @contextlib.contextmanager
     def parquet_writer(self, key: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
@@ -219,6 +218,3 @@ def open_storage(root: str) -> Storage:
         raise ValueError(f"storage root {root!r}: only local folders and s3:// are supported")
     return LocalStorage(root)
 
-
-def read_parquet_bytes(data: bytes) -> pl.DataFrame:
-    return pl.read_parquet(io.BytesIO(data))

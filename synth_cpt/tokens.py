@@ -6,6 +6,7 @@ languages (METHODS.md §7); every count in the pipeline comes from this one mode
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 from pathlib import Path
@@ -100,18 +101,25 @@ def build_tokenizer(storage: Storage, config: PipelineConfig, corpus_files: list
         model = load_model_file(tc.model_file, storage)
         info = {"source": "model_file", "model_file": tc.model_file, "trained_on_documents": 0}
     else:
-        frames = []
-        for key in corpus_files:
-            with storage.local_path(key) as p:
-                frames.append(pl.read_parquet(p, columns=["doc_id", "text"]))
-        corpus = pl.concat(frames) if frames else pl.DataFrame(schema={"doc_id": pl.String, "text": pl.String})
-        corpus = corpus.unique(subset="doc_id", keep="first").sort("doc_id")
-        sample = seeded_sample(corpus, tc.sample_documents, config.seeds.tokenizer)
+        with contextlib.ExitStack() as stack:
+            paths = [str(stack.enter_context(storage.local_path(k))) for k in corpus_files]
+            if paths:
+                ids = pl.scan_parquet(paths).select("doc_id").unique().collect(engine="streaming")
+            else:
+                ids = pl.DataFrame(schema={"doc_id": pl.String})
+            chosen = seeded_sample(ids, tc.sample_documents, config.seeds.tokenizer)
+            # only the sampled texts are read: memory follows sample_documents, not the corpus
+            sample = (
+                pl.scan_parquet(paths).filter(pl.col("doc_id").is_in(chosen["doc_id"].implode())).select("doc_id", "text")
+                .unique(subset="doc_id").sort("doc_id").collect(engine="streaming")
+                if paths
+                else pl.DataFrame(schema={"doc_id": pl.String, "text": pl.String})
+            )  # fmt: skip
         model = train_model(sample["text"].to_list(), tc.vocab_size, config.seeds.tokenizer, tc.character_coverage)
         info = {
             "source": "trained",
             "trained_on_documents": sample.height,
-            "corpus_documents": corpus.height,
+            "corpus_documents": ids.height,
             "requested_vocab_size": tc.vocab_size,
             "seed": config.seeds.tokenizer,
         }

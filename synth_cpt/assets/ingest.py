@@ -71,8 +71,9 @@ def build_ingest_assets(config: PipelineConfig) -> tuple[list[AssetsDefinition],
         report = ingest_drop(cfg, storage, source, drop, progress=lambda d, t, r, n: rate(d, t, f"{r:,} records, {n:,} documents"))
         rate(drop.size, drop.size, f"{report.records:,} records, {report.documents:,} documents", final=True)
         prefix = drop_prefix(drop.key)
-        docs = storage.read_parquet(f"{prefix}/docs.parquet", columns=["doc_id", "language", "quality_score", "url", "text"])
-        quarantine = storage.read_parquet(f"{prefix}/quarantine.parquet", columns=["source_line", "reason"])
+        docs = storage.read_parquet(f"{prefix}/docs.parquet", columns=["doc_id", "language", "quality_score", "url", "text"], n_rows=3)
+        scores = storage.read_parquet(f"{prefix}/docs.parquet", columns=["quality_score"])["quality_score"]
+        quarantine = storage.read_parquet(f"{prefix}/quarantine.parquet", columns=["source_line", "reason"], n_rows=5)
         if not report.accepted:
             context.log.warning(
                 f"drop {drop.key}: {report.quarantine_rate:.1%} of records quarantined, over "
@@ -96,7 +97,7 @@ def build_ingest_assets(config: PipelineConfig) -> tuple[list[AssetsDefinition],
                 "sample_documents": MetadataValue.md(_sample_md(docs, ["doc_id", "language", "quality_score", "url", "text"])),
                 "sample_quarantine": MetadataValue.md(_sample_md(quarantine, ["source_line", "reason"], n=5, width=160)),
                 "quality_histogram": MetadataValue.md(
-                    histogram_markdown(docs["quality_score"].to_list(), f"quality score, {drop.key}", "score (0-5)", _bucket_marks(cfg))
+                    histogram_markdown(scores.to_list(), f"quality score, {drop.key}", "score (0-5)", _bucket_marks(cfg))
                 ),
             }
         )
@@ -118,7 +119,8 @@ def build_ingest_assets(config: PipelineConfig) -> tuple[list[AssetsDefinition],
         if stats.rejected_drops:
             context.log.warning(f"drops kept out for their quarantine rate: {stats.rejected_drops}")
         key = corpus_file(RAW_CORPUS, language, quality)
-        frame = storage.read_parquet(key, columns=["doc_id", "quality_score", "drop_id", "url", "text"])
+        frame = storage.read_parquet(key, columns=["doc_id", "quality_score", "drop_id", "text"], n_rows=3)
+        scores = storage.read_parquet(key, columns=["quality_score"])["quality_score"]
         bounds = cfg.quality.buckets[quality]
         return MaterializeResult(
             metadata={
@@ -134,7 +136,7 @@ def build_ingest_assets(config: PipelineConfig) -> tuple[list[AssetsDefinition],
                 "rejected_drops": MetadataValue.json(stats.rejected_drops),
                 "sample_documents": MetadataValue.md(_sample_md(frame, ["doc_id", "quality_score", "drop_id", "text"])),
                 "quality_histogram": MetadataValue.md(
-                    histogram_markdown(frame["quality_score"].to_list(), f"{language}|{quality}: quality score", "score (0-5)", _bucket_marks(cfg))
+                    histogram_markdown(scores.to_list(), f"{language}|{quality}: quality score", "score (0-5)", _bucket_marks(cfg))
                 ),
             }
         )
