@@ -106,8 +106,9 @@ def _print_summary(console: Console, storage, config, corpus_keys: list[str]) ->
     from synth_cpt.ingest.drops import ingested_drops
 
     drops = Table(title="crawl drops")
-    for col in ("drop", "records", "documents", "quarantined", "rate", "accepted"):
-        drops.add_column(col, justify="left" if col == "drop" else "right")
+    drops.add_column("drop", overflow="fold")
+    for col in ("records", "documents", "quarantined", "rate", "accepted"):
+        drops.add_column(col, justify="right")
     reasons: Counter[str] = Counter()
     for m in ingested_drops(storage):
         reasons.update(m["quarantine_by_reason"])

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import warnings
 
-from dagster import AssetSelection, Definitions, PreviewWarning, define_asset_job
+from dagster import (
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
+    Definitions,
+    PreviewWarning,
+    define_asset_job,
+)
 
 from synth_cpt.assets.ingest import QUALITY_SUBSETS, build_ingest_assets
 from synth_cpt.config import current_config
@@ -25,6 +32,16 @@ SUBSETS_JOB = "quality_subsets_job"
 warnings.filterwarnings("ignore", category=PreviewWarning, message=".*partitions_def on an AssetCheckSpec.*")
 
 
+# Declarative automation (eager downstream of a new drop), on by default when the daemon runs.
+automation_sensor = AutomationConditionSensorDefinition(
+    "synth_cpt_automation",
+    target=AssetSelection.all(),
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Brings raw_corpus, tokenizer and quality_subsets up to date after new drops.",
+)
+
+
 def build_definitions() -> Definitions:
     config = current_config()
     assets, checks = build_ingest_assets(config)
@@ -39,7 +56,7 @@ def build_definitions() -> Definitions:
         assets=assets,
         asset_checks=checks,
         jobs=jobs,
-        sensors=[crawl_drop_sensor],
+        sensors=[crawl_drop_sensor, automation_sensor],
         resources={"pipeline": PipelineResource()},
     )
 
