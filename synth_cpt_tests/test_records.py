@@ -53,7 +53,7 @@ def test_each_reason_is_quarantined_with_an_actionable_sentence(tmp_path, code):
 def test_reason_texts_say_what_is_wrong(tmp_path):
     cfg = make_config(tmp_path)
     _, q = _run(cfg, list(BAD.values()))
-    by_code = dict(zip(q["reason_code"], q["reason"]))
+    by_code = dict(zip(q["reason_code"], q["reason"], strict=True))
     assert "byte 13 (0xe9)" in by_code[R.INVALID_UTF8]  # {"text": "caf is 13 bytes
     assert "JSON array" in by_code[R.NOT_OBJECT]
     assert "'text' is a number" in by_code[R.NON_STRING_TEXT]
