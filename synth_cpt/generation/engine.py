@@ -1,0 +1,156 @@
+"""The generation engine: dedup, cache lookup, throughput ordering, checkpointed execution.
+
+A request whose `request_id` is in the cache is never sent again; everything sent is written to the
+cache in segments of `flush_every` rows (or every `flush_seconds`), so a crash loses at most one
+segment of work. Requests are grouped by shared prompt prefix (vLLM's prefix cache reuses the
+shared part) and, within a group, by length, and handed to the backend `flush_every` at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from synth_cpt.generation.backends import Backend, Prepared
+from synth_cpt.generation.cache import GenerationCache
+from synth_cpt.generation.requests import ChatRequest, Generation, derived_seed
+from synth_cpt.generation.structured import parse_json_output
+
+PREFIX_CHARS = 256
+
+
+@dataclass
+class RunReport:
+    requests: int = 0
+    unique: int = 0
+    cache_hits: int = 0
+    sent: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    rejected: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def metadata(self) -> dict[str, float | int]:
+        return {
+            "requests": self.requests, "unique_requests": self.unique, "cache_hits": self.cache_hits, "sent": self.sent,
+            "succeeded": self.succeeded, "failed": self.failed, "rejected": self.rejected,
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "seconds": round(self.seconds, 2), "output_tokens_per_s": round(self.tokens_per_s, 1),
+        }  # fmt: skip
+
+
+Progress = Callable[[int, int, int, float], None]  # done, total, completion tokens, elapsed seconds
+
+
+def throughput_order(prepared: list[Prepared]) -> list[Prepared]:
+    """Shared prefixes together (prefix-cache hits), short before long within a prefix; deterministic."""
+
+    def key(p: Prepared) -> tuple[str, int, str]:
+        rendered = p.request.rendered()
+        return rendered[:PREFIX_CHARS], len(rendered), p.request_id
+
+    return sorted(prepared, key=key)
+
+
+class GenerationEngine:
+    def __init__(
+        self,
+        backend: Backend,
+        cache: GenerationCache,
+        *,
+        model: str,
+        model_fingerprint: str,
+        flush_every: int = 128,
+        flush_seconds: float = 30.0,
+        log: Callable[[str], None] | None = None,
+        progress: Progress | None = None,
+        log_every_s: float = 10.0,
+    ) -> None:
+        self.backend = backend
+        self.cache = cache
+        self.model = model
+        self.fingerprint = model_fingerprint
+        self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
+        self.log = log
+        self.progress = progress
+        self.log_every_s = log_every_s
+
+    def request_ids(self, requests: list[ChatRequest]) -> list[str]:
+        return [r.request_id(self.fingerprint) for r in requests]
+
+    def run(self, requests: list[ChatRequest]) -> RunReport:
+        """Make sure every request has a cached result (or a recorded failure); returns the figures."""
+        started = time.monotonic()
+        report = RunReport(requests=len(requests))
+        unique: dict[str, ChatRequest] = {}
+        for rid, req in zip(self.request_ids(requests), requests, strict=True):
+            unique.setdefault(rid, req)
+        report.unique = len(unique)
+        done_ids = self.cache.finished_ids()
+        pending = [Prepared(req, rid, derived_seed(rid)) for rid, req in unique.items() if rid not in done_ids]
+        report.cache_hits = report.unique - len(pending)
+        if self.log:
+            self.log(f"generation: {report.requests:,} requests, {report.unique:,} unique, {report.cache_hits:,} cached, {len(pending):,} to send")
+        if not pending:
+            report.seconds = time.monotonic() - started
+            return report
+
+        writer = self.cache.writer(
+            model=self.model, model_fingerprint=self.fingerprint, engine=self.backend.name,
+            engine_version=self.backend.version(), flush_every=self.flush_every, flush_seconds=self.flush_seconds,
+        )  # fmt: skip
+        sent_at = time.monotonic()
+        last_log = [sent_at]
+
+        def on_result(p: Prepared, gen: Generation) -> None:
+            if gen.ok and p.request.json_schema:
+                _, reason = parse_json_output(gen.text, p.request.schema)
+                gen.rejected = reason
+            writer.add(p.request, p.seed, gen)
+            report.sent += 1
+            if gen.ok:
+                report.succeeded += 1
+                report.rejected += gen.rejected is not None
+                report.prompt_tokens += gen.prompt_tokens or 0
+                report.completion_tokens += gen.completion_tokens or 0
+            else:
+                report.failed += 1
+                report.failures[gen.request_id] = gen.error or ""
+            elapsed = time.monotonic() - sent_at
+            if self.progress:
+                self.progress(report.sent, len(pending), report.completion_tokens, elapsed)
+            now = time.monotonic()
+            if self.log and (now - last_log[0] >= self.log_every_s or report.sent == len(pending)):
+                last_log[0] = now
+                rate = report.completion_tokens / max(elapsed, 1e-9)
+                per_req = elapsed / report.sent
+                eta = per_req * (len(pending) - report.sent)
+                self.log(f"generation: {report.sent:,}/{len(pending):,} sent, {rate:,.0f} output tok/s, {report.failed:,} failed, ETA {eta:,.0f} s")
+
+        ordered = throughput_order(pending)
+        try:
+            for i in range(0, len(ordered), self.flush_every):
+                self.backend.generate(ordered[i : i + self.flush_every], on_result)
+                writer.flush()
+        finally:
+            writer.flush()
+        report.seconds = time.monotonic() - started
+        return report
+
+    def results(self, requests: list[ChatRequest]) -> pl.DataFrame:
+        """The cached successful row for each distinct request (rows in the order first asked)."""
+        ids = list(dict.fromkeys(self.request_ids(requests)))
+        finished = self.cache.finished()
+        order = pl.DataFrame({"request_id": ids}).with_row_index("_order")
+        return order.join(finished, on="request_id", how="inner").sort("_order").drop("_order")

@@ -1,0 +1,90 @@
+"""What is asked of the model, and the content address of each ask.
+
+`request_id` = SHA-256 of (model fingerprint, messages, sampling parameters, base seed). The seed
+the engine sends is derived from `request_id`, so a request is reproducible on its own and two
+identical asks are the same request wherever they come from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int = 0  # base seed; the engine sends one derived from request_id
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "stop": list(self.stop), "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple[tuple[str, str], ...]  # (role, content) pairs: hashable and ordered
+    sampling: Sampling = field(default_factory=Sampling)
+    prompt_name: str = ""
+    prompt_sha: str = ""
+    json_schema: str | None = None  # JSON text of a schema the output must follow
+
+    @classmethod
+    def chat(cls, messages: list[Message], sampling: Sampling | None = None, **kw: Any) -> "ChatRequest":
+        schema = kw.pop("json_schema", None)
+        return cls(
+            messages=tuple((m["role"], m["content"]) for m in messages),
+            sampling=sampling or Sampling(),
+            json_schema=json.dumps(schema, sort_keys=True) if isinstance(schema, dict) else schema,
+            **kw,
+        )
+
+    def message_dicts(self) -> list[Message]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+    @property
+    def schema(self) -> dict | None:
+        return json.loads(self.json_schema) if self.json_schema else None
+
+    def rendered(self) -> str:
+        """A stable text form of the conversation (for ordering, prefix grouping and storage)."""
+        return json.dumps(self.message_dicts(), ensure_ascii=False)
+
+    def request_id(self, model_fingerprint: str) -> str:
+        payload = {
+            "model_fingerprint": model_fingerprint,
+            "messages": self.message_dicts(),
+            "sampling": self.sampling.as_dict(),
+            "json_schema": self.json_schema,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def derived_seed(request_id: str) -> int:
+    """The per-request seed sent to the engine: reproducible, different for every request."""
+    return int(request_id[:8], 16) & 0x7FFFFFFF
+
+
+@dataclass
+class Generation:
+    """One finished call: what came back, or why nothing usable did."""
+
+    request_id: str
+    text: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    attempts: int
+    latency_s: float
+    error: str | None = None  # set: the call failed (retried on the next run)
+    rejected: str | None = None  # set: the call worked but the output broke its contract (kept, not retried)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

@@ -1,0 +1,92 @@
+"""The `LLM` Dagster resource: which backend, which model, which engine settings, which cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from synth_cpt.generation.backends import Backend, OpenAIBackend, VLLMBackend
+from synth_cpt.generation.cache import GenerationCache
+from synth_cpt.generation.embedded import ensure_embedded_model
+from synth_cpt.generation.engine import GenerationEngine, Progress
+from synth_cpt.storage import Storage
+
+EMBEDDED = "embedded"
+
+
+class LLM(ConfigurableResource):
+    """Generation settings. Defaults run the embedded SmolLM2-135M on the CPU build of vLLM."""
+
+    backend: Literal["vllm", "openai"] = "vllm"
+    model: str = Field(EMBEDDED, description="'embedded', a local model folder, or a Hugging Face name available offline")
+    # vllm engine arguments
+    dtype: str = "bfloat16"
+    max_model_len: int = 2048
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = Field(0.3, description="on the CPU build: the share of host memory for the KV cache")
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = True
+    # openai backend
+    endpoints: list[str] = Field(default_factory=list, description="base URLs, e.g. http://10.0.0.5:8000/v1")
+    served_model_name: str | None = None
+    api_key_env: str = Field("OPENAI_API_KEY", description="name of the environment variable holding the key (never the key)")
+    concurrency: int = 32
+    timeout_s: float = 120.0
+    max_attempts: int = 4
+    # cache and checkpoints
+    cache_prefix: str = "generations"
+    flush_every: int = 128
+    flush_seconds: float = 30.0
+
+    def engine_args(self) -> dict[str, Any]:
+        return {
+            "dtype": self.dtype,
+            "max_model_len": self.max_model_len,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "enable_prefix_caching": self.enable_prefix_caching,
+            "enforce_eager": self.enforce_eager,
+        }
+
+    def resolve_model(self, storage_root: str) -> tuple[str, str]:
+        """(path or name to load, identity of the weights)."""
+        if self.model == EMBEDDED:
+            path, info = ensure_embedded_model(storage_root)
+            return str(path), f"{info['name']}@sha256:{info['weights_sha256']}"
+        path = Path(self.model)
+        if path.is_dir():
+            files = sorted((p.name, p.stat().st_size) for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+            return str(path), f"{path.name}@files:{hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]}"
+        return self.model, self.model
+
+    def model_fingerprint(self, weights_identity: str) -> str:
+        """Everything that changes what the model writes: the weights and the numeric settings."""
+        if self.backend == "openai":
+            parts: dict[str, Any] = {"served_model": self.served_model_name or weights_identity}
+        else:
+            parts = {"weights": weights_identity, "dtype": self.dtype, "max_model_len": self.max_model_len, "tensor_parallel_size": self.tensor_parallel_size}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+    def build_backend(self, model_ref: str) -> Backend:
+        if self.backend == "openai":
+            return OpenAIBackend(
+                self.endpoints, self.served_model_name or model_ref, api_key_env=self.api_key_env,
+                concurrency=self.concurrency, timeout_s=self.timeout_s, max_attempts=self.max_attempts,
+            )  # fmt: skip
+        return VLLMBackend(model_ref, self.engine_args())
+
+    def engine(self, storage: Storage, storage_root: str, log: Callable[[str], None] | None = None, progress: Progress | None = None) -> GenerationEngine:
+        if self.backend == "openai" and self.model == EMBEDDED and not self.served_model_name:
+            raise ValueError("the openai backend needs served_model_name (the model name the servers expose)")
+        model_ref, identity = (self.model, self.model) if self.backend == "openai" else self.resolve_model(storage_root)
+        return GenerationEngine(
+            self.build_backend(model_ref), GenerationCache(storage, self.cache_prefix),
+            model=identity, model_fingerprint=self.model_fingerprint(identity),
+            flush_every=self.flush_every, flush_seconds=self.flush_seconds, log=log, progress=progress,
+        )  # fmt: skip

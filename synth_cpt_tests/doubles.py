@@ -1,0 +1,58 @@
+"""Test doubles for unit tests only. Never used by the package or selectable from configuration."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+from synth_cpt.generation.backends import Backend, OnResult, Prepared
+from synth_cpt.generation.requests import ChatRequest, Generation, Sampling
+
+
+class DeterministicTestBackend(Backend):
+    """Answers from a hash of (request_id, seed): the same request always gets the same text."""
+
+    name = "test-double"
+
+    def __init__(self, delay_s: float = 0.0, fail_ids: set[str] | None = None, sent_log: str | None = None) -> None:
+        self.delay_s = delay_s
+        self.fail_ids = fail_ids or set()
+        self.sent_log = sent_log
+        self.sent: list[str] = []
+
+    def version(self) -> str:
+        return "1"
+
+    def generate(self, batch: list[Prepared], on_result: OnResult) -> None:
+        for p in batch:
+            self.sent.append(p.request_id)
+            if self.sent_log:
+                with open(self.sent_log, "a") as f:
+                    f.write(p.request_id + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            if p.request_id in self.fail_ids:
+                on_result(p, Generation(p.request_id, None, None, None, None, 3, 0.0, error="double: injected failure"))
+                continue
+            digest = hashlib.sha256(f"{p.request_id}:{p.seed}".encode()).hexdigest()[:12]
+            if p.request.json_schema:
+                text = json.dumps({"summary": f"summary {digest}", "entities": ["a", digest]})
+            else:
+                text = f"answer {digest} to {p.request.messages[-1][1][:30]}"
+            on_result(p, Generation(p.request_id, text, "stop", len(p.request.rendered()) // 4, 7, 1, 0.001))
+
+
+def make_requests(n: int, duplicates: int = 0) -> list[ChatRequest]:
+    reqs = [
+        ChatRequest.chat(
+            [{"role": "system", "content": "Rewrite faithfully."}, {"role": "user", "content": f"Document number {i}: " + "palavra " * (i % 7)}],
+            Sampling(temperature=0.7, max_tokens=32),
+            prompt_name="test", prompt_sha="abc",
+        )
+        for i in range(n)
+    ]
+    return reqs + reqs[:duplicates]

@@ -1,0 +1,172 @@
+"""The engine and its cache, with the deterministic test double (no model)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+
+from synth_cpt.generation.cache import GenerationCache
+from synth_cpt.generation.engine import GenerationEngine, throughput_order
+from synth_cpt.generation.backends import Prepared
+from synth_cpt.generation.requests import ChatRequest, Sampling, derived_seed
+from synth_cpt.generation.structured import parse_json_output
+from synth_cpt.storage import LocalStorage
+
+from .conftest import REPO
+from .doubles import DeterministicTestBackend, make_requests
+from .gen_worker import FLUSH_EVERY
+
+
+def _engine(tmp_path, backend=None, flush_every=4):
+    backend = backend or DeterministicTestBackend()
+    cache = GenerationCache(LocalStorage(tmp_path / "home"))
+    return GenerationEngine(backend, cache, model="double", model_fingerprint="fp", flush_every=flush_every, flush_seconds=3600), backend
+
+
+def test_cache_miss_then_hit_and_dedup(tmp_path):
+    engine, backend = _engine(tmp_path)
+    reqs = make_requests(10, duplicates=3)
+    first = engine.run(reqs)
+    assert (first.requests, first.unique, first.sent, first.cache_hits) == (13, 10, 10, 0)
+    assert len(backend.sent) == 10, "identical requests are sent once"
+    again, backend2 = _engine(tmp_path)
+    second = again.run(reqs)
+    assert (second.sent, second.cache_hits) == (0, 10) and backend2.sent == [], "finished work sends nothing"
+    more = again.run(reqs + make_requests(12)[10:])
+    assert more.sent == 2 and more.cache_hits == 10
+    rows = again.results(reqs)
+    assert rows.height == 10 and rows["request_id"].n_unique() == 10
+    assert set(rows.columns) >= {"request_id", "model", "model_fingerprint", "engine", "engine_version", "prompt_name", "prompt_sha",
+                                 "sampling", "seed", "text", "finish_reason", "prompt_tokens", "completion_tokens", "attempts", "error", "created_at"}
+    assert rows["seed"].to_list() == [derived_seed(r) for r in rows["request_id"]]
+
+
+def test_request_id_covers_model_messages_sampling_and_seed():
+    base = ChatRequest.chat([{"role": "user", "content": "hi"}], Sampling(seed=1))
+    assert base.request_id("fp") == ChatRequest.chat([{"role": "user", "content": "hi"}], Sampling(seed=1)).request_id("fp")
+    variants = [
+        base.request_id("other-fp"),
+        ChatRequest.chat([{"role": "user", "content": "hi!"}], Sampling(seed=1)).request_id("fp"),
+        ChatRequest.chat([{"role": "user", "content": "hi"}], Sampling(seed=2)).request_id("fp"),
+        ChatRequest.chat([{"role": "user", "content": "hi"}], Sampling(seed=1, temperature=0.1)).request_id("fp"),
+        ChatRequest.chat([{"role": "user", "content": "hi"}], Sampling(seed=1), json_schema={"type": "object"}).request_id("fp"),
+    ]
+    assert len({base.request_id("fp"), *variants}) == 6
+
+
+def test_failures_are_stored_as_failures_and_retried(tmp_path):
+    reqs = make_requests(8)
+    ids = [r.request_id("fp") for r in reqs]
+    engine, _ = _engine(tmp_path, DeterministicTestBackend(fail_ids={ids[2], ids[5]}))
+    report = engine.run(reqs)
+    assert (report.succeeded, report.failed) == (6, 2)
+    assert report.failures[ids[2]] == "double: injected failure"
+    cache = engine.cache
+    assert cache.finished_ids() == set(ids) - {ids[2], ids[5]}
+    assert cache.load().filter(pl.col("error").is_not_null()).height == 2
+    retry, backend = _engine(tmp_path)
+    second = retry.run(reqs)
+    assert sorted(backend.sent) == sorted([ids[2], ids[5]]) and second.failed == 0
+    assert retry.results(reqs).height == 8
+
+
+def test_throughput_order_groups_prefixes_and_is_deterministic():
+    reqs = make_requests(20)
+    prepared = [Prepared(r, r.request_id("fp"), 0) for r in reqs]
+    once = throughput_order(prepared)
+    assert [p.request_id for p in once] == [p.request_id for p in throughput_order(list(reversed(prepared)))]
+    keys = [p.request.rendered()[:256] for p in once]
+    assert keys == sorted(keys)
+
+
+def _segments(root):
+    return sorted((root / "generations" / "segments").glob("seg-*.parquet"))
+
+
+def _run_worker(root, n, delay, sent_log):
+    return subprocess.Popen(
+        [sys.executable, "-m", "synth_cpt_tests.gen_worker", str(root), str(n), str(delay), str(sent_log)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _finished(root):
+    return GenerationCache(LocalStorage(root)).finished().select("request_id", "text").sort("request_id")
+
+
+def test_sigkill_mid_run_then_restart_gives_the_same_results(tmp_path):
+    n = 60
+    clean_root, crash_root = tmp_path / "clean", tmp_path / "crash"
+    clean = _run_worker(clean_root, n, 0.0, tmp_path / "clean.log")
+    assert clean.wait(timeout=120) == 0, clean.stderr.read()
+
+    victim = _run_worker(crash_root, n, 0.02, tmp_path / "crash.log")
+    deadline = time.time() + 60
+    while len(_segments(crash_root)) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=30)
+    saved = GenerationCache(LocalStorage(crash_root)).load()
+    assert 0 < saved.height < n, "killed mid-run"
+
+    restart = _run_worker(crash_root, n, 0.0, tmp_path / "crash.log")
+    assert restart.wait(timeout=120) == 0, restart.stderr.read()
+    assert _finished(crash_root).equals(_finished(clean_root)), "exactly the same result set"
+    rows = GenerationCache(LocalStorage(crash_root)).load()
+    assert rows.height == n and rows["request_id"].n_unique() == n, "no duplicates"
+    sent = (tmp_path / "crash.log").read_text().split()
+    redone = len(sent) - n
+    assert 0 <= redone <= FLUSH_EVERY, f"redid {redone} requests, more than one segment"
+
+
+def test_two_processes_share_one_cache(tmp_path):
+    root = tmp_path / "shared"
+    a = _run_worker(root, 40, 0.005, tmp_path / "a.log")
+    b = _run_worker(root, 40, 0.005, tmp_path / "b.log")
+    assert a.wait(timeout=120) == 0 and b.wait(timeout=120) == 0, a.stderr.read() + b.stderr.read()
+    rows = GenerationCache(LocalStorage(root)).load()
+    sent = len((tmp_path / "a.log").read_text().split()) + len((tmp_path / "b.log").read_text().split())
+    assert rows.height == sent, "every row either process wrote is there: no lost writes"
+    assert rows["segment"].n_unique() == len(_segments(root))
+    finished = GenerationCache(LocalStorage(root)).finished()
+    assert finished.height == 40 and finished["request_id"].n_unique() == 40
+    # a third process finds everything done
+    c = _run_worker(root, 40, 0.0, tmp_path / "c.log")
+    assert c.wait(timeout=120) == 0
+    assert c.stdout.read().split() == ["0", "40"]
+
+
+@pytest.mark.parametrize(
+    "text, ok",
+    [
+        ('{"summary": "s", "entities": ["a"]}', True),
+        ('```json\n{"summary": "s", "entities": ["a"]}\n```', True),
+        ('Here is the JSON: {"summary": "s", "entities": ["a", "b",],} Hope it helps', True),
+        ('{"summary": "s"}', False),
+        ('{"summary": "s", "entities": ["a"', False),
+        ("no json at all", False),
+    ],
+)
+def test_structured_output_repair_or_reject(text, ok):
+    schema = {"type": "object", "properties": {"summary": {"type": "string"}, "entities": {"type": "array", "items": {"type": "string"}}}, "required": ["summary", "entities"]}
+    value, reason = parse_json_output(text, schema)
+    assert (reason is None) == ok, reason
+    if ok:
+        assert value["summary"] == "s"
+    else:
+        assert reason and value is None
+
+
+def test_structured_requests_are_checked(tmp_path):
+    engine, _ = _engine(tmp_path)
+    schema = {"type": "object", "properties": {"summary": {"type": "string"}}, "required": ["summary"]}
+    req = ChatRequest.chat([{"role": "user", "content": "json please"}], json_schema=schema)
+    report = engine.run([req])
+    assert report.succeeded == 1 and report.rejected == 0
+    row = engine.results([req]).row(0, named=True)
+    assert json.loads(row["text"])["summary"].startswith("summary")
