@@ -16,6 +16,7 @@ from dagster import (
 from synth_cpt.assets.ingest import QUALITY_SUBSETS, build_ingest_assets
 from synth_cpt.config import current_config
 from synth_cpt.corpus import ASSET as RAW_CORPUS
+from synth_cpt.generation.resource import LLM
 from synth_cpt.ingest.drops import ASSET as CRAWL_DROPS
 from synth_cpt.partitions import corpus_partitions, crawl_drop_partitions
 from synth_cpt.resources import PipelineResource
@@ -57,7 +58,7 @@ def build_definitions() -> Definitions:
         asset_checks=checks,
         jobs=jobs,
         sensors=[crawl_drop_sensor, automation_sensor],
-        resources={"pipeline": PipelineResource()},
+        resources={"pipeline": PipelineResource(), "llm": LLM()},
     )
 
 

@@ -1,0 +1,149 @@
+"""The openai backend against fault-injecting HTTP servers on 127.0.0.1."""
+
+import json
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from synth_cpt.generation.backends import OpenAIBackend
+from synth_cpt.generation.cache import GenerationCache
+from synth_cpt.generation.engine import GenerationEngine
+from synth_cpt.generation.requests import ChatRequest, Sampling
+from synth_cpt.storage import LocalStorage
+
+
+class FaultServer:
+    """Misbehaves according to the user message: ok, 500x2, 429, slow, drop, malformed.
+
+    Servers built with the same `attempts` counter behave as one fleet: a request's second attempt
+    is its second wherever it lands.
+    """
+
+    def __init__(self, attempts: Counter | None = None, lock=None) -> None:
+        self.attempts: Counter[str] = Counter() if attempts is None else attempts
+        self.seen: list[str] = []
+        self.auth: set[str] = set()
+        self.healthy = False
+        lock = lock or threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                kind = body["messages"][-1]["content"].split(":")[0]
+                with lock:
+                    server.attempts[body["messages"][-1]["content"]] += 1
+                    n = server.attempts[body["messages"][-1]["content"]]
+                    server.seen.append(body["messages"][-1]["content"])
+                    server.auth.add(self.headers.get("Authorization", ""))
+                if not server.healthy:
+                    if kind == "500x2" and n <= 2:
+                        return self._send(500, b'{"error": "boom"}')
+                    if kind == "429" and n == 1:
+                        return self._send(429, b'{"error": "slow down"}', {"Retry-After": "1"})
+                    if kind == "slow":
+                        time.sleep(1.0)
+                    if kind == "drop" and n == 1:
+                        self.close_connection = True
+                        self.connection.shutdown(2)
+                        return None
+                    if kind == "malformed":
+                        return self._send(200, b"<html>proxy error</html>")
+                reply = {
+                    "choices": [{"message": {"role": "assistant", "content": f"reply to {body['messages'][-1]['content']}"}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 11, "completion_tokens": 3},
+                }
+                return self._send(200, json.dumps(reply).encode())
+
+            def _send(self, code, data, headers=None):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        class QuietServer(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):  # clients that timed out close early
+                pass
+
+        self.httpd = QuietServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def stop(self):
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def servers():
+    attempts, lock = Counter(), threading.Lock()
+    pair = [FaultServer(attempts, lock), FaultServer(attempts, lock)]
+    yield pair
+    for s in pair:
+        s.stop()
+
+
+KINDS = ["ok:1", "ok:2", "ok:3", "ok:4", "500x2:a", "429:a", "slow:a", "drop:a", "malformed:a"]
+
+
+def _engine(tmp_path, servers):
+    backend = OpenAIBackend([s.url for s in servers], "served-model", concurrency=4, timeout_s=0.5, max_attempts=3, backoff_s=0.05, backoff_max_s=0.2)
+    cache = GenerationCache(LocalStorage(tmp_path / "home"))
+    return GenerationEngine(backend, cache, model="served-model", model_fingerprint="fp-openai", flush_every=3, flush_seconds=3600)
+
+
+def test_every_request_ends_succeeded_or_failed_and_rerun_retries_only_failures(tmp_path, servers, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret-123")
+    reqs = [ChatRequest.chat([{"role": "user", "content": k}], Sampling(max_tokens=8)) for k in KINDS]
+    engine = _engine(tmp_path, servers)
+    report = engine.run(reqs)
+    assert report.sent == len(KINDS) and report.succeeded + report.failed == len(KINDS)
+    rows = engine.cache.load()
+    assert rows.height == len(KINDS) and rows["request_id"].n_unique() == len(KINDS), "none twice"
+    by_kind = {json.loads(m)[-1]["content"]: r for m, r in zip(rows["messages"], rows.iter_rows(named=True), strict=True)}
+    for kind in ("ok:1", "ok:2", "ok:3", "ok:4", "500x2:a", "429:a", "drop:a"):
+        assert by_kind[kind]["error"] is None and by_kind[kind]["text"] == f"reply to {kind}", kind
+        assert by_kind[kind]["prompt_tokens"] == 11 and by_kind[kind]["completion_tokens"] == 3
+    assert by_kind["500x2:a"]["attempts"] == 3
+    assert by_kind["429:a"]["attempts"] == 2 and by_kind["429:a"]["latency_s"] >= 1.0, "Retry-After is honoured"
+    assert by_kind["drop:a"]["attempts"] == 2
+    assert "timeout" in by_kind["slow:a"]["error"] and by_kind["slow:a"]["attempts"] == 3
+    assert "malformed response body" in by_kind["malformed:a"]["error"]
+    assert all(s.seen for s in servers), "load is spread over every base URL"
+    assert {a for s in servers for a in s.auth} == {"Bearer sk-test-secret-123"}
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "home").rglob("*.parquet"))
+    assert b"sk-test-secret" not in stored, "the key is never stored"
+
+    for s in servers:
+        s.healthy = True
+        s.seen.clear()
+    second = _engine(tmp_path, servers).run(reqs)
+    assert sorted(x for s in servers for x in s.seen) == ["malformed:a", "slow:a"], "only the failed ones are retried"
+    assert (second.sent, second.succeeded, second.cache_hits) == (2, 2, 7)
+    assert len(engine.results(reqs)) == len(KINDS)
+
+
+def test_structured_requests_send_the_schema(tmp_path, servers):
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    backend = OpenAIBackend([servers[0].url], "m")
+    body = backend.payload(
+        __import__("synth_cpt.generation.backends", fromlist=["Prepared"]).Prepared(
+            ChatRequest.chat([{"role": "user", "content": "ok:x"}], json_schema=schema), "rid", 42
+        )
+    )
+    assert body["response_format"]["json_schema"]["schema"] == schema and body["seed"] == 42
+    # the server's reply is not JSON: the engine keeps the call but rejects the output with a reason
+    engine = _engine(tmp_path, servers)
+    report = engine.run([ChatRequest.chat([{"role": "user", "content": "ok:x"}], json_schema=schema)])
+    assert report.succeeded == 1 and report.rejected == 1
+    row = engine.cache.load().row(0, named=True)
+    assert row["rejected"].startswith("no JSON object found") or row["rejected"].startswith("invalid JSON")

@@ -1,0 +1,82 @@
+"""The real vLLM engine (CPU build) with the embedded SmolLM2-135M model: loaded once per session."""
+
+import json
+
+import pytest
+
+from synth_cpt.generation.backends import VLLMBackend
+from synth_cpt.generation.cache import GenerationCache
+from synth_cpt.generation.engine import GenerationEngine
+from synth_cpt.generation.requests import ChatRequest, Sampling
+from synth_cpt.generation.resource import LLM
+from synth_cpt.storage import LocalStorage
+
+pytestmark = pytest.mark.vllm
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"summary": {"type": "string"}, "entities": {"type": "array", "items": {"type": "string"}}},
+    "required": ["summary", "entities"],
+}
+
+
+@pytest.fixture(scope="session")
+def vllm_session(tmp_path_factory):
+    """One engine for the whole session (loading takes ~30 s on 2 cores)."""
+    root = tmp_path_factory.mktemp("vllm_home")
+    resource = LLM()
+    model_path, identity = resource.resolve_model(str(root))
+    backend = VLLMBackend(model_path, resource.engine_args())
+    yield backend, root, resource, identity, model_path
+    backend.close()
+
+
+def _engine(backend, root, resource, identity):
+    return GenerationEngine(
+        backend, GenerationCache(LocalStorage(root)), model=identity,
+        model_fingerprint=resource.model_fingerprint(identity), flush_every=16, flush_seconds=3600,
+    )  # fmt: skip
+
+
+def test_real_engine_chats_tokens_finish_reasons_and_json(vllm_session):
+    backend, root, resource, identity, model_path = vllm_session
+    topics = ["Lisboa", "o rio Tejo", "a fotossíntese", "GIMP layers", "a school network", "the moon", "o Brasil", "prime numbers"]
+    chats = [ChatRequest.chat([{"role": "user", "content": f"Write one short sentence about {t}."}], Sampling(temperature=0.7, max_tokens=48), prompt_name="it") for t in topics]
+    short = ChatRequest.chat([{"role": "user", "content": "Count from one to one hundred in words."}], Sampling(temperature=0.0, max_tokens=5))
+    structured = [
+        ChatRequest.chat(
+            [{"role": "user", "content": f"Return JSON with a one-sentence summary and the entities of: {text}"}],
+            Sampling(temperature=0.0, max_tokens=96), json_schema=SCHEMA,
+        )  # fmt: skip
+        for text in ("Lisbon is the capital of Portugal.", "Marie Curie worked in Paris.")
+    ]
+    requests = chats + [short] + structured
+    engine = _engine(backend, root, resource, identity)
+    report = engine.run(requests)
+    assert (report.sent, report.succeeded, report.failed) == (11, 11, 0)
+    rows = {r["request_id"]: r for r in engine.results(requests).iter_rows(named=True)}
+    assert len(rows) == 11
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    for req in chats:
+        row = rows[req.request_id(engine.fingerprint)]
+        assert row["text"].strip(), "non-empty text"
+        assert row["finish_reason"] in ("stop", "length")
+        assert 0 < row["completion_tokens"] <= 48
+        expected = len(tok.apply_chat_template(req.message_dicts(), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        assert row["prompt_tokens"] == expected, "prompt tokens come from the engine"
+    cut = rows[short.request_id(engine.fingerprint)]
+    assert cut["finish_reason"] == "length" and cut["completion_tokens"] == 5
+    for req in structured:
+        row = rows[req.request_id(engine.fingerprint)]
+        assert row["rejected"] is None, row["text"]
+        parsed = json.loads(row["text"])
+        assert isinstance(parsed["summary"], str) and isinstance(parsed["entities"], list)
+
+    # a second call is served from the cache and never loads an engine
+    fresh = VLLMBackend(model_path, resource.engine_args())
+    again = _engine(fresh, root, resource, identity).run(requests)
+    assert (again.sent, again.cache_hits) == (0, 11)
+    assert not fresh.loaded
