@@ -49,10 +49,11 @@ class VLLMBackend(Backend):
 
     name = "vllm"
 
-    def __init__(self, model: str, engine_args: dict[str, Any], llm: Any | None = None) -> None:
+    def __init__(self, model: str, engine_args: dict[str, Any], llm: Any | None = None, max_in_flight: int = 1024) -> None:
         self.model = model
         self.engine_args = engine_args
         self._llm = llm
+        self.max_in_flight = max_in_flight
 
     @property
     def loaded(self) -> bool:
@@ -84,30 +85,55 @@ class VLLMBackend(Backend):
         )
 
     def generate(self, batch: list[Prepared], on_result: OnResult) -> None:
-        started = time.monotonic()
+        """Keep up to `max_in_flight` requests in the engine and report each as soon as it finishes.
+
+        One `LLM.chat` call would return nothing until the whole batch is done; stepping the engine
+        lets the cache checkpoint continuously while the engine stays saturated.
+        """
         try:
-            outputs = self.llm.chat(
-                [p.request.message_dicts() for p in batch], [self.sampling_params(p) for p in batch], use_tqdm=False
-            )
-        except Exception as exc:  # the whole batch failed: record it, retry next run
+            engine = self.llm.llm_engine
+            tokenizer = self.llm.get_tokenizer()
+        except Exception as exc:  # the engine did not load: every request fails, retried next run
             for p in batch:
                 on_result(p, Generation(p.request_id, None, None, None, None, 1, 0.0, error=f"vllm: {type(exc).__name__}: {exc}"[:500]))
             return
-        latency = (time.monotonic() - started) / max(len(batch), 1)
-        for p, out in zip(batch, outputs, strict=True):
-            o = out.outputs[0]
-            on_result(
-                p,
-                Generation(
-                    request_id=p.request_id,
-                    text=o.text,
-                    finish_reason=o.finish_reason,
-                    prompt_tokens=len(out.prompt_token_ids or []),
-                    completion_tokens=len(o.token_ids),
-                    attempts=1,
-                    latency_s=latency,
-                ),
-            )
+        queue = iter(batch)
+        in_flight: dict[str, tuple[Prepared, float]] = {}
+
+        def submit_next() -> bool:
+            p = next(queue, None)
+            if p is None:
+                return False
+            try:
+                ids = tokenizer.apply_chat_template(p.request.message_dicts(), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+                engine.add_request(p.request_id, {"prompt_token_ids": list(ids)}, self.sampling_params(p))
+            except Exception as exc:  # a bad request (e.g. longer than max_model_len) fails alone
+                on_result(p, Generation(p.request_id, None, None, None, None, 1, 0.0, error=f"vllm: {type(exc).__name__}: {exc}"[:500]))
+                return True
+            in_flight[p.request_id] = (p, time.monotonic())  # outputs carry the id we gave
+            return True
+
+        while len(in_flight) < self.max_in_flight and submit_next():
+            pass
+        while in_flight:
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                p, started = in_flight.pop(out.request_id)
+                o = out.outputs[0]
+                on_result(
+                    p,
+                    Generation(
+                        request_id=p.request_id,
+                        text=o.text,
+                        finish_reason=o.finish_reason,
+                        prompt_tokens=len(out.prompt_token_ids or []),
+                        completion_tokens=len(o.token_ids),
+                        attempts=1,
+                        latency_s=time.monotonic() - started,
+                    ),
+                )
+                submit_next()
 
     def close(self) -> None:
         self._llm = None

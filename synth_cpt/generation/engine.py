@@ -3,7 +3,8 @@
 A request whose `request_id` is in the cache is never sent again; everything sent is written to the
 cache in segments of `flush_every` rows (or every `flush_seconds`), so a crash loses at most one
 segment of work. Requests are grouped by shared prompt prefix (vLLM's prefix cache reuses the
-shared part) and, within a group, by length, and handed to the backend `flush_every` at a time.
+shared part) and, within a group, by length, and handed to the backend, which keeps its engine
+saturated and reports each result as soon as it is done.
 """
 
 from __future__ import annotations
@@ -138,11 +139,9 @@ class GenerationEngine:
                 eta = per_req * (len(pending) - report.sent)
                 self.log(f"generation: {report.sent:,}/{len(pending):,} sent, {rate:,.0f} output tok/s, {report.failed:,} failed, ETA {eta:,.0f} s")
 
-        ordered = throughput_order(pending)
         try:
-            for i in range(0, len(ordered), self.flush_every):
-                self.backend.generate(ordered[i : i + self.flush_every], on_result)
-                writer.flush()
+            # backends report each result as it finishes; the writer checkpoints every flush_every
+            self.backend.generate(throughput_order(pending), on_result)
         finally:
             writer.flush()
         report.seconds = time.monotonic() - started

