@@ -139,6 +139,84 @@ def _print_summary(console: Console, storage, config, corpus_keys: list[str]) ->
     console.print(q)
 
 
+def _read_chat_requests(path: str) -> list:
+    """Chat requests from JSONL; every bad line is reported with its number before anything is sent."""
+    import json
+
+    from synth_cpt.generation.requests import ChatRequest, Sampling
+
+    requests, problems = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                msgs = obj["messages"]
+                if not isinstance(msgs, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs):
+                    raise ValueError("'messages' must be a list of {role, content} objects")
+                sampling = Sampling(
+                    temperature=float(obj.get("temperature", 0.7)), top_p=float(obj.get("top_p", 1.0)),
+                    max_tokens=int(obj.get("max_tokens", 256)), stop=tuple(obj.get("stop", ())), seed=int(obj.get("seed", 0)),
+                )  # fmt: skip
+                requests.append(ChatRequest.chat(msgs, sampling, json_schema=obj.get("json_schema"), prompt_name=str(obj.get("prompt_name", "cli"))))
+            except (ValueError, KeyError, TypeError) as exc:
+                problems.append(f"{path}:{n}: {type(exc).__name__}: {exc}")
+    if problems:
+        raise SystemExit("synth-cpt generate: bad input, nothing was sent:\n  " + "\n  ".join(problems[:20]))
+    return requests
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from synth_cpt.generation.resource import LLM
+    from synth_cpt.storage import open_storage
+
+    config = load_config(args.config) if args.config else load_config()
+    requests = _read_chat_requests(args.input)
+    fields = {"backend": args.backend}
+    if args.model:
+        fields["model"] = args.model
+    if args.endpoint:
+        fields["endpoints"] = args.endpoint
+    if args.served_model_name:
+        fields["served_model_name"] = args.served_model_name
+    llm = LLM(**fields)
+    console = Console(stderr=True)
+    root = config.storage_uri()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("generating", total=None, rate="")
+
+        def on_progress(done: int, total: int, tokens: int, elapsed: float) -> None:
+            progress.update(task, total=total, completed=done, rate=f"{tokens / max(elapsed, 1e-9):,.0f} tok/s")
+
+        engine = llm.engine(open_storage(root), root, log=lambda m: console.log(m), progress=on_progress)
+        report = engine.run(requests)
+    rows = {r["request_id"]: r for r in engine.results(requests).iter_rows(named=True)}
+    failures = report.failures
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for req in requests:
+            rid = req.request_id(engine.fingerprint)
+            row = rows.get(rid)
+            record = {"request_id": rid}
+            if row:
+                record.update({k: row[k] for k in ("text", "finish_reason", "prompt_tokens", "completion_tokens", "rejected")})
+            else:
+                record["error"] = failures.get(rid, "not generated")
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    finally:
+        if args.output:
+            out.close()
+    console.print(
+        f"{report.requests} requests, {report.unique} unique, {report.cache_hits} from the cache, {report.sent} sent, "
+        f"{report.failed} failed, {report.rejected} rejected, {report.completion_tokens:,} output tokens, {report.tokens_per_s:,.0f} tok/s"
+    )
+    return 1 if report.failed else 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else load_config()
     print(config.model_dump_json(indent=2))
@@ -152,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", help="register new drops, then materialize crawl_drops, raw_corpus, tokenizer, quality_subsets")
     ingest.add_argument("--drops", help="drops location: a folder, s3://bucket/prefix (default: the config's drops.location)")
     ingest.set_defaults(func=cmd_ingest)
+    gen = sub.add_parser("generate", help="run chat requests from a JSONL file through the generation engine and its cache")
+    gen.add_argument("input", help='JSONL, one {"messages": [...], "max_tokens": .., "temperature": .., "seed": .., "json_schema": {..}} per line')
+    gen.add_argument("--output", help="results as JSONL, in input order (default: stdout)")
+    gen.add_argument("--backend", choices=["vllm", "openai"], default="vllm")
+    gen.add_argument("--model", help="'embedded' (default), a local model folder or a model name")
+    gen.add_argument("--endpoint", action="append", help="OpenAI-compatible base URL (repeat for a fleet)")
+    gen.add_argument("--served-model-name", help="model name the servers expose (openai backend)")
+    gen.set_defaults(func=cmd_generate)
     cfg = sub.add_parser("config", help="validate the pipeline config and print it with every default filled in")
     cfg.set_defaults(func=cmd_config)
     return parser

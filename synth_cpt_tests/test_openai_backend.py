@@ -147,3 +147,33 @@ def test_structured_requests_send_the_schema(tmp_path, servers):
     assert report.succeeded == 1 and report.rejected == 1
     row = engine.cache.load().row(0, named=True)
     assert row["rejected"].startswith("no JSON object found") or row["rejected"].startswith("invalid JSON")
+
+
+def test_cli_generate_against_a_server(tmp_path, servers):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    servers[0].healthy = True
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "ok:cli-1"}], "max_tokens": 4}) + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "ok:cli-2"}]}) + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "ok:cli-1"}], "max_tokens": 4}) + "\n"
+    )  # fmt: skip
+    env = {**os.environ, "SYNTH_CPT_HOME": str(tmp_path / "home")}
+    exe = str(Path(sys.executable).with_name("synth-cpt"))
+    cmd = [exe, "generate", str(inp), "--backend", "openai", "--endpoint", servers[0].url, "--served-model-name", "m", "--output", str(tmp_path / "out.jsonl")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["text"] for o in out] == ["reply to ok:cli-1", "reply to ok:cli-2", "reply to ok:cli-1"]
+    assert "3 requests, 2 unique" in done.stderr.replace("\n", " ")
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": "hello"}\n{not json\n')
+    failed = subprocess.run([exe, "generate", str(bad), "--backend", "openai", "--endpoint", servers[0].url, "--served-model-name", "m"],
+                            env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert failed.returncode != 0
+    assert "bad.jsonl:1" in failed.stderr and "bad.jsonl:2" in failed.stderr and "nothing was sent" in failed.stderr

@@ -36,6 +36,9 @@ class Backend:
     def generate(self, batch: list[Prepared], on_result: OnResult) -> None:
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Load what is needed before the first request (optional); not counted in throughput."""
+
     def close(self) -> None:
         """Release the engine or connections (optional)."""
 
@@ -71,6 +74,9 @@ class VLLMBackend(Backend):
         import vllm
 
         return vllm.__version__
+
+    def prepare(self) -> None:
+        self.llm  # noqa: B018  (loads the engine)
 
     def sampling_params(self, p: Prepared) -> Any:
         from vllm import SamplingParams

@@ -34,7 +34,8 @@ class RunReport:
     rejected: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    seconds: float = 0.0
+    load_seconds: float = 0.0
+    seconds: float = 0.0  # generation only, engine loading excluded
     failures: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -46,7 +47,8 @@ class RunReport:
             "requests": self.requests, "unique_requests": self.unique, "cache_hits": self.cache_hits, "sent": self.sent,
             "succeeded": self.succeeded, "failed": self.failed, "rejected": self.rejected,
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-            "seconds": round(self.seconds, 2), "output_tokens_per_s": round(self.tokens_per_s, 1),
+            "load_seconds": round(self.load_seconds, 2), "seconds": round(self.seconds, 2),
+            "output_tokens_per_s": round(self.tokens_per_s, 1),
         }  # fmt: skip
 
 
@@ -107,6 +109,9 @@ class GenerationEngine:
             report.seconds = time.monotonic() - started
             return report
 
+        loading = time.monotonic()
+        self.backend.prepare()
+        report.load_seconds = time.monotonic() - loading
         writer = self.cache.writer(
             model=self.model, model_fingerprint=self.fingerprint, engine=self.backend.name,
             engine_version=self.backend.version(), flush_every=self.flush_every, flush_seconds=self.flush_seconds,
@@ -144,7 +149,7 @@ class GenerationEngine:
             self.backend.generate(throughput_order(pending), on_result)
         finally:
             writer.flush()
-        report.seconds = time.monotonic() - started
+        report.seconds = time.monotonic() - sent_at
         return report
 
     def results(self, requests: list[ChatRequest]) -> pl.DataFrame:
