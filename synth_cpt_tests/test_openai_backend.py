@@ -177,3 +177,29 @@ def test_cli_generate_against_a_server(tmp_path, servers):
                             env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert failed.returncode != 0
     assert "bad.jsonl:1" in failed.stderr and "bad.jsonl:2" in failed.stderr and "nothing was sent" in failed.stderr
+
+
+def test_llm_resource_inside_a_dagster_asset_logs_progress_and_reports_totals(tmp_path, servers):
+    from dagster import AssetExecutionContext, DagsterInstance, MaterializeResult, asset, materialize
+
+    from synth_cpt.generation.resource import LLM
+
+    servers[0].healthy = True
+
+    @asset
+    def tiny_generation(context: AssetExecutionContext, llm: LLM) -> MaterializeResult:
+        engine = llm.engine(LocalStorage(tmp_path / "home"), str(tmp_path / "home"), log=context.log.info)
+        report = engine.run([ChatRequest.chat([{"role": "user", "content": f"ok:asset-{i}"}]) for i in range(5)])
+        return MaterializeResult(metadata=report.metadata())
+
+    resource = LLM(backend="openai", endpoints=[servers[0].url], served_model_name="m", flush_every=2)
+    with DagsterInstance.ephemeral() as instance:
+        result = materialize([tiny_generation], resources={"llm": resource}, instance=instance)
+        assert result.success
+        meta = result.asset_materializations_for_node("tiny_generation")[0].metadata
+        assert meta["sent"].value == 5 and meta["succeeded"].value == 5 and meta["completion_tokens"].value == 15
+        logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
+        assert any("generation: 5/5 sent" in m and "output tok/s" in m and "ETA" in m for m in logs)
+        again = materialize([tiny_generation], resources={"llm": resource}, instance=instance)
+        meta = again.asset_materializations_for_node("tiny_generation")[0].metadata
+        assert meta["sent"].value == 0 and meta["cache_hits"].value == 5
