@@ -129,9 +129,7 @@ def child(which: str, drop: str, out: str) -> None:
 
 
 def measure(which: str, drop: Path, out: Path) -> dict:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", which, str(drop), str(out)], capture_output=True, text=True, check=False
-    )
+    proc = subprocess.run([sys.executable, __file__, "--child", which, str(drop), str(out)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{which} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

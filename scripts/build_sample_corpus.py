@@ -137,9 +137,7 @@ def main(src: str, dst: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     pt_gimp = gimp_records(root, "pt_BR", "pt_BR", limit=300, seed=1)
-    with open(out / "2026-11-01_pt_gimp-help.jsonl.gz", "wb") as raw, gzip.GzipFile(
-        fileobj=raw, mode="wb", compresslevel=9, mtime=0
-    ) as f:
+    with open(out / "2026-11-01_pt_gimp-help.jsonl.gz", "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as f:
         for rec in pt_gimp:
             f.write(json.dumps(rec, ensure_ascii=False).encode() + b"\n")
 

@@ -102,7 +102,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _print_summary(console: Console, storage, config, corpus_keys: list[str]) -> None:
-    from synth_cpt.corpus import ASSET as RAW, corpus_file
+    from synth_cpt.corpus import ASSET as RAW
+    from synth_cpt.corpus import corpus_file
     from synth_cpt.ingest.drops import ingested_drops
 
     drops = Table(title="crawl drops")
@@ -112,7 +113,14 @@ def _print_summary(console: Console, storage, config, corpus_keys: list[str]) ->
     reasons: Counter[str] = Counter()
     for m in ingested_drops(storage):
         reasons.update(m["quarantine_by_reason"])
-        drops.add_row(m["drop_id"], f"{m['records']:,}", f"{m['documents']:,}", f"{m['quarantined']:,}", f"{m['quarantine_rate']:.1%}", "yes" if m["accepted"] else "NO")
+        drops.add_row(
+            m["drop_id"],
+            f"{m['records']:,}",
+            f"{m['documents']:,}",
+            f"{m['quarantined']:,}",
+            f"{m['quarantine_rate']:.1%}",
+            "yes" if m["accepted"] else "NO",
+        )
     console.print(drops)
 
     parts = Table(title="partitions (language|quality)")
@@ -159,7 +167,9 @@ def _read_chat_requests(path: str) -> list:
                     temperature=float(obj.get("temperature", 0.7)), top_p=float(obj.get("top_p", 1.0)),
                     max_tokens=int(obj.get("max_tokens", 256)), stop=tuple(obj.get("stop", ())), seed=int(obj.get("seed", 0)),
                 )  # fmt: skip
-                requests.append(ChatRequest.chat(msgs, sampling, json_schema=obj.get("json_schema"), prompt_name=str(obj.get("prompt_name", "cli"))))
+                requests.append(
+                    ChatRequest.chat(msgs, sampling, json_schema=obj.get("json_schema"), prompt_name=str(obj.get("prompt_name", "cli")))
+                )
             except (ValueError, KeyError, TypeError) as exc:
                 problems.append(f"{path}:{n}: {type(exc).__name__}: {exc}")
     if problems:
@@ -185,7 +195,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm = LLM(**fields)
     console = Console(stderr=True)
     root = config.storage_uri()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("generating", total=None, rate="")
 
@@ -231,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--drops", help="drops location: a folder, s3://bucket/prefix (default: the config's drops.location)")
     ingest.set_defaults(func=cmd_ingest)
     gen = sub.add_parser("generate", help="run chat requests from a JSONL file through the generation engine and its cache")
-    gen.add_argument("input", help='JSONL, one {"messages": [...], "max_tokens": .., "temperature": .., "seed": .., "json_schema": {..}} per line')
+    gen.add_argument(
+        "input", help='JSONL, one {"messages": [...], "max_tokens": .., "temperature": .., "seed": .., "json_schema": {..}} per line'
+    )
     gen.add_argument("--output", help="results as JSONL, in input order (default: stdout)")
     gen.add_argument("--backend", choices=["vllm", "openai"], default="vllm")
     gen.add_argument("--model", help="'embedded' (default), a local model folder or a model name")

@@ -119,9 +119,7 @@ class QualityConfig(_Strict):
     combine: Literal["max", "mean", "min"] = "max"
     scores: tuple[str, ...] = ("edu", "stem")
     fallback: Literal["heuristic", "quarantine"] = "heuristic"
-    buckets: dict[str, BucketBounds] = Field(
-        default_factory=lambda: {"high": BucketBounds(gt=2.5), "low": BucketBounds(ge=0.5, le=2.0)}
-    )
+    buckets: dict[str, BucketBounds] = Field(default_factory=lambda: {"high": BucketBounds(gt=2.5), "low": BucketBounds(ge=0.5, le=2.0)})
 
     @field_validator("buckets")
     @classmethod

@@ -93,7 +93,11 @@ def build_raw_corpus(storage: Storage, config: PipelineConfig, language: str, qu
             )
             frame = unique.filter(bucket_expr(bounds)).with_columns(pl.lit(quality).alias("quality"))
             stats.drops = (
-                unique.filter(bucket_expr(bounds)).select(pl.col("drop_id").unique().sort()).collect(engine="streaming").to_series().to_list()
+                unique.filter(bucket_expr(bounds))
+                .select(pl.col("drop_id").unique().sort())
+                .collect(engine="streaming")
+                .to_series()
+                .to_list()
             )
         with storage.writing(out_key) as tmp:
             frame.select(_columns(config)).sink_parquet(tmp, compression="zstd", engine="streaming")
@@ -123,4 +127,3 @@ def _empty_schema(config: PipelineConfig) -> dict[str, pl.DataType]:
 
 def read_corpus(storage: Storage, asset: str, language: str, quality: str, columns: list[str] | None = None) -> pl.DataFrame:
     return storage.read_parquet(corpus_file(asset, language, quality), columns=columns)
-

@@ -1,11 +1,11 @@
 """The drop sensor: new or changed files in the drops location become crawl_drops runs."""
 
-
 import json
 
 from dagster import AssetSelection, DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
-from synth_cpt.ingest.drops import ASSET as CRAWL_DROPS, register_drop
+from synth_cpt.ingest.drops import ASSET as CRAWL_DROPS
+from synth_cpt.ingest.drops import register_drop
 from synth_cpt.ingest.sources import DropFile, open_source
 from synth_cpt.partitions import crawl_drop_partitions
 from synth_cpt.resources import PipelineResource

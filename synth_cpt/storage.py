@@ -113,9 +113,7 @@ class LocalStorage(Storage):
         base = self.path(prefix)
         if not base.is_dir():
             return []
-        return sorted(
-            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")
-        )
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
@@ -141,24 +139,33 @@ class LocalStorage(Storage):
             tmp.unlink(missing_ok=True)
 
 
+def s3_location(uri: str, what: str) -> tuple[str, str]:
+    """(bucket, prefix without slashes) of an `s3://bucket/prefix` URI."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise ValueError(f"{what} {uri!r} has no bucket")
+    return bucket, prefix.strip("/")
+
+
+def s3_client() -> Any:
+    """An S3 client from dagster-aws's resource: credentials from the AWS chain, AWS_ENDPOINT_URL honoured."""
+    from dagster_aws.s3 import S3Resource
+
+    return S3Resource(endpoint_url=os.environ.get("AWS_ENDPOINT_URL")).get_client()
+
+
 class S3Storage(Storage):
-    """An `s3://bucket/prefix` root through dagster-aws's S3 resource (credentials from the AWS chain)."""
+    """An `s3://bucket/prefix` root through dagster-aws's S3 resource."""
 
     def __init__(self, root: str, client: Any | None = None) -> None:
-        bucket, _, prefix = root.removeprefix("s3://").partition("/")
-        if not bucket:
-            raise ValueError(f"storage root {root!r} has no bucket")
+        self.bucket, self.prefix = s3_location(root, "storage root")
         self.root = root.rstrip("/")
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
         self._client = client
 
     @property
     def client(self) -> Any:
         if self._client is None:
-            from dagster_aws.s3 import S3Resource
-
-            self._client = S3Resource(endpoint_url=os.environ.get("AWS_ENDPOINT_URL")).get_client()
+            self._client = s3_client()
         return self._client
 
     def _key(self, key: str) -> str:
@@ -217,4 +224,3 @@ def open_storage(root: str) -> Storage:
     if "://" in root:
         raise ValueError(f"storage root {root!r}: only local folders and s3:// are supported")
     return LocalStorage(root)
-

@@ -38,7 +38,9 @@ class SubsetStats:
     stopped_at_doc_tokens: int | None  # the first document that did not fit, if any
 
 
-def select_budgeted(frame: pl.DataFrame, counter: TokenCounter, budget: int | None, order: str, seed: int) -> tuple[pl.DataFrame, SubsetStats]:
+def select_budgeted(
+    frame: pl.DataFrame, counter: TokenCounter, budget: int | None, order: str, seed: int
+) -> tuple[pl.DataFrame, SubsetStats]:
     """The budgeted subset of `frame`, with an `n_tokens` column, and its figures."""
     ordered = selection_order(frame, order, seed)
     taken: list[int] = []

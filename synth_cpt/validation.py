@@ -51,7 +51,11 @@ def run_suite(name: str, frame: pl.DataFrame, expectations: list[Any]) -> Outcom
     for r in result.results:
         cfg = r.expectation_config
         label = f"{cfg.type}({cfg.kwargs.get('column', '')})".replace("()", "")
-        observed = {k: v for k, v in (r.result or {}).items() if k in ("observed_value", "unexpected_count", "unexpected_percent", "partial_unexpected_list")}
+        observed = {
+            k: v
+            for k, v in (r.result or {}).items()
+            if k in ("observed_value", "unexpected_count", "unexpected_percent", "partial_unexpected_list")
+        }
         outcome.details[label] = {"success": bool(r.success), **{k: _plain(v) for k, v in observed.items()}}
         if not r.success:
             outcome.failures.append(f"{label}: {observed}")

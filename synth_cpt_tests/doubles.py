@@ -36,7 +36,7 @@ class DeterministicTestBackend(Backend):
             if self.delay_s:
                 time.sleep(self.delay_s)
             if p.request_id in self.fail_ids:
-                on_result(p, Generation(p.request_id, None, None, None, None, 3, 0.0, error="double: injected failure"))
+                on_result(p, Generation.failure(p.request_id, "double: injected failure", attempts=3))
                 continue
             digest = hashlib.sha256(f"{p.request_id}:{p.seed}".encode()).hexdigest()[:12]
             if p.request.json_schema:
@@ -49,9 +49,13 @@ class DeterministicTestBackend(Backend):
 def make_requests(n: int, duplicates: int = 0) -> list[ChatRequest]:
     reqs = [
         ChatRequest.chat(
-            [{"role": "system", "content": "Rewrite faithfully."}, {"role": "user", "content": f"Document number {i}: " + "palavra " * (i % 7)}],
+            [
+                {"role": "system", "content": "Rewrite faithfully."},
+                {"role": "user", "content": f"Document number {i}: " + "palavra " * (i % 7)},
+            ],
             Sampling(temperature=0.7, max_tokens=32),
-            prompt_name="test", prompt_sha="abc",
+            prompt_name="test",
+            prompt_sha="abc",
         )
         for i in range(n)
     ]

@@ -15,7 +15,10 @@ if __name__ == "__main__":
     engine = GenerationEngine(
         DeterministicTestBackend(delay_s=delay, sent_log=sent_log),
         GenerationCache(LocalStorage(root)),
-        model="double", model_fingerprint="fp-double", flush_every=FLUSH_EVERY, flush_seconds=3600,
+        model="double",
+        model_fingerprint="fp-double",
+        flush_every=FLUSH_EVERY,
+        flush_seconds=3600,
     )
     report = engine.run(make_requests(n))
     print(report.sent, report.cache_hits)

@@ -13,7 +13,7 @@ from dagster import (
     evaluate_automation_conditions,
 )
 
-from .conftest import REPO, PT_TEXT, EN_TEXT, write_jsonl
+from .conftest import EN_TEXT, PT_TEXT, REPO, write_jsonl
 
 
 def test_dagster_definitions_validate(tmp_path):
@@ -32,7 +32,9 @@ def test_dagster_definitions_validate(tmp_path):
 
 def _setup(tmp_path, monkeypatch):
     drops = tmp_path / "drops"
-    write_jsonl(drops / "2026-11-01.jsonl", [{"text": f"{PT_TEXT} {i}", "edu": 3.0 + i / 10} for i in range(6)] + [{"text": EN_TEXT, "stem": 1.0}])
+    write_jsonl(
+        drops / "2026-11-01.jsonl", [{"text": f"{PT_TEXT} {i}", "edu": 3.0 + i / 10} for i in range(6)] + [{"text": EN_TEXT, "stem": 1.0}]
+    )
     cfg = tmp_path / "pipeline.yaml"
     cfg.write_text(
         yaml.safe_dump(
@@ -113,8 +115,14 @@ def test_blocking_quarantine_check_stops_a_bad_drop(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "drops/bad.jsonl", [{"text": PT_TEXT}, b"{nope", b"[1]", b'{"text": null}'])
     with DagsterInstance.ephemeral() as instance:
         instance.add_dynamic_partitions("crawl_drops", ["bad.jsonl"])
-        result = defs.resolve_job_def("ingest_drop_job").execute_in_process(instance=instance, partition_key="bad.jsonl", raise_on_error=False)
-        evals = {e.event_specific_data.check_name: e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+        result = defs.resolve_job_def("ingest_drop_job").execute_in_process(
+            instance=instance, partition_key="bad.jsonl", raise_on_error=False
+        )
+        evals = {
+            e.event_specific_data.check_name: e.event_specific_data
+            for e in result.all_events
+            if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        }
         assert evals["quarantine_rate"].passed is False
         assert evals["quarantine_rate"].metadata["quarantine_rate"].value == 0.75
         assert evals["documents_valid"].passed is True

@@ -10,9 +10,9 @@ import time
 import polars as pl
 import pytest
 
+from synth_cpt.generation.backends import Prepared
 from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.engine import GenerationEngine, throughput_order
-from synth_cpt.generation.backends import Prepared
 from synth_cpt.generation.requests import ChatRequest, Sampling, derived_seed
 from synth_cpt.generation.structured import parse_json_output
 from synth_cpt.storage import LocalStorage
@@ -41,8 +41,24 @@ def test_cache_miss_then_hit_and_dedup(tmp_path):
     assert more.sent == 2 and more.cache_hits == 10
     rows = again.results(reqs)
     assert rows.height == 10 and rows["request_id"].n_unique() == 10
-    assert set(rows.columns) >= {"request_id", "model", "model_fingerprint", "engine", "engine_version", "prompt_name", "prompt_sha",
-                                 "sampling", "seed", "text", "finish_reason", "prompt_tokens", "completion_tokens", "attempts", "error", "created_at"}
+    assert set(rows.columns) >= {
+        "request_id",
+        "model",
+        "model_fingerprint",
+        "engine",
+        "engine_version",
+        "prompt_name",
+        "prompt_sha",
+        "sampling",
+        "seed",
+        "text",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "attempts",
+        "error",
+        "created_at",
+    }
     assert rows["seed"].to_list() == [derived_seed(r) for r in rows["request_id"]]
 
 
@@ -153,7 +169,11 @@ def test_two_processes_share_one_cache(tmp_path):
     ],
 )
 def test_structured_output_repair_or_reject(text, ok):
-    schema = {"type": "object", "properties": {"summary": {"type": "string"}, "entities": {"type": "array", "items": {"type": "string"}}}, "required": ["summary", "entities"]}
+    schema = {
+        "type": "object",
+        "properties": {"summary": {"type": "string"}, "entities": {"type": "array", "items": {"type": "string"}}},
+        "required": ["summary", "entities"],
+    }
     value, reason = parse_json_output(text, schema)
     assert (reason is None) == ok, reason
     if ok:

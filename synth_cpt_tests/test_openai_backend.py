@@ -56,7 +56,12 @@ class FaultServer:
                     if kind == "malformed":
                         return self._send(200, b"<html>proxy error</html>")
                 reply = {
-                    "choices": [{"message": {"role": "assistant", "content": f"reply to {body['messages'][-1]['content']}"}, "finish_reason": "stop"}],
+                    "choices": [
+                        {
+                            "message": {"role": "assistant", "content": f"reply to {body['messages'][-1]['content']}"},
+                            "finish_reason": "stop",
+                        }
+                    ],
                     "usage": {"prompt_tokens": 11, "completion_tokens": 3},
                 }
                 return self._send(200, json.dumps(reply).encode())
@@ -96,7 +101,9 @@ KINDS = ["ok:1", "ok:2", "ok:3", "ok:4", "500x2:a", "429:a", "slow:a", "drop:a",
 
 
 def _engine(tmp_path, servers):
-    backend = OpenAIBackend([s.url for s in servers], "served-model", concurrency=4, timeout_s=0.5, max_attempts=3, backoff_s=0.05, backoff_max_s=0.2)
+    backend = OpenAIBackend(
+        [s.url for s in servers], "served-model", concurrency=4, timeout_s=0.5, max_attempts=3, backoff_s=0.05, backoff_max_s=0.2
+    )
     cache = GenerationCache(LocalStorage(tmp_path / "home"))
     return GenerationEngine(backend, cache, model="served-model", model_fingerprint="fp-openai", flush_every=3, flush_seconds=3600)
 
@@ -164,7 +171,19 @@ def test_cli_generate_against_a_server(tmp_path, servers):
     )  # fmt: skip
     env = {**os.environ, "SYNTH_CPT_HOME": str(tmp_path / "home")}
     exe = str(Path(sys.executable).with_name("synth-cpt"))
-    cmd = [exe, "generate", str(inp), "--backend", "openai", "--endpoint", servers[0].url, "--served-model-name", "m", "--output", str(tmp_path / "out.jsonl")]
+    cmd = [
+        exe,
+        "generate",
+        str(inp),
+        "--backend",
+        "openai",
+        "--endpoint",
+        servers[0].url,
+        "--served-model-name",
+        "m",
+        "--output",
+        str(tmp_path / "out.jsonl"),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]

@@ -41,12 +41,22 @@ def _engine(backend, root, resource, identity):
 def test_real_engine_chats_tokens_finish_reasons_and_json(vllm_session):
     backend, root, resource, identity, model_path = vllm_session
     topics = ["Lisboa", "o rio Tejo", "a fotossíntese", "GIMP layers", "a school network", "the moon", "o Brasil", "prime numbers"]
-    chats = [ChatRequest.chat([{"role": "user", "content": f"Write one short sentence about {t}."}], Sampling(temperature=0.7, max_tokens=48), prompt_name="it") for t in topics]
-    short = ChatRequest.chat([{"role": "user", "content": "Count from one to one hundred in words."}], Sampling(temperature=0.0, max_tokens=5))
+    chats = [
+        ChatRequest.chat(
+            [{"role": "user", "content": f"Write one short sentence about {t}."}],
+            Sampling(temperature=0.7, max_tokens=48),
+            prompt_name="it",
+        )
+        for t in topics
+    ]
+    short = ChatRequest.chat(
+        [{"role": "user", "content": "Count from one to one hundred in words."}], Sampling(temperature=0.0, max_tokens=5)
+    )
     structured = [
         ChatRequest.chat(
             [{"role": "user", "content": f"Return JSON with a one-sentence summary and the entities of: {text}"}],
-            Sampling(temperature=0.0, max_tokens=96), json_schema=SCHEMA,
+            Sampling(temperature=0.0, max_tokens=96),
+            json_schema=SCHEMA,
         )  # fmt: skip
         for text in ("Lisbon is the capital of Portugal.", "Marie Curie worked in Paris.")
     ]
@@ -65,7 +75,9 @@ def test_real_engine_chats_tokens_finish_reasons_and_json(vllm_session):
         assert row["text"].strip(), "non-empty text"
         assert row["finish_reason"] in ("stop", "length")
         assert 0 < row["completion_tokens"] <= 48
-        expected = len(tok.apply_chat_template(req.message_dicts(), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        expected = len(
+            tok.apply_chat_template(req.message_dicts(), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        )
         assert row["prompt_tokens"] == expected, "prompt tokens come from the engine"
     cut = rows[short.request_id(engine.fingerprint)]
     assert cut["finish_reason"] == "length" and cut["completion_tokens"] == 5

@@ -23,8 +23,10 @@ from dagster import (
 )
 
 from synth_cpt.config import PipelineConfig
-from synth_cpt.corpus import ASSET as RAW_CORPUS, build_raw_corpus, corpus_file
-from synth_cpt.ingest.drops import ASSET as CRAWL_DROPS, drop_prefix, ingest_drop, resolve_drop
+from synth_cpt.corpus import ASSET as RAW_CORPUS
+from synth_cpt.corpus import build_raw_corpus, corpus_file
+from synth_cpt.ingest.drops import ASSET as CRAWL_DROPS
+from synth_cpt.ingest.drops import drop_prefix, ingest_drop, resolve_drop
 from synth_cpt.ingest.records import QUARANTINE_SCHEMA, docs_schema
 from synth_cpt.partitions import corpus_partitions, crawl_drop_partitions, split_corpus_key
 from synth_cpt.plots import histogram_markdown
@@ -32,11 +34,13 @@ from synth_cpt.progress import RateLogger
 from synth_cpt.resources import PipelineResource
 from synth_cpt.storage import Storage
 from synth_cpt.subsets import select_budgeted
-from synth_cpt.tokens import ASSET as TOKENIZER, INFO_KEY, MODEL_KEY, TokenCounter, build_tokenizer
+from synth_cpt.tokens import ASSET as TOKENIZER
+from synth_cpt.tokens import INFO_KEY, MODEL_KEY, TokenCounter, build_tokenizer
 from synth_cpt.validation import Outcome, document_suite, expect, run_suite
 
 QUALITY_SUBSETS = "quality_subsets"
 GROUP = "ingest"
+
 
 def _sample_md(frame: pl.DataFrame, columns: list[str], n: int = 3, width: int = 80) -> str:
     rows = frame.head(n).select(columns).to_dicts()
@@ -46,11 +50,13 @@ def _sample_md(frame: pl.DataFrame, columns: list[str], n: int = 3, width: int =
     cell = lambda v: str(v).replace("\n", " ").replace("|", "\\|")[:width]  # noqa: E731
     return head + "\n".join("| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows)
 
+
 def _bucket_marks(config: PipelineConfig) -> list[float]:
     marks = set()
     for b in config.quality.buckets.values():
         marks.update(v for v in (b.gt, b.ge, b.lt, b.le) if v is not None)
     return sorted(marks)
+
 
 def build_ingest_assets(config: PipelineConfig) -> tuple[list[AssetsDefinition], list]:
     """The four ingest assets and their checks for the partitions this config defines."""
@@ -182,7 +188,9 @@ def build_ingest_assets(config: PipelineConfig) -> tuple[list[AssetsDefinition],
         subset, stats = select_budgeted(corpus, counter, budget, cfg.subsets.order, cfg.seeds.subsets)
         key = corpus_file(QUALITY_SUBSETS, language, quality)
         storage.write_parquet(key, subset)
-        context.log.info(f"{language}|{quality}: {stats.documents:,} of {stats.candidate_documents:,} documents, {stats.tokens:,} tokens (budget {budget})")
+        context.log.info(
+            f"{language}|{quality}: {stats.documents:,} of {stats.candidate_documents:,} documents, {stats.tokens:,} tokens (budget {budget})"
+        )
         return MaterializeResult(
             metadata={
                 "dagster/row_count": stats.documents,
@@ -208,6 +216,7 @@ def build_ingest_assets(config: PipelineConfig) -> tuple[list[AssetsDefinition],
     ]
     return [crawl_drops, raw_corpus, tokenizer, quality_subsets], checks
 
+
 def _result(outcome: Outcome, severity: AssetCheckSeverity = AssetCheckSeverity.ERROR, **extra) -> AssetCheckResult:
     return AssetCheckResult(
         passed=outcome.success,
@@ -215,6 +224,7 @@ def _result(outcome: Outcome, severity: AssetCheckSeverity = AssetCheckSeverity.
         description="; ".join(outcome.failures)[:1000] or None,
         metadata={"expectations": MetadataValue.json(outcome.details), **extra},
     )
+
 
 def _drop_checks(config: PipelineConfig) -> list:
     @asset_check(
@@ -248,7 +258,11 @@ def _drop_checks(config: PipelineConfig) -> list:
                 gxe.ExpectColumnValuesToNotBeNull(column="reason"),
             ],
         )
-        merged = Outcome(outcome.success and q_outcome.success, outcome.failures + q_outcome.failures, {**outcome.details, **{f"quarantine.{k}": v for k, v in q_outcome.details.items()}})
+        merged = Outcome(
+            outcome.success and q_outcome.success,
+            outcome.failures + q_outcome.failures,
+            {**outcome.details, **{f"quarantine.{k}": v for k, v in q_outcome.details.items()}},
+        )
         return _result(merged)
 
     @asset_check(
@@ -276,8 +290,10 @@ def _drop_checks(config: PipelineConfig) -> list:
 
     return [drop_documents_valid, drop_quarantine_rate]
 
+
 def _narrow_columns(columns: list[str]) -> list[str]:
     return [("text_chars" if c == "text" else c) for c in columns]
+
 
 def _narrow(storage: Storage, key: str) -> pl.DataFrame:
     """Every column but `text`, which becomes its length: GX needs pandas, texts need not go there."""
@@ -285,6 +301,7 @@ def _narrow(storage: Storage, key: str) -> pl.DataFrame:
         lf = pl.scan_parquet(path)
         cols = lf.collect_schema().names()
         return lf.select([pl.col("text").str.len_chars().alias("text_chars") if c == "text" else pl.col(c) for c in cols]).collect()
+
 
 def _document_checks(config: PipelineConfig, asset_name: str, parts: MultiPartitionsDefinition) -> list:
     @asset_check(
@@ -305,10 +322,12 @@ def _document_checks(config: PipelineConfig, asset_name: str, parts: MultiPartit
 
     return [documents_valid]
 
+
 def _contract_columns(config: PipelineConfig, with_tokens: bool) -> list[str]:
     names = [f.name for f in docs_schema(config)]
     names.insert(names.index("n_chars"), "quality")
     return names + (["n_tokens"] if with_tokens else [])
+
 
 def _budget_check(parts: MultiPartitionsDefinition):
     @asset_check(
@@ -336,8 +355,14 @@ def _budget_check(parts: MultiPartitionsDefinition):
 
     return tokens_within_budget
 
+
 def _tokenizer_check():
-    @asset_check(asset=AssetKey(TOKENIZER), name="model_loads", blocking=True, description="The stored model loads and its hash matches tokenizer.json.")
+    @asset_check(
+        asset=AssetKey(TOKENIZER),
+        name="model_loads",
+        blocking=True,
+        description="The stored model loads and its hash matches tokenizer.json.",
+    )
     def model_loads(pipeline: PipelineResource) -> AssetCheckResult:
         storage = pipeline.storage()
         info = storage.read_json(INFO_KEY)

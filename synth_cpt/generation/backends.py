@@ -101,7 +101,7 @@ class VLLMBackend(Backend):
             tokenizer = self.llm.get_tokenizer()
         except Exception as exc:  # the engine did not load: every request fails, retried next run
             for p in batch:
-                on_result(p, Generation(p.request_id, None, None, None, None, 1, 0.0, error=f"vllm: {type(exc).__name__}: {exc}"[:500]))
+                on_result(p, Generation.failure(p.request_id, f"vllm: {type(exc).__name__}: {exc}"))
             return
         queue = iter(batch)
         in_flight: dict[str, tuple[Prepared, float]] = {}
@@ -111,10 +111,12 @@ class VLLMBackend(Backend):
             if p is None:
                 return False
             try:
-                ids = tokenizer.apply_chat_template(p.request.message_dicts(), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+                ids = tokenizer.apply_chat_template(p.request.message_dicts(), add_generation_prompt=True, tokenize=True, return_dict=True)[
+                    "input_ids"
+                ]
                 engine.add_request(p.request_id, {"prompt_token_ids": list(ids)}, self.sampling_params(p))
             except Exception as exc:  # a bad request (e.g. longer than max_model_len) fails alone
-                on_result(p, Generation(p.request_id, None, None, None, None, 1, 0.0, error=f"vllm: {type(exc).__name__}: {exc}"[:500]))
+                on_result(p, Generation.failure(p.request_id, f"vllm: {type(exc).__name__}: {exc}"))
                 return True
             in_flight[p.request_id] = (p, time.monotonic())  # outputs carry the id we gave
             return True
@@ -263,10 +265,10 @@ class OpenAIBackend(Backend):
                     if attempt < self.max_attempts:
                         await asyncio.sleep(self._backoff(attempt, exc.retry_after))
                 except ValueError as exc:  # 4xx other than 429: asking again will not help
-                    return Generation(p.request_id, None, None, None, None, attempt, time.monotonic() - started, error=str(exc))
+                    return Generation.failure(p.request_id, str(exc), attempt, time.monotonic() - started)
                 finally:
                     self.in_flight[endpoint] -= 1
-        return Generation(p.request_id, None, None, None, None, attempt, time.monotonic() - started, error=f"failed after {attempt} attempts: {last}")
+        return Generation.failure(p.request_id, f"failed after {attempt} attempts: {last}", attempt, time.monotonic() - started)
 
     async def _run(self, batch: list[Prepared], on_result: OnResult) -> None:
         import httpx

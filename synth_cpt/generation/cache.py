@@ -76,14 +76,18 @@ class GenerationCache:
         rows = self.load(["request_id", "error"])
         return set(rows.filter(pl.col("error").is_null())["request_id"].to_list())
 
-    def writer(self, *, model: str, model_fingerprint: str, engine: str, engine_version: str, flush_every: int, flush_seconds: float) -> "SegmentWriter":
+    def writer(
+        self, *, model: str, model_fingerprint: str, engine: str, engine_version: str, flush_every: int, flush_seconds: float
+    ) -> "SegmentWriter":
         return SegmentWriter(self, model, model_fingerprint, engine, engine_version, flush_every, flush_seconds)
 
 
 class SegmentWriter:
     """Buffers results and writes a new segment every `flush_every` rows or `flush_seconds`."""
 
-    def __init__(self, cache: GenerationCache, model: str, fingerprint: str, engine: str, version: str, flush_every: int, flush_seconds: float) -> None:
+    def __init__(
+        self, cache: GenerationCache, model: str, fingerprint: str, engine: str, version: str, flush_every: int, flush_seconds: float
+    ) -> None:
         self.cache = cache
         self.fixed = {"model": model, "model_fingerprint": fingerprint, "engine": engine, "engine_version": version}
         self.flush_every = max(1, flush_every)

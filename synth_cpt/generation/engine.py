@@ -104,7 +104,9 @@ class GenerationEngine:
         pending = [Prepared(req, rid, derived_seed(rid)) for rid, req in unique.items() if rid not in done_ids]
         report.cache_hits = report.unique - len(pending)
         if self.log:
-            self.log(f"generation: {report.requests:,} requests, {report.unique:,} unique, {report.cache_hits:,} cached, {len(pending):,} to send")
+            self.log(
+                f"generation: {report.requests:,} requests, {report.unique:,} unique, {report.cache_hits:,} cached, {len(pending):,} to send"
+            )
         if not pending:
             report.seconds = time.monotonic() - started
             return report
@@ -142,7 +144,9 @@ class GenerationEngine:
                 rate = report.completion_tokens / max(elapsed, 1e-9)
                 per_req = elapsed / report.sent
                 eta = per_req * (len(pending) - report.sent)
-                self.log(f"generation: {report.sent:,}/{len(pending):,} sent, {rate:,.0f} output tok/s, {report.failed:,} failed, ETA {eta:,.0f} s")
+                self.log(
+                    f"generation: {report.sent:,}/{len(pending):,} sent, {rate:,.0f} output tok/s, {report.failed:,} failed, ETA {eta:,.0f} s"
+                )
 
         try:
             # backends report each result as it finishes; the writer checkpoints every flush_every

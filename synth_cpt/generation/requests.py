@@ -24,7 +24,13 @@ class Sampling:
     seed: int = 0  # base seed; the engine sends one derived from request_id
 
     def as_dict(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "stop": list(self.stop), "seed": self.seed}
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            "stop": list(self.stop),
+            "seed": self.seed,
+        }
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,10 @@ class Generation:
     latency_s: float
     error: str | None = None  # set: the call failed (retried on the next run)
     rejected: str | None = None  # set: the call worked but the output broke its contract (kept, not retried)
+
+    @classmethod
+    def failure(cls, request_id: str, error: str, attempts: int = 1, latency_s: float = 0.0) -> "Generation":
+        return cls(request_id, None, None, None, None, attempts, latency_s, error=error[:500])
 
     @property
     def ok(self) -> bool:

@@ -76,7 +76,12 @@ class LLM(ConfigurableResource):
         if self.backend == "openai":
             parts: dict[str, Any] = {"served_model": self.served_model_name or weights_identity}
         else:
-            parts = {"weights": weights_identity, "dtype": self.dtype, "max_model_len": self.max_model_len, "tensor_parallel_size": self.tensor_parallel_size}
+            parts = {
+                "weights": weights_identity,
+                "dtype": self.dtype,
+                "max_model_len": self.max_model_len,
+                "tensor_parallel_size": self.tensor_parallel_size,
+            }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
     def build_backend(self, model_ref: str) -> Backend:
@@ -87,7 +92,9 @@ class LLM(ConfigurableResource):
             )  # fmt: skip
         return VLLMBackend(model_ref, self.engine_args())
 
-    def engine(self, storage: Storage, storage_root: str, log: Callable[[str], None] | None = None, progress: Progress | None = None) -> GenerationEngine:
+    def engine(
+        self, storage: Storage, storage_root: str, log: Callable[[str], None] | None = None, progress: Progress | None = None
+    ) -> GenerationEngine:
         if self.backend == "openai" and self.model == EMBEDDED and not self.served_model_name:
             raise ValueError("the openai backend needs served_model_name (the model name the servers expose)")
         model_ref, identity = (self.model, self.model) if self.backend == "openai" else self.resolve_model(storage_root)

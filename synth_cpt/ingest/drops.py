@@ -28,9 +28,9 @@ from synth_cpt.ingest.records import (
     StartedBatch,
     complete_batch,
     docs_schema,
-    start_batch,
     iter_batches_jsonl,
     iter_batches_rows,
+    start_batch,
 )
 from synth_cpt.ingest.sources import CountingReader, DropFile, DropSource, decompressed, open_source
 from synth_cpt.storage import Storage
@@ -92,8 +92,7 @@ def resolve_drop(storage: Storage, drop_id: str, config: PipelineConfig) -> tupl
             return source, source.find(drop_id, config.drops.patterns)
         except FileNotFoundError:
             raise FileNotFoundError(
-                f"drop {drop_id!r} was registered from {reg['uri']} but that file is gone; "
-                "restore it or delete the partition"
+                f"drop {drop_id!r} was registered from {reg['uri']} but that file is gone; restore it or delete the partition"
             ) from None
     source = open_source(config.drops_uri())
     return source, source.find(drop_id, config.drops.patterns)
@@ -144,9 +143,10 @@ def ingest_drop(
                 yield from iter_batches_jsonl(parser, stream, config.limits.batch_bytes)
 
     schema = docs_schema(config)
-    with storage.parquet_writer(f"{prefix}/docs.parquet", schema) as docs_out, storage.parquet_writer(
-        f"{prefix}/quarantine.parquet", QUARANTINE_SCHEMA
-    ) as q_out:
+    with (
+        storage.parquet_writer(f"{prefix}/docs.parquet", schema) as docs_out,
+        storage.parquet_writer(f"{prefix}/quarantine.parquet", QUARANTINE_SCHEMA) as q_out,
+    ):
         for n_records, (docs, quarantine) in _finished(batches(), config, drop):
             report.records += n_records
             report.documents += docs.height

@@ -121,7 +121,12 @@ class RecordParser:
         """One JSONL line (`None` when it was longer than the size limit and not read)."""
         if line is None or size > self.limit:
             batch.quarantine.append(
-                (line_no, TOO_LARGE, f"record is {size:,} bytes, over limits.max_record_bytes={self.limit:,}; split or drop it", _raw_preview(line or b"", self.raw_chars))
+                (
+                    line_no,
+                    TOO_LARGE,
+                    f"record is {size:,} bytes, over limits.max_record_bytes={self.limit:,}; split or drop it",
+                    _raw_preview(line or b"", self.raw_chars),
+                )
             )
             return
         try:
@@ -146,7 +151,9 @@ class RecordParser:
             return
         f = self.f
         if f.text not in obj:
-            batch.quarantine.append((line_no, MISSING_TEXT, f"record has no '{f.text}' field (fields.text)", _raw_preview(raw, self.raw_chars)))
+            batch.quarantine.append(
+                (line_no, MISSING_TEXT, f"record has no '{f.text}' field (fields.text)", _raw_preview(raw, self.raw_chars))
+            )
             return
         text = obj[f.text]
         if text is None:
@@ -293,7 +300,14 @@ def complete_batch(started: StartedBatch, config: PipelineConfig, drop_id: str, 
         missing = frame.filter(pl.col("quality_score_source") == "heuristic")
         wanted = ", ".join(config.fields.scores[n] for n in config.quality.scores)
         for line, text in missing.select("source_line", "text").iter_rows():
-            quarantine.append((line, NO_SCORE, f"none of the score fields ({wanted}) is set and quality.fallback is 'quarantine'", text[: config.limits.quarantine_raw_chars]))
+            quarantine.append(
+                (
+                    line,
+                    NO_SCORE,
+                    f"none of the score fields ({wanted}) is set and quality.fallback is 'quarantine'",
+                    text[: config.limits.quarantine_raw_chars],
+                )
+            )
         frame = frame.filter(pl.col("quality_score_source") == "fields")
 
     docs = frame.with_columns(

@@ -22,6 +22,7 @@ from typing import IO, Any
 import zstandard
 
 from synth_cpt.partitions import drop_key
+from synth_cpt.storage import s3_client, s3_location
 
 PACKAGE_PREFIX = "package://"
 
@@ -138,20 +139,14 @@ class LocalSource(DropSource):
 
 class S3Source(DropSource):
     def __init__(self, uri: str, client: Any | None = None) -> None:
-        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-        if not bucket:
-            raise ValueError(f"drops location {uri!r} has no bucket")
+        self.bucket, self.prefix = s3_location(uri, "drops location")
         self.uri = uri.rstrip("/")
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
         self._client = client
 
     @property
     def client(self) -> Any:
         if self._client is None:
-            from dagster_aws.s3 import S3Resource
-
-            self._client = S3Resource(endpoint_url=os.environ.get("AWS_ENDPOINT_URL")).get_client()
+            self._client = s3_client()
         return self._client
 
     def list(self, patterns: tuple[str, ...], recursive: bool = True) -> Listing:

@@ -86,7 +86,9 @@ def heuristic_scores(texts: pl.Series) -> pl.Series:
                 - t.str.count_matches(" ", literal=True)
                 - t.str.count_matches("\n", literal=True)
                 - t.str.count_matches("[\u2028\u2029]")
-            ).cast(pl.Float64).alias("nonspace"),
+            )
+            .cast(pl.Float64)
+            .alias("nonspace"),
             t.str.count_matches(r"#|\.\.\.|…").cast(pl.Float64).alias("symbols"),
             t.str.count_matches(r"\S*\p{L}\S*").cast(pl.Float64).alias("alpha_words"),
             t.str.count_matches(r"(?m)^.+$").cast(pl.Float64).alias("lines"),
