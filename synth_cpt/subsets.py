@@ -5,27 +5,34 @@ Budget rule: documents are put in order, by `quality_score` descending (ties by 
 token total is <= the budget. It stops at the first document that would overflow, so a larger budget
 always yields a superset, and the same inputs, seed and tokenizer always give the same subset.
 Tokens are counted lazily, chunk by chunk in that order, so a 10B-token budget over a 120B-token
-corpus never tokenizes the 110B it will not use.
+corpus never tokenizes (nor holds in memory) the 110B it will not use.
 """
 
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from synth_cpt.tokens import TokenCounter
 
 CHUNK = 2048
 
 
-def selection_order(frame: pl.DataFrame, order: str, seed: int) -> pl.DataFrame:
+def _ordered(path: str, order: str, seed: int) -> pl.LazyFrame:
+    """The partition in selection order, as a lazy query (polars sorts out of core if it must)."""
+    scan = pl.scan_parquet(path)
     if order == "score":
-        return frame.sort(["quality_score", "doc_id"], descending=[True, False])
+        return scan.sort(["quality_score", "doc_id"], descending=[True, False])
     if order == "random":
-        keys = [hashlib.sha256(f"{seed}:{d}".encode()).hexdigest() for d in frame["doc_id"].to_list()]
-        return frame.with_columns(_k=pl.Series(keys, dtype=pl.String)).sort("_k").drop("_k")
+        ids = pl.scan_parquet(path).select("doc_id").collect()["doc_id"].to_list()
+        keys = pl.LazyFrame({"doc_id": ids, "_k": [hashlib.sha256(f"{seed}:{d}".encode()).hexdigest() for d in ids]})
+        return scan.join(keys, on="doc_id", how="left").sort("_k").drop("_k")
     raise ValueError(f"unknown subset order {order!r} (score or random)")
 
 
@@ -38,24 +45,46 @@ class SubsetStats:
     stopped_at_doc_tokens: int | None  # the first document that did not fit, if any
 
 
+def select_budgeted_file(source: str, target: str, counter: TokenCounter, budget: int | None, order: str, seed: int) -> SubsetStats:
+    """Write the budgeted subset of the Parquet file `source` to `target`, with `n_tokens`.
+
+    Memory stays bounded: the ordered partition is spilled to a temporary Parquet file and read back
+    one chunk at a time, and reading stops at the first document that does not fit.
+    """
+    with tempfile.TemporaryDirectory(prefix="synth-cpt-subset-") as tmp:
+        ordered_path = str(Path(tmp) / "ordered.parquet")
+        _ordered(source, order, seed).sink_parquet(ordered_path, row_group_size=CHUNK, engine="streaming")
+        reader = pq.ParquetFile(ordered_path)
+        candidates = reader.metadata.num_rows
+        schema = reader.schema_arrow.append(pa.field("n_tokens", pa.int64()))
+        total, taken, stopped = 0, 0, None
+        with pq.ParquetWriter(target, schema, compression="zstd") as writer:
+            for batch in reader.iter_batches(batch_size=CHUNK):
+                counts = counter.count(batch.column("text").to_pylist())
+                keep = 0
+                for n in counts:
+                    if budget is not None and total + n > budget:
+                        stopped = n
+                        break
+                    total += n
+                    keep += 1
+                if keep:
+                    part = batch.slice(0, keep).append_column("n_tokens", pa.array(counts[:keep], type=pa.int64()))
+                    writer.write_batch(part)
+                taken += keep
+                if stopped is not None:
+                    break
+            if taken == 0:
+                writer.write_table(schema.empty_table())
+    return SubsetStats(budget, candidates, taken, total, stopped)
+
+
 def select_budgeted(
     frame: pl.DataFrame, counter: TokenCounter, budget: int | None, order: str, seed: int
 ) -> tuple[pl.DataFrame, SubsetStats]:
-    """The budgeted subset of `frame`, with an `n_tokens` column, and its figures."""
-    ordered = selection_order(frame, order, seed)
-    taken: list[int] = []
-    total = 0
-    stopped: int | None = None
-    texts = ordered["text"]
-    for start in range(0, ordered.height, CHUNK):
-        counts = counter.count(texts.slice(start, CHUNK).to_list())
-        for n in counts:
-            if budget is not None and total + n > budget:
-                stopped = n
-                break
-            taken.append(n)
-            total += n
-        if stopped is not None:
-            break
-    subset = ordered.head(len(taken)).with_columns(n_tokens=pl.Series(taken, dtype=pl.Int64))
-    return subset, SubsetStats(budget, frame.height, subset.height, total, stopped)
+    """The same selection for a frame in memory (tests, notebooks)."""
+    with tempfile.TemporaryDirectory(prefix="synth-cpt-subset-") as tmp:
+        source, target = str(Path(tmp) / "in.parquet"), str(Path(tmp) / "out.parquet")
+        frame.write_parquet(source)
+        stats = select_budgeted_file(source, target, counter, budget, order, seed)
+        return pl.read_parquet(target), stats

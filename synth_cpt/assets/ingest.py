@@ -33,7 +33,7 @@ from synth_cpt.plots import histogram_markdown
 from synth_cpt.progress import RateLogger
 from synth_cpt.resources import PipelineResource
 from synth_cpt.storage import Storage
-from synth_cpt.subsets import select_budgeted
+from synth_cpt.subsets import select_budgeted_file
 from synth_cpt.tokens import ASSET as TOKENIZER
 from synth_cpt.tokens import INFO_KEY, MODEL_KEY, TokenCounter, build_tokenizer
 from synth_cpt.validation import Outcome, document_suite, expect, run_suite
@@ -183,11 +183,12 @@ def build_ingest_assets(config: PipelineConfig) -> tuple[list[AssetsDefinition],
         cfg, storage = pipeline.load(), pipeline.storage()
         language, quality = split_corpus_key(context.partition_key)
         counter = TokenCounter.from_storage(storage)
-        corpus = storage.read_parquet(corpus_file(RAW_CORPUS, language, quality))
         budget = cfg.subsets.budget_for(f"{language}|{quality}")
-        subset, stats = select_budgeted(corpus, counter, budget, cfg.subsets.order, cfg.seeds.subsets)
         key = corpus_file(QUALITY_SUBSETS, language, quality)
-        storage.write_parquet(key, subset)
+        with storage.local_path(corpus_file(RAW_CORPUS, language, quality)) as source, storage.writing(key) as target:
+            stats = select_budgeted_file(str(source), str(target), counter, budget, cfg.subsets.order, cfg.seeds.subsets)
+        subset = storage.read_parquet(key, columns=["doc_id", "n_tokens", "quality_score", "text"], n_rows=3)
+        drops = storage.read_parquet(key, columns=["drop_id"])["drop_id"].unique().sort().to_list()
         context.log.info(
             f"{language}|{quality}: {stats.documents:,} of {stats.candidate_documents:,} documents, {stats.tokens:,} tokens (budget {budget})"
         )
@@ -202,7 +203,7 @@ def build_ingest_assets(config: PipelineConfig) -> tuple[list[AssetsDefinition],
                 "order": cfg.subsets.order,
                 "seed": cfg.seeds.subsets,
                 "tokenizer_sha256": counter.sha256,
-                "contributing_drops": MetadataValue.json(sorted(subset["drop_id"].unique().to_list())),
+                "contributing_drops": MetadataValue.json(drops),
                 "sample_documents": MetadataValue.md(_sample_md(subset, ["doc_id", "n_tokens", "quality_score", "text"])),
             }
         )
