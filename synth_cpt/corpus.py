@@ -15,6 +15,7 @@ import polars as pl
 
 from synth_cpt.config import BucketBounds, PipelineConfig
 from synth_cpt.ingest.drops import drop_prefix, ingested_drops
+from synth_cpt.ingest.records import docs_schema
 from synth_cpt.storage import Storage
 
 ASSET = "raw_corpus"
@@ -100,7 +101,7 @@ def build_raw_corpus(storage: Storage, config: PipelineConfig, language: str, qu
                 .to_list()
             )
         with storage.writing(out_key) as tmp:
-            frame.select(_columns(config)).sink_parquet(tmp, compression="zstd", engine="streaming")
+            frame.select(corpus_columns(config)).sink_parquet(tmp, compression="zstd", engine="streaming")
             summary = pl.scan_parquet(tmp).select(pl.len().alias("n"), pl.col("n_chars").sum().alias("chars")).collect().row(0, named=True)
     stats.language_documents = int(counts["n"])
     stats.unique_documents = int(counts["unique"])
@@ -111,18 +112,17 @@ def build_raw_corpus(storage: Storage, config: PipelineConfig, language: str, qu
     return stats
 
 
-def _columns(config: PipelineConfig) -> list[str]:
-    return [
-        "doc_id", "text", "url", "title", "record_id", "language", "language_score", "language_source",
-        *[f"score_{n}" for n in config.fields.scores], "score_heuristic", "quality_score", "quality_score_source",
-        "quality", "n_chars", "drop_id", "source_file", "source_line",
-    ]  # fmt: skip
+def corpus_columns(config: PipelineConfig) -> list[str]:
+    """The document contract of raw_corpus: a drop's document columns plus `quality` (subsets add `n_tokens`)."""
+    names = [f.name for f in docs_schema(config)]
+    names.insert(names.index("n_chars"), "quality")
+    return names
 
 
 def _empty_schema(config: PipelineConfig) -> dict[str, pl.DataType]:
     floats = {"language_score", "score_heuristic", "quality_score", *[f"score_{n}" for n in config.fields.scores]}
     ints = {"n_chars", "source_line"}
-    return {c: (pl.Float64 if c in floats else pl.Int64 if c in ints else pl.String) for c in _columns(config)}
+    return {c: (pl.Float64 if c in floats else pl.Int64 if c in ints else pl.String) for c in corpus_columns(config)}
 
 
 def read_corpus(storage: Storage, asset: str, language: str, quality: str, columns: list[str] | None = None) -> pl.DataFrame:

@@ -24,7 +24,7 @@ from dagster import (
 
 from synth_cpt.config import PipelineConfig
 from synth_cpt.corpus import ASSET as RAW_CORPUS
-from synth_cpt.corpus import build_raw_corpus, corpus_file
+from synth_cpt.corpus import build_raw_corpus, corpus_columns, corpus_file
 from synth_cpt.ingest.drops import ASSET as CRAWL_DROPS
 from synth_cpt.ingest.drops import drop_prefix, ingest_drop, resolve_drop
 from synth_cpt.ingest.records import QUARANTINE_SCHEMA, docs_schema
@@ -325,9 +325,7 @@ def _document_checks(config: PipelineConfig, asset_name: str, parts: MultiPartit
 
 
 def _contract_columns(config: PipelineConfig, with_tokens: bool) -> list[str]:
-    names = [f.name for f in docs_schema(config)]
-    names.insert(names.index("n_chars"), "quality")
-    return names + (["n_tokens"] if with_tokens else [])
+    return corpus_columns(config) + (["n_tokens"] if with_tokens else [])
 
 
 def _budget_check(parts: MultiPartitionsDefinition):
