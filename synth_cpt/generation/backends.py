@@ -243,31 +243,31 @@ class OpenAIBackend(Backend):
             raise RetryableError(f"malformed response body: {type(exc).__name__}") from None
         return {"text": text, "finish_reason": choice.get("finish_reason"), "usage": data.get("usage") or {}}
 
-    async def _one(self, client: Any, sem: asyncio.Semaphore, p: Prepared) -> Generation:
+    async def _one(self, client: Any, p: Prepared) -> Generation:
         body = self.payload(p)
         started = time.monotonic()
         last = ""
         attempt = 0
-        async with sem:
-            while attempt < self.max_attempts:
-                attempt += 1
-                endpoint = min(self.endpoints, key=lambda e: self.in_flight[e])
-                self.in_flight[endpoint] += 1
-                try:
-                    got = await self._once(client, endpoint, body)
-                    usage = got["usage"]
-                    return Generation(
-                        p.request_id, got["text"], got["finish_reason"], usage.get("prompt_tokens"), usage.get("completion_tokens"),
-                        attempt, time.monotonic() - started,
-                    )  # fmt: skip
-                except RetryableError as exc:
-                    last = str(exc)
-                    if attempt < self.max_attempts:
-                        await asyncio.sleep(self._backoff(attempt, exc.retry_after))
-                except ValueError as exc:  # 4xx other than 429: asking again will not help
-                    return Generation.failure(p.request_id, str(exc), attempt, time.monotonic() - started)
-                finally:
-                    self.in_flight[endpoint] -= 1
+        while attempt < self.max_attempts:
+            attempt += 1
+            endpoint = min(self.endpoints, key=lambda e: self.in_flight[e])
+            self.in_flight[endpoint] += 1
+            retry_after: float | None = None
+            try:
+                got = await self._once(client, endpoint, body)
+                usage = got["usage"]
+                return Generation(
+                    p.request_id, got["text"], got["finish_reason"], usage.get("prompt_tokens"), usage.get("completion_tokens"),
+                    attempt, time.monotonic() - started,
+                )  # fmt: skip
+            except RetryableError as exc:
+                last, retry_after = str(exc), exc.retry_after
+            except ValueError as exc:  # 4xx other than 429: asking again will not help
+                return Generation.failure(p.request_id, str(exc), attempt, time.monotonic() - started)
+            finally:
+                self.in_flight[endpoint] -= 1
+            if attempt < self.max_attempts:
+                await asyncio.sleep(self._backoff(attempt, retry_after))
         return Generation.failure(p.request_id, f"failed after {attempt} attempts: {last}", attempt, time.monotonic() - started)
 
     async def _run(self, batch: list[Prepared], on_result: OnResult) -> None:
@@ -277,16 +277,16 @@ class OpenAIBackend(Backend):
         key = os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        sem = asyncio.Semaphore(self.concurrency)
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        queue = iter(batch)
         async with httpx.AsyncClient(headers=headers, limits=limits) as client:
 
-            async def one(p: Prepared) -> tuple[Prepared, Generation]:
-                return p, await self._one(client, sem, p)
+            async def worker() -> None:
+                # `concurrency` workers pull from one iterator: memory stays flat for any batch size
+                for p in queue:
+                    on_result(p, await self._one(client, p))
 
-            for fut in asyncio.as_completed([one(p) for p in batch]):
-                p, gen = await fut
-                on_result(p, gen)
+            await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(batch)) or 1)))
 
     def generate(self, batch: list[Prepared], on_result: OnResult) -> None:
         asyncio.run(self._run(batch, on_result))

@@ -67,10 +67,19 @@ class GenerationCache:
         order = [c for c in ("created_at", "segment") if c in frame.columns]
         return frame.sort(order) if order else frame
 
-    def finished(self) -> pl.DataFrame:
-        """One row per request that succeeded (the earliest success wins if two processes raced)."""
-        rows = self.load()
-        return rows.filter(pl.col("error").is_null()).unique(subset="request_id", keep="first", maintain_order=True)
+    def finished(self, request_ids: list[str] | None = None) -> pl.DataFrame:
+        """One row per request that succeeded (the earliest success wins if two processes raced),
+        for `request_ids` only when given: other rows are filtered out while reading."""
+        keys = self.segment_keys()
+        if not keys:
+            return self.load()
+        with contextlib.ExitStack() as stack:
+            paths = [str(stack.enter_context(self.storage.local_path(k))) for k in keys]
+            scan = pl.scan_parquet(paths).filter(pl.col("error").is_null())
+            if request_ids is not None:
+                scan = scan.filter(pl.col("request_id").is_in(pl.Series(list(request_ids), dtype=pl.String).implode()))
+            rows = scan.collect()
+        return rows.sort("created_at", "segment").unique(subset="request_id", keep="first", maintain_order=True)
 
     def finished_ids(self) -> set[str]:
         rows = self.load(["request_id", "error"])

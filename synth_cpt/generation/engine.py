@@ -159,6 +159,6 @@ class GenerationEngine:
     def results(self, requests: list[ChatRequest]) -> pl.DataFrame:
         """The cached successful row for each distinct request (rows in the order first asked)."""
         ids = list(dict.fromkeys(self.request_ids(requests)))
-        finished = self.cache.finished()
+        finished = self.cache.finished(ids)
         order = pl.DataFrame({"request_id": ids}).with_row_index("_order")
         return order.join(finished, on="request_id", how="inner").sort("_order").drop("_order")
