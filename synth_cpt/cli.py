@@ -180,6 +180,8 @@ def _read_chat_requests(path: str) -> list:
 def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the progress bar says what matters
+
     from synth_cpt.generation.resource import LLM
     from synth_cpt.storage import open_storage
 

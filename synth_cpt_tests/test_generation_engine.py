@@ -190,3 +190,17 @@ def test_structured_requests_are_checked(tmp_path):
     assert report.succeeded == 1 and report.rejected == 0
     row = engine.results([req]).row(0, named=True)
     assert json.loads(row["text"])["summary"].startswith("summary")
+
+
+def test_resource_fingerprint_and_cache_root(tmp_path):
+    from synth_cpt.generation.resource import LLM
+
+    a, b = LLM(), LLM(dtype="float32")
+    assert a.model_fingerprint("w@1") != b.model_fingerprint("w@1"), "dtype changes outputs"
+    assert a.model_fingerprint("w@1") != a.model_fingerprint("w@2"), "weights change outputs"
+    assert a.model_fingerprint("w@1") == LLM(enforce_eager=False, concurrency=3).model_fingerprint("w@1"), "these do not"
+    served = LLM(backend="openai", endpoints=["http://127.0.0.1:1/v1"], served_model_name="m", cache_root=str(tmp_path / "shared"))
+    engine = served.engine(LocalStorage(tmp_path / "home"), str(tmp_path / "home"))
+    assert engine.cache.storage.root == str((tmp_path / "shared").resolve())
+    with pytest.raises(ValueError, match="served_model_name"):
+        LLM(backend="openai", endpoints=["http://127.0.0.1:1/v1"]).engine(LocalStorage(tmp_path), str(tmp_path))

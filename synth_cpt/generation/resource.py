@@ -15,7 +15,7 @@ from synth_cpt.generation.backends import Backend, OpenAIBackend, VLLMBackend
 from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.embedded import ensure_embedded_model
 from synth_cpt.generation.engine import GenerationEngine, Progress
-from synth_cpt.storage import Storage
+from synth_cpt.storage import Storage, open_storage
 
 EMBEDDED = "embedded"
 
@@ -44,6 +44,7 @@ class LLM(ConfigurableResource):
     timeout_s: float = 120.0
     max_attempts: int = 4
     # cache and checkpoints
+    cache_root: str | None = Field(None, description="storage root of the cache (local or s3://); default: the pipeline's")
     cache_prefix: str = "generations"
     flush_every: int = 128
     flush_seconds: float = 30.0
@@ -98,8 +99,9 @@ class LLM(ConfigurableResource):
         if self.backend == "openai" and self.model == EMBEDDED and not self.served_model_name:
             raise ValueError("the openai backend needs served_model_name (the model name the servers expose)")
         model_ref, identity = (self.model, self.model) if self.backend == "openai" else self.resolve_model(storage_root)
+        cache_storage = open_storage(self.cache_root) if self.cache_root else storage
         return GenerationEngine(
-            self.build_backend(model_ref), GenerationCache(storage, self.cache_prefix),
+            self.build_backend(model_ref), GenerationCache(cache_storage, self.cache_prefix),
             model=identity, model_fingerprint=self.model_fingerprint(identity),
             flush_every=self.flush_every, flush_seconds=self.flush_seconds, log=log, progress=progress,
         )  # fmt: skip
