@@ -33,12 +33,13 @@ def crawl_drop_sensor(context: SensorEvaluationContext, pipeline: PipelineResour
     cfg, storage = pipeline.load(), pipeline.storage()
     location = cfg.drops_uri()
     listing = open_source(location).list(cfg.drops.patterns, cfg.drops.recursive)
-    for line in listing.refused:
-        context.log.warning(line)
-    seen = json.loads(context.cursor) if context.cursor else {}
-    changed, cursor = plan_drop_runs(listing.drops, seen)
+    state = json.loads(context.cursor) if context.cursor else {}
+    for line in sorted(set(listing.refused) - set(state.get("refused", []))):
+        context.log.warning(line)  # once per refused path, not on every tick
+    changed, seen = plan_drop_runs(listing.drops, state.get("seen", {}))
+    cursor = json.dumps({"seen": seen, "refused": sorted(listing.refused)}, sort_keys=True)
     if not changed:
-        return SensorResult(skip_reason=SkipReason(f"no new or changed drops in {location}"), cursor=json.dumps(cursor, sort_keys=True))
+        return SensorResult(skip_reason=SkipReason(f"no new or changed drops in {location}"), cursor=cursor)
     for drop in changed:
         register_drop(storage, drop, location)
     known = set(context.instance.get_dynamic_partitions(crawl_drop_partitions.name))
@@ -49,5 +50,5 @@ def crawl_drop_sensor(context: SensorEvaluationContext, pipeline: PipelineResour
             for d in changed
         ],
         dynamic_partitions_requests=[crawl_drop_partitions.build_add_request(new_keys)] if new_keys else [],
-        cursor=json.dumps(cursor, sort_keys=True),
+        cursor=cursor,
     )

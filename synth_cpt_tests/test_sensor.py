@@ -48,6 +48,7 @@ def test_local_sensor_new_unchanged_replaced_and_escapes(tmp_path, isolated_env)
         assert sorted(instance.get_dynamic_partitions("crawl_drops")) == keys
         assert all("@mtime" in r.run_key for r in runs)
         assert not any("escape" in k for k in keys), "a symlink out of the folder is refused"
+        assert [r.split(":")[0] for r in json.loads(cursor)["refused"]] == ["escape.jsonl"], "and remembered, so it is logged once"
 
         again, parts, cursor = _tick(instance, cfg_path, cursor)
         assert again == [] and parts == [], "an unchanged file is never ingested twice"
