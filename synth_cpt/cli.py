@@ -236,6 +236,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from synth_cpt.generation.cache import GenerationCache
+    from synth_cpt.storage import open_storage
+
+    config = load_config(args.config) if args.config else load_config()
+    cache = GenerationCache(open_storage(args.root or config.storage_uri()), args.prefix)
+    if args.action == "compact":
+        figures = cache.compact()
+        print(
+            f"segments {figures['segments_before']} -> {figures['segments_after']}, rows {figures['rows_before']} -> {figures['rows_after']}"
+        )
+        return 0
+    rows = cache.load(["request_id", "error", "rejected", "completion_tokens", "model_fingerprint"])
+    ok = rows.filter(pl.col("error").is_null())
+    table = Table(title=f"generation cache {cache.storage.uri(cache.prefix)}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for name, value in (
+        ("segments", len(cache.segment_keys())),
+        ("rows", rows.height),
+        ("requests with a result", ok["request_id"].n_unique()),
+        ("requests only failed", rows.filter(~pl.col("request_id").is_in(ok["request_id"].implode()))["request_id"].n_unique()),
+        ("rejected outputs", ok.filter(pl.col("rejected").is_not_null()).height),
+        ("output tokens", int(ok["completion_tokens"].sum() or 0)),
+        ("model fingerprints", rows["model_fingerprint"].n_unique()),
+    ):
+        table.add_row(name, f"{value:,}")
+    Console().print(table)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else load_config()
     print(config.model_dump_json(indent=2))
@@ -259,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--endpoint", action="append", help="OpenAI-compatible base URL (repeat for a fleet)")
     gen.add_argument("--served-model-name", help="model name the servers expose (openai backend)")
     gen.set_defaults(func=cmd_generate)
+    cache = sub.add_parser("cache", help="the generation cache: figures, or compact its segments into one")
+    cache.add_argument("action", choices=["stats", "compact"])
+    cache.add_argument("--root", help="storage root of the cache (default: the pipeline's)")
+    cache.add_argument("--prefix", default="generations")
+    cache.set_defaults(func=cmd_cache)
     cfg = sub.add_parser("config", help="validate the pipeline config and print it with every default filled in")
     cfg.set_defaults(func=cmd_config)
     return parser

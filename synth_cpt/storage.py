@@ -50,6 +50,9 @@ class Storage:
     def delete_prefix(self, prefix: str) -> None:
         raise NotImplementedError
 
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
     @contextlib.contextmanager
     def local_path(self, key: str) -> Iterator[Path]:
         """A local file with the key's content, for libraries that only open paths."""
@@ -117,6 +120,9 @@ class LocalStorage(Storage):
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def local_path(self, key: str) -> Iterator[Path]:
@@ -200,7 +206,10 @@ class S3Storage(Storage):
 
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list(prefix):
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+            self.delete(key)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     @contextlib.contextmanager
     def local_path(self, key: str) -> Iterator[Path]:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -204,3 +205,25 @@ def test_resource_fingerprint_and_cache_root(tmp_path):
     assert engine.cache.storage.root == str((tmp_path / "shared").resolve())
     with pytest.raises(ValueError, match="served_model_name"):
         LLM(backend="openai", endpoints=["http://127.0.0.1:1/v1"]).engine(LocalStorage(tmp_path), str(tmp_path))
+
+
+def test_compaction_keeps_every_result_and_pending_failures(tmp_path):
+    reqs = make_requests(12)
+    ids = [r.request_id("fp") for r in reqs]
+    first, _ = _engine(tmp_path, DeterministicTestBackend(fail_ids={ids[0], ids[1]}), flush_every=3)
+    first.run(reqs)
+    second, _ = _engine(tmp_path, DeterministicTestBackend(fail_ids={ids[0]}), flush_every=3)
+    second.run(reqs)  # ids[1] now succeeds, ids[0] fails again
+    cache = first.cache
+    before = cache.finished().select("request_id", "text").sort("request_id")
+    assert len(cache.segment_keys()) > 2
+    figures = cache.compact()
+    assert figures["segments_after"] == 1 and figures["rows_after"] == 12  # 11 results + the latest failure of ids[0]
+    assert cache.finished().select("request_id", "text").sort("request_id").equals(before)
+    assert cache.finished_ids() == set(ids) - {ids[0]}
+    retry, backend = _engine(tmp_path)
+    retry.run(reqs)
+    assert backend.sent == [ids[0]], "only the request that never succeeded is sent again"
+    exe = Path(sys.executable).with_name("synth-cpt")
+    out = subprocess.run([str(exe), "cache", "stats", "--root", str(tmp_path / "home")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "requests with a result" in out.stdout and "12" in out.stdout

@@ -48,13 +48,21 @@ SCHEMA = pa.schema(
 )
 
 
+def _segment_name(kind: str) -> str:
+    """Unique across processes and machines: time, host, pid and a random part."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    return f"{kind}-{stamp}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+
+
 class GenerationCache:
     def __init__(self, storage: Storage, prefix: str = "generations") -> None:
         self.storage = storage
         self.prefix = prefix.strip("/")
 
     def segment_keys(self) -> list[str]:
-        return [k for k in self.storage.list(f"{self.prefix}/segments") if k.endswith(".parquet")]
+        return [
+            k for k in self.storage.list(f"{self.prefix}/segments") if k.endswith(".parquet") and not k.rsplit("/", 1)[-1].startswith(".")
+        ]
 
     def load(self, columns: list[str] | None = None) -> pl.DataFrame:
         """Every row of every segment (failures included), oldest first."""
@@ -84,6 +92,33 @@ class GenerationCache:
     def finished_ids(self) -> set[str]:
         rows = self.load(["request_id", "error"])
         return set(rows.filter(pl.col("error").is_null())["request_id"].to_list())
+
+    def compact(self) -> dict[str, int]:
+        """Merge every segment present now into one: the earliest success per request, and for
+        requests that never succeeded their latest failure (still retried).
+
+        Safe beside running writers: the merged segment is written first, then exactly the segments
+        it read are deleted; a reader in between sees duplicates, which every read already resolves.
+        """
+        keys = self.segment_keys()
+        rows = self.load()
+        if len(keys) < 2:
+            return {"segments_before": len(keys), "segments_after": len(keys), "rows_before": rows.height, "rows_after": rows.height}
+        ok = rows.filter(pl.col("error").is_null()).unique(subset="request_id", keep="first", maintain_order=True)
+        failed = (
+            rows.filter(pl.col("error").is_not_null() & ~pl.col("request_id").is_in(ok["request_id"].implode()))
+            .unique(subset="request_id", keep="last", maintain_order=True)
+        )  # fmt: skip
+        merged = pl.concat([ok, failed]).sort("created_at", "segment")
+        self.storage.write_parquet(f"{self.prefix}/segments/{_segment_name('compact')}", merged.to_arrow().cast(SCHEMA))
+        for key in keys:
+            self.storage.delete(key)
+        return {
+            "segments_before": len(keys),
+            "segments_after": len(self.segment_keys()),
+            "rows_before": rows.height,
+            "rows_after": merged.height,
+        }
 
     def writer(
         self, *, model: str, model_fingerprint: str, engine: str, engine_version: str, flush_every: int, flush_seconds: float
@@ -134,8 +169,7 @@ class SegmentWriter:
         self.last_flush = time.monotonic()
         if not self.rows:
             return
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-        name = f"seg-{stamp}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+        name = _segment_name("seg")
         for row in self.rows:
             row["segment"] = name
         self.cache.storage.write_parquet(f"{self.cache.prefix}/segments/{name}", pa.Table.from_pylist(self.rows, schema=SCHEMA))
