@@ -72,14 +72,11 @@ def build_raw_corpus(storage: Storage, config: PipelineConfig, language: str, qu
     bounds = config.quality.buckets[quality]
     out_key = corpus_file(ASSET, language, quality)
     with _local_docs(storage, accepted) as paths:
-        if paths:
-            lang_docs = pl.scan_parquet(paths, missing_columns="insert", extra_columns="ignore").filter(pl.col("language") == language)
-        else:
-            lang_docs = None
-        if lang_docs is None:
+        if not paths:
             frame = pl.LazyFrame(schema=_empty_schema(config))
             counts = {"n": 0, "unique": 0, "no_bucket": 0}
         else:
+            lang_docs = pl.scan_parquet(paths, missing_columns="insert", extra_columns="ignore").filter(pl.col("language") == language)
             unique = lang_docs.sort("drop_id", "source_line").unique(subset="doc_id", keep="first", maintain_order=True)
             counts = (
                 pl.concat(
@@ -93,16 +90,12 @@ def build_raw_corpus(storage: Storage, config: PipelineConfig, language: str, qu
                 .row(0, named=True)
             )
             frame = unique.filter(bucket_expr(bounds)).with_columns(pl.lit(quality).alias("quality"))
-            stats.drops = (
-                unique.filter(bucket_expr(bounds))
-                .select(pl.col("drop_id").unique().sort())
-                .collect(engine="streaming")
-                .to_series()
-                .to_list()
-            )
         with storage.writing(out_key) as tmp:
             frame.select(corpus_columns(config)).sink_parquet(tmp, compression="zstd", engine="streaming")
-            summary = pl.scan_parquet(tmp).select(pl.len().alias("n"), pl.col("n_chars").sum().alias("chars")).collect().row(0, named=True)
+            # figures of what was written come from the output itself, not from a second dedup pass
+            written = pl.scan_parquet(tmp)
+            summary = written.select(pl.len().alias("n"), pl.col("n_chars").sum().alias("chars")).collect().row(0, named=True)
+            stats.drops = written.select(pl.col("drop_id").unique().sort()).collect().to_series().to_list()
     stats.language_documents = int(counts["n"])
     stats.unique_documents = int(counts["unique"])
     stats.duplicates_removed = stats.language_documents - stats.unique_documents
