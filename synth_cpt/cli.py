@@ -163,10 +163,7 @@ def _read_chat_requests(path: str) -> list:
                 msgs = obj["messages"]
                 if not isinstance(msgs, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs):
                     raise ValueError("'messages' must be a list of {role, content} objects")
-                sampling = Sampling(
-                    temperature=float(obj.get("temperature", 0.7)), top_p=float(obj.get("top_p", 1.0)),
-                    max_tokens=int(obj.get("max_tokens", 256)), stop=tuple(obj.get("stop", ())), seed=int(obj.get("seed", 0)),
-                )  # fmt: skip
+                sampling = Sampling.from_dict(obj)  # temperature, top_p, max_tokens, stop, seed at the top level of the line
                 requests.append(
                     ChatRequest.chat(msgs, sampling, json_schema=obj.get("json_schema"), prompt_name=str(obj.get("prompt_name", "cli")))
                 )

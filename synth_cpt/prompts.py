@@ -6,6 +6,7 @@ sampling parameters. Its SHA-256 (of the file's bytes) is `prompt_sha`, stored w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -42,8 +43,7 @@ class Prompt:
     def request(self, seed: int = 0, **variables: Any) -> ChatRequest:
         user = _ENV.from_string(self.template).render(**variables)
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + [{"role": "user", "content": user}]
-        s = self.sampling
-        sampling = Sampling(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, stop=s.stop, seed=seed)
+        sampling = dataclasses.replace(self.sampling, seed=seed)
         return ChatRequest.chat(messages, sampling, prompt_name=f"{self.kind}/{self.name}", prompt_sha=self.sha)
 
 
@@ -56,13 +56,11 @@ def load_prompt(kind: str, name: str, root: Path | None = None) -> Prompt:
     missing = [k for k in ("name", "template") if k not in data]
     if missing:
         raise ValueError(f"prompt {path}: missing {missing}")
-    s = data.get("sampling") or {}
+    sampling = Sampling.from_dict(data.get("sampling"), where=f"prompt {path}: sampling")
     return Prompt(
         name=data["name"], kind=data.get("kind", kind), language=data.get("language", "same-as-source"),
         system=(data.get("system") or "").strip(), template=data["template"],
-        sampling=Sampling(temperature=float(s.get("temperature", 0.7)), top_p=float(s.get("top_p", 1.0)),
-                          max_tokens=int(s.get("max_tokens", 256)), stop=tuple(s.get("stop", ()))),
-        sha=hashlib.sha256(raw).hexdigest(), path=str(path),
+        sampling=sampling, sha=hashlib.sha256(raw).hexdigest(), path=str(path),
     )  # fmt: skip
 
 

@@ -63,6 +63,11 @@ class Storage:
         """Yields a temporary local path; on clean exit it becomes `key` atomically."""
         raise NotImplementedError
 
+    def parquet_file(self, key: str) -> pq.ParquetFile:
+        """A Parquet file opened for ranged reads: only the footer and the column chunks asked for are
+        fetched (on S3 through pyarrow's filesystem, never a whole download). FileNotFoundError if gone."""
+        raise NotImplementedError
+
     # -- helpers shared by both backends ---------------------------------------------------------
     def write_json(self, key: str, obj: Any) -> str:
         return self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
@@ -131,6 +136,9 @@ class LocalStorage(Storage):
             raise FileNotFoundError(f"{self.uri(key)} does not exist")
         yield path
 
+    def parquet_file(self, key: str) -> pq.ParquetFile:
+        return pq.ParquetFile(str(self.path(key)))  # FileNotFoundError when the file is gone
+
     @contextlib.contextmanager
     def writing(self, key: str) -> Iterator[Path]:
         target = self.path(key)
@@ -167,6 +175,7 @@ class S3Storage(Storage):
         self.bucket, self.prefix = s3_location(root, "storage root")
         self.root = root.rstrip("/")
         self._client = client
+        self._fs: Any = None
 
     @property
     def client(self) -> Any:
@@ -210,6 +219,31 @@ class S3Storage(Storage):
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    @property
+    def filesystem(self) -> Any:
+        """pyarrow's S3 filesystem (credentials from the AWS chain, AWS_ENDPOINT_URL honoured)."""
+        if self._fs is None:
+            from pyarrow import fs
+
+            endpoint = os.environ.get("AWS_ENDPOINT_URL")
+            kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
+            if endpoint:
+                scheme, _, host = endpoint.partition("://")
+                kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+            self._fs = fs.S3FileSystem(**kwargs)
+        return self._fs
+
+    def parquet_file(self, key: str) -> pq.ParquetFile:
+        path = f"{self.bucket}/{self._key(key)}"
+        try:
+            return pq.ParquetFile(self.filesystem.open_input_file(path))
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if "does not exist" in str(exc) or "NoSuchKey" in str(exc) or "404" in str(exc):
+                raise FileNotFoundError(f"{self.uri(key)} does not exist") from None
+            raise
 
     @contextlib.contextmanager
     def local_path(self, key: str) -> Iterator[Path]:

@@ -102,7 +102,7 @@ def test_throughput_order_groups_prefixes_and_is_deterministic():
 
 
 def _segments(root):
-    return sorted((root / "generations" / "segments").glob("seg-*.parquet"))
+    return sorted((root / "generations" / "segments").rglob("*.parquet"))
 
 
 def _run_worker(root, n, delay, sent_log):
@@ -185,7 +185,15 @@ def test_structured_output_repair_or_reject(text, ok):
 
 def test_structured_requests_are_checked(tmp_path):
     engine, _ = _engine(tmp_path)
-    schema = {"type": "object", "properties": {"summary": {"type": "string"}}, "required": ["summary"]}
+    schema = {
+        "type": "object",
+        "properties": {
+            "summary": {"type": "string", "maxLength": 200},
+            "entities": {"type": "array", "maxItems": 4, "items": {"type": "string", "maxLength": 40}},
+        },
+        "required": ["summary"],
+        "additionalProperties": False,
+    }
     req = ChatRequest.chat([{"role": "user", "content": "json please"}], json_schema=schema)
     report = engine.run([req])
     assert report.succeeded == 1 and report.rejected == 0

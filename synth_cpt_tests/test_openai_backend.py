@@ -140,7 +140,7 @@ def test_every_request_ends_succeeded_or_failed_and_rerun_retries_only_failures(
 
 
 def test_structured_requests_send_the_schema(tmp_path, servers):
-    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 20}}, "required": ["a"], "additionalProperties": False}
     backend = OpenAIBackend([servers[0].url], "m")
     body = backend.payload(
         __import__("synth_cpt.generation.backends", fromlist=["Prepared"]).Prepared(

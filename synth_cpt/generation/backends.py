@@ -36,6 +36,10 @@ class Backend:
     def generate(self, batch: list[Prepared], on_result: OnResult) -> None:
         raise NotImplementedError
 
+    def config(self) -> dict[str, Any]:
+        """Settings stored with every row (engine_config): what ran, without secrets."""
+        return {}
+
     def prepare(self) -> None:
         """Load what is needed before the first request (optional); not counted in throughput."""
 
@@ -75,6 +79,9 @@ class VLLMBackend(Backend):
 
         return vllm.__version__
 
+    def config(self) -> dict[str, Any]:
+        return {k: v for k, v in self.engine_args.items() if v is not None}
+
     def prepare(self) -> None:
         self.llm  # noqa: B018  (loads the engine)
 
@@ -106,23 +113,25 @@ class VLLMBackend(Backend):
         queue = iter(batch)
         in_flight: dict[str, tuple[Prepared, float]] = {}
 
-        def submit_next() -> bool:
-            p = next(queue, None)
-            if p is None:
-                return False
-            try:
-                ids = tokenizer.apply_chat_template(p.request.message_dicts(), add_generation_prompt=True, tokenize=True, return_dict=True)[
-                    "input_ids"
-                ]
-                engine.add_request(p.request_id, {"prompt_token_ids": list(ids)}, self.sampling_params(p))
-            except Exception as exc:  # a bad request (e.g. longer than max_model_len) fails alone
-                on_result(p, Generation.failure(p.request_id, f"vllm: {type(exc).__name__}: {exc}"))
-                return True
-            in_flight[p.request_id] = (p, time.monotonic())  # outputs carry the id we gave
-            return True
+        def fill() -> None:
+            """Top the engine up to `max_in_flight`. A request the engine refuses (longer than
+            max_model_len, a schema the grammar backend rejects) is reported as failed and the next
+            one is tried, so no request is left unsent."""
+            while len(in_flight) < self.max_in_flight:
+                p = next(queue, None)
+                if p is None:
+                    return
+                try:
+                    ids = tokenizer.apply_chat_template(
+                        p.request.message_dicts(), add_generation_prompt=True, tokenize=True, return_dict=True
+                    )["input_ids"]
+                    engine.add_request(p.request_id, {"prompt_token_ids": list(ids)}, self.sampling_params(p))
+                except Exception as exc:
+                    on_result(p, Generation.failure(p.request_id, f"vllm refused the request: {type(exc).__name__}: {exc}"))
+                    continue
+                in_flight[p.request_id] = (p, time.monotonic())  # outputs carry the id we gave
 
-        while len(in_flight) < self.max_in_flight and submit_next():
-            pass
+        fill()
         while in_flight:
             for out in engine.step():
                 if not out.finished:
@@ -141,7 +150,7 @@ class VLLMBackend(Backend):
                         latency_s=time.monotonic() - started,
                     ),
                 )
-                submit_next()
+            fill()
 
     def close(self) -> None:
         self._llm = None
@@ -192,6 +201,9 @@ class OpenAIBackend(Backend):
         import httpx
 
         return f"httpx-{httpx.__version__}"
+
+    def config(self) -> dict[str, Any]:
+        return {"served_model": self.model, "endpoints": len(self.endpoints), "concurrency": self.concurrency}
 
     def payload(self, p: Prepared) -> dict[str, Any]:
         s = p.request.sampling

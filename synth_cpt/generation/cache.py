@@ -1,33 +1,56 @@
 """The content-addressed generation cache: one Parquet row per LLM call, in small atomic segments.
 
-Why segments: a crash loses at most the rows not yet flushed (one segment), two processes never
-write the same file (segment names carry host, pid and a random part), and a finished request is
-found by id no matter which run, partition or asset made it.
+Why segments: a crash loses at most the rows not yet flushed (one checkpoint), two processes never
+write the same file (segment names carry time, host, pid and a random part), and a finished request
+is found by id no matter which run, partition or asset made it.
+
+Why scopes and an index: at billions of tokens the cache holds millions of rows in thousands of
+segments, and a run must not read all of them to learn what is done. Segments live under the scope
+that wrote them (an asset and partition, e.g. `rewrites_easy/pt/high`), and each segment has a small
+id-only index file (64-bit id prefixes of its successful rows, nothing else). A lookup reads its own
+scope's index first and the other scopes' index only for ids still missing, so cross-scope hits
+count; then it opens only the segments that hold hits, and reads only the row groups and columns it
+needs (ranged reads on S3). `request_id` stays the one key; the scope is a locality hint.
+
+Layout under `<root>/<prefix>/`:
+    segments/<scope>/<stamp>-<kind>-<host>-<pid>-<rand>.parquet   rows (DuckDB: segments/**/*.parquet)
+    index/<scope>/<same name>.parquet                              key (uint64), segment
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import queue
+import re
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from synth_cpt.generation.requests import ChatRequest, Generation
 from synth_cpt.storage import Storage
 
+DEFAULT_SCOPE = "adhoc"
+INDEX_COMPACT_AT = 16  # index files in one scope before a writer merges them into one
+LOOKUP_RETRIES = 5
+
 SCHEMA = pa.schema(
     [
         ("request_id", pa.string()),
+        ("scope", pa.string()),
         ("model", pa.string()),
         ("model_fingerprint", pa.string()),
         ("engine", pa.string()),
         ("engine_version", pa.string()),
+        ("engine_config", pa.string()),
         ("prompt_name", pa.string()),
         ("prompt_sha", pa.string()),
         ("messages", pa.string()),
@@ -46,12 +69,38 @@ SCHEMA = pa.schema(
         ("segment", pa.string()),
     ]
 )
+INDEX_SCHEMA = pa.schema([("key", pa.uint64()), ("segment", pa.string())])
+_EMPTY = pl.from_arrow(SCHEMA.empty_table())
+
+
+def id_key(request_id: str) -> int:
+    """The 64-bit prefix of a request id: what the index stores (8 bytes a row instead of 64).
+
+    Two different ids share a prefix with probability ~n*m/2^64 for m asked against n cached
+    (1e-9 for 10k against 2M); the rows themselves are always matched on the full id."""
+    return int(request_id[:16], 16)
+
+
+def safe_scope(scope: str | None) -> str:
+    """A scope as a relative folder: `rewrites_easy/pt|high` -> `rewrites_easy/pt/high`."""
+    parts = [re.sub(r"[^A-Za-z0-9_.=-]+", "_", p.strip()) for p in (scope or "").replace("|", "/").split("/")]
+    parts = [p for p in parts if p and p not in (".", "..")]
+    return "/".join(parts) or DEFAULT_SCOPE
 
 
 def _segment_name(kind: str) -> str:
-    """Unique across processes and machines: time, host, pid and a random part."""
+    """Unique across processes and machines; names sort by creation time."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-    return f"{kind}-{stamp}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+    return f"{stamp}-{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+
+
+def _basename(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
+
+
+def _earliest_success(rows: pl.DataFrame) -> pl.DataFrame:
+    """One row per request: the earliest success if two processes raced."""
+    return rows.sort("created_at", "segment").unique(subset="request_id", keep="first", maintain_order=True)
 
 
 class GenerationCache:
@@ -59,119 +108,381 @@ class GenerationCache:
         self.storage = storage
         self.prefix = prefix.strip("/")
 
-    def segment_keys(self) -> list[str]:
-        return [
-            k for k in self.storage.list(f"{self.prefix}/segments") if k.endswith(".parquet") and not k.rsplit("/", 1)[-1].startswith(".")
-        ]
+    # -- keys ---------------------------------------------------------------------------------------
+    def _keys(self, area: str, scope: str | None) -> list[str]:
+        base = f"{self.prefix}/{area}" + (f"/{safe_scope(scope)}" if scope is not None else "")
+        return [k for k in self.storage.list(base) if k.endswith(".parquet") and not _basename(k).startswith(".")]
 
-    def load(self, columns: list[str] | None = None) -> pl.DataFrame:
-        """Every row of every segment (failures included), oldest first."""
-        keys = self.segment_keys()
-        if not keys:
-            return pl.DataFrame(schema=pl.from_arrow(SCHEMA.empty_table()).schema).select(columns or pl.all())
-        with contextlib.ExitStack() as stack:
-            paths = [str(stack.enter_context(self.storage.local_path(k))) for k in keys]
-            frame = pl.scan_parquet(paths).select(columns or pl.all()).collect()
+    def segment_keys(self, scope: str | None = None) -> list[str]:
+        """Every segment, or one scope's."""
+        return self._keys("segments", scope)
+
+    def index_keys(self, scope: str | None = None) -> list[str]:
+        return self._keys("index", scope)
+
+    def _index_key(self, segment_key: str) -> str:
+        rel = segment_key[len(f"{self.prefix}/segments/") :]
+        return f"{self.prefix}/index/{rel}"
+
+    def scopes(self) -> list[str]:
+        base = f"{self.prefix}/segments/"
+        return sorted({k[len(base) :].rsplit("/", 1)[0] for k in self.segment_keys()})
+
+    # -- reading ------------------------------------------------------------------------------------
+    def _read(self, key: str, columns: list[str] | None = None) -> pl.DataFrame | None:
+        """A whole segment (or some columns); None if it vanished (compacted away meanwhile)."""
+        try:
+            return pl.from_arrow(self.storage.parquet_file(key).read(columns=columns))
+        except FileNotFoundError:
+            return None
+
+    def load(self, columns: list[str] | None = None, scope: str | None = None) -> pl.DataFrame:
+        """Every row of every segment (failures included), oldest first. For tools and tests: a run
+        never calls this."""
+        frames = [f for f in (self._read(k, columns) for k in self.segment_keys(scope)) if f is not None]
+        frame = pl.concat(frames, how="vertical_relaxed") if frames else _EMPTY.select(columns or pl.all())
         order = [c for c in ("created_at", "segment") if c in frame.columns]
         return frame.sort(order) if order else frame
 
-    def finished(self, request_ids: list[str] | None = None) -> pl.DataFrame:
+    def _index_hits(
+        self, keys: list[str], wanted: pl.Series, seen: set[str], covered: set[str] | None = None
+    ) -> tuple[pl.DataFrame, list[str]]:
+        """Rows of the given index files whose key is wanted, and the files that vanished meanwhile.
+        `covered` collects the segments the files index (to find segments with no index)."""
+        hits, vanished = [], []
+        for key in keys:
+            if key in seen:
+                continue
+            seen.add(key)
+            frame = self._read(key)
+            if frame is None:
+                vanished.append(key)
+                continue
+            if covered is not None:
+                covered.update(frame["segment"].unique().to_list())
+            hit = frame.filter(pl.col("key").is_in(wanted.implode()))
+            if hit.height:
+                hits.append(hit)
+        return (pl.concat(hits) if hits else pl.from_arrow(INDEX_SCHEMA.empty_table())), vanished
+
+    def _unindexed(self, scope: str, wanted_ids: set[str], covered: set[str]) -> pl.DataFrame:
+        """Hits in this scope's segments that no index file covers (a crash between the two writes,
+        or a writer that is between them right now)."""
+        hits = []
+        for key in self.segment_keys(scope):
+            if key in covered:
+                continue
+            rows = self._read(key, ["request_id", "error"])
+            if rows is None:
+                continue
+            self._write_index(key, rows)  # repair, so the next lookup is cheap
+            ok = rows.filter(pl.col("error").is_null() & pl.col("request_id").is_in(list(wanted_ids)))
+            if ok.height:
+                keys = [id_key(r) for r in ok["request_id"]]
+                hits.append(pl.DataFrame({"key": keys, "segment": [key] * ok.height}, schema={"key": pl.UInt64, "segment": pl.String}))
+        return pl.concat(hits) if hits else pl.from_arrow(INDEX_SCHEMA.empty_table())
+
+    def lookup(self, request_ids: Iterable[str], scope: str | None = None, gone: set[str] | None = None) -> dict[str, str]:
+        """request_id -> the segment holding its earliest success, for the ids that have one.
+
+        Reads the scope's index, then other scopes' index only for what is still missing. Index files
+        that vanish while being read (compaction) are replaced by a fresh listing; segments in `gone`
+        (found missing by a reader) are passed over."""
+        ids = list(dict.fromkeys(request_ids))
+        if not ids:
+            return {}
+        by_key = {id_key(r): r for r in ids}
+        own = safe_scope(scope)
+        seen: set[str] = set()
+        covered: set[str] = set()
+        wanted = pl.Series(list(by_key), dtype=pl.UInt64)
+        found, vanished = self._index_hits(self.index_keys(own), wanted, seen, covered)
+        if vanished:  # the scope's index was compacted while we read it: read the fresh listing
+            more, _ = self._index_hits(self.index_keys(own), wanted, seen, covered)
+            found = pl.concat([found, more])
+        found = pl.concat([found, self._unindexed(own, set(ids), covered)])
+        for _ in range(LOOKUP_RETRIES):
+            missing = wanted.filter(~wanted.is_in(found["key"].implode()))
+            if missing.len() == 0:
+                break
+            more, vanished = self._index_hits(self.index_keys(), missing, seen)
+            found = pl.concat([found, more])
+            if not vanished:
+                break
+        if gone:
+            found = found.filter(~pl.col("segment").is_in(list(gone)))
+        if found.height == 0:
+            return {}
+        found = found.with_columns(pl.col("segment").str.extract(r"([^/]+)$").alias("_name"))
+        earliest = found.sort("_name").unique(subset="key", keep="first", maintain_order=True)
+        return {by_key[k]: seg for k, seg in zip(earliest["key"].to_list(), earliest["segment"].to_list(), strict=True)}
+
+    def finished_ids(self, request_ids: Iterable[str] | None = None, scope: str | None = None) -> set[str]:
+        """The ids (of those asked, or all) that have a result."""
+        if request_ids is None:
+            rows = self.load(["request_id", "error"])
+            return set(rows.filter(pl.col("error").is_null())["request_id"].to_list())
+        return set(self.lookup(request_ids, scope))
+
+    def _rows_from(self, segment: str, ids: set[str]) -> pl.DataFrame | None:
+        """The successful rows of `ids` in one segment, reading only row groups that hold them."""
+        try:
+            pf = self.storage.parquet_file(segment)
+        except FileNotFoundError:
+            return None
+        wanted = pl.Series(list(ids), dtype=pl.String).implode()
+        out = []
+        try:
+            for i in range(pf.num_row_groups):
+                head = pl.from_arrow(pf.read_row_group(i, columns=["request_id", "error"]))
+                mask = head["request_id"].is_in(wanted) & head["error"].is_null()
+                if mask.any():
+                    out.append(pl.from_arrow(pf.read_row_group(i)).filter(mask))
+        except FileNotFoundError:
+            return None
+        return pl.concat(out, how="vertical_relaxed") if out else _EMPTY.clear()
+
+    def finished(self, request_ids: Iterable[str] | None = None, scope: str | None = None) -> pl.DataFrame:
         """One row per request that succeeded (the earliest success wins if two processes raced),
-        for `request_ids` only when given: other rows are filtered out while reading."""
-        keys = self.segment_keys()
-        if not keys:
-            return self.load()
-        with contextlib.ExitStack() as stack:
-            paths = [str(stack.enter_context(self.storage.local_path(k))) for k in keys]
-            scan = pl.scan_parquet(paths).filter(pl.col("error").is_null())
-            if request_ids is not None:
-                scan = scan.filter(pl.col("request_id").is_in(pl.Series(list(request_ids), dtype=pl.String).implode()))
-            rows = scan.collect()
-        return rows.sort("created_at", "segment").unique(subset="request_id", keep="first", maintain_order=True)
+        for `request_ids` only when given. A segment compacted away mid-read is looked up again."""
+        if request_ids is None:
+            return _earliest_success(self.load().filter(pl.col("error").is_null()))
+        pending = set(request_ids)
+        frames = []
+        gone: set[str] = set()
+        for _ in range(LOOKUP_RETRIES):
+            where = self.lookup(pending, scope, gone)
+            by_segment: dict[str, set[str]] = {}
+            for rid, seg in where.items():
+                by_segment.setdefault(seg, set()).add(rid)
+            lost: set[str] = set()
+            for seg, ids in by_segment.items():
+                rows = self._rows_from(seg, ids)
+                if rows is None:
+                    gone.add(seg)
+                    lost |= ids
+                else:
+                    frames.append(rows)
+                    lost |= ids - set(rows["request_id"].to_list())  # a 64-bit prefix collision, or a race
+            pending = lost
+            if not pending:
+                break
+        rows = pl.concat(frames, how="vertical_relaxed") if frames else _EMPTY.clear()
+        return _earliest_success(rows)
 
-    def finished_ids(self) -> set[str]:
-        rows = self.load(["request_id", "error"])
-        return set(rows.filter(pl.col("error").is_null())["request_id"].to_list())
+    # -- writing ------------------------------------------------------------------------------------
+    def _write_index(self, segment_key: str, rows: pl.DataFrame) -> None:
+        ok = rows.filter(pl.col("error").is_null())["request_id"].to_list()
+        table = pa.table({"key": pa.array([id_key(r) for r in ok], pa.uint64()), "segment": pa.array([segment_key] * len(ok), pa.string())})
+        self.storage.write_parquet(self._index_key(segment_key), table)
 
-    def compact(self) -> dict[str, int]:
-        """Merge every segment present now into one: the earliest success per request, and for
-        requests that never succeeded their latest failure (still retried).
+    def write_segment(self, scope: str, rows: list[dict[str, Any]], kind: str = "seg") -> str:
+        """Rows first, then their index: a crash in between leaves rows that the scope's next lookup
+        indexes itself."""
+        name = _segment_name(kind)
+        key = f"{self.prefix}/segments/{safe_scope(scope)}/{name}"
+        for row in rows:
+            row["segment"] = key
+            row["scope"] = safe_scope(scope)
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        self.storage.write_parquet(key, table)
+        self._write_index(key, pl.from_arrow(table.select(["request_id", "error"])))
+        return key
 
-        Safe beside running writers: the merged segment is written first, then exactly the segments
-        it read are deleted; a reader in between sees duplicates, which every read already resolves.
-        """
-        keys = self.segment_keys()
-        rows = self.load()
-        if len(keys) < 2:
-            return {"segments_before": len(keys), "segments_after": len(keys), "rows_before": rows.height, "rows_after": rows.height}
-        ok = rows.filter(pl.col("error").is_null()).unique(subset="request_id", keep="first", maintain_order=True)
-        failed = (
-            rows.filter(pl.col("error").is_not_null() & ~pl.col("request_id").is_in(ok["request_id"].implode()))
-            .unique(subset="request_id", keep="last", maintain_order=True)
-        )  # fmt: skip
-        merged = pl.concat([ok, failed]).sort("created_at", "segment")
-        self.storage.write_parquet(f"{self.prefix}/segments/{_segment_name('compact')}", merged.to_arrow().cast(SCHEMA))
+    def compact_index(self, scope: str, drop_segments: set[str] | None = None) -> int:
+        """Merge one scope's index files into one, leaving out entries of `drop_segments` (new file
+        first, then delete what was merged)."""
+        keys = self.index_keys(scope)
+        if len(keys) < 2 and not drop_segments:
+            return len(keys)
+        frames = [f for f in (self._read(k) for k in keys) if f is not None]
+        merged = pl.concat(frames) if frames else pl.from_arrow(INDEX_SCHEMA.empty_table())
+        if drop_segments:
+            merged = merged.filter(~pl.col("segment").is_in(list(drop_segments)))
+        self.storage.write_parquet(f"{self.prefix}/index/{safe_scope(scope)}/{_segment_name('index')}", merged.to_arrow().cast(INDEX_SCHEMA))
         for key in keys:
             self.storage.delete(key)
-        return {
-            "segments_before": len(keys),
-            "segments_after": len(self.segment_keys()),
-            "rows_before": rows.height,
-            "rows_after": merged.height,
-        }
+        return 1
+
+    def compact(self, scope: str | None = None, row_group_rows: int = 10_000) -> dict[str, int]:
+        """Merge each scope's segments into one (or the given scope's): the earliest success per
+        request, and for requests that never succeeded their latest failure (still retried).
+
+        Bounded memory: a first pass reads only ids and times, the second streams one segment at a
+        time into the merged file. Safe beside running writers and readers: the merged segment and its
+        index are written first, then exactly what was merged is deleted; a reader that loses a
+        segment looks its ids up again."""
+        figures = {"segments_before": 0, "segments_after": 0, "rows_before": 0, "rows_after": 0}
+        for sc in [safe_scope(scope)] if scope is not None else self.scopes():
+            for name, value in self._compact_scope(sc, row_group_rows).items():
+                figures[name] += value
+        return figures
+
+    def _compact_scope(self, scope: str, row_group_rows: int) -> dict[str, int]:
+        keys = self.segment_keys(scope)
+        heads = []
+        for key in keys:
+            head = self._read(key, ["request_id", "error", "created_at"])
+            if head is not None:
+                heads.append(head.with_row_index("_row").with_columns(pl.lit(key).alias("_key")))
+        rows_before = sum(h.height for h in heads)
+        if len(heads) < 2:
+            return {"segments_before": len(keys), "segments_after": len(keys), "rows_before": rows_before, "rows_after": rows_before}
+        head = pl.concat(heads).sort("created_at", "_key", "_row")
+        ok = head.filter(pl.col("error").is_null()).unique(subset="request_id", keep="first", maintain_order=True)
+        failed = (
+            head.filter(pl.col("error").is_not_null() & ~pl.col("request_id").is_in(ok["request_id"].implode()))
+            .unique(subset="request_id", keep="last", maintain_order=True)
+        )  # fmt: skip
+        keep = pl.concat([ok, failed])
+        name = _segment_name("compact")
+        target = f"{self.prefix}/segments/{scope}/{name}"
+        kept = 0
+        with self.storage.parquet_writer(target, SCHEMA) as out:
+            for key in dict.fromkeys(keep["_key"].to_list()):
+                rows = keep.filter(pl.col("_key") == key)["_row"]
+                table = self.storage.parquet_file(key).read().take(pa.array(rows.to_list()))
+                table = table.set_column(table.schema.get_field_index("segment"), "segment", pa.array([target] * table.num_rows))
+                out.write_table(table.cast(SCHEMA), row_group_size=row_group_rows)
+                kept += table.num_rows
+        merged = pl.from_arrow(self.storage.parquet_file(target).read(columns=["request_id", "error"]))
+        self._write_index(target, merged)
+        self.compact_index(scope, drop_segments=set(keys))  # the index stops pointing at what is deleted next
+        for key in keys:
+            self.storage.delete(key)
+        return {"segments_before": len(keys), "segments_after": len(self.segment_keys(scope)), "rows_before": rows_before, "rows_after": kept}
 
     def writer(
-        self, *, model: str, model_fingerprint: str, engine: str, engine_version: str, flush_every: int, flush_seconds: float
+        self,
+        *,
+        model: str,
+        model_fingerprint: str,
+        engine: str,
+        engine_version: str,
+        flush_every: int,
+        flush_seconds: float,
+        scope: str | None = None,
+        engine_config: dict[str, Any] | None = None,
+        check: Callable[[ChatRequest, Generation], str | None] | None = None,
     ) -> "SegmentWriter":
-        return SegmentWriter(self, model, model_fingerprint, engine, engine_version, flush_every, flush_seconds)
+        fixed = {
+            "model": model,
+            "model_fingerprint": model_fingerprint,
+            "engine": engine,
+            "engine_version": engine_version,
+            "engine_config": json.dumps(engine_config or {}, sort_keys=True),
+        }
+        return SegmentWriter(self, safe_scope(scope), fixed, flush_every, flush_seconds, check)
 
 
 class SegmentWriter:
-    """Buffers results and writes a new segment every `flush_every` rows or `flush_seconds`."""
+    """Writes results as segments from a background thread, so the engine never waits on Parquet,
+    fsync or S3, and output checks (JSON schema) run off the engine's loop too.
+
+    A batch is handed over every `flush_every // 2` rows (or `flush_seconds`); handing over waits for
+    the previous batch to be written. So at most `flush_every` results are ever unwritten: a crash
+    loses at most one checkpoint."""
 
     def __init__(
-        self, cache: GenerationCache, model: str, fingerprint: str, engine: str, version: str, flush_every: int, flush_seconds: float
+        self,
+        cache: GenerationCache,
+        scope: str,
+        fixed: dict[str, str],
+        flush_every: int,
+        flush_seconds: float,
+        check: Callable[[ChatRequest, Generation], str | None] | None = None,
     ) -> None:
         self.cache = cache
-        self.fixed = {"model": model, "model_fingerprint": fingerprint, "engine": engine, "engine_version": version}
-        self.flush_every = max(1, flush_every)
+        self.scope = scope
+        self.fixed = fixed
+        self.batch_rows = max(1, flush_every // 2)
         self.flush_seconds = flush_seconds
-        self.rows: list[dict] = []
+        self.check = check
+        self.rows: list[tuple[ChatRequest, int, Generation]] = []
         self.last_flush = time.monotonic()
         self.segments_written = 0
+        self.rows_written = 0
+        self.rejected = 0
+        self.rejections: dict[str, str] = {}
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[list | None] = queue.Queue(maxsize=1)
+        self._thread = threading.Thread(target=self._work, name="synth-cpt-cache-writer", daemon=True)
+        self._thread.start()
 
     def add(self, request: ChatRequest, seed: int, gen: Generation) -> None:
-        self.rows.append(
-            {
-                "request_id": gen.request_id,
-                **self.fixed,
-                "prompt_name": request.prompt_name,
-                "prompt_sha": request.prompt_sha,
-                "messages": request.rendered(),
-                "sampling": json.dumps(request.sampling.as_dict(), sort_keys=True),
-                "json_schema": request.json_schema,
-                "seed": seed,
-                "text": gen.text,
-                "finish_reason": gen.finish_reason,
-                "prompt_tokens": gen.prompt_tokens,
-                "completion_tokens": gen.completion_tokens,
-                "attempts": gen.attempts,
-                "latency_s": round(gen.latency_s, 4),
-                "error": gen.error,
-                "rejected": gen.rejected,
-                "created_at": datetime.now(timezone.utc).isoformat(),
-            }
-        )
-        if len(self.rows) >= self.flush_every or time.monotonic() - self.last_flush >= self.flush_seconds:
+        self.rows.append((request, seed, gen))
+        if len(self.rows) >= self.batch_rows or time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
+        """Hand the buffered rows to the writer thread (waiting until the previous batch is written)."""
         self.last_flush = time.monotonic()
+        self._raise()
         if not self.rows:
             return
-        name = _segment_name("seg")
-        for row in self.rows:
-            row["segment"] = name
-        self.cache.storage.write_parquet(f"{self.cache.prefix}/segments/{name}", pa.Table.from_pylist(self.rows, schema=SCHEMA))
-        self.rows = []
+        batch, self.rows = self.rows, []
+        self._queue.join()
+        self._raise()
+        self._queue.put(batch)
+
+    def close(self) -> None:
+        """Write what is left and stop the thread; raises if any write failed."""
+        try:
+            self.flush()
+        finally:
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"generation cache write failed: {type(self.error).__name__}: {self.error}") from self.error
+
+    def _work(self) -> None:
+        while True:
+            batch = self._queue.get()
+            try:
+                if batch is None:
+                    return
+                if self.error is None:
+                    self._write(batch)
+            except BaseException as exc:  # surfaced to the engine's thread at its next hand-over
+                self.error = exc
+            finally:
+                self._queue.task_done()
+
+    def _write(self, batch: list[tuple[ChatRequest, int, Generation]]) -> None:
+        rows = []
+        now = datetime.now(timezone.utc).isoformat()
+        for request, seed, gen in batch:
+            if gen.ok and self.check is not None and gen.rejected is None:
+                gen.rejected = self.check(request, gen)
+            if gen.ok and gen.rejected is not None:
+                self.rejected += 1
+                self.rejections[gen.request_id] = gen.rejected
+            rows.append(
+                {
+                    "request_id": gen.request_id,
+                    **self.fixed,
+                    "prompt_name": request.prompt_name,
+                    "prompt_sha": request.prompt_sha,
+                    "messages": request.rendered(),
+                    "sampling": json.dumps(request.sampling.as_dict(), sort_keys=True),
+                    "json_schema": request.json_schema,
+                    "seed": seed,
+                    "text": gen.text,
+                    "finish_reason": gen.finish_reason,
+                    "prompt_tokens": gen.prompt_tokens,
+                    "completion_tokens": gen.completion_tokens,
+                    "attempts": gen.attempts,
+                    "latency_s": round(gen.latency_s, 4),
+                    "error": gen.error,
+                    "rejected": gen.rejected,
+                    "created_at": now,
+                }
+            )
+        self.cache.write_segment(self.scope, rows)
         self.segments_written += 1
+        self.rows_written += len(rows)
+        if self.segments_written % INDEX_COMPACT_AT == 0 and len(self.cache.index_keys(self.scope)) >= INDEX_COMPACT_AT:
+            self.cache.compact_index(self.scope)

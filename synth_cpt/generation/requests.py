@@ -9,10 +9,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 Message = dict[str, str]
+MAX_STOP = 16
+
+
+def stop_sequences(value: Any) -> tuple[str, ...]:
+    """`stop` as a tuple: one string is one sequence (never its characters), a list holds up to MAX_STOP non-empty strings."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) and s for s in items):
+        raise ValueError(f"'stop' must be a non-empty string or a list of non-empty strings, got {_short(value)}")
+    if len(items) > MAX_STOP:
+        raise ValueError(f"'stop' has {len(items)} sequences, at most {MAX_STOP} are allowed")
+    return tuple(items)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -22,6 +41,39 @@ class Sampling:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int = 0  # base seed; the engine sends one derived from request_id
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", stop_sequences(self.stop))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, where: str = "") -> Sampling:
+        """The one parser of sampling fields (prompt files, `synth-cpt generate` input); errors name `where` and the field.
+
+        Other keys of `d` are left alone (a generate input line also holds its messages).
+        """
+        prefix = f"{where}: " if where else ""
+        if d is None:
+            d = {}
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{prefix}sampling fields must be a mapping, got {_short(d)}")
+
+        def number(key: str, kind: type) -> Any:
+            value = d.get(key, getattr(cls, key))
+            try:
+                if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                return kind(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{prefix}'{key}' must be {'an integer' if kind is int else 'a number'}, got {_short(value)}") from None
+
+        try:
+            stop = stop_sequences(d.get("stop"))
+        except ValueError as exc:
+            raise ValueError(f"{prefix}{exc}") from None
+        return cls(
+            temperature=number("temperature", float), top_p=number("top_p", float), max_tokens=number("max_tokens", int),
+            stop=stop, seed=number("seed", int),
+        )  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -15,16 +15,29 @@ from synth_cpt.generation.backends import Backend, OpenAIBackend, VLLMBackend
 from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.embedded import ensure_embedded_model
 from synth_cpt.generation.engine import GenerationEngine, Progress
+from synth_cpt.generation.identity import model_identity
 from synth_cpt.storage import Storage, open_storage
 
 EMBEDDED = "embedded"
 
 
 class LLM(ConfigurableResource):
-    """Generation settings. Defaults run the embedded SmolLM2-135M on the CPU build of vLLM."""
+    """Generation settings. Defaults run the embedded SmolLM2-135M on the CPU build of vLLM.
+
+    The model fingerprint (part of every request_id, so a cached answer is reused only for the same model)
+    covers, for `vllm`: the content of the weights, tokenizer, chat template and model config files (SHA-256
+    of each, see identity.py), dtype, max_model_len and tensor_parallel_size; for `openai`: the served model
+    name and `model_revision`.
+    """
 
     backend: Literal["vllm", "openai"] = "vllm"
-    model: str = Field(EMBEDDED, description="'embedded', a local model folder, or a Hugging Face name available offline")
+    model: str = Field(
+        EMBEDDED,
+        description="'embedded', a local model folder, or a Hugging Face name available offline. With the vllm backend the "
+        "fingerprint covers the SHA-256 of the weights, tokenizer, chat template and config files (hashed once, memoized by "
+        "path/size/mtime), dtype, max_model_len and tensor_parallel_size. A name not in the local Hugging Face cache is "
+        "fingerprinted by its name only.",
+    )
     # vllm engine arguments
     dtype: str = "bfloat16"
     max_model_len: int = 2048
@@ -39,6 +52,12 @@ class LLM(ConfigurableResource):
     # openai backend
     endpoints: list[str] = Field(default_factory=list, description="base URLs, e.g. http://10.0.0.5:8000/v1")
     served_model_name: str | None = None
+    model_revision: str | None = Field(
+        None,
+        description="openai backend: which weights stand behind served_model_name (e.g. a Hugging Face commit or a checkpoint "
+        "digest). The fingerprint is served model name + model_revision and the servers' weights are not visible from here: "
+        "set a new revision when the weights behind a name change, or their cached answers are reused.",
+    )
     api_key_env: str = Field("OPENAI_API_KEY", description="name of the environment variable holding the key (never the key)")
     concurrency: int = 32
     timeout_s: float = 120.0
@@ -61,21 +80,33 @@ class LLM(ConfigurableResource):
             "max_num_batched_tokens": self.max_num_batched_tokens or (None if self.enable_chunked_prefill else self.max_model_len),
         }
 
-    def resolve_model(self, storage_root: str) -> tuple[str, str]:
-        """(path or name to load, identity of the weights)."""
+    def resolve_model(self, storage_root: str, log: Callable[[str], None] | None = None) -> tuple[str, str]:
+        """(path or name to load, identity of the weights): `name@sha256:<digest>` of the folder's content (see identity.py)."""
         if self.model == EMBEDDED:
             path, info = ensure_embedded_model(storage_root)
-            return str(path), f"{info['name']}@sha256:{info['weights_sha256']}"
+            return str(path), f"{info['name']}@sha256:{info['identity']['digest']}"
         path = Path(self.model)
-        if path.is_dir():
-            files = sorted((p.name, p.stat().st_size) for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-            return str(path), f"{path.name}@files:{hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]}"
-        return self.model, self.model
+        label = path.name
+        if not path.is_dir():
+            snapshot = _local_snapshot(self.model)
+            if snapshot is None:
+                if log:
+                    log(f"{self.model!r} is neither a local folder nor in the Hugging Face cache: fingerprinted by its name only")
+                return self.model, self.model
+            path, label = snapshot, self.model  # vLLM loads the very snapshot that was hashed
+        return str(path), f"{label}@sha256:{model_identity(path, log=log)['digest']}"
+
+    def served_identity(self) -> str:
+        """What the `model` column says for the openai backend: served name, and revision when one is set."""
+        name = self.served_model_name or self.model
+        return f"{name}@{self.model_revision}" if self.model_revision else name
 
     def model_fingerprint(self, weights_identity: str) -> str:
-        """Everything that changes what the model writes: the weights and the numeric settings."""
+        """Everything that changes what the model writes: the weights (with tokenizer and chat template) and the numeric settings."""
         if self.backend == "openai":
             parts: dict[str, Any] = {"served_model": self.served_model_name or weights_identity}
+            if self.model_revision:  # only when set: fingerprints of caches made before the field existed stay valid
+                parts["model_revision"] = self.model_revision
         else:
             parts = {
                 "weights": weights_identity,
@@ -98,10 +129,27 @@ class LLM(ConfigurableResource):
     ) -> GenerationEngine:
         if self.backend == "openai" and self.model == EMBEDDED and not self.served_model_name:
             raise ValueError("the openai backend needs served_model_name (the model name the servers expose)")
-        model_ref, identity = (self.model, self.model) if self.backend == "openai" else self.resolve_model(storage_root)
+        if self.backend == "openai":
+            model_ref = identity = self.model
+            label = self.served_identity()
+            if log and not self.model_revision:
+                log(f"openai backend without model_revision: cached answers are keyed by the served name {label!r} only")
+        else:
+            model_ref, identity = self.resolve_model(storage_root, log=log)
+            label = identity
         cache_storage = open_storage(self.cache_root) if self.cache_root else storage
         return GenerationEngine(
             self.build_backend(model_ref), GenerationCache(cache_storage, self.cache_prefix),
-            model=identity, model_fingerprint=self.model_fingerprint(identity),
+            model=label, model_fingerprint=self.model_fingerprint(identity),
             flush_every=self.flush_every, flush_seconds=self.flush_seconds, log=log, progress=progress,
         )  # fmt: skip
+
+
+def _local_snapshot(name: str) -> Path | None:
+    """The folder of a Hugging Face name already in the local cache (never downloads), else None."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except (ImportError, OSError, ValueError):
+        return None

@@ -71,3 +71,41 @@ def parse_json_output(text: str | None, schema: dict[str, Any] | None) -> tuple[
             path = "/".join(str(p) for p in exc.absolute_path) or "(root)"
             return None, f"schema violation at {path}: {exc.message[:200]}"
     return value, None
+
+
+def output_rejection(request: Any, gen: Any) -> str | None:
+    """Why a finished structured generation cannot be used (None: usable, or not structured).
+
+    A JSON answer cut at `max_tokens` is `truncated`, whatever the parser would say about the half
+    it got: the fix is a bound in the schema or a larger budget, not a repair."""
+    if not request.json_schema:
+        return None
+    if gen.finish_reason == "length":
+        return f"truncated: stopped at max_tokens={request.sampling.max_tokens} before the JSON was complete"
+    _, reason = parse_json_output(gen.text, request.schema)
+    return reason
+
+
+def unbounded_parts(schema: Any, path: str = "$") -> list[str]:
+    """Where a JSON schema lets constrained decoding run forever: strings without `maxLength`
+    (or `enum`/`const`/`pattern`), arrays without `maxItems`, objects open to extra properties."""
+    found: list[str] = []
+    if not isinstance(schema, dict):
+        return found
+    kinds = schema.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    if "string" in kinds and not any(k in schema for k in ("maxLength", "enum", "const", "pattern")):
+        found.append(f"{path} (string) has no maxLength")
+    if "array" in kinds:
+        if "maxItems" not in schema:
+            found.append(f"{path} (array) has no maxItems")
+        found += unbounded_parts(schema.get("items"), f"{path}[]")
+    if "object" in kinds:
+        if schema.get("additionalProperties", True) is not False and schema.get("properties"):
+            found.append(f"{path} (object) allows additionalProperties")
+        for name, sub in (schema.get("properties") or {}).items():
+            found += unbounded_parts(sub, f"{path}.{name}")
+    for key in ("anyOf", "oneOf", "allOf"):
+        for i, sub in enumerate(schema.get(key) or []):
+            found += unbounded_parts(sub, f"{path}.{key}[{i}]")
+    return found
