@@ -191,6 +191,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         fields["endpoints"] = args.endpoint
     if args.served_model_name:
         fields["served_model_name"] = args.served_model_name
+    if args.model_revision:
+        fields["model_revision"] = args.model_revision
+    if args.speculative:
+        fields["speculative"] = args.speculative
     llm = LLM(**fields)
     console = Console(stderr=True)
     root = config.storage_uri()
@@ -209,8 +213,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             progress.update(task, total=total, completed=done, rate=f"{tokens / max(elapsed, 1e-9):,.0f} tok/s")
 
         engine = llm.engine(open_storage(root), root, log=lambda m: console.log(m), progress=on_progress)
-        report = engine.run(requests)
-    rows = {r["request_id"]: r for r in engine.results(requests).iter_rows(named=True)}
+        report = engine.run(requests, scope=args.scope)
+    rows = {r["request_id"]: r for r in engine.results(requests, scope=args.scope).iter_rows(named=True)}
     failures = report.failures
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
@@ -242,7 +246,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else load_config()
     cache = GenerationCache(open_storage(args.root or config.storage_uri()), args.prefix)
     if args.action == "compact":
-        figures = cache.compact()
+        figures = cache.compact(args.scope)
         print(
             f"segments {figures['segments_before']} -> {figures['segments_after']}, rows {figures['rows_before']} -> {figures['rows_after']}"
         )
@@ -253,6 +257,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     table.add_column("figure")
     table.add_column("value", justify="right")
     for name, value in (
+        ("scopes", len(cache.scopes())),
         ("segments", len(cache.segment_keys())),
         ("rows", rows.height),
         ("requests with a result", ok["request_id"].n_unique()),
@@ -288,9 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help="'embedded' (default), a local model folder or a model name")
     gen.add_argument("--endpoint", action="append", help="OpenAI-compatible base URL (repeat for a fleet)")
     gen.add_argument("--served-model-name", help="model name the servers expose (openai backend)")
+    gen.add_argument("--model-revision", help="which weights stand behind the served name (openai backend; part of the fingerprint)")
+    gen.add_argument("--speculative", choices=["auto", "on", "off"], help="n-gram speculative decoding (vllm backend; default auto)")
+    gen.add_argument("--scope", default="adhoc", help="where in the cache the results are stored and looked up first (default: adhoc)")
     gen.set_defaults(func=cmd_generate)
-    cache = sub.add_parser("cache", help="the generation cache: figures, or compact its segments into one")
+    cache = sub.add_parser("cache", help="the generation cache: figures, or compact each scope's segments into one")
     cache.add_argument("action", choices=["stats", "compact"])
+    cache.add_argument("--scope", help="compact only this scope, e.g. rewrites_easy/pt/high (default: every scope)")
     cache.add_argument("--root", help="storage root of the cache (default: the pipeline's)")
     cache.add_argument("--prefix", default="generations")
     cache.set_defaults(func=cmd_cache)

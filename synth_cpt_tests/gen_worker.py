@@ -1,4 +1,4 @@
-"""A generation process for the crash and sharing tests: `python -m synth_cpt_tests.gen_worker ROOT N DELAY SENT_LOG`."""
+"""A generation process for the crash and sharing tests: `python -m synth_cpt_tests.gen_worker ROOT N DELAY SENT_LOG [SCOPE]`."""
 
 import sys
 
@@ -20,5 +20,5 @@ if __name__ == "__main__":
         flush_every=FLUSH_EVERY,
         flush_seconds=3600,
     )
-    report = engine.run(make_requests(n))
+    report = engine.run(make_requests(n), scope=sys.argv[5] if len(sys.argv) > 5 else None)
     print(report.sent, report.cache_hits)

@@ -2,10 +2,9 @@
 named as such, unbounded schemas refused, a cache that survives compaction mid-read and mid-run,
 scoped lookups that read little, and writes off the engine's thread."""
 
+import re
 import threading
 import time
-
-import re
 
 import polars as pl
 import pytest
@@ -59,7 +58,11 @@ def test_structured_output_cut_at_max_tokens_is_rejected_as_truncated(tmp_path):
     [
         ({"type": "object", "properties": {"s": {"type": "string"}}, "additionalProperties": False}, "$.s (string) has no maxLength"),
         (
-            {"type": "object", "properties": {"e": {"type": "array", "items": {"type": "string", "maxLength": 5}}}, "additionalProperties": False},
+            {
+                "type": "object",
+                "properties": {"e": {"type": "array", "items": {"type": "string", "maxLength": 5}}},
+                "additionalProperties": False,
+            },
             "$.e (array) has no maxItems",
         ),
         ({"type": "object", "properties": {"s": {"type": "string", "maxLength": 5}}}, "$ (object) allows additionalProperties"),

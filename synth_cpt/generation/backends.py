@@ -40,7 +40,7 @@ class Backend:
         """Settings stored with every row (engine_config): what ran, without secrets."""
         return {}
 
-    def prepare(self) -> None:
+    def prepare(self, batch: list[Prepared] | None = None) -> None:
         """Load what is needed before the first request (optional); not counted in throughput."""
 
     def close(self) -> None:
@@ -56,9 +56,21 @@ class VLLMBackend(Backend):
 
     name = "vllm"
 
-    def __init__(self, model: str, engine_args: dict[str, Any], llm: Any | None = None, max_in_flight: int = 1024) -> None:
+    def __init__(
+        self,
+        model: str,
+        engine_args: dict[str, Any],
+        llm: Any | None = None,
+        max_in_flight: int = 1024,
+        speculative: str = "off",
+        speculative_config: dict[str, Any] | None = None,
+    ) -> None:
+        """`speculative`: "off", "on" (load with `speculative_config`), or "auto": on when the batch that
+        loads the engine has requests whose prompts ask for it (rewrites copy their input)."""
         self.model = model
-        self.engine_args = engine_args
+        self.engine_args = dict(engine_args)
+        self.speculative = speculative
+        self.speculative_config = speculative_config
         self._llm = llm
         self.max_in_flight = max_in_flight
 
@@ -82,7 +94,11 @@ class VLLMBackend(Backend):
     def config(self) -> dict[str, Any]:
         return {k: v for k, v in self.engine_args.items() if v is not None}
 
-    def prepare(self) -> None:
+    def prepare(self, batch: list[Prepared] | None = None) -> None:
+        if self._llm is None and self.speculative_config:
+            wanted = self.speculative == "on" or (self.speculative == "auto" and any(p.request.sampling.speculative for p in batch or []))
+            if wanted:
+                self.engine_args["speculative_config"] = dict(self.speculative_config)
         self.llm  # noqa: B018  (loads the engine)
 
     def sampling_params(self, p: Prepared) -> Any:

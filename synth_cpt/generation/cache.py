@@ -33,7 +33,6 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from synth_cpt.generation.requests import ChatRequest, Generation
 from synth_cpt.storage import Storage
@@ -299,7 +298,9 @@ class GenerationCache:
         merged = pl.concat(frames) if frames else pl.from_arrow(INDEX_SCHEMA.empty_table())
         if drop_segments:
             merged = merged.filter(~pl.col("segment").is_in(list(drop_segments)))
-        self.storage.write_parquet(f"{self.prefix}/index/{safe_scope(scope)}/{_segment_name('index')}", merged.to_arrow().cast(INDEX_SCHEMA))
+        self.storage.write_parquet(
+            f"{self.prefix}/index/{safe_scope(scope)}/{_segment_name('index')}", merged.to_arrow().cast(INDEX_SCHEMA)
+        )
         for key in keys:
             self.storage.delete(key)
         return 1
@@ -350,7 +351,12 @@ class GenerationCache:
         self.compact_index(scope, drop_segments=set(keys))  # the index stops pointing at what is deleted next
         for key in keys:
             self.storage.delete(key)
-        return {"segments_before": len(keys), "segments_after": len(self.segment_keys(scope)), "rows_before": rows_before, "rows_after": kept}
+        return {
+            "segments_before": len(keys),
+            "segments_after": len(self.segment_keys(scope)),
+            "rows_before": rows_before,
+            "rows_after": kept,
+        }
 
     def writer(
         self,

@@ -143,7 +143,7 @@ class GenerationEngine:
             return report
 
         loading = time.monotonic()
-        self.backend.prepare()
+        self.backend.prepare(pending)
         report.load_seconds = time.monotonic() - loading
         writer = self.cache.writer(
             model=self.model, model_fingerprint=self.fingerprint, engine=self.backend.name,

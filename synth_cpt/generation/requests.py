@@ -41,6 +41,9 @@ class Sampling:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int = 0  # base seed; the engine sends one derived from request_id
+    # Copy-heavy prompts (rewrites) ask for n-gram speculative decoding. Not part of request_id:
+    # speculation changes how fast tokens come, not the distribution they are drawn from.
+    speculative: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", stop_sequences(self.stop))
@@ -66,13 +69,19 @@ class Sampling:
             except (TypeError, ValueError):
                 raise ValueError(f"{prefix}'{key}' must be {'an integer' if kind is int else 'a number'}, got {_short(value)}") from None
 
+        def flag(key: str) -> bool:
+            value = d.get(key, getattr(cls, key))
+            if not isinstance(value, bool):
+                raise ValueError(f"{prefix}'{key}' must be true or false, got {_short(value)}")
+            return value
+
         try:
             stop = stop_sequences(d.get("stop"))
         except ValueError as exc:
             raise ValueError(f"{prefix}{exc}") from None
         return cls(
             temperature=number("temperature", float), top_p=number("top_p", float), max_tokens=number("max_tokens", int),
-            stop=stop, seed=number("seed", int),
+            stop=stop, seed=number("seed", int), speculative=flag("speculative"),
         )  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:

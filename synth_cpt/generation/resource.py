@@ -49,6 +49,15 @@ class LLM(ConfigurableResource):
     # prefilled in chunks; whole-prompt prefill avoids it. GPU deployments may turn chunking back on.
     enable_chunked_prefill: bool = False
     max_num_batched_tokens: int | None = Field(None, description="default: max_model_len when chunked prefill is off")
+    speculative: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="n-gram speculative decoding (prompt lookup): 'auto' loads the engine with it when the prompts of the run "
+        "ask for it (`sampling.speculative: true` in a prompt file: the rewrite styles, which copy their input), 'on' always, "
+        "'off' never. Not part of the fingerprint: it changes speed, not the distribution sampled from.",
+    )
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
     # openai backend
     endpoints: list[str] = Field(default_factory=list, description="base URLs, e.g. http://10.0.0.5:8000/v1")
     served_model_name: str | None = None
@@ -78,6 +87,14 @@ class LLM(ConfigurableResource):
             "enforce_eager": self.enforce_eager,
             "enable_chunked_prefill": self.enable_chunked_prefill,
             "max_num_batched_tokens": self.max_num_batched_tokens or (None if self.enable_chunked_prefill else self.max_model_len),
+        }
+
+    def speculative_config(self) -> dict[str, Any]:
+        return {
+            "method": "ngram",
+            "num_speculative_tokens": self.num_speculative_tokens,
+            "prompt_lookup_max": self.prompt_lookup_max,
+            "prompt_lookup_min": self.prompt_lookup_min,
         }
 
     def resolve_model(self, storage_root: str, log: Callable[[str], None] | None = None) -> tuple[str, str]:
@@ -122,7 +139,7 @@ class LLM(ConfigurableResource):
                 self.endpoints, self.served_model_name or model_ref, api_key_env=self.api_key_env,
                 concurrency=self.concurrency, timeout_s=self.timeout_s, max_attempts=self.max_attempts,
             )  # fmt: skip
-        return VLLMBackend(model_ref, self.engine_args())
+        return VLLMBackend(model_ref, self.engine_args(), speculative=self.speculative, speculative_config=self.speculative_config())
 
     def engine(
         self, storage: Storage, storage_root: str, log: Callable[[str], None] | None = None, progress: Progress | None = None
