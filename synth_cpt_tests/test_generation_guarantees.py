@@ -302,3 +302,48 @@ def test_every_pending_request_is_prepared_once(tmp_path):
     reqs = make_requests(10, duplicates=5)
     _engine(tmp_path, Recording()).run(reqs)
     assert len(seen) == len(set(seen)) == 10
+
+
+# -- speculative decoding: asked for by prompt files, decided when the engine loads ------------------
+class LLMConstructorDouble:
+    """Test double of `vllm.LLM`: records the engine arguments it was built with."""
+
+    built: list = []
+
+    def __init__(self, model, **kwargs):
+        LLMConstructorDouble.built.append(kwargs)
+
+
+@pytest.mark.parametrize(
+    "mode, asks, temperature, expected",
+    [
+        ("auto", True, 0.0, True),  # a copy-heavy prompt decoded greedily: where it pays
+        ("auto", True, 0.7, False),  # sampled: rejection sampling costs more than it saves on CPU
+        ("auto", False, 0.0, False),
+        ("on", False, 0.7, True),
+        ("off", True, 0.0, False),
+    ],
+)
+def test_speculation_is_loaded_where_it_pays(monkeypatch, mode, asks, temperature, expected):
+    import vllm
+
+    from synth_cpt.generation.resource import LLM
+
+    monkeypatch.setattr(vllm, "LLM", LLMConstructorDouble)
+    LLMConstructorDouble.built.clear()
+    backend = LLM(speculative=mode).build_backend("model-folder")
+    req = ChatRequest.chat([{"role": "user", "content": "x"}], Sampling(temperature=temperature, speculative=asks))
+    backend.prepare([Prepared(req, req.request_id("fp"), 1)])
+    args = LLMConstructorDouble.built[-1]
+    assert ("speculative_config" in args) == expected
+    if expected:
+        assert args["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+        assert backend.config()["speculative_config"]["method"] == "ngram", "recorded in engine_config"
+
+
+def test_speculation_is_not_part_of_the_request_id():
+    a = ChatRequest.chat([{"role": "user", "content": "x"}], Sampling(speculative=True))
+    b = ChatRequest.chat([{"role": "user", "content": "x"}], Sampling(speculative=False))
+    assert a.request_id("fp") == b.request_id("fp")
+    with pytest.raises(ValueError, match="'speculative' must be true or false"):
+        Sampling.from_dict({"speculative": "yes"}, where="prompt x.yaml: sampling")

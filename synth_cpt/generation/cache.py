@@ -9,8 +9,10 @@ segments, and a run must not read all of them to learn what is done. Segments li
 that wrote them (an asset and partition, e.g. `rewrites_easy/pt/high`), and each segment has a small
 id-only index file (64-bit id prefixes of its successful rows, nothing else). A lookup reads its own
 scope's index first and the other scopes' index only for ids still missing, so cross-scope hits
-count; then it opens only the segments that hold hits, and reads only the row groups and columns it
-needs (ranged reads on S3). `request_id` stays the one key; the scope is a locality hint.
+count (of those it reads the key column alone, and a cache object keeps what it read: index files
+never change once written); then it opens only the segments that hold hits, a few at a time, and
+reads only the row groups and columns it needs (ranged reads on S3). `request_id` stays the one key;
+the scope is a locality hint.
 
 Layout under `<root>/<prefix>/`:
     segments/<scope>/<stamp>-<kind>-<host>-<pid>-<rand>.parquet   rows (DuckDB: segments/**/*.parquet)
@@ -28,18 +30,23 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from synth_cpt.generation.requests import ChatRequest, Generation
-from synth_cpt.storage import Storage
+from synth_cpt.storage import LocalStorage, Storage
 
 DEFAULT_SCOPE = "adhoc"
 INDEX_COMPACT_AT = 16  # index files in one scope before a writer merges them into one
 LOOKUP_RETRIES = 5
+INDEX_BATCH_FILES = 256  # index files whose keys are matched at once (bounds memory)
+INDEX_MEMO_KEYS = 8_000_000  # other scopes' index keys (8 bytes each) a cache object keeps between lookups
+READ_THREADS = 8  # files read at once: Parquet decoding releases the GIL, and S3 reads are mostly waiting
 
 SCHEMA = pa.schema(
     [
@@ -97,6 +104,14 @@ def _basename(key: str) -> str:
     return key.rsplit("/", 1)[-1]
 
 
+def _threaded(fn: Callable[[Any], Any], items: list[Any], threads: int = READ_THREADS) -> list[Any]:
+    """fn over items in a few threads, results in order."""
+    if len(items) < 2 or threads < 2:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(min(threads, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
 def _earliest_success(rows: pl.DataFrame) -> pl.DataFrame:
     """One row per request: the earliest success if two processes raced."""
     return rows.sort("created_at", "segment").unique(subset="request_id", keep="first", maintain_order=True)
@@ -106,6 +121,12 @@ class GenerationCache:
     def __init__(self, storage: Storage, prefix: str = "generations") -> None:
         self.storage = storage
         self.prefix = prefix.strip("/")
+        # Index files never change once written (a merge writes a new one), so the key columns of
+        # other scopes' index read by one lookup serve the next (finished_ids, then finished); only
+        # files still listed are used, and those no longer listed are dropped.
+        self._memo: dict[str, pa.ChunkedArray] = {}
+        self._memo_keys = 0
+        self._local = isinstance(storage, LocalStorage)
 
     # -- keys ---------------------------------------------------------------------------------------
     def _keys(self, area: str, scope: str | None) -> list[str]:
@@ -147,22 +168,75 @@ class GenerationCache:
         self, keys: list[str], wanted: pl.Series, seen: set[str], covered: set[str] | None = None
     ) -> tuple[pl.DataFrame, list[str]]:
         """Rows of the given index files whose key is wanted, and the files that vanished meanwhile.
-        `covered` collects the segments the files index (to find segments with no index)."""
+        `covered` collects the segments the files index (to find segments with no index).
+
+        Without `covered` (other scopes' index, read for the few ids still missing) only the key
+        column is read, the keys of many files are matched at once, and the segment column is read
+        only from the files that hold a hit: most of the cache's index costs 8 bytes a row."""
+        empty = pl.from_arrow(INDEX_SCHEMA.empty_table())
+        todo = [k for k in dict.fromkeys(keys) if k not in seen]
+        seen.update(todo)
         hits, vanished = [], []
-        for key in keys:
-            if key in seen:
-                continue
-            seen.add(key)
-            frame = self._read(key)
-            if frame is None:
-                vanished.append(key)
-                continue
-            if covered is not None:
+        if covered is not None:
+            for key in todo:
+                frame = self._read(key)
+                if frame is None:
+                    vanished.append(key)
+                    continue
                 covered.update(frame["segment"].unique().to_list())
-            hit = frame.filter(pl.col("key").is_in(wanted.implode()))
-            if hit.height:
-                hits.append(hit)
-        return (pl.concat(hits) if hits else pl.from_arrow(INDEX_SCHEMA.empty_table())), vanished
+                hit = frame.filter(pl.col("key").is_in(wanted.implode()))
+                if hit.height:
+                    hits.append(hit)
+            return (pl.concat(hits) if hits else empty), vanished
+        for start in range(0, len(todo), INDEX_BATCH_FILES):
+            batch = todo[start : start + INDEX_BATCH_FILES]
+            fresh = [k for k in batch if k not in self._memo]
+            # small local files read faster one after the other than through threads; remote ones not
+            threads = 1 if self._local else READ_THREADS
+            read = dict(zip(fresh, _threaded(self._index_column, fresh, threads), strict=True))
+            vanished += [k for k, column in read.items() if column is None]
+            files = [k for k in batch if k in self._memo or read.get(k) is not None]
+            columns = [self._memo[k] if k in self._memo else read[k] for k in files]
+            for key in fresh:
+                if read[key] is not None and self._memo_keys + len(read[key]) <= INDEX_MEMO_KEYS:
+                    self._memo[key] = read[key]
+                    self._memo_keys += len(read[key])
+            if not files:
+                continue
+            lengths = [len(c) for c in columns]
+            all_keys = pl.Series(pa.chunked_array([chunk for c in columns for chunk in c.chunks], pa.uint64()))
+            rows = all_keys.is_in(wanted.implode()).arg_true()
+            if rows.len() == 0:
+                continue
+            starts = pl.Series(lengths, dtype=pl.Int64).cum_sum() - pl.Series(lengths, dtype=pl.Int64)
+            which = starts.search_sorted(rows.cast(pl.Int64), side="right") - 1
+            by_file = pl.DataFrame({"file": which, "row": rows.cast(pl.Int64) - starts.gather(which)}).group_by("file").agg("row")
+            for file, local in by_file.iter_rows():
+                take = pa.array(local, pa.int64())
+                segments = self._index_column(files[file], "segment")
+                if segments is None:  # merged away between the two reads: its replacement is read instead
+                    vanished.append(files[file])
+                    continue
+                segments = segments.take(take)
+                hits.append(pl.from_arrow(pa.table({"key": columns[file].take(take), "segment": segments}, schema=INDEX_SCHEMA)))
+        return (pl.concat(hits) if hits else empty), vanished
+
+    def _forget_unlisted(self, listed: set[str]) -> None:
+        self._memo = {k: v for k, v in self._memo.items() if k in listed}
+        self._memo_keys = sum(len(v) for v in self._memo.values())
+
+    def _index_column(self, key: str, column: str = "key") -> pa.ChunkedArray | None:
+        """One column of one index file (None if the file vanished). The column reader is used when
+        pyarrow has it: ParquetFile.read's pre-buffering costs ~0.1 ms a file, more than the file's
+        keys take to decode, and a lookup reads hundreds of small index files."""
+        try:
+            pf = self.storage.parquet_file(key)
+            reader = getattr(pf, "reader", None)
+            if reader is not None and hasattr(reader, "read_column"):
+                return pa.chunked_array(reader.read_column(pf.schema_arrow.get_field_index(column)))
+            return pf.read(columns=[column]).column(0)
+        except FileNotFoundError:
+            return None
 
     def _unindexed(self, scope: str, wanted_ids: set[str], covered: set[str]) -> pl.DataFrame:
         """Hits in this scope's segments that no index file covers (a crash between the two writes,
@@ -204,7 +278,9 @@ class GenerationCache:
             missing = wanted.filter(~wanted.is_in(found["key"].implode()))
             if missing.len() == 0:
                 break
-            more, vanished = self._index_hits(self.index_keys(), missing, seen)
+            listed = self.index_keys()
+            self._forget_unlisted(set(listed))
+            more, vanished = self._index_hits(listed, missing, seen)
             found = pl.concat([found, more])
             if not vanished:
                 break
@@ -229,14 +305,14 @@ class GenerationCache:
             pf = self.storage.parquet_file(segment)
         except FileNotFoundError:
             return None
-        wanted = pl.Series(list(ids), dtype=pl.String).implode()
+        wanted = pa.array(list(ids), pa.string())
         out = []
         try:
             for i in range(pf.num_row_groups):
-                head = pl.from_arrow(pf.read_row_group(i, columns=["request_id", "error"]))
-                mask = head["request_id"].is_in(wanted) & head["error"].is_null()
-                if mask.any():
-                    out.append(pl.from_arrow(pf.read_row_group(i)).filter(mask))
+                head = pf.read_row_group(i, columns=["request_id", "error"])
+                mask = pc.and_(pc.is_in(head["request_id"], value_set=wanted), pc.is_null(head["error"]))
+                if pc.any(mask).as_py():
+                    out.append(pl.from_arrow(pf.read_row_group(i).filter(mask)))
         except FileNotFoundError:
             return None
         return pl.concat(out, how="vertical_relaxed") if out else _EMPTY.clear()
@@ -255,8 +331,9 @@ class GenerationCache:
             for rid, seg in where.items():
                 by_segment.setdefault(seg, set()).add(rid)
             lost: set[str] = set()
-            for seg, ids in by_segment.items():
-                rows = self._rows_from(seg, ids)
+            segments = list(by_segment.items())
+            threads = min(READ_THREADS, os.cpu_count() or 1) if self._local else READ_THREADS  # CPU-bound locally
+            for (seg, ids), rows in zip(segments, _threaded(lambda item: self._rows_from(*item), segments, threads), strict=True):
                 if rows is None:
                     gone.add(seg)
                     lost |= ids
