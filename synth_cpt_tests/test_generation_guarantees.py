@@ -337,7 +337,12 @@ def test_speculation_is_loaded_where_it_pays(monkeypatch, mode, asks, temperatur
     args = LLMConstructorDouble.built[-1]
     assert ("speculative_config" in args) == expected
     if expected:
-        assert args["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+        assert args["speculative_config"] == {
+            "method": "ngram",
+            "num_speculative_tokens": 4,
+            "prompt_lookup_max": 4,
+            "prompt_lookup_min": 2,
+        }
         assert backend.config()["speculative_config"]["method"] == "ngram", "recorded in engine_config"
 
 

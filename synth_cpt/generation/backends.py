@@ -104,7 +104,9 @@ class VLLMBackend(Backend):
 
     def prepare(self, batch: list[Prepared] | None = None) -> None:
         if self._llm is None and self.speculative_config:
-            wanted = self.speculative == "on" or (self.speculative == "auto" and any(pays_to_speculate(p.request.sampling) for p in batch or []))
+            wanted = self.speculative == "on" or (
+                self.speculative == "auto" and any(pays_to_speculate(p.request.sampling) for p in batch or [])
+            )
             if wanted:
                 self.engine_args["speculative_config"] = dict(self.speculative_config)
         self.llm  # noqa: B018  (loads the engine)

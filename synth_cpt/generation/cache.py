@@ -37,12 +37,13 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from synth_cpt.generation.requests import ChatRequest, Generation
 from synth_cpt.storage import LocalStorage, Storage
 
 DEFAULT_SCOPE = "adhoc"
-INDEX_COMPACT_AT = 16  # index files in one scope before a writer merges them into one
+INDEX_FAN_IN = 4  # index files of one tier that a writer merges into one file of the next tier
 LOOKUP_RETRIES = 5
 INDEX_BATCH_FILES = 256  # index files whose keys are matched at once (bounds memory)
 INDEX_MEMO_KEYS = 8_000_000  # other scopes' index keys (8 bytes each) a cache object keeps between lookups
@@ -110,6 +111,13 @@ def _threaded(fn: Callable[[Any], Any], items: list[Any], threads: int = READ_TH
         return [fn(x) for x in items]
     with ThreadPoolExecutor(min(threads, len(items))) as pool:
         return list(pool.map(fn, items))
+
+
+def _index_tier(key: str) -> int:
+    """0 for a segment's own index file, n for a merge whose inputs were at most of tier n-1 (its
+    name's kind is `index<n>`; a merge named plain `index`, from before tiers, counts as 0)."""
+    kind = _basename(key).split("-")[1] if _basename(key).count("-") >= 2 else ""
+    return int(kind[5:]) if kind.startswith("index") and kind[5:].isdigit() else 0
 
 
 def _earliest_success(rows: pl.DataFrame) -> pl.DataFrame:
@@ -227,8 +235,8 @@ class GenerationCache:
 
     def _index_column(self, key: str, column: str = "key") -> pa.ChunkedArray | None:
         """One column of one index file (None if the file vanished). The column reader is used when
-        pyarrow has it: ParquetFile.read's pre-buffering costs ~0.1 ms a file, more than the file's
-        keys take to decode, and a lookup reads hundreds of small index files."""
+        pyarrow has it: ParquetFile.read's pre-buffering costs ~0.1 ms a file locally, more than a
+        small file's keys take to decode, and a lookup reads a few index files of every scope."""
         try:
             pf = self.storage.parquet_file(key)
             reader = getattr(pf, "reader", None)
@@ -350,7 +358,13 @@ class GenerationCache:
     def _write_index(self, segment_key: str, rows: pl.DataFrame) -> None:
         ok = rows.filter(pl.col("error").is_null())["request_id"].to_list()
         table = pa.table({"key": pa.array([id_key(r) for r in ok], pa.uint64()), "segment": pa.array([segment_key] * len(ok), pa.string())})
-        self.storage.write_parquet(self._index_key(segment_key), table)
+        self._write_index_file(self._index_key(segment_key), table)
+
+    def _write_index_file(self, key: str, table: pa.Table) -> None:
+        """Keys are random 64-bit numbers, so they are stored plain and uncompressed: a dictionary
+        and zstd would only make every lookup decode them slower. Segment names repeat: dictionary."""
+        with self.storage.writing(key) as tmp:
+            pq.write_table(table, tmp, compression={"key": "none", "segment": "zstd"}, use_dictionary=["segment"])
 
     def write_segment(self, scope: str, rows: list[dict[str, Any]], kind: str = "seg") -> str:
         """Rows first, then their index: a crash in between leaves rows that the scope's next lookup
@@ -365,22 +379,42 @@ class GenerationCache:
         self._write_index(key, pl.from_arrow(table.select(["request_id", "error"])))
         return key
 
-    def compact_index(self, scope: str, drop_segments: set[str] | None = None) -> int:
-        """Merge one scope's index files into one, leaving out entries of `drop_segments` (new file
-        first, then delete what was merged)."""
-        keys = self.index_keys(scope)
+    def compact_index(self, scope: str, drop_segments: set[str] | None = None, files: list[str] | None = None) -> int:
+        """Merge one scope's index files (or the given ones) into one, leaving out entries of
+        `drop_segments` (new file first, then delete what was merged). The merge's tier is one more
+        than its highest input's."""
+        keys = self.index_keys(scope) if files is None else files
         if len(keys) < 2 and not drop_segments:
             return len(keys)
         frames = [f for f in (self._read(k) for k in keys) if f is not None]
         merged = pl.concat(frames) if frames else pl.from_arrow(INDEX_SCHEMA.empty_table())
         if drop_segments:
             merged = merged.filter(~pl.col("segment").is_in(list(drop_segments)))
-        self.storage.write_parquet(
-            f"{self.prefix}/index/{safe_scope(scope)}/{_segment_name('index')}", merged.to_arrow().cast(INDEX_SCHEMA)
-        )
+        kind = f"index{max((_index_tier(k) for k in keys), default=0) + 1}"
+        self._write_index_file(f"{self.prefix}/index/{safe_scope(scope)}/{_segment_name(kind)}", merged.to_arrow().cast(INDEX_SCHEMA))
         for key in keys:
             self.storage.delete(key)
         return 1
+
+    def merge_index(self, scope: str) -> int:
+        """What a writer does after each segment: whenever INDEX_FAN_IN of a scope's index files
+        share a tier, merge them into one file of the next tier. A scope then keeps a few index files
+        per tier (the log of its size: 2 for 20 segments), so a lookup opens few files however many
+        segments there are, and a merge rewrites each key once per tier instead of the whole scope's
+        index every time. Returns the number of merges."""
+        folder = f"{self.prefix}/index/{safe_scope(scope)}"
+        merges = 0
+        while merges < 64:  # each merge leaves at least 3 files fewer; the bound only guards against a storage that cannot delete
+            tiers: dict[int, list[str]] = {}
+            for key in self.index_keys(scope):
+                if key.rsplit("/", 1)[0] == folder:  # not a nested scope's files
+                    tiers.setdefault(_index_tier(key), []).append(key)
+            due = [t for t in sorted(tiers) if len(tiers[t]) >= INDEX_FAN_IN]
+            if not due:
+                break
+            self.compact_index(scope, files=tiers[due[0]])
+            merges += 1
+        return merges
 
     def compact(self, scope: str | None = None, row_group_rows: int = 10_000) -> dict[str, int]:
         """Merge each scope's segments into one (or the given scope's): the earliest success per
@@ -567,5 +601,4 @@ class SegmentWriter:
         self.cache.write_segment(self.scope, rows)
         self.segments_written += 1
         self.rows_written += len(rows)
-        if self.segments_written % INDEX_COMPACT_AT == 0 and len(self.cache.index_keys(self.scope)) >= INDEX_COMPACT_AT:
-            self.cache.compact_index(self.scope)
+        self.cache.merge_index(self.scope)
