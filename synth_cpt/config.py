@@ -163,6 +163,9 @@ class LimitsConfig(_Strict):
     batch_bytes: int = Field(4 * 1024 * 1024, gt=0)
     quarantine_raw_chars: int = Field(500, gt=0)
     workers: int | None = Field(None, ge=1, description="processes that normalize, identify and score; default: CPU count")
+    accept_partial_files: bool = Field(
+        False, description="a damaged drop (truncated, corrupt) enters raw_corpus with the records read before the break"
+    )
 
 
 class PipelineConfig(_Strict):

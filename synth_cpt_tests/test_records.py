@@ -34,7 +34,8 @@ BAD = {
     R.NULL_TEXT: b'{"text": null}',
     R.NON_STRING_TEXT: b'{"text": 42}',
     R.EMPTY_TEXT: b'{"text": " \\u0000\\t\\n "}',
-    R.LANGUAGE_NOT_DETECTED: b'{"text": "1234 5678 !!!! ---- 9999"}',
+    R.LANGUAGE_NOT_DETECTED: b'{"text": "a1 b2 c3 d4"}',
+    R.NO_LETTERS: b'{"text": "\\u200b\\u2060 \\ud83d\\ude00\\ud83c\\udf89 1234 !!", "language": "pt", "edu": 4.5}',
     R.BAD_SCORE: b'{"text": "x", "edu": "very"}',
 }
 

@@ -20,6 +20,8 @@ TRICKY = [
     "   ",
     "ﬁ ligature stays (NFC, not NFKC)",
     "line\u2028separator and\u2029paragraph separator count as spaces",
+    "Cafe\x00\u0301 with a NUL between letter and accent",
+    "zero\u200bwidth\u2060joiner\ufeffbom\u180e and ZWJ \U0001f469\u200d\U0001f4bb stays",
 ]
 
 
@@ -31,6 +33,8 @@ def test_normalize_scalar_and_vectorized_agree(text):
 
 def test_normalize_rules():
     assert normalize_text("Cafe\u0301") == "Café"
+    assert doc_id(normalize_text("Cafe\x00\u0301")) == doc_id(normalize_text("Café")), "NFC after control characters go"
+    assert normalize_text("\u200b\u2060\ufeff") == ""
     assert normalize_text("a\r\nb\rc") == "a\nb\nc"
     assert normalize_text("a\x00b\x7fc\x9fd") == "abcd"
     assert normalize_text("a \t\u00a0 b") == "a b"

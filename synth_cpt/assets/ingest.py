@@ -82,7 +82,9 @@ def build_ingest_assets(config: PipelineConfig) -> tuple[list[AssetsDefinition],
         quarantine = storage.read_parquet(f"{prefix}/quarantine.parquet", columns=["source_line", "reason"], n_rows=5)
         if not report.accepted:
             context.log.warning(
-                f"drop {drop.key}: {report.quarantine_rate:.1%} of records quarantined, over "
+                f"drop {drop.key}: damaged, kept out of raw_corpus until a complete version arrives: {report.damage}"
+                if not report.complete
+                else f"drop {drop.key}: {report.quarantine_rate:.1%} of records quarantined, over "
                 f"limits.max_quarantine_rate={cfg.limits.max_quarantine_rate:.1%}; kept out of raw_corpus"
             )
         return MaterializeResult(
@@ -97,6 +99,9 @@ def build_ingest_assets(config: PipelineConfig) -> tuple[list[AssetsDefinition],
                 "quarantine_rate": round(report.quarantine_rate, 6),
                 "quarantine_by_reason": MetadataValue.json(report.quarantine_by_reason),
                 "accepted": report.accepted,
+                "complete": report.complete,
+                "damage": report.damage or "",
+                "encoding_repaired": report.encoding_repaired,
                 "languages": MetadataValue.json(report.languages),
                 "quality_score_source": MetadataValue.json(report.quality_sources),
                 "mb_per_s": round(drop.size / 1e6 / max(report.seconds, 1e-9), 2),
@@ -271,20 +276,25 @@ def _drop_checks(config: PipelineConfig) -> list:
         name="quarantine_rate",
         partitions_def=crawl_drop_partitions,
         blocking=True,
-        description="GX: the share of quarantined records is at most limits.max_quarantine_rate; above it the drop is kept out of raw_corpus.",
+        description="GX: the share of quarantined records is at most limits.max_quarantine_rate and the file is complete "
+        "(unless limits.accept_partial_files); otherwise the drop is kept out of raw_corpus.",
     )
     def drop_quarantine_rate(context: AssetCheckExecutionContext, pipeline: PipelineResource) -> AssetCheckResult:
         cfg, storage = pipeline.load(), pipeline.storage()
         manifest = storage.read_json(f"{drop_prefix(context.partition_key)}/manifest.json")
-        frame = pl.DataFrame({"quarantine_rate": [float(manifest["quarantine_rate"])]})
-        outcome = run_suite(
-            "crawl_drop_quarantine_rate",
-            frame,
-            [expect().ExpectColumnValuesToBeBetween(column="quarantine_rate", min_value=0, max_value=cfg.limits.max_quarantine_rate)],
-        )
+        complete = bool(manifest.get("complete", True))
+        frame = pl.DataFrame({"quarantine_rate": [float(manifest["quarantine_rate"])], "complete": [complete]})
+        expectations = [
+            expect().ExpectColumnValuesToBeBetween(column="quarantine_rate", min_value=0, max_value=cfg.limits.max_quarantine_rate)
+        ]
+        if not cfg.limits.accept_partial_files:  # a damaged file waits for a complete version
+            expectations.append(expect().ExpectColumnValuesToBeInSet(column="complete", value_set=[True]))
+        outcome = run_suite("crawl_drop_quarantine_rate", frame, expectations)
         return _result(
             outcome,
             quarantine_rate=float(manifest["quarantine_rate"]),
+            complete=complete,
+            damage=manifest.get("damage") or "",
             max_quarantine_rate=cfg.limits.max_quarantine_rate,
             quarantine_by_reason=MetadataValue.json(manifest["quarantine_by_reason"]),
         )

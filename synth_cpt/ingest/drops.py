@@ -18,11 +18,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from synth_cpt.config import PipelineConfig
 from synth_cpt.ingest.records import (
     QUARANTINE_SCHEMA,
+    TRUNCATED_FILE,
+    UNREADABLE_FILE,
     Batch,
     RecordParser,
     StartedBatch,
@@ -32,7 +35,7 @@ from synth_cpt.ingest.records import (
     iter_batches_rows,
     start_batch,
 )
-from synth_cpt.ingest.sources import CountingReader, DropFile, DropSource, decompressed, open_source
+from synth_cpt.ingest.sources import CountingReader, DropFile, DropSource, GuardedStream, decompressed, open_source
 from synth_cpt.storage import Storage
 
 ASSET = "crawl_drops"
@@ -57,8 +60,12 @@ class DropReport:
     languages: dict[str, int] = field(default_factory=dict)
     quality_sources: dict[str, int] = field(default_factory=dict)
     characters: int = 0
+    encoding_repaired: int = 0  # documents whose mojibake was undone
     seconds: float = 0.0
     max_quarantine_rate: float = 0.0
+    complete: bool = True  # False: the file broke off (truncated, corrupt, not what its name says)
+    damage: str | None = None  # what broke, where, and how much was read before
+    accept_partial_files: bool = False
     ingested_at: str = ""
 
     @property
@@ -67,8 +74,9 @@ class DropReport:
 
     @property
     def accepted(self) -> bool:
-        """Over the configured quarantine rate, a drop is kept out of raw_corpus (and its check fails)."""
-        return self.quarantine_rate <= self.max_quarantine_rate
+        """Over the configured quarantine rate, or damaged (unless limits.accept_partial_files), a drop is
+        kept out of raw_corpus (and its blocking check fails) until a good version arrives."""
+        return self.quarantine_rate <= self.max_quarantine_rate and (self.complete or self.accept_partial_files)
 
     def to_json(self) -> dict:
         return {**asdict(self), "quarantine_rate": round(self.quarantine_rate, 6), "accepted": self.accepted}
@@ -114,6 +122,7 @@ def ingest_drop(
         format=drop.format,
         bytes=drop.size,
         max_quarantine_rate=config.limits.max_quarantine_rate,
+        accept_partial_files=config.limits.accept_partial_files,
     )
     parser = RecordParser(config)
     prefix = drop_prefix(drop.key)
@@ -121,26 +130,42 @@ def ingest_drop(
     languages: Counter[str] = Counter()
     qsources: Counter[str] = Counter()
     counter: CountingReader | None = None
+    guard: GuardedStream | None = None
+    broken: tuple[str, str, int] | None = None  # (reason code, what happened, line or row where it broke)
 
     def batches():
-        nonlocal counter
+        nonlocal counter, guard, broken
         if drop.format == "parquet":
             with source.local_path(drop) as path:
-                pf = pq.ParquetFile(path)
+                try:
+                    pf = pq.ParquetFile(path)
+                except Exception as exc:  # not Parquet at all (bad magic, truncated footer)
+                    broken = (UNREADABLE_FILE, f"not a readable Parquet file: {type(exc).__name__}: {exc}", 1)
+                    return
                 row_no = 0
 
                 def rows():
-                    nonlocal row_no
-                    for rb in pf.iter_batches(batch_size=4096):
-                        for row in rb.to_pylist():
+                    nonlocal row_no, broken
+                    for group in range(pf.num_row_groups):
+                        try:
+                            table = pf.read_row_group(group)
+                        except Exception as exc:  # one damaged row group: keep the others' rows
+                            broken = (UNREADABLE_FILE, f"row group {group} is unreadable: {type(exc).__name__}: {exc}", row_no + 1)
+                            row_no += pf.metadata.row_group(group).num_rows
+                            continue
+                        for row in table.to_pylist():
                             row_no += 1
                             yield row_no, row
 
                 yield from iter_batches_rows(parser, rows(), config.limits.batch_bytes)
         else:
             counter = CountingReader(source.open(drop))
-            with decompressed(counter, drop.format) as stream:  # type: ignore[arg-type]
+            stream, guard = decompressed(counter, drop.format)  # type: ignore[arg-type]
+            with stream:
                 yield from iter_batches_jsonl(parser, stream, config.limits.batch_bytes)
+            if guard.damage is not None:
+                code = TRUNCATED_FILE if "TruncatedStream" in guard.damage or "EOFError" in guard.damage else UNREADABLE_FILE
+                broken = (code, guard.damage, guard.newlines + 1)
 
     schema = docs_schema(config)
     with (
@@ -155,6 +180,7 @@ def ingest_drop(
             languages.update(docs["language"].to_list())
             qsources.update(docs["quality_score_source"].to_list())
             report.characters += int(docs["n_chars"].sum() or 0)
+            report.encoding_repaired += int(docs["encoding_repaired"].sum() or 0)
             if docs.height:
                 docs_out.write_table(docs.to_arrow().cast(schema))
             if quarantine.height:
@@ -162,6 +188,21 @@ def ingest_drop(
             if progress:
                 done = counter.count if counter is not None else drop.size
                 progress(done, drop.size, report.records, report.documents)
+        if broken is not None:
+            code, what, where = broken
+            read = counter.count if counter is not None else drop.size
+            report.complete = False
+            report.damage = (
+                f"{what} (at line/row {where}; {read:,} of {drop.size:,} stored bytes read; "
+                f"{report.records:,} records before the break kept)"
+            )
+            reason = (
+                f"the file is damaged, so records after line/row {where - 1} are missing: {report.damage}. "
+                "Deliver a complete file (or set limits.accept_partial_files to use what was read)."
+            )
+            row = {"drop_id": drop.key, "source_file": drop.uri, "source_line": where, "reason_code": code, "reason": reason, "raw": ""}
+            q_out.write_table(pa.Table.from_pylist([row], schema=QUARANTINE_SCHEMA))
+            reasons[code] += 1
     report.quarantine_by_reason = dict(sorted(reasons.items()))
     report.languages = dict(sorted(languages.items()))
     report.quality_sources = dict(sorted(qsources.items()))

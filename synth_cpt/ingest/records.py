@@ -18,6 +18,7 @@ import polars as pl
 import pyarrow as pa
 
 from synth_cpt.config import PipelineConfig
+from synth_cpt.text.encoding import repair_encodings
 from synth_cpt.text.heuristics import heuristic_scores
 from synth_cpt.text.langid import identify, normalize_code
 from synth_cpt.text.normalize import doc_ids, normalize_expr
@@ -32,6 +33,9 @@ NON_STRING_TEXT = "non_string_text"
 EMPTY_TEXT = "empty_text"
 TOO_LARGE = "too_large"
 LANGUAGE_NOT_DETECTED = "language_not_detected"
+NO_LETTERS = "no_letters"
+TRUNCATED_FILE = "truncated_file"
+UNREADABLE_FILE = "unreadable_file"
 BAD_SCORE = "bad_score"
 NO_SCORE = "no_score"
 
@@ -64,6 +68,7 @@ def docs_schema(config: PipelineConfig) -> pa.Schema:
             ("quality_score", pa.float64()),
             ("quality_score_source", pa.string()),
             ("n_chars", pa.int64()),
+            ("encoding_repaired", pa.bool_()),
             ("drop_id", pa.string()),
             ("source_file", pa.string()),
             ("source_line", pa.int64()),
@@ -234,13 +239,27 @@ def start_batch(batch: Batch, config: PipelineConfig, pool: Executor | None = No
             "record_language": pl.Series(batch.languages, dtype=pl.String),
             **{f"score_{n}": pl.Series(batch.scores[n], dtype=pl.Float64) for n in score_names},
         }
-    ).with_columns(normalize_expr("text"))
+    )
+    # mojibake first: hashing, language id and scoring must see the text as it was written
+    texts, repaired = repair_encodings(frame["text"])
+    frame = frame.with_columns(texts.alias("text"), repaired.alias("encoding_repaired")).with_columns(normalize_expr("text"))
     quarantine = list(batch.quarantine)
 
     empty = frame.filter(pl.col("text") == "")
     for line in empty["source_line"].to_list():
-        quarantine.append((line, EMPTY_TEXT, "text is empty after normalization (only whitespace or control characters)", ""))
+        quarantine.append((line, EMPTY_TEXT, "text is empty after normalization (only whitespace, control or invisible characters)", ""))
     frame = frame.filter(pl.col("text") != "")
+    letterless = frame.filter(~pl.col("text").str.contains(r"\p{L}"))
+    for line, text in letterless.select("source_line", "text").iter_rows():
+        quarantine.append(
+            (
+                line,
+                NO_LETTERS,
+                "no letters left after normalization (only digits, symbols, emoji or punctuation): not prose",
+                text[: config.limits.quarantine_raw_chars],
+            )
+        )
+    frame = frame.filter(pl.col("text").str.contains(r"\p{L}"))
     # language: the record's own field wins; the rest is identified
     need = frame["record_language"].is_null()
     languages = _identify_async(frame.filter(need)["text"].to_list(), config.language_id.max_chars, pool)
@@ -331,6 +350,9 @@ def complete_batch(started: StartedBatch, config: PipelineConfig, drop_id: str, 
     return docs, q
 
 
+BOM = b"\xef\xbb\xbf"
+
+
 def iter_lines(stream: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None, int]]:
     """(line number, line without newline or None when over `limit`, size in bytes); bounded memory."""
     line_no = 0
@@ -350,6 +372,8 @@ def iter_lines(stream: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | Non
             yield line_no, None, size - (1 if chunk.endswith(b"\n") else 0)
             continue
         line = line.rstrip(b"\r\n")
+        if line_no == 1 and line.startswith(BOM):
+            line = line[len(BOM) :]  # a UTF-8 byte order mark is not part of the first record
         if not line.strip():
             continue  # blank lines are not records
         yield line_no, line, len(line)

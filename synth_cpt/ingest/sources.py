@@ -13,6 +13,7 @@ import gzip
 import io
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -227,11 +228,103 @@ class CountingReader(io.RawIOBase):
         super().close()
 
 
-def decompressed(raw: IO[bytes], fmt: str) -> IO[bytes]:
-    """A buffered, decompressing reader for a JSONL drop."""
+class TruncatedStream(Exception):
+    """The compressed stream ended inside a frame: the file was cut short."""
+
+
+class ZstdFrames(io.RawIOBase):
+    """Zstandard frames decoded one small input chunk at a time, so a file that ends inside a frame is
+    noticed (the library's stream reader ends quietly there). Small chunks bound what one read can
+    expand to."""
+
+    CHUNK = 1 << 14
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.decompressor = zstandard.ZstdDecompressor()
+        self.obj = self.decompressor.decompressobj()
+        self.pending = b""
+        self.in_frame = False
+        self.done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self.pending:
+            if self.done:
+                return 0
+            chunk = self.raw.read(self.CHUNK)
+            if not chunk:
+                self.done = True
+                if self.in_frame:
+                    raise TruncatedStream("the file ends inside a zstd frame")
+                return 0
+            self._feed(chunk)
+        n = min(len(b), len(self.pending))
+        b[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def _feed(self, data: bytes) -> None:
+        out = []
+        while data:
+            out.append(self.obj.decompress(data))
+            self.in_frame = True
+            if not self.obj.eof:
+                break
+            data = self.obj.unused_data  # the next frame starts in this chunk
+            self.obj = self.decompressor.decompressobj()
+            self.in_frame = False
+        self.pending += b"".join(out)
+
+
+DAMAGE = (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError, TruncatedStream)
+
+
+class GuardedStream(io.RawIOBase):
+    """A decompressing stream whose damage (a cut-off file, bad magic, corrupt data) ends the stream
+    with a note instead of an exception, so every record before the break is kept and the break is
+    recorded. I/O errors of the storage itself still raise: they are not the file's fault."""
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        self.inner = inner
+        self.damage: str | None = None
+        self.newlines = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self.damage is not None:
+            return 0
+        try:
+            # read1: one underlying read at a time, so data decoded before a break is handed out
+            # before the break is raised (a buffered read(n) would drop it with the exception)
+            read = getattr(self.inner, "read1", None) or self.inner.read
+            data = read(len(b))
+        except DAMAGE as exc:
+            self.damage = f"{type(exc).__name__}: {exc}"
+            return 0
+        n = len(data)
+        b[:n] = data
+        self.newlines += data.count(b"\n")
+        return n
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.inner.close()
+        super().close()
+
+
+def decompressed(raw: IO[bytes], fmt: str) -> tuple[IO[bytes], GuardedStream]:
+    """A buffered, decompressing reader for a JSONL drop, and its guard (which says whether and where
+    the stream broke)."""
     if fmt == "jsonl.gz":
-        return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), buffer_size=1 << 20)  # type: ignore[arg-type]
-    if fmt == "jsonl.zst":
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20)  # type: ignore[arg-type]
-    return io.BufferedReader(raw, buffer_size=1 << 20)  # type: ignore[arg-type]
+        inner: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
+    elif fmt == "jsonl.zst":
+        inner = ZstdFrames(raw)
+    else:
+        inner = raw
+    guard = GuardedStream(inner)
+    return io.BufferedReader(guard, buffer_size=1 << 20), guard

@@ -1,7 +1,9 @@
 """Text normalization: one definition, as a polars expression (batches) and a scalar (one record).
 
-Rules, in order: Unicode NFC; CRLF and CR become LF; control characters other than TAB and LF are
-removed (C0, DEL, C1); runs of spaces and tabs (and other horizontal Unicode spaces) become one space;
+Rules, in order: CRLF and CR become LF; control characters other than TAB and LF (C0, DEL, C1) and
+invisible format characters (zero-width space, word joiner, zero-width no-break space/BOM, Mongolian
+vowel separator; ZWJ and ZWNJ stay, scripts and emoji need them) are removed; then Unicode NFC, so a
+combining mark split from its letter by a removed character composes with it; runs of spaces and tabs (and other horizontal Unicode spaces) become one space;
 spaces at line ends are trimmed; three or more line breaks become two; the text is stripped.
 `doc_id` is the first 32 hex digits of SHA-256 of the normalized text in UTF-8.
 """
@@ -14,7 +16,7 @@ import unicodedata
 
 import polars as pl
 
-_CONTROL = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]"
+_CONTROL = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F\u200B\u2060\uFEFF\u180E]"
 _HS = r"\t\u00A0\u1680\u2000-\u200A\u202F\u205F\u3000"  # horizontal spaces other than ' '
 _HSPACE = rf"[ {_HS}]+"
 # The same rewrite, matching only runs that change (a lone ' ' is left alone): 4x faster in polars'
@@ -31,9 +33,9 @@ _many_breaks_re = re.compile(_MANY_BREAKS)
 
 def normalize_text(text: str) -> str:
     """Scalar form of `normalize_expr`; the two agree on every input (tested)."""
-    text = unicodedata.normalize("NFC", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _control_re.sub("", text)
+    text = unicodedata.normalize("NFC", text)
     text = _hspace_re.sub(" ", text)
     text = _line_edge_re.sub("\n", text)
     text = _many_breaks_re.sub("\n\n", text)
@@ -43,10 +45,10 @@ def normalize_text(text: str) -> str:
 def normalize_expr(column: str | pl.Expr) -> pl.Expr:
     expr = pl.col(column) if isinstance(column, str) else column
     return (
-        expr.str.normalize("NFC")
-        .str.replace_all("\r\n", "\n", literal=True)
+        expr.str.replace_all("\r\n", "\n", literal=True)
         .str.replace_all("\r", "\n", literal=True)
         .str.replace_all(_CONTROL, "")
+        .str.normalize("NFC")
         .str.replace_all(_HSPACE_CHANGING, " ")
         .str.replace_all(_LINE_EDGE, "\n")
         .str.replace_all(_MANY_BREAKS, "\n\n")
