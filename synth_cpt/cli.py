@@ -44,7 +44,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         os.environ["SYNTH_CPT_CONFIG"] = str(Path(args.config).resolve())
 
     from synth_cpt.definitions import CORPUS_JOB, INGEST_DROP_JOB, SUBSETS_JOB, TOKENIZER_JOB, build_definitions
-    from synth_cpt.ingest.drops import drop_prefix, register_drop
+    from synth_cpt.ingest.drops import published, register_drop
     from synth_cpt.ingest.sources import open_source
     from synth_cpt.partitions import crawl_drop_partitions
     from synth_cpt.storage import open_storage
@@ -60,9 +60,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     todo = []
     for drop in listing.drops:
-        manifest_key = f"{drop_prefix(drop.key)}/manifest.json"
-        if storage.exists(manifest_key) and storage.read_json(manifest_key).get("source_version") == drop.version:
-            continue  # unchanged since its last ingestion
+        pointer = published(storage, drop.key)
+        if pointer is not None and pointer["manifest"].get("source_version") == drop.version:
+            continue  # unchanged since its published ingestion
         register_drop(storage, drop, location)
         todo.append(drop)
     known = set(instance.get_dynamic_partitions(crawl_drop_partitions.name))

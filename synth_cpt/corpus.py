@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from synth_cpt.config import BucketBounds, PipelineConfig
-from synth_cpt.ingest.drops import drop_prefix, ingested_drops
+from synth_cpt.ingest.drops import ingested_drops
 from synth_cpt.ingest.records import docs_schema
 from synth_cpt.storage import Storage
 
@@ -58,9 +58,9 @@ class CorpusStats:
 
 
 @contextlib.contextmanager
-def _local_docs(storage: Storage, drop_ids: list[str]):
+def _local_docs(storage: Storage, prefixes: list[str]):
     with contextlib.ExitStack() as stack:
-        yield [str(stack.enter_context(storage.local_path(f"{drop_prefix(d)}/docs.parquet"))) for d in drop_ids]
+        yield [str(stack.enter_context(storage.local_path(f"{p}/docs.parquet"))) for p in prefixes]
 
 
 def build_raw_corpus(storage: Storage, config: PipelineConfig, language: str, quality: str) -> CorpusStats:
@@ -68,7 +68,7 @@ def build_raw_corpus(storage: Storage, config: PipelineConfig, language: str, qu
     stats = CorpusStats(language, quality)
     manifests = ingested_drops(storage)
     stats.rejected_drops = [m["drop_id"] for m in manifests if not m["accepted"]]
-    accepted = [m["drop_id"] for m in manifests if m["accepted"] and m["documents"] > 0]
+    accepted = [m["prefix"] for m in manifests if m["accepted"] and m["documents"] > 0]
     bounds = config.quality.buckets[quality]
     out_key = corpus_file(ASSET, language, quality)
     with _local_docs(storage, accepted) as paths:

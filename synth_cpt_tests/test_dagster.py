@@ -1,5 +1,6 @@
 """Definitions load and validate; assets run in a real instance; declarative automation propagates a drop."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -126,5 +127,5 @@ def test_blocking_quarantine_check_stops_a_bad_drop(tmp_path, monkeypatch):
         assert evals["quarantine_rate"].passed is False
         assert evals["quarantine_rate"].metadata["quarantine_rate"].value == 0.75
         assert evals["documents_valid"].passed is True
-        manifest = (tmp_path / "home/crawl_drops/bad.jsonl/manifest.json").read_text()
-        assert '"accepted": false' in manifest
+        pointer = json.loads((tmp_path / "home/crawl_drops/bad.jsonl/current.json").read_text())
+        assert pointer["manifest"]["accepted"] is False

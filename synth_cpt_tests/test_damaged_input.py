@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from synth_cpt.ingest import records as R
-from synth_cpt.ingest.drops import ingest_drop
+from synth_cpt.ingest.drops import ingest_drop, published_prefix
 from synth_cpt.ingest.sources import LocalSource
 from synth_cpt.storage import LocalStorage
 
@@ -50,9 +50,9 @@ def _ingest(tmp_path, name: str, payload: bytes, **limits):
     (drop,) = [d for d in source.list(cfg.drops.patterns).drops if d.relative_path == name]
     storage = LocalStorage(tmp_path / "home")
     report = ingest_drop(cfg, storage, source, drop)
-    docs = storage.read_parquet(f"crawl_drops/{drop.key}/docs.parquet")
-    quarantine = storage.read_parquet(f"crawl_drops/{drop.key}/quarantine.parquet")
-    manifest = storage.read_json(f"crawl_drops/{drop.key}/manifest.json")
+    docs = storage.read_parquet(f"{published_prefix(storage, drop.key)}/docs.parquet")
+    quarantine = storage.read_parquet(f"{published_prefix(storage, drop.key)}/quarantine.parquet")
+    manifest = storage.read_json(f"{published_prefix(storage, drop.key)}/manifest.json")
     return report, docs, quarantine, manifest
 
 

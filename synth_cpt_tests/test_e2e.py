@@ -35,9 +35,11 @@ def ingested(tmp_path_factory):
 def test_outputs_checked_with_duckdb(ingested):
     base, _, first = ingested
     home = base / "home"
-    docs = duckdb.sql(f"select count(*), count(distinct drop_id) from read_parquet('{home}/crawl_drops/*/docs.parquet')").fetchall()[0]
+    docs = duckdb.sql(f"select count(*), count(distinct drop_id) from read_parquet('{home}/crawl_drops/*/v/*/docs.parquet')").fetchall()[0]
     assert docs[0] > 700 and docs[1] == 4
-    q = dict(duckdb.sql(f"select reason_code, count(*) from read_parquet('{home}/crawl_drops/*/quarantine.parquet') group by 1").fetchall())
+    q = dict(
+        duckdb.sql(f"select reason_code, count(*) from read_parquet('{home}/crawl_drops/*/v/*/quarantine.parquet') group by 1").fetchall()
+    )
     assert q == {
         "empty_text": 1, "invalid_json": 1, "invalid_utf8": 1, "language_not_detected": 1,
         "missing_text": 1, "non_string_text": 1, "not_object": 1, "null_text": 1,

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from synth_cpt.ingest import records as R
-from synth_cpt.ingest.drops import ingest_drop
+from synth_cpt.ingest.drops import ingest_drop, published_prefix
 from synth_cpt.ingest.sources import LocalSource
 from synth_cpt.storage import LocalStorage
 
@@ -123,13 +123,13 @@ def test_every_drop_format_gives_the_same_documents(tmp_path, fmt):
     storage = LocalStorage(tmp_path / "home")
     report = ingest_drop(cfg, storage, source, drop)
     assert (report.records, report.documents, report.quarantined) == (13, 12, 1)
-    docs = storage.read_parquet(f"crawl_drops/{drop.key}/docs.parquet")
+    docs = storage.read_parquet(f"{published_prefix(storage, drop.key)}/docs.parquet")
     assert docs["record_id"].to_list() == [str(i) for i in range(12)]
     assert docs["source_line"].to_list() == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13]
     assert docs["doc_id"].n_unique() == 12
-    q = storage.read_parquet(f"crawl_drops/{drop.key}/quarantine.parquet")
+    q = storage.read_parquet(f"{published_prefix(storage, drop.key)}/quarantine.parquet")
     assert q["reason_code"].to_list() == [R.NULL_TEXT] and q["source_line"].to_list() == [6]
-    manifest = storage.read_json(f"crawl_drops/{drop.key}/manifest.json")
+    manifest = storage.read_json(f"{published_prefix(storage, drop.key)}/manifest.json")
     assert manifest["accepted"] and manifest["quarantine_by_reason"] == {R.NULL_TEXT: 1}
     assert not [p for p in (tmp_path / "home").rglob(".tmp-*")], "no temporary files are left behind"
 
@@ -150,7 +150,7 @@ def test_worker_processes_give_the_same_drop_as_one_process(tmp_path):
         cfg = make_config(tmp_path, limits={"batch_bytes": 2000, "workers": workers})  # drop >> 2 batches: pool path
         storage = LocalStorage(tmp_path / f"home{workers}")
         report = ingest_drop(cfg, storage, source, drop)
-        outputs.append((report.documents, report.quarantined, storage.read_parquet(f"crawl_drops/{drop.key}/docs.parquet")))
+        outputs.append((report.documents, report.quarantined, storage.read_parquet(f"{published_prefix(storage, drop.key)}/docs.parquet")))
     (n1, q1, d1), (n2, q2, d2) = outputs
     assert (n1, q1) == (n2, q2) == (40, 1)
     assert d1.equals(d2)

@@ -26,7 +26,7 @@ from synth_cpt.config import PipelineConfig
 from synth_cpt.corpus import ASSET as RAW_CORPUS
 from synth_cpt.corpus import build_raw_corpus, corpus_columns, corpus_file
 from synth_cpt.ingest.drops import ASSET as CRAWL_DROPS
-from synth_cpt.ingest.drops import drop_prefix, ingest_drop, resolve_drop
+from synth_cpt.ingest.drops import ingest_drop, published_prefix, resolve_drop
 from synth_cpt.ingest.records import QUARANTINE_SCHEMA, docs_schema
 from synth_cpt.partitions import corpus_partitions, crawl_drop_partitions, split_corpus_key
 from synth_cpt.plots import histogram_markdown
@@ -76,7 +76,7 @@ def build_ingest_assets(config: PipelineConfig) -> tuple[list[AssetsDefinition],
         rate = RateLogger(context.log.info, f"drop {drop.key}")
         report = ingest_drop(cfg, storage, source, drop, progress=lambda d, t, r, n: rate(d, t, f"{r:,} records, {n:,} documents"))
         rate(drop.size, drop.size, f"{report.records:,} records, {report.documents:,} documents", final=True)
-        prefix = drop_prefix(drop.key)
+        prefix = published_prefix(storage, drop.key)
         docs = storage.read_parquet(f"{prefix}/docs.parquet", columns=["doc_id", "language", "quality_score", "url", "text"], n_rows=3)
         scores = storage.read_parquet(f"{prefix}/docs.parquet", columns=["quality_score"])["quality_score"]
         quarantine = storage.read_parquet(f"{prefix}/quarantine.parquet", columns=["source_line", "reason"], n_rows=5)
@@ -241,7 +241,7 @@ def _drop_checks(config: PipelineConfig) -> list:
     )
     def drop_documents_valid(context: AssetCheckExecutionContext, pipeline: PipelineResource) -> AssetCheckResult:
         cfg, storage = pipeline.load(), pipeline.storage()
-        prefix = drop_prefix(context.partition_key)
+        prefix = published_prefix(storage, context.partition_key)
         docs = _narrow(storage, f"{prefix}/docs.parquet")
         gxe = expect()
         outcome = run_suite(
@@ -281,7 +281,7 @@ def _drop_checks(config: PipelineConfig) -> list:
     )
     def drop_quarantine_rate(context: AssetCheckExecutionContext, pipeline: PipelineResource) -> AssetCheckResult:
         cfg, storage = pipeline.load(), pipeline.storage()
-        manifest = storage.read_json(f"{drop_prefix(context.partition_key)}/manifest.json")
+        manifest = storage.read_json(f"{published_prefix(storage, context.partition_key)}/manifest.json")
         complete = bool(manifest.get("complete", True))
         frame = pl.DataFrame({"quarantine_rate": [float(manifest["quarantine_rate"])], "complete": [complete]})
         expectations = [

@@ -1,9 +1,15 @@
 """Ingest one crawl drop file into `<root>/crawl_drops/<drop_id>/`.
 
-Outputs, each written atomically: `docs.parquet` (valid documents), `quarantine.parquet` (rejected
-records with reasons) and, last, `manifest.json` (counts, source version, acceptance), so a drop with a
-manifest is complete. The registry entry (`crawl_drops/_registry/<drop_id>.json`) remembers where a
-drop came from, so any run (sensor, CLI, UI) can rematerialize it.
+Each ingestion writes a new version, `crawl_drops/<drop_id>/v/<version>/`: `docs.parquet` (valid
+documents), `quarantine.parquet` (rejected records with reasons) and `manifest.json` (counts, source
+version, completeness, acceptance). Readers never list versions: they read the pointer
+`crawl_drops/<drop_id>/current.json`, written last in one atomic write, which names the published
+version and carries its manifest. So a crash mid-ingest, or a replaced drop being re-ingested, leaves
+the previous version whole and in force: documents and manifest always belong together. The
+published version and the one before it are kept; older ones are removed on publish.
+
+The registry entry (`crawl_drops/_registry/<drop_id>.json`) remembers where a drop came from, so any
+run (sensor, CLI, UI) can rematerialize it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import contextlib
 import multiprocessing
 import os
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -42,8 +49,52 @@ ASSET = "crawl_drops"
 REGISTRY = f"{ASSET}/_registry"
 
 
+POINTER = "current.json"
+KEEP_VERSIONS = 2
+
+
 def drop_prefix(drop_id: str) -> str:
     return f"{ASSET}/{drop_id}"
+
+
+def new_version() -> str:
+    """A version name that sorts by time and never collides."""
+    return f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}"
+
+
+def version_prefix(drop_id: str, version: str) -> str:
+    return f"{drop_prefix(drop_id)}/v/{version}"
+
+
+def published(storage: Storage, drop_id: str) -> dict | None:
+    """The pointer of a drop's published version (`version`, `prefix`, `manifest`), or None."""
+    key = f"{drop_prefix(drop_id)}/{POINTER}"
+    try:
+        return storage.read_json(key)
+    except (FileNotFoundError, KeyError):
+        return None
+    except Exception as exc:  # S3: NoSuchKey
+        if "NoSuchKey" in str(exc) or "404" in str(exc):
+            return None
+        raise
+
+
+def published_prefix(storage: Storage, drop_id: str) -> str:
+    """Where the published version's files are; FileNotFoundError if the drop was never published."""
+    pointer = published(storage, drop_id)
+    if pointer is None:
+        raise FileNotFoundError(f"drop {drop_id!r} has no published version yet (no {drop_prefix(drop_id)}/{POINTER})")
+    return pointer["prefix"]
+
+
+def publish_drop(storage: Storage, drop_id: str, version: str, manifest: dict) -> None:
+    """Make `version` the one readers see (one atomic write), then drop versions older than the previous."""
+    pointer = {"drop_id": drop_id, "version": version, "prefix": version_prefix(drop_id, version), "manifest": manifest}
+    storage.write_json(f"{drop_prefix(drop_id)}/{POINTER}", pointer)
+    versions = sorted({k.split("/v/", 1)[1].split("/", 1)[0] for k in storage.list(f"{drop_prefix(drop_id)}/v")})
+    older = [v for v in versions if v < version]  # newer ones may be another run's candidate: left alone
+    for old in older[: max(0, len(older) - (KEEP_VERSIONS - 1))]:
+        storage.delete_prefix(version_prefix(drop_id, old))
 
 
 @dataclass
@@ -125,7 +176,8 @@ def ingest_drop(
         accept_partial_files=config.limits.accept_partial_files,
     )
     parser = RecordParser(config)
-    prefix = drop_prefix(drop.key)
+    version = new_version()
+    prefix = version_prefix(drop.key, version)
     reasons: Counter[str] = Counter()
     languages: Counter[str] = Counter()
     qsources: Counter[str] = Counter()
@@ -208,7 +260,9 @@ def ingest_drop(
     report.quality_sources = dict(sorted(qsources.items()))
     report.seconds = round(time.monotonic() - started, 3)
     report.ingested_at = datetime.now(timezone.utc).isoformat()
-    storage.write_json(f"{prefix}/manifest.json", report.to_json())
+    manifest = {**report.to_json(), "version": version}
+    storage.write_json(f"{prefix}/manifest.json", manifest)
+    publish_drop(storage, drop.key, version, manifest)  # last: the new version becomes visible whole
     return report
 
 
@@ -239,6 +293,10 @@ def _records(batch: Batch) -> int:
 
 
 def ingested_drops(storage: Storage) -> list[dict]:
-    """Manifests of every completely ingested drop, oldest ingestion first then by id."""
-    manifests = [storage.read_json(k) for k in storage.list(ASSET) if k.endswith("/manifest.json")]
+    """Manifests of every published drop (with the `prefix` of its files), by drop id."""
+    manifests = []
+    for key in storage.list(ASSET):
+        if key.endswith(f"/{POINTER}") and key.count("/") == 2:  # crawl_drops/<drop>/current.json
+            pointer = storage.read_json(key)
+            manifests.append({**pointer["manifest"], "prefix": pointer["prefix"]})
     return sorted(manifests, key=lambda m: m["drop_id"])

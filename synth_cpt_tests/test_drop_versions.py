@@ -1,0 +1,81 @@
+"""A drop is published as one version: readers go through a pointer written last, so a crash
+mid-ingest or a replaced drop never pairs one version's documents with another's manifest."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+
+from synth_cpt.corpus import build_raw_corpus
+from synth_cpt.ingest.drops import ingest_drop, ingested_drops, published, published_prefix
+from synth_cpt.ingest.sources import LocalSource
+from synth_cpt.storage import LocalStorage
+
+from .conftest import PT_TEXT, REPO, make_config, write_jsonl
+
+
+def _records(n, bad=0):
+    good = [{"id": str(i), "text": f"{PT_TEXT} Registro {i}.", "language": "pt", "edu": 4.0} for i in range(n)]
+    return good + [{"id": f"bad{i}", "text": None} for i in range(bad)]
+
+
+def _ingest(tmp_path, cfg):
+    source = LocalSource(tmp_path / "drops")
+    (drop,) = source.list(cfg.drops.patterns).drops
+    storage = LocalStorage(tmp_path / "home")
+    return storage, drop, ingest_drop(cfg, storage, source, drop)
+
+
+def test_a_replaced_drop_over_the_limit_is_published_whole_and_kept_out(tmp_path):
+    cfg = make_config(tmp_path)
+    write_jsonl(tmp_path / "drops/d.jsonl", _records(10))
+    storage, drop, first = _ingest(tmp_path, cfg)
+    assert first.accepted and build_raw_corpus(storage, cfg, "pt", "high").documents == 10
+    write_jsonl(tmp_path / "drops/d.jsonl", _records(2, bad=8))  # the same drop, replaced by a bad version
+    storage, drop, second = _ingest(tmp_path, cfg)
+    assert not second.accepted
+    pointer = published(storage, drop.key)
+    manifest = json.loads((tmp_path / "home" / pointer["prefix"] / "manifest.json").read_text())
+    assert pointer["manifest"] == manifest and manifest["documents"] == 2, "documents and manifest are one version"
+    assert build_raw_corpus(storage, cfg, "pt", "high").documents == 0, "the replaced drop is kept out"
+    versions = sorted(p.name for p in (tmp_path / "home/crawl_drops/d.jsonl/v").iterdir())
+    assert len(versions) == 2 and pointer["version"] == versions[-1], "the published version and the one before"
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    sys.path.insert(0, {repo!r})
+    from synth_cpt_tests.conftest import make_config
+    from synth_cpt.ingest.drops import ingest_drop
+    from synth_cpt.ingest.sources import LocalSource
+    from synth_cpt.storage import LocalStorage
+    tmp = Path({tmp!r})
+    cfg = make_config(tmp, limits={{"batch_bytes": 2000, "workers": 1}})
+    source = LocalSource(tmp / "drops")
+    (drop,) = source.list(cfg.drops.patterns).drops
+    def die(done, total, records, documents):
+        if records >= 20:
+            os.kill(os.getpid(), signal.SIGKILL)
+    ingest_drop(cfg, LocalStorage(tmp / "home"), source, drop, progress=die)
+    """
+)
+
+
+def test_killing_the_ingest_midway_leaves_the_previous_version_whole(tmp_path):
+    cfg = make_config(tmp_path, limits={"batch_bytes": 2000, "workers": 1})
+    write_jsonl(tmp_path / "drops/d.jsonl", _records(10))
+    storage, drop, first = _ingest(tmp_path, cfg)
+    before = published(storage, drop.key)
+    write_jsonl(tmp_path / "drops/d.jsonl", _records(200))
+    proc = subprocess.run([sys.executable, "-c", KILLER.format(repo=str(REPO), tmp=str(tmp_path))], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert published(storage, drop.key) == before, "the pointer still names the previous version"
+    docs = storage.read_parquet(f"{published_prefix(storage, drop.key)}/docs.parquet")
+    assert docs.height == 10 and before["manifest"]["documents"] == 10
+    assert [m["documents"] for m in ingested_drops(storage)] == [10]
+    # the next run publishes the new version whole
+    storage, drop, again = _ingest(tmp_path, cfg)
+    assert again.documents == 200 and published(storage, drop.key)["manifest"]["documents"] == 200
