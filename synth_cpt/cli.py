@@ -44,7 +44,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         os.environ["SYNTH_CPT_CONFIG"] = str(Path(args.config).resolve())
 
     from synth_cpt.definitions import CORPUS_JOB, INGEST_DROP_JOB, SUBSETS_JOB, TOKENIZER_JOB, build_definitions
-    from synth_cpt.ingest.drops import published, register_drop
+    from synth_cpt.ingest.drops import plan_drops, register_drop
     from synth_cpt.ingest.sources import open_source
     from synth_cpt.partitions import crawl_drop_partitions
     from synth_cpt.storage import open_storage
@@ -58,18 +58,22 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     for line in listing.refused:
         console.print(f"[yellow]refused[/yellow] {line}")
 
-    todo = []
-    for drop in listing.drops:
-        pointer = published(storage, drop.key)
-        if pointer is not None and pointer["manifest"].get("source_version") == drop.version:
-            continue  # unchanged since its published ingestion
+    plan = plan_drops(storage, listing.drops, config.drops.settle_seconds)  # the sensor's own answer
+    for drop in plan.unsettled:
+        console.print(
+            f"[yellow]waiting[/yellow] {drop.relative_path}: changed under {config.drops.settle_seconds:g} s ago (still being copied?)"
+        )
+    todo = plan.new
+    for drop in todo:
         register_drop(storage, drop, location)
-        todo.append(drop)
     known = set(instance.get_dynamic_partitions(crawl_drop_partitions.name))
     new_keys = sorted({d.key for d in todo} - known)
     if new_keys:
         instance.add_dynamic_partitions(crawl_drop_partitions.name, new_keys)
-    console.print(f"{len(listing.drops)} drop(s) in {location}: {len(todo)} new or changed, {len(listing.drops) - len(todo)} unchanged")
+    console.print(
+        f"{len(listing.drops)} drop(s) in {location}: {len(todo)} new or changed, {len(plan.unchanged)} unchanged"
+        + (f", {len(plan.unsettled)} still being written" if plan.unsettled else "")
+    )
 
     corpus_keys = [f"{lang}|{q}" for lang in config.languages for q in config.quality.buckets]
     steps = [(INGEST_DROP_JOB, d.key) for d in todo] + [(CORPUS_JOB, k) for k in corpus_keys] + [(TOKENIZER_JOB, None)]

@@ -40,6 +40,9 @@ class DropsConfig(_Strict):
     location: str = SAMPLE_DROPS
     patterns: tuple[str, ...] = ("*.jsonl", "*.jsonl.gz", "*.jsonl.zst", "*.parquet")
     recursive: bool = True
+    settle_seconds: float = Field(
+        30.0, ge=0.0, description="a local file is taken once it has not changed for this long (it may still be being copied)"
+    )
 
 
 class FieldsConfig(_Strict):

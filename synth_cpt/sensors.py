@@ -5,16 +5,10 @@ import json
 from dagster import AssetSelection, DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
 from synth_cpt.ingest.drops import ASSET as CRAWL_DROPS
-from synth_cpt.ingest.drops import register_drop
+from synth_cpt.ingest.drops import plan_drops, register_drop
 from synth_cpt.ingest.sources import DropFile, open_source
 from synth_cpt.partitions import crawl_drop_partitions
 from synth_cpt.resources import PipelineResource
-
-
-def plan_drop_runs(drops: list[DropFile], seen: dict[str, str]) -> tuple[list[DropFile], dict[str, str]]:
-    """Drops whose version differs from the one seen last (new or replaced), and the updated cursor."""
-    changed = [d for d in drops if seen.get(d.key) != d.version]
-    return changed, {**seen, **{d.key: d.version for d in drops}}
 
 
 def run_key(drop: DropFile) -> str:
@@ -36,10 +30,13 @@ def crawl_drop_sensor(context: SensorEvaluationContext, pipeline: PipelineResour
     state = json.loads(context.cursor) if context.cursor else {}
     for line in sorted(set(listing.refused) - set(state.get("refused", []))):
         context.log.warning(line)  # once per refused path, not on every tick
-    changed, seen = plan_drop_runs(listing.drops, state.get("seen", {}))
-    cursor = json.dumps({"seen": seen, "refused": sorted(listing.refused)}, sort_keys=True)
+    plan = plan_drops(storage, listing.drops, cfg.drops.settle_seconds, requested=state.get("requested", {}))
+    changed = plan.new
+    requested = {d.key: d.version for d in [*plan.requested, *plan.new]}  # published ones need no memory
+    cursor = json.dumps({"requested": requested, "refused": sorted(listing.refused)}, sort_keys=True)
     if not changed:
-        return SensorResult(skip_reason=SkipReason(f"no new or changed drops in {location}"), cursor=cursor)
+        waiting = f"; {len(plan.unsettled)} still being written" if plan.unsettled else ""
+        return SensorResult(skip_reason=SkipReason(f"no new or changed drops in {location}{waiting}"), cursor=cursor)
     for drop in changed:
         register_drop(storage, drop, location)
     known = set(context.instance.get_dynamic_partitions(crawl_drop_partitions.name))

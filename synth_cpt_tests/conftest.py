@@ -29,7 +29,7 @@ EN_TEXT = (
 
 def make_config(tmp_path: Path, **overrides) -> PipelineConfig:
     """A validated config whose storage root is under tmp_path, with nested overrides."""
-    data: dict = {"storage_root": str(tmp_path / "home"), "drops": {"location": str(tmp_path / "drops")}}
+    data: dict = {"storage_root": str(tmp_path / "home"), "drops": {"location": str(tmp_path / "drops"), "settle_seconds": 0}}
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}

@@ -26,9 +26,11 @@ def _tick(instance, config_path, cursor=None):
     return result.run_requests or [], result.dynamic_partitions_requests, result.cursor
 
 
-def _config_file(tmp_path, location):
+def _config_file(tmp_path, location, settle_seconds=0):
     path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump({"storage_root": str(tmp_path / "home"), "drops": {"location": location}}))
+    path.write_text(
+        yaml.safe_dump({"storage_root": str(tmp_path / "home"), "drops": {"location": location, "settle_seconds": settle_seconds}})
+    )
     return path
 
 
@@ -110,3 +112,41 @@ def test_s3_sensor_through_moto_server(tmp_path, isolated_env, s3_bucket):
         assert [r.partition_key for r in replaced] == ["2026-11-01.jsonl"]
     listing = S3Source(f"s3://{bucket}/drops").list(("*.jsonl",))
     assert any("evil" in r and "refused" in r for r in listing.refused)
+
+
+def test_the_sensor_and_the_cli_agree_through_what_is_published(tmp_path, isolated_env):
+    """A drop ingested outside the sensor (the CLI) is not ingested again by it, and vice versa."""
+    from synth_cpt.config import load_config
+    from synth_cpt.ingest.drops import ingest_drop, plan_drops
+    from synth_cpt.storage import LocalStorage
+
+    drops = tmp_path / "drops"
+    write_jsonl(drops / "a.jsonl", [{"text": PT_TEXT}])
+    write_jsonl(drops / "b.jsonl", [{"text": PT_TEXT + " b"}])
+    cfg_path = _config_file(tmp_path, str(drops))
+    cfg = load_config(cfg_path)
+    source = LocalSource(drops)
+    a = next(d for d in source.list(cfg.drops.patterns).drops if d.relative_path == "a.jsonl")
+    ingest_drop(cfg, LocalStorage(tmp_path / "home"), source, a)  # what `synth-cpt ingest` does
+    with DagsterInstance.ephemeral() as instance:
+        runs, _, cursor = _tick(instance, cfg_path)
+        assert [r.partition_key for r in runs] == ["b.jsonl"], "the published drop is not asked for again"
+        again, _, _ = _tick(instance, cfg_path, cursor)
+        assert again == [], "nor one whose run is under way"
+    plan = plan_drops(LocalStorage(tmp_path / "home"), source.list(cfg.drops.patterns).drops, 0)
+    assert [d.key for d in plan.unchanged] == ["a.jsonl"] and [d.key for d in plan.new] == ["b.jsonl"]
+
+
+def test_a_file_still_being_written_is_not_taken(tmp_path, isolated_env):
+    drops = tmp_path / "drops"
+    write_jsonl(drops / "growing.jsonl", [{"text": PT_TEXT}])
+    cfg_path = _config_file(tmp_path, str(drops), settle_seconds=3600)
+    with DagsterInstance.ephemeral() as instance:
+        runs, _, _ = _tick(instance, cfg_path)
+        assert runs == [], "changed a moment ago: maybe still being copied"
+    from synth_cpt.ingest.drops import plan_drops
+    from synth_cpt.storage import LocalStorage
+
+    (drop,) = LocalSource(drops).list(("*.jsonl",)).drops
+    later = drop.changed_ns + int(3601e9)
+    assert plan_drops(LocalStorage(tmp_path / "home"), [drop], 3600, now_ns=later).new == [drop], "taken once settled"

@@ -136,6 +136,41 @@ class DropReport:
 Progress = Callable[[int, int, int, int], None]  # bytes done, bytes total, records, documents
 
 
+@dataclass
+class DropPlan:
+    """What to ingest now, from what is actually published (the one answer for the sensor and the CLI)."""
+
+    new: list[DropFile]  # never published at this version, nor already requested
+    unchanged: list[DropFile]  # published at this version
+    unsettled: list[DropFile]  # local files still changing (being copied): next time
+    requested: list[DropFile]  # asked for already (a run may be under way)
+
+
+def plan_drops(
+    storage: Storage,
+    drops: list[DropFile],
+    settle_seconds: float,
+    requested: dict[str, str] | None = None,
+    now_ns: int | None = None,
+) -> DropPlan:
+    """Which drops are new: compared with each drop's published version, so a drop the CLI ingested
+    is not ingested again by the sensor (or the reverse). `requested` (key -> version) holds what a
+    caller has already launched runs for, so a run in flight is not requested twice."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    plan = DropPlan([], [], [], [])
+    for drop in drops:
+        pointer = published(storage, drop.key)
+        if pointer is not None and pointer["manifest"].get("source_version") == drop.version:
+            plan.unchanged.append(drop)
+        elif drop.changed_ns and now_ns - drop.changed_ns < settle_seconds * 1e9:
+            plan.unsettled.append(drop)
+        elif (requested or {}).get(drop.key) == drop.version:
+            plan.requested.append(drop)
+        else:
+            plan.new.append(drop)
+    return plan
+
+
 def register_drop(storage: Storage, drop: DropFile, location: str) -> None:
     """Remember where a drop's partition key points, for later rematerializations."""
     storage.write_json(f"{REGISTRY}/{drop.key}.json", {"drops_location": location, **asdict(drop)})

@@ -35,6 +35,9 @@ class DropFile:
     relative_path: str
     version: str
     size: int
+    # when a local file last changed (max of mtime and ctime, ns): a file still being copied keeps
+    # changing. 0 where objects appear whole (S3, the packaged sample corpus).
+    changed_ns: int = 0
 
     @property
     def format(self) -> str:
@@ -126,6 +129,7 @@ class LocalSource(DropSource):
                         relative_path=relative,
                         version=f"mtime{st.st_mtime_ns}-size{st.st_size}",
                         size=st.st_size,
+                        changed_ns=0 if self.uri.startswith(PACKAGE_PREFIX) else max(st.st_mtime_ns, st.st_ctime_ns),
                     )
                 )
         return Listing(drops, refused)
