@@ -36,6 +36,36 @@ def _instance():
     return instance
 
 
+def ingest_steps(defs, instance, new_drops: list[str]) -> list[tuple[list, str | None]]:
+    """What `synth-cpt ingest` materializes, read from the Definitions: crawl_drops for the new drops,
+    then, level by level of the asset graph, every downstream asset that the daemon would bring up to
+    date by itself (it has an automation condition), for every partition. An asset added later joins
+    this walk without a CLI change; GPU-bound generation assets stay out unless configured eager."""
+    from dagster import AssetKey, AssetSelection, DynamicPartitionsDefinition
+
+    from synth_cpt.ingest.drops import ASSET as CRAWL_DROPS
+
+    graph = defs.resolve_asset_graph()
+    root = AssetKey(CRAWL_DROPS)
+    wanted = AssetSelection.assets(root).downstream().resolve(graph)
+    steps: list[tuple[list, str | None]] = []
+    for level in graph.toposorted_asset_keys_by_level:
+        chosen = sorted((k for k in level if k in wanted and (k == root or graph.get(k).automation_condition is not None)), key=str)
+        groups: dict[int, list] = {}
+        for key in chosen:
+            groups.setdefault(id(graph.get(key).partitions_def), []).append(key)
+        for keys in groups.values():
+            pdef = graph.get(keys[0]).partitions_def
+            if pdef is None:
+                partitions: list[str | None] = [None]
+            elif isinstance(pdef, DynamicPartitionsDefinition):
+                partitions = list(new_drops)
+            else:
+                partitions = list(pdef.get_partition_keys(dynamic_partitions_store=instance))
+            steps += [(keys, p) for p in partitions]
+    return steps
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     if args.drops:
         os.environ[DROPS_ENV] = args.drops
@@ -43,7 +73,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.config:
         os.environ["SYNTH_CPT_CONFIG"] = str(Path(args.config).resolve())
 
-    from synth_cpt.definitions import CORPUS_JOB, INGEST_DROP_JOB, SUBSETS_JOB, TOKENIZER_JOB, build_definitions
+    from synth_cpt.definitions import build_definitions
     from synth_cpt.ingest.drops import plan_drops, register_drop
     from synth_cpt.ingest.sources import open_source
     from synth_cpt.partitions import crawl_drop_partitions
@@ -76,24 +106,25 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     )
 
     corpus_keys = [f"{lang}|{q}" for lang in config.languages for q in config.quality.buckets]
-    steps = [(INGEST_DROP_JOB, d.key) for d in todo] + [(CORPUS_JOB, k) for k in corpus_keys] + [(TOKENIZER_JOB, None)]
-    steps += [(SUBSETS_JOB, k) for k in corpus_keys]
+    steps = ingest_steps(defs, instance, [d.key for d in todo])
     failures: list[str] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("materializing", total=len(steps))
-        for job_name, partition in steps:
-            progress.update(task, description=f"{job_name} {partition or ''}".strip())
-            job = defs.resolve_job_def(job_name)
+        for keys, partition in steps:
+            names = ", ".join(k.to_user_string() for k in keys)
+            progress.update(task, description=f"{names} {partition or ''}".strip())
+            job = defs.resolve_implicit_job_def_def_for_assets(keys)
             result = job.execute_in_process(
                 instance=instance,
                 partition_key=partition,
+                asset_selection=keys,
                 raise_on_error=False,
                 run_config=QUIET_RUN_CONFIG,
                 tags={"synth_cpt/launched_by": "synth-cpt ingest"},
             )
             if not result.success:
-                failures.append(f"{job_name} {partition or ''} (run {result.run_id})")
+                failures.append(f"{names} {partition or ''} (run {result.run_id})")
             progress.advance(task)
 
     _print_summary(Console(), storage, config, corpus_keys)

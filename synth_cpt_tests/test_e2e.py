@@ -73,6 +73,10 @@ def test_runs_are_recorded_in_the_instance(ingested):
         "print(len(runs), sum(r.is_success for r in runs))\n"
         "print(sorted(i.get_dynamic_partitions('crawl_drops')))\n"
         "print(i.get_latest_materialization_event(AssetKey('tokenizer')) is not None)\n"
+        "from dagster import AssetCheckKey\n"
+        "checks = [AssetCheckKey(AssetKey(a), n) for a, n in [('crawl_drops', 'quarantine_rate'), ('raw_corpus', 'documents_valid'),"
+        " ('tokenizer', 'model_loads'), ('quality_subsets', 'tokens_within_budget')]]\n"
+        "print(all(i.event_log_storage.get_asset_check_execution_history(c, limit=1) for c in checks))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     lines = out.stdout.split("\n")
@@ -80,6 +84,7 @@ def test_runs_are_recorded_in_the_instance(ingested):
     assert n_runs == 13 and n_ok == 13  # 4 drops + 4 raw_corpus + tokenizer + 4 quality_subsets
     assert "2026-11-02_pt_debian-edu.jsonl" in lines[1]
     assert lines[2] == "True"
+    assert lines[3] == "True", "the blocking checks ran with their assets"
 
 
 def test_rerun_ingests_nothing_new_and_is_deterministic(ingested):
