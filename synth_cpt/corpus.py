@@ -9,6 +9,7 @@ not by the corpus size.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -17,6 +18,7 @@ from synth_cpt.config import BucketBounds, PipelineConfig
 from synth_cpt.ingest.drops import ingested_drops
 from synth_cpt.ingest.records import docs_schema
 from synth_cpt.storage import Storage
+from synth_cpt.validation import CandidateRejected, Outcome
 
 ASSET = "raw_corpus"
 
@@ -55,6 +57,7 @@ class CorpusStats:
     in_no_bucket: int = 0
     drops: list[str] = field(default_factory=list)
     rejected_drops: list[str] = field(default_factory=list)
+    outcome: Outcome | None = None  # the validation of what was published
 
 
 @contextlib.contextmanager
@@ -63,8 +66,13 @@ def _local_docs(storage: Storage, prefixes: list[str]):
         yield [str(stack.enter_context(storage.local_path(f"{p}/docs.parquet"))) for p in prefixes]
 
 
-def build_raw_corpus(storage: Storage, config: PipelineConfig, language: str, quality: str) -> CorpusStats:
-    """Write `raw_corpus/<language>/<quality>/part-0.parquet` and return what went into it."""
+def build_raw_corpus(
+    storage: Storage, config: PipelineConfig, language: str, quality: str, validate: Callable[[str], Outcome] | None = None
+) -> CorpusStats:
+    """Write `raw_corpus/<language>/<quality>/part-0.parquet` and return what went into it.
+
+    With `validate`, the candidate file is checked before it replaces the published one; a failure
+    raises CandidateRejected and readers keep the previous version."""
     stats = CorpusStats(language, quality)
     manifests = ingested_drops(storage)
     stats.rejected_drops = [m["drop_id"] for m in manifests if not m["accepted"]]
@@ -96,6 +104,10 @@ def build_raw_corpus(storage: Storage, config: PipelineConfig, language: str, qu
             written = pl.scan_parquet(tmp)
             summary = written.select(pl.len().alias("n"), pl.col("n_chars").sum().alias("chars")).collect().row(0, named=True)
             stats.drops = written.select(pl.col("drop_id").unique().sort()).collect().to_series().to_list()
+            if validate is not None:
+                stats.outcome = validate(str(tmp))
+                if not stats.outcome.success:
+                    raise CandidateRejected(stats.outcome, storage.keep_rejected(out_key, tmp))
     stats.language_documents = int(counts["n"])
     stats.unique_documents = int(counts["unique"])
     stats.duplicates_removed = stats.language_documents - stats.unique_documents
@@ -115,7 +127,9 @@ def corpus_columns(config: PipelineConfig) -> list[str]:
 def _empty_schema(config: PipelineConfig) -> dict[str, pl.DataType]:
     floats = {"language_score", "score_heuristic", "quality_score", *[f"score_{n}" for n in config.fields.scores]}
     ints = {"n_chars", "source_line"}
-    return {c: (pl.Float64 if c in floats else pl.Int64 if c in ints else pl.String) for c in corpus_columns(config)}
+    bools = {"encoding_repaired"}
+    kind = lambda c: pl.Float64 if c in floats else pl.Int64 if c in ints else pl.Boolean if c in bools else pl.String  # noqa: E731
+    return {c: kind(c) for c in corpus_columns(config)}
 
 
 def read_corpus(storage: Storage, asset: str, language: str, quality: str, columns: list[str] | None = None) -> pl.DataFrame:

@@ -81,6 +81,17 @@ class Storage:
             pq.write_table(table, tmp, compression="zstd")
         return self.uri(key)
 
+    def keep_rejected(self, key: str, candidate: str | os.PathLike) -> str:
+        """Keep a candidate that failed validation at `_rejected/<key>/<time>-<name>`, outside every
+        asset's files (readers and globs never see it); returns its URI."""
+        from datetime import datetime, timezone
+
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        target = f"_rejected/{key.rsplit('/', 1)[0]}/{stamp}-{key.rsplit('/', 1)[-1]}"
+        with self.writing(target) as tmp:
+            shutil.copyfile(candidate, tmp)
+        return self.uri(target)
+
     def read_parquet(self, key: str, columns: list[str] | None = None, n_rows: int | None = None) -> pl.DataFrame:
         with self.local_path(key) as path:
             return pl.read_parquet(path, columns=columns, n_rows=n_rows)

@@ -17,6 +17,16 @@ import polars as pl
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 
+class CandidateRejected(Exception):
+    """A computed partition failed its suite: it was not published (readers keep the previous good
+    version) and the candidate was kept at `kept` for inspection."""
+
+    def __init__(self, outcome: "Outcome", kept: str) -> None:
+        super().__init__("; ".join(outcome.failures)[:500])
+        self.outcome = outcome
+        self.kept = kept
+
+
 @dataclass
 class Outcome:
     success: bool

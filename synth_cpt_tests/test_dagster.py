@@ -95,20 +95,29 @@ def test_checks_run_with_their_assets_and_block_on_bad_data(tmp_path, monkeypatc
         tokens, rows = duckdb.sql(f"select sum(n_tokens), count(*) from read_parquet('{subset}')").fetchall()[0]
         assert 0 < tokens <= 200 and rows >= 1
 
-        # tamper with the stored raw corpus (another language sneaks in): its GX suite must fail
-        raw = tmp_path / "home/raw_corpus/pt/high/part-0.parquet"
-        duckdb.sql(f"copy (select * replace ('en' as language) from read_parquet('{raw}')) to '{raw}.x' (format parquet)")
-        (raw.parent / "part-0.parquet.x").rename(raw)
-        from synth_cpt.assets.ingest import _contract_columns, _narrow, _narrow_columns
-        from synth_cpt.config import load_config
-        from synth_cpt.storage import LocalStorage
-        from synth_cpt.validation import document_suite, run_suite
+        # a bad candidate (a bucket filter that lets everything through) is validated before it is
+        # published: the step fails, readers keep the previous file, the candidate is kept, downstream waits
+        published = tmp_path / "home/raw_corpus/en/high/part-0.parquet"
+        before = published.read_bytes()
+        import polars as pl
 
-        cfg = load_config()
-        frame = _narrow(LocalStorage(tmp_path / "home"), "raw_corpus/pt/high/part-0.parquet")
-        outcome = run_suite("t", frame, document_suite(_narrow_columns(_contract_columns(cfg, False)), "pt", cfg.quality.buckets["high"]))
-        assert not outcome.success
-        assert [f.split(":")[0] for f in outcome.failures] == ["expect_column_values_to_be_in_set(language)"]
+        import synth_cpt.corpus
+
+        monkeypatch.setattr(synth_cpt.corpus, "bucket_expr", lambda bounds, column="quality_score": pl.lit(True))
+        both = defs.resolve_implicit_job_def_def_for_assets([AssetKey("raw_corpus"), AssetKey("quality_subsets")])
+        bad = both.execute_in_process(
+            instance=instance, partition_key="en|high", raise_on_error=False,
+            asset_selection=[AssetKey("raw_corpus"), AssetKey("quality_subsets")],
+        )  # fmt: skip
+        assert not bad.success
+        evals = [e.event_specific_data for e in bad.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+        assert [(ev.asset_key.to_user_string(), ev.check_name, ev.passed) for ev in evals] == [("raw_corpus", "documents_valid", False)]
+        assert not [e for e in bad.all_events if e.event_type_value == "ASSET_MATERIALIZATION"], "nothing was published"
+        assert published.read_bytes() == before, "readers still see the previous good version"
+        kept = list((tmp_path / "home/_rejected/raw_corpus/en/high").glob("*part-0.parquet"))
+        assert len(kept) == 1 and duckdb.sql(f"select count(*) from read_parquet('{kept[0]}')").fetchall()[0][0] == 1
+        steps = {e.step_key for e in bad.all_events if e.event_type_value == "STEP_START"}
+        assert not any("quality_subsets" in k for k in steps), "the downstream asset did not run on it"
 
 
 def test_blocking_quarantine_check_stops_a_bad_drop(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
     AssetCheckSeverity,
+    AssetCheckSpec,
     AssetDep,
     AssetExecutionContext,
     AssetKey,
@@ -36,7 +37,7 @@ from synth_cpt.storage import Storage
 from synth_cpt.subsets import select_budgeted_file
 from synth_cpt.tokens import ASSET as TOKENIZER
 from synth_cpt.tokens import INFO_KEY, MODEL_KEY, TokenCounter, build_tokenizer
-from synth_cpt.validation import Outcome, document_suite, expect, run_suite
+from synth_cpt.validation import CandidateRejected, Outcome, document_suite, expect, run_suite
 
 QUALITY_SUBSETS = "quality_subsets"
 GROUP = "ingest"
@@ -122,18 +123,25 @@ def build_ingest_assets(config: PipelineConfig) -> tuple[list[AssetsDefinition],
         # eager, except that a drop that failed to ingest must not hold every other drop back
         automation_condition=AutomationCondition.eager().without(~AutomationCondition.any_deps_missing()),
         description="All accepted drops of a language, exact-deduplicated by doc_id (earliest drop wins), in one quality bucket.",
+        check_specs=[_documents_spec(RAW_CORPUS, corpus_parts)],
+        output_required=False,
     )
-    def raw_corpus(context: AssetExecutionContext, pipeline: PipelineResource) -> MaterializeResult:
+    def raw_corpus(context: AssetExecutionContext, pipeline: PipelineResource):
         cfg, storage = pipeline.load(), pipeline.storage()
         language, quality = split_corpus_key(context.partition_key)
-        stats = build_raw_corpus(storage, cfg, language, quality)
+        try:  # validate, then publish: a failed candidate never replaces what readers see
+            stats = build_raw_corpus(storage, cfg, language, quality, validate=_documents_validator(cfg, RAW_CORPUS, language, quality))
+        except CandidateRejected as rejected:
+            yield _rejected_result(context, rejected, "documents_valid")
+            return
         if stats.rejected_drops:
             context.log.warning(f"drops kept out for their quarantine rate: {stats.rejected_drops}")
         key = corpus_file(RAW_CORPUS, language, quality)
         frame = storage.read_parquet(key, columns=["doc_id", "quality_score", "drop_id", "text"], n_rows=3)
         scores = storage.read_parquet(key, columns=["quality_score"])["quality_score"]
         bounds = cfg.quality.buckets[quality]
-        return MaterializeResult(
+        yield MaterializeResult(
+            check_results=[_result(stats.outcome, check_name="documents_valid", documents=stats.documents)],
             metadata={
                 "dagster/row_count": stats.documents,
                 "dagster/uri": storage.uri(key),
@@ -149,7 +157,7 @@ def build_ingest_assets(config: PipelineConfig) -> tuple[list[AssetsDefinition],
                 "quality_histogram": MetadataValue.md(
                     histogram_markdown(scores.to_list(), f"{language}|{quality}: quality score", "score (0-5)", _bucket_marks(cfg))
                 ),
-            }
+            },
         )
 
     @asset(
@@ -183,21 +191,43 @@ def build_ingest_assets(config: PipelineConfig) -> tuple[list[AssetsDefinition],
         kinds={"parquet"},
         automation_condition=AutomationCondition.eager(),
         description="A seeded, token-budgeted selection of the partition's raw_corpus: the documents to synthesize from.",
+        check_specs=[_documents_spec(QUALITY_SUBSETS, corpus_parts), _budget_spec(corpus_parts)],
+        output_required=False,
     )
-    def quality_subsets(context: AssetExecutionContext, pipeline: PipelineResource) -> MaterializeResult:
+    def quality_subsets(context: AssetExecutionContext, pipeline: PipelineResource):
         cfg, storage = pipeline.load(), pipeline.storage()
         language, quality = split_corpus_key(context.partition_key)
         counter = TokenCounter.from_storage(storage)
         budget = cfg.subsets.budget_for(f"{language}|{quality}")
         key = corpus_file(QUALITY_SUBSETS, language, quality)
-        with storage.local_path(corpus_file(RAW_CORPUS, language, quality)) as source, storage.writing(key) as target:
-            stats = select_budgeted_file(str(source), str(target), counter, budget, cfg.subsets.order, cfg.seeds.subsets)
+        validate_documents = _documents_validator(cfg, QUALITY_SUBSETS, language, quality)
+        try:  # validate, then publish
+            with storage.local_path(corpus_file(RAW_CORPUS, language, quality)) as source, storage.writing(key) as target:
+                stats = select_budgeted_file(str(source), str(target), counter, budget, cfg.subsets.order, cfg.seeds.subsets)
+                outcomes = {
+                    "documents_valid": validate_documents(str(target)),
+                    "tokens_within_budget": _budget_outcome(str(target), budget),
+                }
+                for name, outcome in outcomes.items():
+                    if not outcome.success:
+                        rejected = CandidateRejected(outcome, storage.keep_rejected(key, target))
+                        rejected.check_name = name
+                        raise rejected
+        except CandidateRejected as rejected:
+            yield _rejected_result(context, rejected, rejected.check_name)
+            return
         subset = storage.read_parquet(key, columns=["doc_id", "n_tokens", "quality_score", "text"], n_rows=3)
         drops = storage.read_parquet(key, columns=["drop_id"])["drop_id"].unique().sort().to_list()
         context.log.info(
             f"{language}|{quality}: {stats.documents:,} of {stats.candidate_documents:,} documents, {stats.tokens:,} tokens (budget {budget})"
         )
-        return MaterializeResult(
+        yield MaterializeResult(
+            check_results=[
+                _result(outcomes["documents_valid"], check_name="documents_valid", documents=stats.documents),
+                _result(
+                    outcomes["tokens_within_budget"], check_name="tokens_within_budget", tokens=stats.tokens, budget_tokens=budget or -1
+                ),
+            ],
             metadata={
                 "dagster/row_count": stats.documents,
                 "dagster/uri": storage.uri(key),
@@ -210,21 +240,18 @@ def build_ingest_assets(config: PipelineConfig) -> tuple[list[AssetsDefinition],
                 "tokenizer_sha256": counter.sha256,
                 "contributing_drops": MetadataValue.json(drops),
                 "sample_documents": MetadataValue.md(_sample_md(subset, ["doc_id", "n_tokens", "quality_score", "text"])),
-            }
+            },
         )
 
-    checks = [
-        *_drop_checks(config),
-        *_document_checks(config, RAW_CORPUS, corpus_parts),
-        *_document_checks(config, QUALITY_SUBSETS, corpus_parts),
-        _budget_check(corpus_parts),
-        _tokenizer_check(),
-    ]
+    checks = [*_drop_checks(config), _tokenizer_check()]  # raw_corpus and quality_subsets check inside, before publishing
     return [crawl_drops, raw_corpus, tokenizer, quality_subsets], checks
 
 
-def _result(outcome: Outcome, severity: AssetCheckSeverity = AssetCheckSeverity.ERROR, **extra) -> AssetCheckResult:
+def _result(
+    outcome: Outcome, severity: AssetCheckSeverity = AssetCheckSeverity.ERROR, check_name: str | None = None, **extra
+) -> AssetCheckResult:
     return AssetCheckResult(
+        check_name=check_name,
         passed=outcome.success,
         severity=severity,
         description="; ".join(outcome.failures)[:1000] or None,
@@ -307,62 +334,68 @@ def _narrow_columns(columns: list[str]) -> list[str]:
 
 
 def _narrow(storage: Storage, key: str) -> pl.DataFrame:
-    """Every column but `text`, which becomes its length: GX needs pandas, texts need not go there."""
     with storage.local_path(key) as path:
-        lf = pl.scan_parquet(path)
-        cols = lf.collect_schema().names()
-        return lf.select([pl.col("text").str.len_chars().alias("text_chars") if c == "text" else pl.col(c) for c in cols]).collect()
+        return _narrow_file(str(path))
 
 
-def _document_checks(config: PipelineConfig, asset_name: str, parts: MultiPartitionsDefinition) -> list:
-    @asset_check(
-        asset=AssetKey(asset_name),
-        name="documents_valid",
+def _narrow_file(path: str) -> pl.DataFrame:
+    """Every column but `text`, which becomes its length: GX needs pandas, texts need not go there."""
+    lf = pl.scan_parquet(path)
+    cols = lf.collect_schema().names()
+    return lf.select([pl.col("text").str.len_chars().alias("text_chars") if c == "text" else pl.col(c) for c in cols]).collect()
+
+
+def _documents_spec(asset_name: str, parts: MultiPartitionsDefinition) -> AssetCheckSpec:
+    return AssetCheckSpec(
+        "documents_valid",
+        asset=asset_name,
         partitions_def=parts,
         blocking=True,
-        description="GX: contract columns, non-empty text, unique doc_id, language equals the partition's, quality score inside the bucket.",
+        description="GX, on the candidate before it is published: contract columns, non-empty text, unique doc_id, language "
+        "equals the partition's, quality score inside the bucket.",
     )
-    def documents_valid(context: AssetCheckExecutionContext, pipeline: PipelineResource) -> AssetCheckResult:
-        cfg, storage = pipeline.load(), pipeline.storage()
-        language, quality = split_corpus_key(context.partition_key)
-        key = corpus_file(asset_name, language, quality)
-        frame = _narrow(storage, key)
-        contract = _narrow_columns(_contract_columns(cfg, with_tokens=asset_name == QUALITY_SUBSETS))
-        outcome = run_suite(f"{asset_name}_documents", frame, document_suite(contract, language, cfg.quality.buckets[quality]))
-        return _result(outcome, documents=frame.height)
 
-    return [documents_valid]
+
+def _documents_validator(cfg: PipelineConfig, asset_name: str, language: str, quality: str):
+    """The document suite of a partition, as a function of a candidate file."""
+    contract = _narrow_columns(_contract_columns(cfg, with_tokens=asset_name == QUALITY_SUBSETS))
+
+    def validate(path: str) -> Outcome:
+        return run_suite(f"{asset_name}_documents", _narrow_file(path), document_suite(contract, language, cfg.quality.buckets[quality]))
+
+    return validate
+
+
+def _rejected_result(context: AssetExecutionContext, rejected: CandidateRejected, check_name: str) -> AssetCheckResult:
+    context.log.error(f"{check_name} failed: not published, the previous version stays; candidate kept at {rejected.kept}: {rejected}")
+    return _result(rejected.outcome, check_name=check_name, candidate=MetadataValue.path(rejected.kept))
 
 
 def _contract_columns(config: PipelineConfig, with_tokens: bool) -> list[str]:
     return corpus_columns(config) + (["n_tokens"] if with_tokens else [])
 
 
-def _budget_check(parts: MultiPartitionsDefinition):
-    @asset_check(
-        asset=AssetKey(QUALITY_SUBSETS),
-        name="tokens_within_budget",
+def _budget_spec(parts: MultiPartitionsDefinition) -> AssetCheckSpec:
+    return AssetCheckSpec(
+        "tokens_within_budget",
+        asset=QUALITY_SUBSETS,
         partitions_def=parts,
         blocking=True,
-        description="GX: every document has n_tokens > 0 and the subset's token total is within the partition's budget.",
+        description="GX, on the candidate before it is published: every document has n_tokens > 0 and the total is within budget.",
     )
-    def tokens_within_budget(context: AssetCheckExecutionContext, pipeline: PipelineResource) -> AssetCheckResult:
-        cfg, storage = pipeline.load(), pipeline.storage()
-        language, quality = split_corpus_key(context.partition_key)
-        frame = storage.read_parquet(corpus_file(QUALITY_SUBSETS, language, quality), columns=["n_tokens"])
-        budget = cfg.subsets.budget_for(f"{language}|{quality}")
-        gxe = expect()
-        outcome = run_suite(
-            "quality_subsets_budget",
-            frame,
-            [
-                gxe.ExpectColumnValuesToBeBetween(column="n_tokens", min_value=1),
-                gxe.ExpectColumnSumToBeBetween(column="n_tokens", min_value=0, max_value=budget),
-            ],
-        )
-        return _result(outcome, tokens=int(frame["n_tokens"].sum() or 0), budget_tokens=budget if budget is not None else -1)
 
-    return tokens_within_budget
+
+def _budget_outcome(path: str, budget: int | None) -> Outcome:
+    frame = pl.read_parquet(path, columns=["n_tokens"])
+    gxe = expect()
+    return run_suite(
+        "quality_subsets_budget",
+        frame,
+        [
+            gxe.ExpectColumnValuesToBeBetween(column="n_tokens", min_value=1),
+            gxe.ExpectColumnSumToBeBetween(column="n_tokens", min_value=0, max_value=budget),
+        ],
+    )
 
 
 def _tokenizer_check():
