@@ -66,6 +66,13 @@ def _local_docs(storage: Storage, prefixes: list[str]):
         yield [str(stack.enter_context(storage.local_path(f"{p}/docs.parquet"))) for p in prefixes]
 
 
+def drop_accepted(manifest: dict, config: PipelineConfig) -> bool:
+    """Judged with today's limits, not those of ingest time: raising `limits.max_quarantine_rate` or
+    setting `limits.accept_partial_files` lets a drop in without re-ingesting it (and the reverse)."""
+    complete = manifest.get("complete", True) or config.limits.accept_partial_files
+    return float(manifest["quarantine_rate"]) <= config.limits.max_quarantine_rate and bool(complete)
+
+
 def build_raw_corpus(
     storage: Storage, config: PipelineConfig, language: str, quality: str, validate: Callable[[str], Outcome] | None = None
 ) -> CorpusStats:
@@ -75,8 +82,8 @@ def build_raw_corpus(
     raises CandidateRejected and readers keep the previous version."""
     stats = CorpusStats(language, quality)
     manifests = ingested_drops(storage)
-    stats.rejected_drops = [m["drop_id"] for m in manifests if not m["accepted"]]
-    accepted = [m["prefix"] for m in manifests if m["accepted"] and m["documents"] > 0]
+    stats.rejected_drops = [m["drop_id"] for m in manifests if not drop_accepted(m, config)]
+    accepted = [m["prefix"] for m in manifests if drop_accepted(m, config) and m["documents"] > 0]
     bounds = config.quality.buckets[quality]
     out_key = corpus_file(ASSET, language, quality)
     with _local_docs(storage, accepted) as paths:

@@ -68,6 +68,10 @@ class Storage:
         fetched (on S3 through pyarrow's filesystem, never a whole download). FileNotFoundError if gone."""
         raise NotImplementedError
 
+    def vanished(self, key: str, exc: BaseException) -> bool:
+        """Whether an error reading `key` means the file is gone (deleted meanwhile), not a failure."""
+        return isinstance(exc, FileNotFoundError) or (isinstance(exc, OSError) and not self.exists(key))
+
     # -- helpers shared by both backends ---------------------------------------------------------
     def write_json(self, key: str, obj: Any) -> str:
         return self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
@@ -238,7 +242,8 @@ class S3Storage(Storage):
             from pyarrow import fs
 
             endpoint = os.environ.get("AWS_ENDPOINT_URL")
-            kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            kwargs: dict[str, Any] = {"region": region} if region else {}  # else pyarrow resolves it like the AWS chain
             if endpoint:
                 scheme, _, host = endpoint.partition("://")
                 kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
@@ -251,8 +256,10 @@ class S3Storage(Storage):
             return pq.ParquetFile(self.filesystem.open_input_file(path))
         except FileNotFoundError:
             raise
-        except OSError as exc:
-            if "does not exist" in str(exc) or "NoSuchKey" in str(exc) or "404" in str(exc):
+        except OSError:
+            # never guess from the message (keys may contain "404"): a throttled or failed request is
+            # not a missing file, and callers delete what they think is gone
+            if not self.exists(key):
                 raise FileNotFoundError(f"{self.uri(key)} does not exist") from None
             raise
 

@@ -79,3 +79,44 @@ def test_killing_the_ingest_midway_leaves_the_previous_version_whole(tmp_path):
     # the next run publishes the new version whole
     storage, drop, again = _ingest(tmp_path, cfg)
     assert again.documents == 200 and published(storage, drop.key)["manifest"]["documents"] == 200
+
+
+def test_a_drop_ingested_before_versions_existed_stays_in_force(tmp_path):
+    cfg = make_config(tmp_path)
+    write_jsonl(tmp_path / "drops/d.jsonl", _records(4))
+    storage, drop, _ = _ingest(tmp_path, cfg)
+    home = tmp_path / "home/crawl_drops/d.jsonl"
+    version = published(storage, drop.key)["prefix"]
+    for name in ("docs.parquet", "quarantine.parquet", "manifest.json"):  # the old layout: files at the drop's root
+        (home / name).write_bytes((tmp_path / "home" / version / name).read_bytes())
+    import shutil
+
+    shutil.rmtree(home / "v")
+    (home / "current.json").unlink()
+    assert published(storage, drop.key)["version"] == "legacy"
+    assert [m["prefix"] for m in ingested_drops(storage)] == ["crawl_drops/d.jsonl"]
+    assert build_raw_corpus(storage, cfg, "pt", "high").documents == 4
+
+
+def test_acceptance_follows_the_current_limits(tmp_path):
+    import gzip
+
+    whole = gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in _records(50)))
+    (tmp_path / "drops").mkdir()
+    (tmp_path / "drops/d.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    strict = make_config(tmp_path, limits={"max_quarantine_rate": 0.9})  # the cut line is quarantined too
+    storage, drop, report = _ingest(tmp_path, strict)
+    assert not report.complete and build_raw_corpus(storage, strict, "pt", "high").documents == 0
+    lenient = make_config(tmp_path, limits={"max_quarantine_rate": 0.9, "accept_partial_files": True})
+    assert build_raw_corpus(storage, lenient, "pt", "high").documents == report.documents > 0, "no re-ingest needed"
+
+
+def test_an_older_version_never_replaces_a_newer_published_one(tmp_path):
+    from synth_cpt.ingest.drops import publish_drop
+
+    cfg = make_config(tmp_path)
+    write_jsonl(tmp_path / "drops/d.jsonl", _records(3))
+    storage, drop, _ = _ingest(tmp_path, cfg)
+    newest = published(storage, drop.key)
+    publish_drop(storage, drop.key, "20000101T000000000000-00000000", {"documents": 0})  # a slow run finishing late
+    assert published(storage, drop.key) == newest

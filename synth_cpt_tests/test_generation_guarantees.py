@@ -7,6 +7,7 @@ import threading
 import time
 
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from synth_cpt.generation.backends import Backend, Prepared, VLLMBackend
@@ -352,3 +353,67 @@ def test_speculation_is_not_part_of_the_request_id():
     assert a.request_id("fp") == b.request_id("fp")
     with pytest.raises(ValueError, match="'speculative' must be true or false"):
         Sampling.from_dict({"speculative": "yes"}, where="prompt x.yaml: sampling")
+
+
+# -- review findings: failures-only segments, checks that raise, nested scopes, S3 errors -------------
+class CountingWrites(LocalStorage):
+    def __init__(self, root):
+        super().__init__(root)
+        self.writes = []
+
+    def write_bytes(self, key, data):
+        self.writes.append(key)
+        return super().write_bytes(key, data)
+
+    def writing(self, key):
+        self.writes.append(key)
+        return super().writing(key)
+
+
+def test_a_segment_of_failures_only_is_indexed_once(tmp_path):
+    reqs = make_requests(4)
+    ids = [r.request_id("fp") for r in reqs]
+    failing = _engine(tmp_path, DeterministicTestBackend(fail_ids=set(ids)))
+    assert failing.run(reqs, scope="s").failed == 4
+    storage = CountingWrites(tmp_path)
+    looker = GenerationCache(storage)
+    assert looker.finished_ids(ids, "s") == set() and looker.finished_ids(ids, "s") == set()
+    assert storage.writes == [], "a lookup never rewrites the index of a failures-only segment"
+
+
+def test_a_check_that_raises_rejects_the_output_not_the_batch(tmp_path):
+    engine = _engine(tmp_path)
+    engine_check = __import__("synth_cpt.generation.engine", fromlist=["output_rejection"])
+    original = engine_check.output_rejection
+
+    def exploding(request, gen):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    engine_check.output_rejection = exploding
+    try:
+        report = engine.run(make_requests(3))
+    finally:
+        engine_check.output_rejection = original
+    assert report.succeeded == 3 and report.rejected == 3
+    assert engine.cache.load()["rejected"].str.starts_with("check failed: RecursionError").all()
+
+
+def test_compacting_a_parent_scope_leaves_nested_scopes_alone(tmp_path):
+    _engine(tmp_path, flush_every=2).run(make_requests(6), scope="rewrites_easy")
+    _engine(tmp_path, flush_every=2).run(make_requests(12)[6:], scope="rewrites_easy/pt/high")
+    cache = GenerationCache(LocalStorage(tmp_path))
+    nested_before = cache.segment_keys("rewrites_easy/pt/high")
+    cache.compact("rewrites_easy")
+    assert cache.segment_keys("rewrites_easy/pt/high") == nested_before
+    assert len([k for k in cache.segment_keys("rewrites_easy") if k.count("/") == 3]) == 1
+
+
+def test_on_s3_a_failed_read_is_not_taken_for_a_missing_file(s3_bucket, monkeypatch):
+    _, bucket = s3_bucket
+    storage = S3Storage(f"s3://{bucket}/home")
+    key = "generations/segments/s/20261122T000000404000-seg-host-1-404.parquet"  # "404" in the name
+    storage.write_parquet(key, pa.table({"a": [1]}))
+    assert not storage.vanished(key, OSError("AWS Error SLOW_DOWN during HeadObject operation: 503"))
+    assert storage.vanished("generations/segments/s/gone.parquet", OSError("any"))
+    with pytest.raises(FileNotFoundError):
+        storage.parquet_file("generations/segments/s/gone.parquet")

@@ -45,6 +45,7 @@ from synth_cpt.storage import LocalStorage, Storage
 DEFAULT_SCOPE = "adhoc"
 INDEX_FAN_IN = 4  # index files of one tier that a writer merges into one file of the next tier
 LOOKUP_RETRIES = 5
+NO_SUCCESS = 0  # index key of a segment with no successful row (a real id has it with probability 2^-64)
 INDEX_BATCH_FILES = 256  # index files whose keys are matched at once (bounds memory)
 INDEX_MEMO_KEYS = 8_000_000  # other scopes' index keys (8 bytes each) a cache object keeps between lookups
 READ_THREADS = 8  # files read at once: Parquet decoding releases the GIL, and S3 reads are mostly waiting
@@ -161,8 +162,10 @@ class GenerationCache:
         """A whole segment (or some columns); None if it vanished (compacted away meanwhile)."""
         try:
             return pl.from_arrow(self.storage.parquet_file(key).read(columns=columns))
-        except FileNotFoundError:
-            return None
+        except OSError as exc:  # gone between listing and reading (compaction): None; anything else raises
+            if self.storage.vanished(key, exc):
+                return None
+            raise
 
     def load(self, columns: list[str] | None = None, scope: str | None = None) -> pl.DataFrame:
         """Every row of every segment (failures included), oldest first. For tools and tests: a run
@@ -243,8 +246,10 @@ class GenerationCache:
             if reader is not None and hasattr(reader, "read_column"):
                 return pa.chunked_array(reader.read_column(pf.schema_arrow.get_field_index(column)))
             return pf.read(columns=[column]).column(0)
-        except FileNotFoundError:
-            return None
+        except OSError as exc:
+            if self.storage.vanished(key, exc):
+                return None
+            raise
 
     def _unindexed(self, scope: str, wanted_ids: set[str], covered: set[str]) -> pl.DataFrame:
         """Hits in this scope's segments that no index file covers (a crash between the two writes,
@@ -311,8 +316,10 @@ class GenerationCache:
         """The successful rows of `ids` in one segment, reading only row groups that hold them."""
         try:
             pf = self.storage.parquet_file(segment)
-        except FileNotFoundError:
-            return None
+        except OSError as exc:
+            if self.storage.vanished(segment, exc):
+                return None
+            raise
         wanted = pa.array(list(ids), pa.string())
         out = []
         try:
@@ -321,8 +328,10 @@ class GenerationCache:
                 mask = pc.and_(pc.is_in(head["request_id"], value_set=wanted), pc.is_null(head["error"]))
                 if pc.any(mask).as_py():
                     out.append(pl.from_arrow(pf.read_row_group(i).filter(mask)))
-        except FileNotFoundError:
-            return None
+        except OSError as exc:  # on S3 each ranged read can find the object deleted
+            if self.storage.vanished(segment, exc):
+                return None
+            raise
         return pl.concat(out, how="vertical_relaxed") if out else _EMPTY.clear()
 
     def finished(self, request_ids: Iterable[str] | None = None, scope: str | None = None) -> pl.DataFrame:
@@ -357,7 +366,9 @@ class GenerationCache:
     # -- writing ------------------------------------------------------------------------------------
     def _write_index(self, segment_key: str, rows: pl.DataFrame) -> None:
         ok = rows.filter(pl.col("error").is_null())["request_id"].to_list()
-        table = pa.table({"key": pa.array([id_key(r) for r in ok], pa.uint64()), "segment": pa.array([segment_key] * len(ok), pa.string())})
+        # a segment of failures only gets one NO_SUCCESS row, so the lookup knows it is indexed
+        keys = [id_key(r) for r in ok] or [NO_SUCCESS]
+        table = pa.table({"key": pa.array(keys, pa.uint64()), "segment": pa.array([segment_key] * len(keys), pa.string())})
         self._write_index_file(self._index_key(segment_key), table)
 
     def _write_index_file(self, key: str, table: pa.Table) -> None:
@@ -383,10 +394,13 @@ class GenerationCache:
         """Merge one scope's index files (or the given ones) into one, leaving out entries of
         `drop_segments` (new file first, then delete what was merged). The merge's tier is one more
         than its highest input's."""
-        keys = self.index_keys(scope) if files is None else files
+        folder = f"{self.prefix}/index/{safe_scope(scope)}"
+        keys = [k for k in self.index_keys(scope) if k.rsplit("/", 1)[0] == folder] if files is None else files
         if len(keys) < 2 and not drop_segments:
             return len(keys)
-        frames = [f for f in (self._read(k) for k in keys) if f is not None]
+        read = {k: self._read(k) for k in keys}
+        keys = [k for k, f in read.items() if f is not None]  # only what was read is deleted below
+        frames = [read[k] for k in keys]
         merged = pl.concat(frames) if frames else pl.from_arrow(INDEX_SCHEMA.empty_table())
         if drop_segments:
             merged = merged.filter(~pl.col("segment").is_in(list(drop_segments)))
@@ -431,11 +445,13 @@ class GenerationCache:
         return figures
 
     def _compact_scope(self, scope: str, row_group_rows: int) -> dict[str, int]:
-        keys = self.segment_keys(scope)
-        heads = []
-        for key in keys:
+        folder = f"{self.prefix}/segments/{scope}"
+        listed = [k for k in self.segment_keys(scope) if k.rsplit("/", 1)[0] == folder]  # not nested scopes
+        heads, keys = [], []
+        for key in listed:
             head = self._read(key, ["request_id", "error", "created_at"])
-            if head is not None:
+            if head is not None:  # only segments read are merged, and only they are deleted
+                keys.append(key)
                 heads.append(head.with_row_index("_row").with_columns(pl.lit(key).alias("_key")))
         rows_before = sum(h.height for h in heads)
         if len(heads) < 2:
@@ -573,7 +589,10 @@ class SegmentWriter:
         now = datetime.now(timezone.utc).isoformat()
         for request, seed, gen in batch:
             if gen.ok and self.check is not None and gen.rejected is None:
-                gen.rejected = self.check(request, gen)
+                try:
+                    gen.rejected = self.check(request, gen)
+                except Exception as exc:  # a check that cannot judge an output rejects it, never the batch
+                    gen.rejected = f"check failed: {type(exc).__name__}: {str(exc)[:200]}"
             if gen.ok and gen.rejected is not None:
                 self.rejected += 1
                 self.rejections[gen.request_id] = gen.rejected

@@ -50,6 +50,7 @@ REGISTRY = f"{ASSET}/_registry"
 
 
 POINTER = "current.json"
+LEGACY = "legacy"  # the version name of a drop ingested before versioned publishing
 KEEP_VERSIONS = 2
 
 
@@ -69,14 +70,12 @@ def version_prefix(drop_id: str, version: str) -> str:
 def published(storage: Storage, drop_id: str) -> dict | None:
     """The pointer of a drop's published version (`version`, `prefix`, `manifest`), or None."""
     key = f"{drop_prefix(drop_id)}/{POINTER}"
-    try:
+    if storage.exists(key):
         return storage.read_json(key)
-    except (FileNotFoundError, KeyError):
-        return None
-    except Exception as exc:  # S3: NoSuchKey
-        if "NoSuchKey" in str(exc) or "404" in str(exc):
-            return None
-        raise
+    legacy = f"{drop_prefix(drop_id)}/manifest.json"  # ingested before versions existed: still in force
+    if storage.exists(legacy):
+        return {"drop_id": drop_id, "version": LEGACY, "prefix": drop_prefix(drop_id), "manifest": storage.read_json(legacy)}
+    return None
 
 
 def published_prefix(storage: Storage, drop_id: str) -> str:
@@ -89,12 +88,19 @@ def published_prefix(storage: Storage, drop_id: str) -> str:
 
 def publish_drop(storage: Storage, drop_id: str, version: str, manifest: dict) -> None:
     """Make `version` the one readers see (one atomic write), then drop versions older than the previous."""
+    current = published(storage, drop_id)
+    previous = current["version"] if current and current["version"] != LEGACY else None
+    if previous is not None and previous > version:
+        return  # a newer version was published meanwhile (two runs of one drop): it stays in force
     pointer = {"drop_id": drop_id, "version": version, "prefix": version_prefix(drop_id, version), "manifest": manifest}
     storage.write_json(f"{drop_prefix(drop_id)}/{POINTER}", pointer)
-    versions = sorted({k.split("/v/", 1)[1].split("/", 1)[0] for k in storage.list(f"{drop_prefix(drop_id)}/v")})
-    older = [v for v in versions if v < version]  # newer ones may be another run's candidate: left alone
-    for old in older[: max(0, len(older) - (KEEP_VERSIONS - 1))]:
-        storage.delete_prefix(version_prefix(drop_id, old))
+    # keep the new and the previously published version; older ones (and crashed candidates) go,
+    # newer ones may be another run's candidate and are left alone
+    floor = previous or version
+    versions = {k.split("/v/", 1)[1].split("/", 1)[0] for k in storage.list(f"{drop_prefix(drop_id)}/v")}
+    for old in sorted(versions):
+        if old < floor and old not in (version, previous):
+            storage.delete_prefix(version_prefix(drop_id, old))
 
 
 @dataclass
@@ -329,9 +335,18 @@ def _records(batch: Batch) -> int:
 
 def ingested_drops(storage: Storage) -> list[dict]:
     """Manifests of every published drop (with the `prefix` of its files), by drop id."""
-    manifests = []
+    manifests: dict[str, dict] = {}
+    legacy: dict[str, str] = {}
     for key in storage.list(ASSET):
-        if key.endswith(f"/{POINTER}") and key.count("/") == 2:  # crawl_drops/<drop>/current.json
+        if key.count("/") != 2:  # crawl_drops/<drop>/<file>
+            continue
+        drop_id = key.split("/")[1]
+        if key.endswith(f"/{POINTER}"):
             pointer = storage.read_json(key)
-            manifests.append({**pointer["manifest"], "prefix": pointer["prefix"]})
-    return sorted(manifests, key=lambda m: m["drop_id"])
+            manifests[drop_id] = {**pointer["manifest"], "prefix": pointer["prefix"]}
+        elif key.endswith("/manifest.json"):
+            legacy[drop_id] = key
+    for drop_id, key in legacy.items():  # ingested before versions existed, never re-published
+        if drop_id not in manifests:
+            manifests[drop_id] = {**storage.read_json(key), "prefix": drop_prefix(drop_id)}
+    return sorted(manifests.values(), key=lambda m: m["drop_id"])
