@@ -248,6 +248,7 @@ class ZstdFrames(io.RawIOBase):
         self.decompressor = zstandard.ZstdDecompressor()
         self.obj = self.decompressor.decompressobj()
         self.pending = b""
+        self.pos = 0  # read offset into pending: handing out a slice never copies the rest
         self.in_frame = False
         self.done = False
 
@@ -255,7 +256,7 @@ class ZstdFrames(io.RawIOBase):
         return True
 
     def readinto(self, b: Any) -> int:
-        while not self.pending:
+        while self.pos >= len(self.pending):
             if self.done:
                 return 0
             chunk = self.raw.read(self.CHUNK)
@@ -264,10 +265,11 @@ class ZstdFrames(io.RawIOBase):
                 if self.in_frame:
                     raise TruncatedStream("the file ends inside a zstd frame")
                 return 0
+            self.pending, self.pos = b"", 0
             self._feed(chunk)
-        n = min(len(b), len(self.pending))
-        b[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
+        n = min(len(b), len(self.pending) - self.pos)
+        b[:n] = memoryview(self.pending)[self.pos : self.pos + n]
+        self.pos += n
         return n
 
     def _feed(self, data: bytes) -> None:
