@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from synth_cpt.config import BucketBounds, PipelineConfig
-from synth_cpt.ingest.drops import ingested_drops
+from synth_cpt.ingest.drops import accepts, ingested_drops
 from synth_cpt.ingest.records import docs_schema
 from synth_cpt.storage import Storage
 from synth_cpt.validation import CandidateRejected, Outcome
@@ -69,8 +69,10 @@ def _local_docs(storage: Storage, prefixes: list[str]):
 def drop_accepted(manifest: dict, config: PipelineConfig) -> bool:
     """Judged with today's limits, not those of ingest time: raising `limits.max_quarantine_rate` or
     setting `limits.accept_partial_files` lets a drop in without re-ingesting it (and the reverse)."""
-    complete = manifest.get("complete", True) or config.limits.accept_partial_files
-    return float(manifest["quarantine_rate"]) <= config.limits.max_quarantine_rate and bool(complete)
+    limits = config.limits
+    return accepts(
+        float(manifest["quarantine_rate"]), manifest.get("complete", True), limits.max_quarantine_rate, limits.accept_partial_files
+    )
 
 
 def build_raw_corpus(

@@ -22,6 +22,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def utc_stamp() -> str:
+    """UTC time to the microsecond, in a form that sorts as it reads: the head of every name that must
+    order by creation (cache segments, drop versions, rejected candidates)."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+
+
 def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
@@ -88,10 +96,7 @@ class Storage:
     def keep_rejected(self, key: str, candidate: str | os.PathLike) -> str:
         """Keep a candidate that failed validation at `_rejected/<key>/<time>-<name>`, outside every
         asset's files (readers and globs never see it); returns its URI."""
-        from datetime import datetime, timezone
-
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-        target = f"_rejected/{key.rsplit('/', 1)[0]}/{stamp}-{key.rsplit('/', 1)[-1]}"
+        target = f"_rejected/{key.rsplit('/', 1)[0]}/{utc_stamp()}-{key.rsplit('/', 1)[-1]}"
         with self.writing(target) as tmp:
             shutil.copyfile(candidate, tmp)
         return self.uri(target)

@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from synth_cpt.generation.requests import ChatRequest, Generation
-from synth_cpt.storage import LocalStorage, Storage
+from synth_cpt.storage import LocalStorage, Storage, utc_stamp
 
 DEFAULT_SCOPE = "adhoc"
 INDEX_FAN_IN = 4  # index files of one tier that a writer merges into one file of the next tier
@@ -98,8 +98,7 @@ def safe_scope(scope: str | None) -> str:
 
 def _segment_name(kind: str) -> str:
     """Unique across processes and machines; names sort by creation time."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-    return f"{stamp}-{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+    return f"{utc_stamp()}-{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
 
 
 def _basename(key: str) -> str:

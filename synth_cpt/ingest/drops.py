@@ -43,7 +43,7 @@ from synth_cpt.ingest.records import (
     start_batch,
 )
 from synth_cpt.ingest.sources import CountingReader, DropFile, DropSource, GuardedStream, decompressed, open_source
-from synth_cpt.storage import Storage
+from synth_cpt.storage import Storage, utc_stamp
 
 ASSET = "crawl_drops"
 REGISTRY = f"{ASSET}/_registry"
@@ -51,7 +51,13 @@ REGISTRY = f"{ASSET}/_registry"
 
 POINTER = "current.json"
 LEGACY = "legacy"  # the version name of a drop ingested before versioned publishing
-KEEP_VERSIONS = 2
+
+
+def accepts(quarantine_rate: float, complete: bool, max_quarantine_rate: float, accept_partial_files: bool) -> bool:
+    """The one acceptance rule: over the quarantine rate, or damaged (unless partial files are
+    accepted), a drop is kept out of raw_corpus (and its blocking check fails) until a good version
+    arrives."""
+    return quarantine_rate <= max_quarantine_rate and (complete or accept_partial_files)
 
 
 def drop_prefix(drop_id: str) -> str:
@@ -60,7 +66,7 @@ def drop_prefix(drop_id: str) -> str:
 
 def new_version() -> str:
     """A version name that sorts by time and never collides."""
-    return f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}"
+    return f"{utc_stamp()}-{uuid.uuid4().hex[:8]}"
 
 
 def version_prefix(drop_id: str, version: str) -> str:
@@ -131,9 +137,7 @@ class DropReport:
 
     @property
     def accepted(self) -> bool:
-        """Over the configured quarantine rate, or damaged (unless limits.accept_partial_files), a drop is
-        kept out of raw_corpus (and its blocking check fails) until a good version arrives."""
-        return self.quarantine_rate <= self.max_quarantine_rate and (self.complete or self.accept_partial_files)
+        return accepts(self.quarantine_rate, self.complete, self.max_quarantine_rate, self.accept_partial_files)
 
     def to_json(self) -> dict:
         return {**asdict(self), "quarantine_rate": round(self.quarantine_rate, 6), "accepted": self.accepted}
