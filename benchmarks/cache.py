@@ -86,8 +86,8 @@ def text_pool(size: int = 64 << 20, seed: int = 0) -> bytes:
 
 class Builder:
     def __init__(self, root: Path, segment_rows: int, pool: bytes) -> None:
+        from synth_cpt.core.storage import LocalStorage
         from synth_cpt.generation.cache import GenerationCache
-        from synth_cpt.storage import LocalStorage
 
         self.cache = GenerationCache(LocalStorage(root))
         self.segment_rows = segment_rows
@@ -177,8 +177,8 @@ def build(root: Path, rows: int, scope_rows: int, segment_rows: int, pool: bytes
 
 
 def run_new(root: str, scope: str, ids: list[str]):
+    from synth_cpt.core.storage import LocalStorage
     from synth_cpt.generation.cache import GenerationCache
-    from synth_cpt.storage import LocalStorage
 
     cache = GenerationCache(LocalStorage(root))
     t0 = time.perf_counter()
@@ -190,7 +190,7 @@ def run_new(root: str, scope: str, ids: list[str]):
 
 def run_old(root: str, scope: str, ids: list[str]):
     from benchmarks.baselines.cache_v0 import GenerationCache
-    from synth_cpt.storage import LocalStorage
+    from synth_cpt.core.storage import LocalStorage
 
     cache = GenerationCache(LocalStorage(root))
     t0 = time.perf_counter()

@@ -58,7 +58,7 @@ def passages(chars: int) -> list[str]:
 def build_requests(n: int, chars: int, temperature: float | None = None):
     import dataclasses
 
-    from synth_cpt.prompts import list_prompts, load_prompt
+    from synth_cpt.synthesis.prompts import list_prompts, load_prompt
 
     prompts = [load_prompt("rewrite", name) for name in list_prompts("rewrite")]
     if temperature is not None:  # e.g. 0: faithful rewriting, decoded greedily
@@ -81,12 +81,12 @@ def main() -> None:
 
     from vllm import LLM as VLLM
 
+    from synth_cpt.core.storage import LocalStorage
     from synth_cpt.generation.backends import Prepared, VLLMBackend
     from synth_cpt.generation.cache import GenerationCache
     from synth_cpt.generation.engine import GenerationEngine
     from synth_cpt.generation.requests import derived_seed
-    from synth_cpt.generation.resource import LLM
-    from synth_cpt.storage import LocalStorage
+    from synth_cpt.generation.settings import LLMSettings as LLM
 
     requests = build_requests(args.requests, args.chars, args.temperature)
     resource = LLM()

@@ -65,10 +65,10 @@ def generate(path: Path, megabytes: int, seed: int = 0) -> int:
 
 
 def run_ours(drop: str, out: str) -> dict:
-    from synth_cpt.config import parse_config
+    from synth_cpt.core.config import parse_config
+    from synth_cpt.core.storage import LocalStorage
     from synth_cpt.ingest.drops import ingest_drop
     from synth_cpt.ingest.sources import LocalSource
-    from synth_cpt.storage import LocalStorage
 
     cfg = parse_config(json.dumps({"storage_root": out, "drops": {"location": str(Path(drop).parent)}}), "benchmark")
     source = LocalSource(Path(drop).parent)

@@ -16,7 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from synth_cpt.config import DROPS_ENV, ConfigError, load_config
+from synth_cpt.core.config import DROPS_ENV, ConfigError, load_config
+from synth_cpt.core.layout import GENERATIONS
 
 GPU_POOL = "gpu"
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -43,7 +44,7 @@ def ingest_steps(defs, instance, new_drops: list[str]) -> list[tuple[list, str |
     this walk without a CLI change; GPU-bound generation assets stay out unless configured eager."""
     from dagster import AssetKey, AssetSelection, DynamicPartitionsDefinition
 
-    from synth_cpt.ingest.drops import ASSET as CRAWL_DROPS
+    from synth_cpt.core.layout import CRAWL_DROPS
 
     graph = defs.resolve_asset_graph()
     root = AssetKey(CRAWL_DROPS)
@@ -73,18 +74,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.config:
         os.environ["SYNTH_CPT_CONFIG"] = str(Path(args.config).resolve())
 
-    from synth_cpt.definitions import build_definitions
+    from synth_cpt.defs.definitions import build_definitions
+    from synth_cpt.defs.partitions import crawl_drop_partitions
+    from synth_cpt.defs.resources import open_location
     from synth_cpt.ingest.drops import plan_drops, register_drop
-    from synth_cpt.ingest.sources import open_source
-    from synth_cpt.partitions import crawl_drop_partitions
-    from synth_cpt.storage import open_storage
+    from synth_cpt.ingest.sources import list_drops
 
     console = Console(stderr=True)
     instance = _instance()
     defs = build_definitions()
-    storage = open_storage(config.storage_uri())
+    storage = open_location(config.storage_uri())
     location = config.drops_uri()
-    listing = open_source(location).list(config.drops.patterns, config.drops.recursive)
+    listing = list_drops(open_location(location), config.drops.patterns, config.drops.recursive)
     for line in listing.refused:
         console.print(f"[yellow]refused[/yellow] {line}")
 
@@ -137,8 +138,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _print_summary(console: Console, storage, config, corpus_keys: list[str]) -> None:
-    from synth_cpt.corpus import ASSET as RAW
-    from synth_cpt.corpus import corpus_file
+    import pyarrow.compute as pc
+
+    from synth_cpt.core.layout import QUALITY_SUBSETS, RAW_CORPUS, partition_file
     from synth_cpt.ingest.drops import ingested_drops
 
     drops = Table(title="crawl drops")
@@ -164,11 +166,11 @@ def _print_summary(console: Console, storage, config, corpus_keys: list[str]) ->
     for key in corpus_keys:
         lang, q = key.split("|")
         raw_n = sub_n = sub_tok = None
-        if storage.exists(corpus_file(RAW, lang, q)):
-            raw_n = storage.read_parquet(corpus_file(RAW, lang, q), columns=["doc_id"]).height
-        if storage.exists(corpus_file("quality_subsets", lang, q)):
-            sub = storage.read_parquet(corpus_file("quality_subsets", lang, q), columns=["n_tokens"])
-            sub_n, sub_tok = sub.height, int(sub["n_tokens"].sum() or 0)
+        if storage.exists(partition_file(RAW_CORPUS, lang, q)):  # the footer says how many rows: nothing else is read
+            raw_n = storage.parquet_file(partition_file(RAW_CORPUS, lang, q)).metadata.num_rows
+        if storage.exists(partition_file(QUALITY_SUBSETS, lang, q)):
+            sub = storage.parquet_file(partition_file(QUALITY_SUBSETS, lang, q)).read(columns=["n_tokens"])
+            sub_n, sub_tok = sub.num_rows, int(pc.sum(sub["n_tokens"]).as_py() or 0)
         budget = config.subsets.budget_for(key)
         fmt = lambda v: "-" if v is None else f"{v:,}"  # noqa: E731
         parts.add_row(key, fmt(raw_n), fmt(sub_n), fmt(sub_tok), fmt(budget))
@@ -214,8 +216,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the progress bar says what matters
 
-    from synth_cpt.generation.resource import LLM
-    from synth_cpt.storage import open_storage
+    from synth_cpt.defs.resources import LLM, open_location
 
     config = load_config(args.config) if args.config else load_config()
     requests = _read_chat_requests(args.input)
@@ -247,7 +248,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         def on_progress(done: int, total: int, tokens: int, elapsed: float) -> None:
             progress.update(task, total=total, completed=done, rate=f"{tokens / max(elapsed, 1e-9):,.0f} tok/s")
 
-        engine = llm.engine(open_storage(root), root, log=lambda m: console.log(m), progress=on_progress)
+        engine = llm.engine(open_location(root), root, log=lambda m: console.log(m), progress=on_progress)
         report = engine.run(requests, scope=args.scope)
     rows = {r["request_id"]: r for r in engine.results(requests, scope=args.scope).iter_rows(named=True)}
     failures = report.failures
@@ -275,11 +276,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     import polars as pl
 
+    from synth_cpt.defs.resources import open_location
     from synth_cpt.generation.cache import GenerationCache
-    from synth_cpt.storage import open_storage
 
     config = load_config(args.config) if args.config else load_config()
-    cache = GenerationCache(open_storage(args.root or config.storage_uri()), args.prefix)
+    cache = GenerationCache(open_location(args.root or config.storage_uri()), args.prefix)
     if args.action == "compact":
         figures = cache.compact(args.scope)
         print(
@@ -336,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("action", choices=["stats", "compact"])
     cache.add_argument("--scope", help="compact only this scope, e.g. rewrites_easy/pt/high (default: every scope)")
     cache.add_argument("--root", help="storage root of the cache (default: the pipeline's)")
-    cache.add_argument("--prefix", default="generations")
+    cache.add_argument("--prefix", default=GENERATIONS)
     cache.set_defaults(func=cmd_cache)
     cfg = sub.add_parser("config", help="validate the pipeline config and print it with every default filled in")
     cfg.set_defaults(func=cmd_config)

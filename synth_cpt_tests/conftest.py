@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from synth_cpt.config import PipelineConfig, parse_config
+from synth_cpt.core.config import PipelineConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DROPS = REPO / "synth_cpt" / "sample_corpus" / "drops"

@@ -2,9 +2,9 @@
 
 import sys
 
+from synth_cpt.core.storage import LocalStorage
 from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.engine import GenerationEngine
-from synth_cpt.storage import LocalStorage
 
 from .doubles import DeterministicTestBackend, make_requests
 

@@ -9,8 +9,8 @@ import uuid
 
 import polars as pl
 
+from synth_cpt.core.storage import LocalStorage
 from synth_cpt.generation.cache import GenerationCache
-from synth_cpt.storage import LocalStorage
 
 from .conftest import REPO
 from .doubles import make_requests

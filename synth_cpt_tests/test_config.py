@@ -1,6 +1,6 @@
 import pytest
 
-from synth_cpt.config import ConfigError, load_config, parse_config
+from synth_cpt.core.config import ConfigError, load_config, parse_config
 
 
 def test_shipped_defaults_match_methods(isolated_env):

@@ -3,20 +3,21 @@
 import polars as pl
 import pytest
 
-from synth_cpt.corpus import build_raw_corpus, corpus_file
+from synth_cpt.core.layout import partition_file
+from synth_cpt.core.storage import LocalStorage
+from synth_cpt.corpus.subsets import select_budgeted
+from synth_cpt.corpus.tokenizer import TokenCounter, build_tokenizer, train_model
+from synth_cpt.ingest.dedup import build_raw_corpus
 from synth_cpt.ingest.drops import ingest_drop
-from synth_cpt.ingest.sources import LocalSource
-from synth_cpt.storage import LocalStorage
-from synth_cpt.subsets import select_budgeted
-from synth_cpt.tokens import TokenCounter, build_tokenizer, train_model
+from synth_cpt.ingest.sources import list_drops
 
 from .conftest import EN_TEXT, PT_TEXT, make_config, write_jsonl
 
 
 def _ingest_all(cfg, tmp_path):
-    source = LocalSource(tmp_path / "drops")
+    source = LocalStorage(tmp_path / "drops")
     storage = LocalStorage(tmp_path / "home")
-    for drop in source.list(cfg.drops.patterns).drops:
+    for drop in list_drops(source, cfg.drops.patterns).drops:
         ingest_drop(cfg, storage, source, drop)
     return storage
 
@@ -40,11 +41,11 @@ def test_dedup_across_drops_earliest_drop_wins_and_buckets(tmp_path):
     assert (high.language_documents, high.unique_documents, high.duplicates_removed) == (5, 4, 1)
     assert high.in_no_bucket == 1 and low.in_no_bucket == 1
     assert high.documents == 2 and low.documents == 1
-    frame = storage.read_parquet(corpus_file("raw_corpus", "pt", "high"))
+    frame = storage.read_parquet(partition_file("raw_corpus", "pt", "high"))
     first = frame.filter(pl.col("url").is_in(["https://first", "https://second"]))
     assert first["url"].to_list() == ["https://first"] and first["drop_id"][0] == "2026-01-01.jsonl"
     assert set(frame["quality"]) == {"high"} and set(frame["language"]) == {"pt"}
-    assert high.drops == ["2026-01-01.jsonl", "2026-02-01.jsonl"]
+    assert high.summary.drops == ["2026-01-01.jsonl", "2026-02-01.jsonl"]
     en = build_raw_corpus(storage, cfg, "en", "high")
     assert en.documents == 1 and en.duplicates_removed == 0
 
@@ -56,7 +57,7 @@ def test_drop_over_quarantine_rate_is_kept_out(tmp_path):
     storage = _ingest_all(cfg, tmp_path)
     stats = build_raw_corpus(storage, cfg, "pt", "high")
     assert stats.rejected_drops == ["bad.jsonl"]
-    assert stats.documents == 1 and stats.drops == ["good.jsonl"]
+    assert stats.documents == 1 and stats.summary.drops == ["good.jsonl"]
 
 
 def test_empty_corpus_writes_an_empty_partition(tmp_path):
@@ -65,7 +66,7 @@ def test_empty_corpus_writes_an_empty_partition(tmp_path):
     storage = LocalStorage(tmp_path / "home")
     stats = build_raw_corpus(storage, cfg, "pt", "low")
     assert stats.documents == 0
-    assert storage.read_parquet(corpus_file("raw_corpus", "pt", "low")).height == 0
+    assert storage.read_parquet(partition_file("raw_corpus", "pt", "low")).height == 0
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +112,12 @@ def test_tokenizer_is_trained_deterministically_and_hash_recorded(tmp_path):
     write_jsonl(tmp_path / "drops/d.jsonl", [{"text": f"{PT_TEXT} {i}", "edu": 3} for i in range(20)])
     storage = _ingest_all(cfg, tmp_path)
     build_raw_corpus(storage, cfg, "pt", "high")
-    files = [corpus_file("raw_corpus", "pt", "high")]
+    files = [partition_file("raw_corpus", "pt", "high")]
     first = build_tokenizer(storage, cfg, files)
     second = build_tokenizer(storage, cfg, files)
-    assert first == second and first["trained_on_documents"] == 10
+    same = lambda info: {k: v for k, v in info.items() if k not in ("version", "uri", "outcome")}  # noqa: E731
+    assert same(first) == same(second) and first["trained_on_documents"] == 10
+    assert first["version"] < second["version"]
     assert TokenCounter.from_storage(storage).sha256 == first["sha256"]
 
 
@@ -128,3 +131,24 @@ def test_configured_tokenizer_model_file(tmp_path):
     bad = make_config(tmp_path, tokenizer={"model_file": str(tmp_path / "bad.model")})
     with pytest.raises(ValueError, match="not a SentencePiece model"):
         build_tokenizer(LocalStorage(tmp_path / "home"), bad, [])
+
+
+def test_tokenizer_model_and_info_are_one_published_version(tmp_path):
+    """The pointer, written last, carries the info of the model it points at; a candidate that fails
+    `check_model` is never published and readers keep the previous model."""
+    from synth_cpt.core.publish import CandidateRejected
+    from synth_cpt.corpus.tokenizer import check_model, published_tokenizer
+
+    cfg = make_config(tmp_path, tokenizer={"vocab_size": 600, "sample_documents": 10})
+    write_jsonl(tmp_path / "drops/d.jsonl", [{"text": f"{PT_TEXT} {i}", "edu": 3} for i in range(20)])
+    storage = _ingest_all(cfg, tmp_path)
+    build_raw_corpus(storage, cfg, "pt", "high")
+    files = [partition_file("raw_corpus", "pt", "high")]
+    good = build_tokenizer(storage, cfg, files, validate=check_model)
+    assert good["outcome"].success
+    pointer = published_tokenizer(storage)
+    assert pointer["info"]["sha256"] == good["sha256"] == TokenCounter.from_storage(storage).sha256
+    with pytest.raises(CandidateRejected, match="does not load"):
+        build_tokenizer(storage, cfg, files, validate=lambda model, info: check_model(model[: len(model) // 2], info))
+    assert published_tokenizer(storage) == pointer, "the previous model stays published"
+    assert len(list((tmp_path / "home/_rejected/tokenizer/v").iterdir())) == 1

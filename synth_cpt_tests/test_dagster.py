@@ -50,7 +50,7 @@ def _setup(tmp_path, monkeypatch):
     monkeypatch.setenv("SYNTH_CPT_CONFIG", str(cfg))
     monkeypatch.delenv("SYNTH_CPT_HOME", raising=False)
     monkeypatch.delenv("SYNTH_CPT_DROPS", raising=False)
-    from synth_cpt.definitions import build_definitions
+    from synth_cpt.defs.definitions import build_definitions
 
     return build_definitions()
 
@@ -101,9 +101,9 @@ def test_checks_run_with_their_assets_and_block_on_bad_data(tmp_path, monkeypatc
         before = published.read_bytes()
         import polars as pl
 
-        import synth_cpt.corpus
+        from synth_cpt.core.config import BucketBounds
 
-        monkeypatch.setattr(synth_cpt.corpus, "bucket_expr", lambda bounds, column="quality_score": pl.lit(True))
+        monkeypatch.setattr(BucketBounds, "expr", lambda self, column="quality_score": pl.lit(True))
         both = defs.resolve_implicit_job_def_def_for_assets([AssetKey("raw_corpus"), AssetKey("quality_subsets")])
         bad = both.execute_in_process(
             instance=instance, partition_key="en|high", raise_on_error=False,

@@ -12,10 +12,10 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from synth_cpt.ingest import records as R
+from synth_cpt.core.storage import LocalStorage
+from synth_cpt.ingest import quarantine as Q
 from synth_cpt.ingest.drops import ingest_drop, published_prefix
-from synth_cpt.ingest.sources import LocalSource
-from synth_cpt.storage import LocalStorage
+from synth_cpt.ingest.sources import list_drops
 
 from .conftest import PT_TEXT, make_config
 
@@ -46,8 +46,8 @@ def _ingest(tmp_path, name: str, payload: bytes, **limits):
     drops.mkdir(parents=True, exist_ok=True)
     (drops / name).write_bytes(payload)
     cfg = make_config(tmp_path, limits={"batch_bytes": 4000, "workers": 1, **limits})
-    source = LocalSource(drops)
-    (drop,) = [d for d in source.list(cfg.drops.patterns).drops if d.relative_path == name]
+    source = LocalStorage(drops)
+    (drop,) = [d for d in list_drops(source, cfg.drops.patterns).drops if d.relative_path == name]
     storage = LocalStorage(tmp_path / "home")
     report = ingest_drop(cfg, storage, source, drop)
     docs = storage.read_parquet(f"{published_prefix(storage, drop.key)}/docs.parquet")
@@ -64,11 +64,11 @@ def test_a_truncated_compressed_drop_keeps_every_readable_record_and_says_so(tmp
     readable = docs.height
     assert 0 < readable < 300
     assert docs["record_id"].to_list() == [str(i) for i in range(readable)], "a prefix, in order, nothing skipped"
-    damage = quarantine.filter(quarantine["reason_code"] == R.TRUNCATED_FILE)
+    damage = quarantine.filter(quarantine["reason_code"] == Q.TRUNCATED_FILE)
     assert damage.height == 1 and "records after line" in damage["reason"][0]
     assert manifest["complete"] is False and manifest["accepted"] is False
     assert "stored bytes read" in manifest["damage"]
-    assert manifest["quarantine_by_reason"][R.TRUNCATED_FILE] == 1
+    assert manifest["quarantine_by_reason"][Q.TRUNCATED_FILE] == 1
     # the same file, accepted as partial by configuration
     report2, *_, manifest2 = _ingest(tmp_path / "partial", f"d.jsonl.{fmt}", whole[: int(len(whole) * 0.6)], accept_partial_files=True)
     assert manifest2["complete"] is False and manifest2["accepted"] is True and report2.documents == readable
@@ -78,7 +78,7 @@ def test_a_truncated_compressed_drop_keeps_every_readable_record_and_says_so(tmp
 def test_a_file_that_is_not_what_its_name_says_is_recorded_not_raised(tmp_path, name):
     report, docs, quarantine, manifest = _ingest(tmp_path, name, b"this is plain text, not a compressed file\n" * 20)
     assert docs.height == 0 and report.records == 0
-    assert quarantine["reason_code"].to_list() == [R.UNREADABLE_FILE]
+    assert quarantine["reason_code"].to_list() == [Q.UNREADABLE_FILE]
     assert manifest["complete"] is False and not manifest["accepted"]
 
 
@@ -91,7 +91,7 @@ def test_a_damaged_parquet_row_group_loses_only_that_group(tmp_path):
     damaged = good[:start] + b"\xff" * 64 + good[start + 64 :]
     report, docs, quarantine, manifest = _ingest(tmp_path, "d.parquet", damaged)
     assert docs["record_id"].to_list() == [str(i) for i in range(10)] + [str(i) for i in range(20, 30)]
-    assert quarantine["reason_code"].to_list() == [R.UNREADABLE_FILE] and quarantine["source_line"].to_list() == [11]
+    assert quarantine["reason_code"].to_list() == [Q.UNREADABLE_FILE] and quarantine["source_line"].to_list() == [11]
     assert manifest["complete"] is False
 
 
@@ -120,7 +120,7 @@ def test_letterless_texts_are_quarantined_even_with_language_and_score(tmp_path)
     ]
     report, docs, quarantine, manifest = _ingest(tmp_path, "d.jsonl", _jsonl(records))
     assert docs.height == 1
-    assert sorted(quarantine["reason_code"].to_list()) == sorted([R.EMPTY_TEXT, R.NO_LETTERS])
+    assert sorted(quarantine["reason_code"].to_list()) == sorted([Q.EMPTY_TEXT, Q.NO_LETTERS])
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -144,7 +144,7 @@ def test_any_cut_keeps_exactly_the_complete_records_before_it(tmp_path_factory, 
         assert len(ids) in (whole_lines, whole_lines + 1), "every whole line is kept (a cut just after a '}' parses too)"
     elif at not in boundaries:  # a cut exactly between two frames cannot be told from a complete file
         assert manifest["complete"] is False, "a compressed file cut inside a frame is never taken as complete"
-        assert quarantine["reason_code"].to_list()[-1] in (R.TRUNCATED_FILE, R.UNREADABLE_FILE)
+        assert quarantine["reason_code"].to_list()[-1] in (Q.TRUNCATED_FILE, Q.UNREADABLE_FILE)
         decodable = _decodable_prefix(payload[:at], fmt).count(b"\n")
         assert len(ids) >= decodable, "every record the decoder could deliver is kept"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from synth_cpt.config import PipelineConfig, default_config_text
+from synth_cpt.core.config import PipelineConfig, default_config_text
 
 from .conftest import REPO
 
@@ -15,7 +15,7 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 
 
 def test_asset_graph_figure_names_every_asset_and_edge(isolated_env):
-    from synth_cpt.definitions import build_definitions
+    from synth_cpt.defs.definitions import build_definitions
 
     defs = build_definitions()
     graph = defs.resolve_asset_graph()

@@ -7,10 +7,10 @@ import subprocess
 import sys
 import textwrap
 
-from synth_cpt.corpus import build_raw_corpus
+from synth_cpt.core.storage import LocalStorage
+from synth_cpt.ingest.dedup import build_raw_corpus
 from synth_cpt.ingest.drops import ingest_drop, ingested_drops, published, published_prefix
-from synth_cpt.ingest.sources import LocalSource
-from synth_cpt.storage import LocalStorage
+from synth_cpt.ingest.sources import list_drops
 
 from .conftest import PT_TEXT, REPO, make_config, write_jsonl
 
@@ -21,8 +21,8 @@ def _records(n, bad=0):
 
 
 def _ingest(tmp_path, cfg):
-    source = LocalSource(tmp_path / "drops")
-    (drop,) = source.list(cfg.drops.patterns).drops
+    source = LocalStorage(tmp_path / "drops")
+    (drop,) = list_drops(source, cfg.drops.patterns).drops
     storage = LocalStorage(tmp_path / "home")
     return storage, drop, ingest_drop(cfg, storage, source, drop)
 
@@ -50,12 +50,12 @@ KILLER = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     from synth_cpt_tests.conftest import make_config
     from synth_cpt.ingest.drops import ingest_drop
-    from synth_cpt.ingest.sources import LocalSource
-    from synth_cpt.storage import LocalStorage
+    from synth_cpt.ingest.sources import list_drops
+    from synth_cpt.core.storage import LocalStorage
     tmp = Path({tmp!r})
     cfg = make_config(tmp, limits={{"batch_bytes": 2000, "workers": 1}})
-    source = LocalSource(tmp / "drops")
-    (drop,) = source.list(cfg.drops.patterns).drops
+    source = LocalStorage(tmp / "drops")
+    (drop,) = list_drops(source, cfg.drops.patterns).drops
     def die(done, total, records, documents):
         if records >= 20:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -120,3 +120,33 @@ def test_an_older_version_never_replaces_a_newer_published_one(tmp_path):
     newest = published(storage, drop.key)
     publish_drop(storage, drop.key, "20000101T000000000000-00000000", {"documents": 0})  # a slow run finishing late
     assert published(storage, drop.key) == newest
+
+
+def test_a_drop_version_that_fails_its_suite_is_never_published(tmp_path):
+    """Validate, then publish: the schema suite runs on the new version before its pointer is written."""
+    from synth_cpt.core.contracts import check_drop_version
+    from synth_cpt.core.publish import CandidateRejected
+
+    cfg = make_config(tmp_path)
+    write_jsonl(tmp_path / "drops/d.jsonl", _records(3))
+    storage, drop, good = _ingest(tmp_path, cfg)
+    before = published(storage, drop.key)
+    write_jsonl(tmp_path / "drops/d.jsonl", _records(5))
+    (drop,) = list_drops(LocalStorage(tmp_path / "drops"), cfg.drops.patterns).drops
+    # the real suite, run against a config whose contract has a score column the documents lack
+    other = make_config(tmp_path, fields={"scores": {"edu": "edu", "stem": "stem", "extra": "extra"}}, quality={"scores": ["edu"]})
+    try:
+        ingest_drop(cfg, storage, LocalStorage(tmp_path / "drops"), drop, validate=lambda s, prefix: check_drop_version(s, prefix, other))
+        raise AssertionError("the candidate should have been rejected")
+    except CandidateRejected as rejected:
+        assert rejected.check_name == "documents_valid" and "expect_table_columns_to_match_set" in str(rejected)
+        kept = rejected.kept
+    assert published(storage, drop.key) == before, "readers still see the previous version"
+    assert ingested_drops(storage)[0]["documents"] == 3
+    assert sorted(p.name for p in (tmp_path / kept).iterdir()) == ["docs.parquet", "manifest.json", "quarantine.parquet"]
+    assert len(list((tmp_path / "home/crawl_drops/d.jsonl/v").iterdir())) == 1, "the rejected version left the drop's folder"
+    # and the real suite with the drop's own config passes
+    report = ingest_drop(
+        cfg, storage, LocalStorage(tmp_path / "drops"), drop, validate=lambda s, prefix: check_drop_version(s, prefix, cfg)
+    )
+    assert report.outcome.success and published(storage, drop.key)["manifest"]["documents"] == 5

@@ -1,6 +1,7 @@
 """`synth-cpt ingest` on the shipped sample corpus, through a real Dagster instance, checked with DuckDB."""
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -59,7 +60,8 @@ def test_outputs_checked_with_duckdb(ingested):
     for language, quality, tokens, n in subsets:
         if n:
             assert 0 < tokens <= 60_000, (language, quality, tokens)
-    assert (home / "tokenizer" / "tokenizer.model").is_file()
+    pointer = json.loads((home / "tokenizer" / "current.json").read_text())
+    assert (home / pointer["prefix"] / "tokenizer.model").is_file() and pointer["info"]["vocab_size"] > 0
     for table in ("crawl drops", "partitions (language|quality)", "quarantined records by reason"):
         assert table in first.stdout
 

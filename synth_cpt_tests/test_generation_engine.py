@@ -11,12 +11,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from synth_cpt.core.storage import LocalStorage
 from synth_cpt.generation.backends import Prepared
 from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.engine import GenerationEngine, throughput_order
 from synth_cpt.generation.requests import ChatRequest, Sampling, derived_seed
 from synth_cpt.generation.structured import parse_json_output
-from synth_cpt.storage import LocalStorage
 
 from .conftest import REPO
 from .doubles import DeterministicTestBackend, make_requests
@@ -207,7 +207,7 @@ def test_structured_requests_are_checked(tmp_path):
 
 
 def test_resource_fingerprint_and_cache_root(tmp_path):
-    from synth_cpt.generation.resource import LLM
+    from synth_cpt.defs.resources import LLM
 
     a, b = LLM(), LLM(dtype="float32")
     assert a.model_fingerprint("w@1") != b.model_fingerprint("w@1"), "dtype changes outputs"

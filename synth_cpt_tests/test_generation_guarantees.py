@@ -10,11 +10,11 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
+from synth_cpt.core.storage import LocalStorage, S3Storage
 from synth_cpt.generation.backends import Backend, Prepared, VLLMBackend
 from synth_cpt.generation.cache import GenerationCache, id_key, safe_scope
 from synth_cpt.generation.engine import GenerationAccountingError, GenerationEngine
 from synth_cpt.generation.requests import ChatRequest, Generation, Sampling
-from synth_cpt.storage import LocalStorage, S3Storage
 
 from .doubles import DeterministicTestBackend, make_requests
 
@@ -328,7 +328,7 @@ class LLMConstructorDouble:
 def test_speculation_is_loaded_where_it_pays(monkeypatch, mode, asks, temperature, expected):
     import vllm
 
-    from synth_cpt.generation.resource import LLM
+    from synth_cpt.defs.resources import LLM
 
     monkeypatch.setattr(vllm, "LLM", LLMConstructorDouble)
     LLMConstructorDouble.built.clear()

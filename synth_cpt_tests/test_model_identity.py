@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from synth_cpt.defs.resources import LLM
 from synth_cpt.generation import embedded, identity
 from synth_cpt.generation.identity import MEMO, model_identity
 from synth_cpt.generation.requests import MAX_STOP, Sampling
-from synth_cpt.generation.resource import LLM
 
 OLD = time.time_ns() - 3600 * 10**9  # an hour ago: well outside the racy window
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
@@ -194,7 +194,7 @@ def write_prompt(root: Path, sampling: dict) -> Path:
 
 @pytest.mark.parametrize(("stop", "expected"), [("###", ("###",)), (["###", "\n\n"], ("###", "\n\n")), (None, ()), ([], ())])
 def test_prompt_file_stop(tmp_path, stop, expected):
-    from synth_cpt.prompts import load_prompt
+    from synth_cpt.synthesis.prompts import load_prompt
 
     write_prompt(tmp_path, {"temperature": 0.2, "stop": stop})
     prompt = load_prompt("rewrite", "p", root=tmp_path)
@@ -206,7 +206,7 @@ def test_prompt_file_stop(tmp_path, stop, expected):
 
 @pytest.mark.parametrize("stop", [5, "", ["###", ""], [1, 2], [["#"]], True, {"a": "b"}, ["x"] * (MAX_STOP + 1)])
 def test_prompt_file_bad_stop_names_file_and_field(tmp_path, stop):
-    from synth_cpt.prompts import load_prompt
+    from synth_cpt.synthesis.prompts import load_prompt
 
     path = write_prompt(tmp_path, {"stop": stop})
     with pytest.raises(ValueError, match="'stop'") as err:

@@ -8,11 +8,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from synth_cpt.core.storage import LocalStorage
 from synth_cpt.generation.backends import OpenAIBackend
 from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.engine import GenerationEngine
 from synth_cpt.generation.requests import ChatRequest, Sampling
-from synth_cpt.storage import LocalStorage
 
 
 class FaultServer:
@@ -201,7 +201,7 @@ def test_cli_generate_against_a_server(tmp_path, servers):
 def test_llm_resource_inside_a_dagster_asset_logs_progress_and_reports_totals(tmp_path, servers):
     from dagster import AssetExecutionContext, DagsterInstance, MaterializeResult, asset, materialize
 
-    from synth_cpt.generation.resource import LLM
+    from synth_cpt.defs.resources import LLM
 
     servers[0].healthy = True
 

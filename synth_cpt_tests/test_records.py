@@ -7,10 +7,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from synth_cpt.core.storage import LocalStorage
+from synth_cpt.ingest import documents as D
+from synth_cpt.ingest import quarantine as Q
 from synth_cpt.ingest import records as R
 from synth_cpt.ingest.drops import ingest_drop, published_prefix
-from synth_cpt.ingest.sources import LocalSource
-from synth_cpt.storage import LocalStorage
+from synth_cpt.ingest.sources import list_drops
 
 from .conftest import EN_TEXT, PT_TEXT, make_config, write_jsonl
 
@@ -20,23 +22,23 @@ def _run(cfg, lines: list[bytes]):
     batches = list(R.iter_batches_jsonl(parser, io.BufferedReader(io.BytesIO(b"\n".join(lines) + b"\n")), cfg.limits.batch_bytes))
     docs, quarantine = [], []
     for b in batches:
-        d, q = R.finish_batch(b, cfg, "drop-1", "file.jsonl")
+        d, q = D.finish_batch(b, cfg, "drop-1", "file.jsonl")
         docs.append(d)
         quarantine.append(q)
     return pl.concat(docs), pl.concat(quarantine)
 
 
 BAD = {
-    R.INVALID_JSON: b'{"text": "unterminated',
-    R.INVALID_UTF8: b'{"text": "caf\xe9"}',
-    R.NOT_OBJECT: b'["a", "b"]',
-    R.MISSING_TEXT: b'{"url": "https://x"}',
-    R.NULL_TEXT: b'{"text": null}',
-    R.NON_STRING_TEXT: b'{"text": 42}',
-    R.EMPTY_TEXT: b'{"text": " \\u0000\\t\\n "}',
-    R.LANGUAGE_NOT_DETECTED: b'{"text": "a1 b2 c3 d4"}',
-    R.NO_LETTERS: b'{"text": "\\u200b\\u2060 \\ud83d\\ude00\\ud83c\\udf89 1234 !!", "language": "pt", "edu": 4.5}',
-    R.BAD_SCORE: b'{"text": "x", "edu": "very"}',
+    Q.INVALID_JSON: b'{"text": "unterminated',
+    Q.INVALID_UTF8: b'{"text": "caf\xe9"}',
+    Q.NOT_OBJECT: b'["a", "b"]',
+    Q.MISSING_TEXT: b'{"url": "https://x"}',
+    Q.NULL_TEXT: b'{"text": null}',
+    Q.NON_STRING_TEXT: b'{"text": 42}',
+    Q.EMPTY_TEXT: b'{"text": " \\u0000\\t\\n "}',
+    Q.LANGUAGE_NOT_DETECTED: b'{"text": "a1 b2 c3 d4"}',
+    Q.NO_LETTERS: b'{"text": "\\u200b\\u2060 \\ud83d\\ude00\\ud83c\\udf89 1234 !!", "language": "pt", "edu": 4.5}',
+    Q.BAD_SCORE: b'{"text": "x", "edu": "very"}',
 }
 
 
@@ -55,11 +57,11 @@ def test_reason_texts_say_what_is_wrong(tmp_path):
     cfg = make_config(tmp_path)
     _, q = _run(cfg, list(BAD.values()))
     by_code = dict(zip(q["reason_code"], q["reason"], strict=True))
-    assert "byte 13 (0xe9)" in by_code[R.INVALID_UTF8]  # {"text": "caf is 13 bytes
-    assert "JSON array" in by_code[R.NOT_OBJECT]
-    assert "'text' is a number" in by_code[R.NON_STRING_TEXT]
-    assert "min_confidence" in by_code[R.LANGUAGE_NOT_DETECTED]
-    assert "'edu'" in by_code[R.BAD_SCORE]
+    assert "byte 13 (0xe9)" in by_code[Q.INVALID_UTF8]  # {"text": "caf is 13 bytes
+    assert "JSON array" in by_code[Q.NOT_OBJECT]
+    assert "'text' is a number" in by_code[Q.NON_STRING_TEXT]
+    assert "min_confidence" in by_code[Q.LANGUAGE_NOT_DETECTED]
+    assert "'edu'" in by_code[Q.BAD_SCORE]
     assert q.height == len(BAD)
 
 
@@ -68,7 +70,7 @@ def test_oversized_record_is_quarantined_without_reading_it_whole(tmp_path):
     big = b'{"text": "' + b"a" * 50_000 + b'"}'
     good = b'{"text": "' + EN_TEXT.encode() + b'"}'
     docs, q = _run(cfg, [good, big, good])
-    assert q["reason_code"].to_list() == [R.TOO_LARGE]
+    assert q["reason_code"].to_list() == [Q.TOO_LARGE]
     assert "50,012 bytes" in q["reason"][0]
     assert docs.height == 2 and docs["source_line"].to_list() == [1, 3]
 
@@ -97,7 +99,7 @@ def test_fields_mapping_languages_and_score_combination(tmp_path):
 def test_fallback_quarantine_when_scores_are_required(tmp_path):
     cfg = make_config(tmp_path, quality={"fallback": "quarantine"})
     docs, q = _run(cfg, [b'{"text": "' + EN_TEXT.encode() + b'"}', b'{"text": "' + EN_TEXT.encode() + b' 2", "edu": 4}'])
-    assert q["reason_code"].to_list() == [R.NO_SCORE]
+    assert q["reason_code"].to_list() == [Q.NO_SCORE]
     assert docs["quality_score"].to_list() == [4.0]
 
 
@@ -118,8 +120,8 @@ def test_every_drop_format_gives_the_same_documents(tmp_path, fmt):
         pq.write_table(pa.Table.from_pylist(records), drops / "d.parquet")
     else:
         write_jsonl(drops / f"d.jsonl{'' if fmt == 'jsonl' else '.' + fmt}", records, compress=None if fmt == "jsonl" else fmt)
-    source = LocalSource(drops)
-    (drop,) = source.list(cfg.drops.patterns).drops
+    source = LocalStorage(drops)
+    (drop,) = list_drops(source, cfg.drops.patterns).drops
     storage = LocalStorage(tmp_path / "home")
     report = ingest_drop(cfg, storage, source, drop)
     assert (report.records, report.documents, report.quarantined) == (13, 12, 1)
@@ -128,9 +130,9 @@ def test_every_drop_format_gives_the_same_documents(tmp_path, fmt):
     assert docs["source_line"].to_list() == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13]
     assert docs["doc_id"].n_unique() == 12
     q = storage.read_parquet(f"{published_prefix(storage, drop.key)}/quarantine.parquet")
-    assert q["reason_code"].to_list() == [R.NULL_TEXT] and q["source_line"].to_list() == [6]
+    assert q["reason_code"].to_list() == [Q.NULL_TEXT] and q["source_line"].to_list() == [6]
     manifest = storage.read_json(f"{published_prefix(storage, drop.key)}/manifest.json")
-    assert manifest["accepted"] and manifest["quarantine_by_reason"] == {R.NULL_TEXT: 1}
+    assert manifest["accepted"] and manifest["quarantine_by_reason"] == {Q.NULL_TEXT: 1}
     assert not [p for p in (tmp_path / "home").rglob(".tmp-*")], "no temporary files are left behind"
 
 
@@ -143,8 +145,8 @@ def test_blank_lines_are_not_records(tmp_path):
 def test_worker_processes_give_the_same_drop_as_one_process(tmp_path):
     records = [{"id": str(i), "text": (PT_TEXT if i % 2 else EN_TEXT) + f" {i}"} for i in range(40)] + [{"text": 5}]
     write_jsonl(tmp_path / "drops/d.jsonl", records)
-    source = LocalSource(tmp_path / "drops")
-    (drop,) = source.list(("*.jsonl",)).drops
+    source = LocalStorage(tmp_path / "drops")
+    (drop,) = list_drops(source, ("*.jsonl",)).drops
     outputs = []
     for workers in (1, 2):
         cfg = make_config(tmp_path, limits={"batch_bytes": 2000, "workers": workers})  # drop >> 2 batches: pool path

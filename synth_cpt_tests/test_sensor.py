@@ -8,10 +8,12 @@ import pytest
 import yaml
 from dagster import DagsterInstance, SkipReason, build_sensor_context
 
-from synth_cpt.ingest.sources import LocalSource, S3Source
-from synth_cpt.partitions import corpus_partitions, drop_key, split_corpus_key
-from synth_cpt.resources import PipelineResource
-from synth_cpt.sensors import crawl_drop_sensor
+from synth_cpt.core.layout import drop_key
+from synth_cpt.core.storage import LocalStorage, S3Storage
+from synth_cpt.defs.partitions import corpus_partitions, split_corpus_key
+from synth_cpt.defs.resources import PipelineResource
+from synth_cpt.defs.sensors import crawl_drop_sensor
+from synth_cpt.ingest.sources import list_drops
 
 from .conftest import PT_TEXT, make_config, write_jsonl
 
@@ -71,7 +73,7 @@ def test_listing_refuses_escaping_paths(tmp_path):
     write_jsonl(tmp_path / "elsewhere/x.jsonl", [{"text": "x"}])
     os.symlink(tmp_path / "elsewhere", drops / "linked")
     os.symlink(tmp_path / "elsewhere/x.jsonl", drops / "x.jsonl")
-    listing = LocalSource(drops).list(("*.jsonl",))
+    listing = list_drops(LocalStorage(drops), ("*.jsonl",))
     assert listing.drops == []
     assert len(listing.refused) == 2 and all("refused" in r for r in listing.refused)
 
@@ -110,30 +112,30 @@ def test_s3_sensor_through_moto_server(tmp_path, isolated_env, s3_bucket):
         client.put_object(Bucket=bucket, Key="drops/2026-11-01.jsonl", Body=b'{"text": "replaced"}\n')
         replaced, _, _ = _tick(instance, cfg_path, cursor)
         assert [r.partition_key for r in replaced] == ["2026-11-01.jsonl"]
-    listing = S3Source(f"s3://{bucket}/drops").list(("*.jsonl",))
+    listing = list_drops(S3Storage(f"s3://{bucket}/drops"), ("*.jsonl",))
     assert any("evil" in r and "refused" in r for r in listing.refused)
 
 
 def test_the_sensor_and_the_cli_agree_through_what_is_published(tmp_path, isolated_env):
     """A drop ingested outside the sensor (the CLI) is not ingested again by it, and vice versa."""
-    from synth_cpt.config import load_config
+    from synth_cpt.core.config import load_config
+    from synth_cpt.core.storage import LocalStorage
     from synth_cpt.ingest.drops import ingest_drop, plan_drops
-    from synth_cpt.storage import LocalStorage
 
     drops = tmp_path / "drops"
     write_jsonl(drops / "a.jsonl", [{"text": PT_TEXT}])
     write_jsonl(drops / "b.jsonl", [{"text": PT_TEXT + " b"}])
     cfg_path = _config_file(tmp_path, str(drops))
     cfg = load_config(cfg_path)
-    source = LocalSource(drops)
-    a = next(d for d in source.list(cfg.drops.patterns).drops if d.relative_path == "a.jsonl")
+    source = LocalStorage(drops)
+    a = next(d for d in list_drops(source, cfg.drops.patterns).drops if d.relative_path == "a.jsonl")
     ingest_drop(cfg, LocalStorage(tmp_path / "home"), source, a)  # what `synth-cpt ingest` does
     with DagsterInstance.ephemeral() as instance:
         runs, _, cursor = _tick(instance, cfg_path)
         assert [r.partition_key for r in runs] == ["b.jsonl"], "the published drop is not asked for again"
         again, _, _ = _tick(instance, cfg_path, cursor)
         assert again == [], "nor one whose run is under way"
-    plan = plan_drops(LocalStorage(tmp_path / "home"), source.list(cfg.drops.patterns).drops, 0)
+    plan = plan_drops(LocalStorage(tmp_path / "home"), list_drops(source, cfg.drops.patterns).drops, 0)
     assert [d.key for d in plan.unchanged] == ["a.jsonl"] and [d.key for d in plan.new] == ["b.jsonl"]
 
 
@@ -144,9 +146,9 @@ def test_a_file_still_being_written_is_not_taken(tmp_path, isolated_env):
     with DagsterInstance.ephemeral() as instance:
         runs, _, _ = _tick(instance, cfg_path)
         assert runs == [], "changed a moment ago: maybe still being copied"
+    from synth_cpt.core.storage import LocalStorage
     from synth_cpt.ingest.drops import plan_drops
-    from synth_cpt.storage import LocalStorage
 
-    (drop,) = LocalSource(drops).list(("*.jsonl",)).drops
+    (drop,) = list_drops(LocalStorage(drops), ("*.jsonl",)).drops
     later = drop.changed_ns + int(3601e9)
     assert plan_drops(LocalStorage(tmp_path / "home"), [drop], 3600, now_ns=later).new == [drop], "taken once settled"

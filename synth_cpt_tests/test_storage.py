@@ -5,10 +5,11 @@ import json
 import polars as pl
 import pytest
 
-from synth_cpt.corpus import build_raw_corpus, corpus_file
+from synth_cpt.core.layout import partition_file
+from synth_cpt.core.storage import LocalStorage, S3Storage, open_storage
+from synth_cpt.ingest.dedup import build_raw_corpus
 from synth_cpt.ingest.drops import ingest_drop, register_drop, resolve_drop
-from synth_cpt.ingest.sources import S3Source
-from synth_cpt.storage import LocalStorage, S3Storage, open_storage
+from synth_cpt.ingest.sources import list_drops
 
 from .conftest import PT_TEXT, make_config
 
@@ -27,7 +28,7 @@ def test_local_write_is_atomic(tmp_path):
 def test_open_storage_picks_the_backend(tmp_path):
     assert isinstance(open_storage(str(tmp_path)), LocalStorage)
     assert isinstance(open_storage("s3://bucket/prefix"), S3Storage)
-    with pytest.raises(ValueError, match="only local folders and s3://"):
+    with pytest.raises(ValueError, match="use a local folder, s3://bucket/prefix or package://"):
         open_storage("gs://bucket")
 
 
@@ -39,8 +40,8 @@ def test_s3_storage_and_drop_from_s3(tmp_path, isolated_env, s3_bucket, monkeypa
     monkeypatch.setenv("SYNTH_CPT_HOME", root)
     cfg = make_config(tmp_path, drops={"location": f"s3://{bucket}/in"})
     storage = open_storage(cfg.storage_uri())
-    source = S3Source(f"s3://{bucket}/in")
-    (drop,) = source.list(cfg.drops.patterns).drops
+    source = S3Storage(f"s3://{bucket}/in")
+    (drop,) = list_drops(source, cfg.drops.patterns).drops
     register_drop(storage, drop, f"s3://{bucket}/in")
     again_source, again_drop = resolve_drop(storage, drop.key, cfg)
     assert again_drop == drop
@@ -49,7 +50,7 @@ def test_s3_storage_and_drop_from_s3(tmp_path, isolated_env, s3_bucket, monkeypa
     stats = build_raw_corpus(storage, cfg, "pt", "high")
     assert stats.documents == 5
     keys = storage.list("raw_corpus")
-    assert keys == [corpus_file("raw_corpus", "pt", "high")]
+    assert keys == [partition_file("raw_corpus", "pt", "high")]
     assert storage.read_parquet(keys[0])["quality"].unique().to_list() == ["high"]
     listed = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="home/")["Contents"]]
     assert "home/crawl_drops/d1.jsonl/current.json" in listed

@@ -5,12 +5,12 @@ import json
 import jsonschema
 import pytest
 
+from synth_cpt.core.storage import LocalStorage
+from synth_cpt.defs.resources import LLM
 from synth_cpt.generation.backends import VLLMBackend
 from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.engine import GenerationEngine
 from synth_cpt.generation.requests import ChatRequest, Sampling
-from synth_cpt.generation.resource import LLM
-from synth_cpt.storage import LocalStorage
 
 pytestmark = pytest.mark.vllm
 

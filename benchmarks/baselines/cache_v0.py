@@ -15,7 +15,7 @@ import contextlib
 import polars as pl
 import pyarrow as pa
 
-from synth_cpt.storage import Storage
+from synth_cpt.core.storage import Storage
 
 SCHEMA = pa.schema(
     [

@@ -39,8 +39,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from synth_cpt.core.layout import GENERATIONS
+from synth_cpt.core.storage import LocalStorage, Storage, utc_stamp
 from synth_cpt.generation.requests import ChatRequest, Generation
-from synth_cpt.storage import LocalStorage, Storage, utc_stamp
 
 DEFAULT_SCOPE = "adhoc"
 INDEX_FAN_IN = 4  # index files of one tier that a writer merges into one file of the next tier
@@ -126,7 +127,7 @@ def _earliest_success(rows: pl.DataFrame) -> pl.DataFrame:
 
 
 class GenerationCache:
-    def __init__(self, storage: Storage, prefix: str = "generations") -> None:
+    def __init__(self, storage: Storage, prefix: str = GENERATIONS) -> None:
         self.storage = storage
         self.prefix = prefix.strip("/")
         # Index files never change once written (a merge writes a new one), so the key columns of

@@ -18,39 +18,28 @@ import contextlib
 import multiprocessing
 import os
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from synth_cpt.config import PipelineConfig
-from synth_cpt.ingest.records import (
-    QUARANTINE_SCHEMA,
-    TRUNCATED_FILE,
-    UNREADABLE_FILE,
-    Batch,
-    RecordParser,
-    StartedBatch,
-    complete_batch,
-    docs_schema,
-    iter_batches_jsonl,
-    iter_batches_rows,
-    start_batch,
-)
-from synth_cpt.ingest.sources import CountingReader, DropFile, DropSource, GuardedStream, decompressed, open_source
-from synth_cpt.storage import Storage, utc_stamp
-
-ASSET = "crawl_drops"
-REGISTRY = f"{ASSET}/_registry"
-
-
-POINTER = "current.json"
-LEGACY = "legacy"  # the version name of a drop ingested before versioned publishing
+from synth_cpt.core import publish
+from synth_cpt.core.config import PipelineConfig
+from synth_cpt.core.contracts import QUARANTINE, drop_documents
+from synth_cpt.core.layout import CRAWL_DROPS, POINTER, drop_prefix, registry_entry, version_prefix
+from synth_cpt.core.plots import BINS, histogram_counts
+from synth_cpt.core.publish import CandidateRejected
+from synth_cpt.core.storage import Storage, open_storage
+from synth_cpt.core.validation import Outcome
+from synth_cpt.ingest.documents import StartedBatch, complete_batch, start_batch
+from synth_cpt.ingest.quarantine import TRUNCATED_FILE, UNREADABLE_FILE
+from synth_cpt.ingest.records import Batch, RecordParser, iter_batches_jsonl, iter_batches_rows
+from synth_cpt.ingest.sources import CountingReader, DropFile, GuardedStream, decompressed, find_drop
 
 
 def accepts(quarantine_rate: float, complete: bool, max_quarantine_rate: float, accept_partial_files: bool) -> bool:
@@ -60,28 +49,12 @@ def accepts(quarantine_rate: float, complete: bool, max_quarantine_rate: float, 
     return quarantine_rate <= max_quarantine_rate and (complete or accept_partial_files)
 
 
-def drop_prefix(drop_id: str) -> str:
-    return f"{ASSET}/{drop_id}"
-
-
-def new_version() -> str:
-    """A version name that sorts by time and never collides."""
-    return f"{utc_stamp()}-{uuid.uuid4().hex[:8]}"
-
-
-def version_prefix(drop_id: str, version: str) -> str:
-    return f"{drop_prefix(drop_id)}/v/{version}"
-
-
 def published(storage: Storage, drop_id: str) -> dict | None:
     """The pointer of a drop's published version (`version`, `prefix`, `manifest`), or None."""
-    key = f"{drop_prefix(drop_id)}/{POINTER}"
-    if storage.exists(key):
-        return storage.read_json(key)
-    legacy = f"{drop_prefix(drop_id)}/manifest.json"  # ingested before versions existed: still in force
-    if storage.exists(legacy):
-        return {"drop_id": drop_id, "version": LEGACY, "prefix": drop_prefix(drop_id), "manifest": storage.read_json(legacy)}
-    return None
+    pointer = publish.published(storage, drop_prefix(drop_id), legacy_file="manifest.json")
+    if pointer is not None and pointer["version"] == publish.LEGACY:  # ingested before versions existed
+        pointer = {"drop_id": drop_id, "version": publish.LEGACY, "prefix": pointer["prefix"], "manifest": pointer["legacy_file"]}
+    return pointer
 
 
 def published_prefix(storage: Storage, drop_id: str) -> str:
@@ -93,20 +66,8 @@ def published_prefix(storage: Storage, drop_id: str) -> str:
 
 
 def publish_drop(storage: Storage, drop_id: str, version: str, manifest: dict) -> None:
-    """Make `version` the one readers see (one atomic write), then drop versions older than the previous."""
-    current = published(storage, drop_id)
-    previous = current["version"] if current and current["version"] != LEGACY else None
-    if previous is not None and previous > version:
-        return  # a newer version was published meanwhile (two runs of one drop): it stays in force
-    pointer = {"drop_id": drop_id, "version": version, "prefix": version_prefix(drop_id, version), "manifest": manifest}
-    storage.write_json(f"{drop_prefix(drop_id)}/{POINTER}", pointer)
-    # keep the new and the previously published version; older ones (and crashed candidates) go,
-    # newer ones may be another run's candidate and are left alone
-    floor = previous or version
-    versions = {k.split("/v/", 1)[1].split("/", 1)[0] for k in storage.list(f"{drop_prefix(drop_id)}/v")}
-    for old in sorted(versions):
-        if old < floor and old not in (version, previous):
-            storage.delete_prefix(version_prefix(drop_id, old))
+    """Make `version` the one readers see (its pointer carries the manifest)."""
+    publish.publish_version(storage, drop_prefix(drop_id), version, {"drop_id": drop_id, "manifest": manifest})
 
 
 @dataclass
@@ -130,6 +91,12 @@ class DropReport:
     damage: str | None = None  # what broke, where, and how much was read before
     accept_partial_files: bool = False
     ingested_at: str = ""
+    prefix: str = ""  # where the published version's files are
+    histogram: list[int] = field(default_factory=lambda: [0] * BINS)  # quality_score in core.plots bins
+    # not part of the manifest:
+    outcome: Outcome | None = None  # the validation of the published version
+    sample: list[dict] = field(default_factory=list)  # the first documents (texts cut short)
+    quarantine_sample: list[dict] = field(default_factory=list)
 
     @property
     def quarantine_rate(self) -> float:
@@ -140,9 +107,12 @@ class DropReport:
         return accepts(self.quarantine_rate, self.complete, self.max_quarantine_rate, self.accept_partial_files)
 
     def to_json(self) -> dict:
-        return {**asdict(self), "quarantine_rate": round(self.quarantine_rate, 6), "accepted": self.accepted}
+        fields = {k: v for k, v in asdict(self).items() if k not in ("outcome", "sample", "quarantine_sample")}
+        return {**fields, "quarantine_rate": round(self.quarantine_rate, 6), "accepted": self.accepted}
 
 
+SAMPLE_ROWS = 5
+SAMPLE_COLUMNS = ["doc_id", "language", "quality_score", "url", "text"]
 Progress = Callable[[int, int, int, int], None]  # bytes done, bytes total, records, documents
 
 
@@ -183,33 +153,38 @@ def plan_drops(
 
 def register_drop(storage: Storage, drop: DropFile, location: str) -> None:
     """Remember where a drop's partition key points, for later rematerializations."""
-    storage.write_json(f"{REGISTRY}/{drop.key}.json", {"drops_location": location, **asdict(drop)})
+    storage.write_json(registry_entry(drop.key), {"drops_location": location, **asdict(drop)})
 
 
-def resolve_drop(storage: Storage, drop_id: str, config: PipelineConfig) -> tuple[DropSource, DropFile]:
-    """The source and current file of a drop: from the registry, else from the configured location."""
-    entry = f"{REGISTRY}/{drop_id}.json"
+def resolve_drop(
+    storage: Storage, drop_id: str, config: PipelineConfig, open_location: Callable[[str], Storage] = open_storage
+) -> tuple[Storage, DropFile]:
+    """The location and current file of a drop: from the registry, else from the configured location."""
+    entry = registry_entry(drop_id)
     if storage.exists(entry):
         reg = storage.read_json(entry)
-        source = open_source(reg["drops_location"])
+        location = open_location(reg["drops_location"])
         try:
-            return source, source.find(drop_id, config.drops.patterns)
+            return location, find_drop(location, drop_id, config.drops.patterns)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"drop {drop_id!r} was registered from {reg['uri']} but that file is gone; restore it or delete the partition"
             ) from None
-    source = open_source(config.drops_uri())
-    return source, source.find(drop_id, config.drops.patterns)
+    location = open_location(config.drops_uri())
+    return location, find_drop(location, drop_id, config.drops.patterns)
 
 
 def ingest_drop(
     config: PipelineConfig,
     storage: Storage,
-    source: DropSource,
+    location: Storage,
     drop: DropFile,
     progress: Progress | None = None,
+    validate: Callable[[Storage, str], Outcome] | None = None,
 ) -> DropReport:
-    """Stream one drop through parsing, normalization, language id and scoring, in bounded memory."""
+    """Stream one drop through parsing, normalization, language id and scoring, in bounded memory, into
+    a new version; publish it only if `validate(storage, version_prefix)` passes (else CandidateRejected,
+    the previous version stays and the candidate is kept under _rejected/)."""
     started = time.monotonic()
     report = DropReport(
         drop_id=drop.key,
@@ -221,8 +196,8 @@ def ingest_drop(
         accept_partial_files=config.limits.accept_partial_files,
     )
     parser = RecordParser(config)
-    version = new_version()
-    prefix = version_prefix(drop.key, version)
+    version = publish.new_version()
+    prefix = version_prefix(drop_prefix(drop.key), version)
     reasons: Counter[str] = Counter()
     languages: Counter[str] = Counter()
     qsources: Counter[str] = Counter()
@@ -233,7 +208,7 @@ def ingest_drop(
     def batches():
         nonlocal counter, guard, broken
         if drop.format == "parquet":
-            with source.local_path(drop) as path:
+            with location.local_path(drop.relative_path) as path:
                 try:
                     pf = pq.ParquetFile(path)
                 except Exception as exc:  # not Parquet at all (bad magic, truncated footer)
@@ -256,7 +231,7 @@ def ingest_drop(
 
                 yield from iter_batches_rows(parser, rows(), config.limits.batch_bytes)
         else:
-            counter = CountingReader(source.open(drop))
+            counter = CountingReader(location.open(drop.relative_path))
             stream, guard = decompressed(counter, drop.format)  # type: ignore[arg-type]
             with stream:
                 yield from iter_batches_jsonl(parser, stream, config.limits.batch_bytes)
@@ -264,10 +239,10 @@ def ingest_drop(
                 code = TRUNCATED_FILE if "TruncatedStream" in guard.damage or "EOFError" in guard.damage else UNREADABLE_FILE
                 broken = (code, guard.damage, guard.newlines + 1)
 
-    schema = docs_schema(config)
+    schema = drop_documents(config)
     with (
         storage.parquet_writer(f"{prefix}/docs.parquet", schema) as docs_out,
-        storage.parquet_writer(f"{prefix}/quarantine.parquet", QUARANTINE_SCHEMA) as q_out,
+        storage.parquet_writer(f"{prefix}/quarantine.parquet", QUARANTINE) as q_out,
     ):
         for n_records, (docs, quarantine) in _finished(batches(), config, drop):
             report.records += n_records
@@ -278,10 +253,22 @@ def ingest_drop(
             qsources.update(docs["quality_score_source"].to_list())
             report.characters += int(docs["n_chars"].sum() or 0)
             report.encoding_repaired += int(docs["encoding_repaired"].sum() or 0)
+            report.histogram = [a + b for a, b in zip(report.histogram, histogram_counts(docs["quality_score"]), strict=True)]
+            if len(report.sample) < SAMPLE_ROWS:
+                report.sample += (
+                    docs.select(SAMPLE_COLUMNS)
+                    .head(SAMPLE_ROWS - len(report.sample))
+                    .with_columns(pl.col("text").str.slice(0, 200))
+                    .to_dicts()
+                )
+            if len(report.quarantine_sample) < SAMPLE_ROWS:
+                report.quarantine_sample += (
+                    quarantine.select("source_line", "reason").head(SAMPLE_ROWS - len(report.quarantine_sample)).to_dicts()
+                )
             if docs.height:
                 docs_out.write_table(docs.to_arrow().cast(schema))
             if quarantine.height:
-                q_out.write_table(quarantine.to_arrow().cast(QUARANTINE_SCHEMA))
+                q_out.write_table(quarantine.to_arrow().cast(QUARANTINE))
             if progress:
                 done = counter.count if counter is not None else drop.size
                 progress(done, drop.size, report.records, report.documents)
@@ -298,15 +285,20 @@ def ingest_drop(
                 "Deliver a complete file (or set limits.accept_partial_files to use what was read)."
             )
             row = {"drop_id": drop.key, "source_file": drop.uri, "source_line": where, "reason_code": code, "reason": reason, "raw": ""}
-            q_out.write_table(pa.Table.from_pylist([row], schema=QUARANTINE_SCHEMA))
+            q_out.write_table(pa.Table.from_pylist([row], schema=QUARANTINE))
             reasons[code] += 1
     report.quarantine_by_reason = dict(sorted(reasons.items()))
     report.languages = dict(sorted(languages.items()))
     report.quality_sources = dict(sorted(qsources.items()))
     report.seconds = round(time.monotonic() - started, 3)
     report.ingested_at = datetime.now(timezone.utc).isoformat()
+    report.prefix = prefix
     manifest = {**report.to_json(), "version": version}
     storage.write_json(f"{prefix}/manifest.json", manifest)
+    if validate is not None:
+        report.outcome = validate(storage, prefix)
+        if not report.outcome.success:
+            raise CandidateRejected(report.outcome, publish.reject_version(storage, drop_prefix(drop.key), version), "documents_valid")
     publish_drop(storage, drop.key, version, manifest)  # last: the new version becomes visible whole
     return report
 
@@ -341,7 +333,7 @@ def ingested_drops(storage: Storage) -> list[dict]:
     """Manifests of every published drop (with the `prefix` of its files), by drop id."""
     manifests: dict[str, dict] = {}
     legacy: dict[str, str] = {}
-    for key in storage.list(ASSET):
+    for key in storage.list(CRAWL_DROPS):
         if key.count("/") != 2:  # crawl_drops/<drop>/<file>
             continue
         drop_id = key.split("/")[1]

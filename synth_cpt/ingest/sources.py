@@ -1,8 +1,8 @@
-"""Where crawl drops come from: a local folder, an S3 prefix, or the sample corpus in the package.
+"""Crawl drops in their location (any storage: a local folder, an S3 prefix, the packaged sample) and
+the decompressing readers that survive damaged files.
 
 A drop is one file. Its partition key comes from its path inside the location (`drop_key`), its
-version from the S3 ETag or the local mtime and size, so a replaced file is seen as new and an
-unchanged one never is. Paths that escape the location (`..`, symlinks out of it) are refused.
+version from the storage listing, so a replaced file is seen as new and an unchanged one never is.
 """
 
 from __future__ import annotations
@@ -11,33 +11,25 @@ import contextlib
 import fnmatch
 import gzip
 import io
-import os
-import tempfile
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import IO, Any
 
 import zstandard
 
-from synth_cpt.partitions import drop_key
-from synth_cpt.storage import s3_client, s3_location
-
-PACKAGE_PREFIX = "package://"
+from synth_cpt.core.layout import drop_key
+from synth_cpt.core.storage import Storage
 
 
 @dataclass(frozen=True)
 class DropFile:
-    key: str
+    key: str  # the partition key (drop id), from the path inside the location
     uri: str
-    relative_path: str
+    relative_path: str  # the file's key in the location's storage
     version: str
     size: int
-    # when a local file last changed (max of mtime and ctime, ns): a file still being copied keeps
-    # changing. 0 where objects appear whole (S3, the packaged sample corpus).
-    changed_ns: int = 0
+    changed_ns: int = 0  # see FileInfo.changed_ns
 
     @property
     def format(self) -> str:
@@ -58,155 +50,22 @@ class Listing:
     refused: list[str]  # one human-readable line per refused path
 
 
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatch(PurePosixPath(name).name, p) for p in patterns)
+def list_drops(location: Storage, patterns: tuple[str, ...], recursive: bool = True) -> Listing:
+    """The drop files of a location (a storage opened on the drops folder) that match `patterns`."""
+    listing = location.files("", recursive=recursive)
+    drops = [
+        DropFile(drop_key(f.key), f.uri, f.key, f.version, f.size, f.changed_ns)
+        for f in listing.files
+        if any(fnmatch.fnmatch(PurePosixPath(f.key).name, p) for p in patterns)
+    ]
+    return Listing(drops, listing.refused)
 
 
-def _escapes(relative: str) -> bool:
-    parts = PurePosixPath(relative).parts
-    return relative.startswith("/") or ".." in parts
-
-
-class DropSource:
-    uri: str
-
-    def list(self, patterns: tuple[str, ...], recursive: bool = True) -> Listing:
-        raise NotImplementedError
-
-    def open(self, drop: DropFile) -> IO[bytes]:
-        """The file's bytes as stored (still compressed)."""
-        raise NotImplementedError
-
-    @contextlib.contextmanager
-    def local_path(self, drop: DropFile) -> Iterator[Path]:
-        """A seekable local copy (Parquet needs random access)."""
-        raise NotImplementedError
-
-    def find(self, key: str, patterns: tuple[str, ...]) -> DropFile:
-        for drop in self.list(patterns).drops:
-            if drop.key == key:
-                return drop
-        raise FileNotFoundError(f"no drop file with partition key {key!r} under {self.uri}")
-
-
-class LocalSource(DropSource):
-    def __init__(self, root: str | os.PathLike, uri: str | None = None) -> None:
-        self.root = Path(root).expanduser().absolute()
-        self.uri = uri or str(self.root)
-
-    def list(self, patterns: tuple[str, ...], recursive: bool = True) -> Listing:
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"drops location {self.uri} is not a folder")
-        real_root = self.root.resolve()
-        drops: list[DropFile] = []
-        refused: list[str] = []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
-            dirnames.sort()
-            if not recursive:
-                dirnames.clear()
-            for d in list(dirnames):
-                if Path(dirpath, d).is_symlink():
-                    refused.append(f"{Path(dirpath, d)}: symlinked folder refused (drops must live in {self.uri})")
-                    dirnames.remove(d)
-            for name in sorted(filenames):
-                path = Path(dirpath, name)
-                relative = path.relative_to(self.root).as_posix()
-                if name.startswith(".") or not _matches(name, patterns):
-                    continue
-                if path.is_symlink():
-                    target = path.resolve()
-                    if not target.is_relative_to(real_root):
-                        refused.append(f"{relative}: symlink to {target} escapes the drops folder {self.uri}; refused")
-                        continue
-                if _escapes(relative):
-                    refused.append(f"{relative}: path escapes the drops folder; refused")
-                    continue
-                st = path.stat()
-                drops.append(
-                    DropFile(
-                        key=drop_key(relative),
-                        uri=str(path),
-                        relative_path=relative,
-                        version=f"mtime{st.st_mtime_ns}-size{st.st_size}",
-                        size=st.st_size,
-                        changed_ns=0 if self.uri.startswith(PACKAGE_PREFIX) else max(st.st_mtime_ns, st.st_ctime_ns),
-                    )
-                )
-        return Listing(drops, refused)
-
-    def open(self, drop: DropFile) -> IO[bytes]:
-        return open(self.root / drop.relative_path, "rb")
-
-    @contextlib.contextmanager
-    def local_path(self, drop: DropFile) -> Iterator[Path]:
-        yield self.root / drop.relative_path
-
-
-class S3Source(DropSource):
-    def __init__(self, uri: str, client: Any | None = None) -> None:
-        self.bucket, self.prefix = s3_location(uri, "drops location")
-        self.uri = uri.rstrip("/")
-        self._client = client
-
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            self._client = s3_client()
-        return self._client
-
-    def list(self, patterns: tuple[str, ...], recursive: bool = True) -> Listing:
-        from dagster_aws.s3.sensor import get_objects
-
-        prefix = f"{self.prefix}/" if self.prefix else ""
-        drops: list[DropFile] = []
-        refused: list[str] = []
-        for obj in get_objects(bucket=self.bucket, prefix=prefix, client=self.client):
-            key = obj["Key"]
-            relative = key[len(prefix) :]
-            if not relative or relative.endswith("/") or not _matches(relative, patterns):
-                continue
-            if not recursive and "/" in relative:
-                continue
-            if _escapes(relative):
-                refused.append(f"s3://{self.bucket}/{key}: path escapes the drops prefix; refused")
-                continue
-            drops.append(
-                DropFile(
-                    key=drop_key(relative),
-                    uri=f"s3://{self.bucket}/{key}",
-                    relative_path=relative,
-                    version=f"etag{str(obj.get('ETag', '')).strip(chr(34))}",
-                    size=int(obj.get("Size", 0)),
-                )
-            )
-        drops.sort(key=lambda d: d.relative_path)
-        return Listing(drops, refused)
-
-    def _key(self, drop: DropFile) -> str:
-        return f"{self.prefix}/{drop.relative_path}" if self.prefix else drop.relative_path
-
-    def open(self, drop: DropFile) -> IO[bytes]:
-        return self.client.get_object(Bucket=self.bucket, Key=self._key(drop))["Body"]
-
-    @contextlib.contextmanager
-    def local_path(self, drop: DropFile) -> Iterator[Path]:
-        with tempfile.TemporaryDirectory(prefix="synth-cpt-drop-") as d:
-            path = Path(d, PurePosixPath(drop.relative_path).name)
-            self.client.download_file(self.bucket, self._key(drop), str(path))
-            yield path
-
-
-def open_source(uri: str) -> DropSource:
-    """The drop source for a location URI: `s3://bucket/prefix`, `package://pkg/folder` or a path."""
-    if uri.startswith("s3://"):
-        return S3Source(uri)
-    if uri.startswith(PACKAGE_PREFIX):
-        package, _, folder = uri.removeprefix(PACKAGE_PREFIX).partition("/")
-        root = resources.files(package).joinpath(folder)
-        return LocalSource(str(root), uri=uri)
-    if "://" in uri:
-        raise ValueError(f"drops location {uri!r}: use a local folder, s3://bucket/prefix or package://")
-    return LocalSource(uri)
+def find_drop(location: Storage, key: str, patterns: tuple[str, ...]) -> DropFile:
+    for drop in list_drops(location, patterns).drops:
+        if drop.key == key:
+            return drop
+    raise FileNotFoundError(f"no drop file with partition key {key!r} under {getattr(location, 'label', None) or location.uri()}")
 
 
 class CountingReader(io.RawIOBase):

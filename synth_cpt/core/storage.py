@@ -1,8 +1,10 @@
-"""Where every asset's files live: a local folder or an S3 prefix, with atomic writes.
+"""The one file layer: a local folder, an S3 prefix or a folder inside the package, read and written
+by relative keys. Assets write through it, and crawl drops are read through it.
 
-Why: a reader (a downstream asset, DuckDB, a person) must never see half a file. Locally a file is
-written beside its target and renamed; on S3 an object appears only when its single PUT (or multipart
-upload) completes.
+Why atomic writes: a reader (a downstream asset, DuckDB, a person) must never see half a file.
+Locally a file is written beside its target and renamed; on S3 an object appears only when its single
+PUT (or multipart upload) completes. Why versions in listings: a replaced input must be seen as new
+and an unchanged one never (local mtime and size, S3 ETag).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
 
 import polars as pl
 import pyarrow as pa
@@ -28,6 +32,30 @@ def utc_stamp() -> str:
     from datetime import datetime, timezone
 
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+
+
+PACKAGE_PREFIX = "package://"
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    key: str  # relative to the root
+    uri: str
+    size: int
+    version: str  # changes whenever the content may have: S3 ETag, local mtime and size
+    # when a local file last changed (max of mtime and ctime, ns): a file still being copied keeps
+    # changing. 0 where files appear whole (S3, the package).
+    changed_ns: int = 0
+
+
+@dataclass(frozen=True)
+class FileListing:
+    files: list[FileInfo]
+    refused: list[str]  # one human-readable line per path refused (symlinks or paths escaping the root)
+
+
+def _escapes(relative: str) -> bool:
+    return relative.startswith("/") or ".." in PurePosixPath(relative).parts
 
 
 def _join(*parts: str) -> str:
@@ -53,6 +81,14 @@ class Storage:
 
     def list(self, prefix: str) -> list[str]:
         """Keys under `prefix`, sorted."""
+        raise NotImplementedError
+
+    def files(self, prefix: str = "", recursive: bool = True) -> FileListing:
+        """Files under `prefix` with their size and version, sorted by key; what may not be read is refused."""
+        raise NotImplementedError
+
+    def open(self, key: str) -> IO[bytes]:
+        """A forward-only stream of the file's bytes (no local copy)."""
         raise NotImplementedError
 
     def delete_prefix(self, prefix: str) -> None:
@@ -93,13 +129,10 @@ class Storage:
             pq.write_table(table, tmp, compression="zstd")
         return self.uri(key)
 
-    def keep_rejected(self, key: str, candidate: str | os.PathLike) -> str:
-        """Keep a candidate that failed validation at `_rejected/<key>/<time>-<name>`, outside every
-        asset's files (readers and globs never see it); returns its URI."""
-        target = f"_rejected/{key.rsplit('/', 1)[0]}/{utc_stamp()}-{key.rsplit('/', 1)[-1]}"
-        with self.writing(target) as tmp:
-            shutil.copyfile(candidate, tmp)
-        return self.uri(target)
+    def copy(self, source: str, target: str) -> None:
+        """Copy one file under the root (server-side on S3), atomically at the target."""
+        with self.local_path(source) as path, self.writing(target) as tmp:
+            shutil.copyfile(path, tmp)
 
     def read_parquet(self, key: str, columns: list[str] | None = None, n_rows: int | None = None) -> pl.DataFrame:
         with self.local_path(key) as path:
@@ -117,8 +150,9 @@ class Storage:
 
 
 class LocalStorage(Storage):
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, label: str | None = None) -> None:
         self.root = str(Path(root).expanduser().resolve())
+        self.label = label  # how the root is named to people (package://...), when not its path
 
     def path(self, key: str) -> Path:
         return Path(self.root, key)
@@ -142,6 +176,40 @@ class LocalStorage(Storage):
         if not base.is_dir():
             return []
         return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
+
+    def files(self, prefix: str = "", recursive: bool = True) -> FileListing:
+        base = self.path(prefix)
+        if not base.is_dir():
+            raise FileNotFoundError(f"{self.label or self.uri(prefix)} is not a folder")
+        real_root = Path(self.root).resolve()
+        found: list[FileInfo] = []
+        refused: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+            dirnames.sort()
+            if not recursive:
+                dirnames.clear()
+            for d in list(dirnames):
+                if Path(dirpath, d).is_symlink():
+                    refused.append(f"{Path(dirpath, d)}: symlinked folder refused (files must live in {self.label or self.root})")
+                    dirnames.remove(d)
+            for name in sorted(filenames):
+                path = Path(dirpath, name)
+                key = path.relative_to(self.root).as_posix()
+                if name.startswith("."):
+                    continue
+                if path.is_symlink() and not path.resolve().is_relative_to(real_root):
+                    refused.append(f"{key}: symlink to {path.resolve()} escapes {self.label or self.root}; refused")
+                    continue
+                if _escapes(key):
+                    refused.append(f"{key}: path escapes {self.label or self.root}; refused")
+                    continue
+                st = path.stat()
+                changed = 0 if self.label and self.label.startswith(PACKAGE_PREFIX) else max(st.st_mtime_ns, st.st_ctime_ns)
+                found.append(FileInfo(key, str(path), st.st_size, f"mtime{st.st_mtime_ns}-size{st.st_size}", changed))
+        return FileListing(found, refused)
+
+    def open(self, key: str) -> IO[bytes]:
+        return open(self.path(key), "rb")
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
@@ -182,14 +250,15 @@ def s3_location(uri: str, what: str) -> tuple[str, str]:
 
 
 def s3_client() -> Any:
-    """An S3 client from dagster-aws's resource: credentials from the AWS chain, AWS_ENDPOINT_URL honoured."""
-    from dagster_aws.s3 import S3Resource
+    """A plain boto3 S3 client (credentials from the AWS chain, AWS_ENDPOINT_URL honoured). Dagster code
+    hands in the client of its dagster-aws `S3Resource` instead (defs/resources.py)."""
+    import boto3
 
-    return S3Resource(endpoint_url=os.environ.get("AWS_ENDPOINT_URL")).get_client()
+    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
 
 
 class S3Storage(Storage):
-    """An `s3://bucket/prefix` root through dagster-aws's S3 resource."""
+    """An `s3://bucket/prefix` root; Dagster code hands in its dagster-aws S3Resource client."""
 
     def __init__(self, root: str, client: Any | None = None) -> None:
         self.bucket, self.prefix = s3_location(root, "storage root")
@@ -233,12 +302,37 @@ class S3Storage(Storage):
                 keys.append(obj["Key"][len(self.prefix) + 1 :] if self.prefix else obj["Key"])
         return sorted(keys)
 
+    def files(self, prefix: str = "", recursive: bool = True) -> FileListing:
+        base = _join(self.prefix, prefix)
+        start = f"{base}/" if base else ""
+        found: list[FileInfo] = []
+        refused: list[str] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
+            for obj in page.get("Contents", []):
+                inner = obj["Key"][len(start) :]
+                if not inner or inner.endswith("/") or (not recursive and "/" in inner):
+                    continue
+                if _escapes(inner):
+                    refused.append(f"s3://{self.bucket}/{obj['Key']}: path escapes {self.uri(prefix)}; refused")
+                    continue
+                key = _join(prefix, inner)
+                etag = str(obj.get("ETag", "")).strip('"')
+                found.append(FileInfo(key, self.uri(key), int(obj.get("Size", 0)), f"etag{etag}"))
+        found.sort(key=lambda f: f.key)
+        return FileListing(found, refused)
+
+    def open(self, key: str) -> IO[bytes]:
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list(prefix):
             self.delete(key)
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def copy(self, source: str, target: str) -> None:
+        self.client.copy({"Bucket": self.bucket, "Key": self._key(source)}, self.bucket, self._key(target))
 
     @property
     def filesystem(self) -> Any:
@@ -283,10 +377,14 @@ class S3Storage(Storage):
             self.client.upload_file(str(path), self.bucket, self._key(key))
 
 
-def open_storage(root: str) -> Storage:
-    """The storage for a root URI: `s3://...` or a local folder."""
+def open_storage(root: str, s3: Any | None = None) -> Storage:
+    """The storage for a root URI: `s3://bucket/prefix` (through the client `s3` when given), a local
+    folder, or `package://package/folder` (read-only data shipped inside a package)."""
     if root.startswith("s3://"):
-        return S3Storage(root)
+        return S3Storage(root, client=s3)
+    if root.startswith(PACKAGE_PREFIX):
+        package, _, folder = root.removeprefix(PACKAGE_PREFIX).partition("/")
+        return LocalStorage(str(resources.files(package).joinpath(folder)), label=root)
     if "://" in root:
-        raise ValueError(f"storage root {root!r}: only local folders and s3:// are supported")
+        raise ValueError(f"{root!r}: use a local folder, s3://bucket/prefix or package://package/folder")
     return LocalStorage(root)

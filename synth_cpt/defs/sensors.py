@@ -4,11 +4,11 @@ import json
 
 from dagster import AssetSelection, DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
-from synth_cpt.ingest.drops import ASSET as CRAWL_DROPS
+from synth_cpt.core.layout import CRAWL_DROPS
+from synth_cpt.defs.partitions import crawl_drop_partitions
+from synth_cpt.defs.resources import PipelineResource
 from synth_cpt.ingest.drops import plan_drops, register_drop
-from synth_cpt.ingest.sources import DropFile, open_source
-from synth_cpt.partitions import crawl_drop_partitions
-from synth_cpt.resources import PipelineResource
+from synth_cpt.ingest.sources import DropFile, list_drops
 
 
 def run_key(drop: DropFile) -> str:
@@ -26,7 +26,7 @@ def run_key(drop: DropFile) -> str:
 def crawl_drop_sensor(context: SensorEvaluationContext, pipeline: PipelineResource) -> SensorResult | SkipReason:
     cfg, storage = pipeline.load(), pipeline.storage()
     location = cfg.drops_uri()
-    listing = open_source(location).list(cfg.drops.patterns, cfg.drops.recursive)
+    listing = list_drops(pipeline.drops(), cfg.drops.patterns, cfg.drops.recursive)
     state = json.loads(context.cursor) if context.cursor else {}
     for line in sorted(set(listing.refused) - set(state.get("refused", []))):
         context.log.warning(line)  # once per refused path, not on every tick

@@ -14,35 +14,16 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from synth_cpt.config import BucketBounds, PipelineConfig
+from synth_cpt.core import contracts
+from synth_cpt.core.config import PipelineConfig
+from synth_cpt.core.layout import RAW_CORPUS, partition_file
+from synth_cpt.core.metadata import DocumentSummary, summarize
+from synth_cpt.core.publish import CandidateRejected, keep_rejected
+from synth_cpt.core.storage import Storage
+from synth_cpt.core.validation import Outcome
 from synth_cpt.ingest.drops import accepts, ingested_drops
-from synth_cpt.ingest.records import docs_schema
-from synth_cpt.storage import Storage
-from synth_cpt.validation import CandidateRejected, Outcome
 
-ASSET = "raw_corpus"
-
-
-def corpus_file(asset: str, language: str, quality: str) -> str:
-    return f"{asset}/{language}/{quality}/part-0.parquet"
-
-
-def bucket_expr(bounds: BucketBounds, column: str = "quality_score") -> pl.Expr:
-    s = pl.col(column)
-    expr = pl.lit(True)
-    if bounds.gt is not None:
-        expr = expr & (s > bounds.gt)
-    if bounds.ge is not None:
-        expr = expr & (s >= bounds.ge)
-    if bounds.lt is not None:
-        expr = expr & (s < bounds.lt)
-    if bounds.le is not None:
-        expr = expr & (s <= bounds.le)
-    return expr
-
-
-def any_bucket_expr(config: PipelineConfig) -> pl.Expr:
-    return pl.any_horizontal([bucket_expr(b) for b in config.quality.buckets.values()])
+SAMPLE_COLUMNS = ["doc_id", "quality_score", "drop_id", "text"]
 
 
 @dataclass
@@ -55,8 +36,8 @@ class CorpusStats:
     unique_documents: int = 0
     duplicates_removed: int = 0
     in_no_bucket: int = 0
-    drops: list[str] = field(default_factory=list)
     rejected_drops: list[str] = field(default_factory=list)
+    summary: DocumentSummary = field(default_factory=DocumentSummary)  # of what was published
     outcome: Outcome | None = None  # the validation of what was published
 
 
@@ -78,7 +59,7 @@ def drop_accepted(manifest: dict, config: PipelineConfig) -> bool:
 def build_raw_corpus(
     storage: Storage, config: PipelineConfig, language: str, quality: str, validate: Callable[[str], Outcome] | None = None
 ) -> CorpusStats:
-    """Write `raw_corpus/<language>/<quality>/part-0.parquet` and return what went into it.
+    """Write the `raw_corpus` partition and return what went into it.
 
     With `validate`, the candidate file is checked before it replaces the published one; a failure
     raises CandidateRejected and readers keep the previous version."""
@@ -87,10 +68,10 @@ def build_raw_corpus(
     stats.rejected_drops = [m["drop_id"] for m in manifests if not drop_accepted(m, config)]
     accepted = [m["prefix"] for m in manifests if drop_accepted(m, config) and m["documents"] > 0]
     bounds = config.quality.buckets[quality]
-    out_key = corpus_file(ASSET, language, quality)
+    out_key = partition_file(RAW_CORPUS, language, quality)
     with _local_docs(storage, accepted) as paths:
         if not paths:
-            frame = pl.LazyFrame(schema=_empty_schema(config))
+            frame = contracts.empty(contracts.corpus_documents(config)).lazy()
             counts = {"n": 0, "unique": 0, "no_bucket": 0}
         else:
             lang_docs = pl.scan_parquet(paths, missing_columns="insert", extra_columns="ignore").filter(pl.col("language") == language)
@@ -99,47 +80,26 @@ def build_raw_corpus(
                 pl.concat(
                     [
                         lang_docs.select(pl.len().alias("n")),
-                        unique.select(pl.len().alias("unique"), (~any_bucket_expr(config)).sum().alias("no_bucket")),
+                        unique.select(pl.len().alias("unique"), (~config.quality.in_any_bucket()).sum().alias("no_bucket")),
                     ],
                     how="horizontal",
                 )
                 .collect(engine="streaming")
                 .row(0, named=True)
             )
-            frame = unique.filter(bucket_expr(bounds)).with_columns(pl.lit(quality).alias("quality"))
+            frame = unique.filter(bounds.expr()).with_columns(pl.lit(quality).alias("quality"))
         with storage.writing(out_key) as tmp:
-            frame.select(corpus_columns(config)).sink_parquet(tmp, compression="zstd", engine="streaming")
+            frame.select(contracts.corpus_documents(config).names).sink_parquet(tmp, compression="zstd", engine="streaming")
             # figures of what was written come from the output itself, not from a second dedup pass
-            written = pl.scan_parquet(tmp)
-            summary = written.select(pl.len().alias("n"), pl.col("n_chars").sum().alias("chars")).collect().row(0, named=True)
-            stats.drops = written.select(pl.col("drop_id").unique().sort()).collect().to_series().to_list()
+            stats.summary = summarize(str(tmp), SAMPLE_COLUMNS)
             if validate is not None:
                 stats.outcome = validate(str(tmp))
                 if not stats.outcome.success:
-                    raise CandidateRejected(stats.outcome, storage.keep_rejected(out_key, tmp))
+                    raise CandidateRejected(stats.outcome, keep_rejected(storage, out_key, tmp), "documents_valid")
     stats.language_documents = int(counts["n"])
     stats.unique_documents = int(counts["unique"])
     stats.duplicates_removed = stats.language_documents - stats.unique_documents
     stats.in_no_bucket = int(counts["no_bucket"] or 0)
-    stats.documents = int(summary["n"])
-    stats.characters = int(summary["chars"] or 0)
+    stats.documents = stats.summary.rows
+    stats.characters = stats.summary.characters
     return stats
-
-
-def corpus_columns(config: PipelineConfig) -> list[str]:
-    """The document contract of raw_corpus: a drop's document columns plus `quality` (subsets add `n_tokens`)."""
-    names = [f.name for f in docs_schema(config)]
-    names.insert(names.index("n_chars"), "quality")
-    return names
-
-
-def _empty_schema(config: PipelineConfig) -> dict[str, pl.DataType]:
-    floats = {"language_score", "score_heuristic", "quality_score", *[f"score_{n}" for n in config.fields.scores]}
-    ints = {"n_chars", "source_line"}
-    bools = {"encoding_repaired"}
-    kind = lambda c: pl.Float64 if c in floats else pl.Int64 if c in ints else pl.Boolean if c in bools else pl.String  # noqa: E731
-    return {c: kind(c) for c in corpus_columns(config)}
-
-
-def read_corpus(storage: Storage, asset: str, language: str, quality: str, columns: list[str] | None = None) -> pl.DataFrame:
-    return storage.read_parquet(corpus_file(asset, language, quality), columns=columns)

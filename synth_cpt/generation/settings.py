@@ -1,4 +1,5 @@
-"""The `LLM` Dagster resource: which backend, which model, which engine settings, which cache."""
+"""Generation settings: which backend, which model, which engine settings, which cache; and the engine
+they build. Plain pydantic: the Dagster resource `LLM` (defs/resources.py) is these settings."""
 
 from __future__ import annotations
 
@@ -8,20 +9,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from dagster import ConfigurableResource
-from pydantic import Field
+from pydantic import BaseModel, Field
 
+from synth_cpt.core.layout import GENERATIONS
+from synth_cpt.core.storage import Storage, open_storage
 from synth_cpt.generation.backends import Backend, OpenAIBackend, VLLMBackend
 from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.embedded import ensure_embedded_model
 from synth_cpt.generation.engine import GenerationEngine, Progress
 from synth_cpt.generation.identity import model_identity
-from synth_cpt.storage import Storage, open_storage
 
 EMBEDDED = "embedded"
 
 
-class LLM(ConfigurableResource):
+class LLMSettings(BaseModel):
     """Generation settings. Defaults run the embedded SmolLM2-135M on the CPU build of vLLM.
 
     The model fingerprint (part of every request_id, so a cached answer is reused only for the same model)
@@ -73,7 +74,7 @@ class LLM(ConfigurableResource):
     max_attempts: int = 4
     # cache and checkpoints
     cache_root: str | None = Field(None, description="storage root of the cache (local or s3://); default: the pipeline's")
-    cache_prefix: str = "generations"
+    cache_prefix: str = GENERATIONS
     flush_every: int = 128
     flush_seconds: float = 30.0
 

@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -95,24 +96,37 @@ class BucketBounds(_Strict):
             raise ValueError(f"lower bound {lo} is above upper bound {hi}")
         return self
 
+    def interval(self) -> tuple[float | None, float | None, bool, bool]:
+        """(low, high, low is strict, high is strict): the one reading of the bounds, used by the
+        bucketing query, the GX suites, the plots and the docs."""
+        lo = self.gt if self.gt is not None else self.ge
+        hi = self.lt if self.lt is not None else self.le
+        return lo, hi, self.gt is not None, self.lt is not None
+
     def contains(self, score: float) -> bool:
-        return (
-            (self.gt is None or score > self.gt)
-            and (self.ge is None or score >= self.ge)
-            and (self.lt is None or score < self.lt)
-            and (self.le is None or score <= self.le)
-        )
+        lo, hi, strict_lo, strict_hi = self.interval()
+        above = lo is None or (score > lo if strict_lo else score >= lo)
+        below = hi is None or (score < hi if strict_hi else score <= hi)
+        return above and below
+
+    def expr(self, column: str = "quality_score") -> pl.Expr:
+        """The same test as `contains`, as a polars expression."""
+        lo, hi, strict_lo, strict_hi = self.interval()
+        s = pl.col(column)
+        expr = pl.lit(True)
+        if lo is not None:
+            expr = expr & ((s > lo) if strict_lo else (s >= lo))
+        if hi is not None:
+            expr = expr & ((s < hi) if strict_hi else (s <= hi))
+        return expr
 
     def describe(self) -> str:
+        lo, hi, strict_lo, strict_hi = self.interval()
         parts = []
-        if self.gt is not None:
-            parts.append(f"> {self.gt}")
-        if self.ge is not None:
-            parts.append(f">= {self.ge}")
-        if self.lt is not None:
-            parts.append(f"< {self.lt}")
-        if self.le is not None:
-            parts.append(f"<= {self.le}")
+        if lo is not None:
+            parts.append(f"{'>' if strict_lo else '>='} {lo}")
+        if hi is not None:
+            parts.append(f"{'<' if strict_hi else '<='} {hi}")
         return " and ".join(parts)
 
 
@@ -133,6 +147,13 @@ class QualityConfig(_Strict):
             if not _KEY_RE.match(name):
                 raise ValueError(f"bucket name {name!r} must match {_KEY_RE.pattern} (it is a partition key)")
         return v
+
+    def marks(self) -> list[float]:
+        """Every bucket edge, for plots."""
+        return sorted({v for b in self.buckets.values() for v in b.interval()[:2] if v is not None})
+
+    def in_any_bucket(self, column: str = "quality_score") -> pl.Expr:
+        return pl.any_horizontal([b.expr(column) for b in self.buckets.values()])
 
 
 class SubsetsConfig(_Strict):

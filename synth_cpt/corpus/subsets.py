@@ -19,7 +19,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from synth_cpt.tokens import TokenCounter
+from synth_cpt.corpus.tokenizer import TokenCounter
 
 CHUNK = 2048
 

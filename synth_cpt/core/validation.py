@@ -1,8 +1,8 @@
-"""Great Expectations 1.x validations behind the Dagster asset checks.
+"""Running Great Expectations 1.x suites (built in `core.contracts`) on candidate outputs.
 
 dagster-ge only supports GX < 1.0, so suites are run here with an ephemeral GX context and the
-outcome is handed to `@asset_check` functions as a plain `Outcome`. GX reads pandas, so callers pass
-only the narrow columns a suite needs (text lengths, not texts).
+outcome is handed to Dagster as a plain `Outcome`. GX reads pandas, so callers pass only the narrow
+columns a suite needs (text lengths, not texts).
 """
 
 from __future__ import annotations
@@ -15,16 +15,6 @@ from typing import Any
 import polars as pl
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-
-
-class CandidateRejected(Exception):
-    """A computed partition failed its suite: it was not published (readers keep the previous good
-    version) and the candidate was kept at `kept` for inspection."""
-
-    def __init__(self, outcome: "Outcome", kept: str) -> None:
-        super().__init__("; ".join(outcome.failures)[:500])
-        self.outcome = outcome
-        self.kept = kept
 
 
 @dataclass
@@ -85,22 +75,17 @@ def expect():
     return _gx().expectations
 
 
-def document_suite(expected_columns: list[str], language: str, bounds: Any | None) -> list[Any]:
-    """Schema, non-empty text, unique doc_id, language of the partition, scores inside the bucket."""
-    gxe = expect()
-    suite = [
-        gxe.ExpectTableColumnsToMatchSet(column_set=expected_columns, exact_match=True),
-        gxe.ExpectColumnValuesToNotBeNull(column="doc_id"),
-        gxe.ExpectColumnValuesToBeUnique(column="doc_id"),
-        gxe.ExpectColumnValuesToBeBetween(column="text_chars", min_value=1),
-        gxe.ExpectColumnValuesToBeInSet(column="language", value_set=[language]),
-    ]
-    if bounds is not None:
-        lo = bounds.gt if bounds.gt is not None else bounds.ge
-        hi = bounds.lt if bounds.lt is not None else bounds.le
-        suite.append(
-            gxe.ExpectColumnValuesToBeBetween(
-                column="quality_score", min_value=lo, max_value=hi, strict_min=bounds.gt is not None, strict_max=bounds.lt is not None
-            )
-        )
-    return suite
+def narrow(path: str, text_column: str | None = "text") -> pl.DataFrame:
+    """Every column of a Parquet file but the text, which becomes its length `text_chars`."""
+    lf = pl.scan_parquet(path)
+    cols = lf.collect_schema().names()
+    return lf.select([pl.col(c).str.len_chars().alias("text_chars") if c == text_column else pl.col(c) for c in cols]).collect()
+
+
+def merge(outcomes: dict[str, Outcome]) -> Outcome:
+    """Several suites as one outcome, their details prefixed by suite name."""
+    return Outcome(
+        all(o.success for o in outcomes.values()),
+        [f for o in outcomes.values() for f in o.failures],
+        {f"{name}.{k}": v for name, o in outcomes.items() for k, v in o.details.items()},
+    )

@@ -9,17 +9,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 import sentencepiece as spm
 
-from synth_cpt.config import PipelineConfig
-from synth_cpt.storage import Storage
-
-ASSET = "tokenizer"
-MODEL_KEY = f"{ASSET}/tokenizer.model"
-INFO_KEY = f"{ASSET}/tokenizer.json"
+from synth_cpt.core import publish
+from synth_cpt.core.config import PipelineConfig
+from synth_cpt.core.layout import TOKENIZER, TOKENIZER_INFO, TOKENIZER_MODEL, version_prefix
+from synth_cpt.core.publish import CandidateRejected
+from synth_cpt.core.storage import Storage
+from synth_cpt.core.validation import Outcome
 
 
 def sha256_hex(data: bytes) -> str:
@@ -62,9 +63,7 @@ class TokenCounter:
 
     @classmethod
     def from_storage(cls, storage: Storage) -> "TokenCounter":
-        if not storage.exists(MODEL_KEY):
-            raise FileNotFoundError(f"{storage.uri(MODEL_KEY)} does not exist: materialize the `tokenizer` asset first")
-        return cls(storage.read_bytes(MODEL_KEY))
+        return cls(storage.read_bytes(model_key(storage)))
 
     @property
     def vocab_size(self) -> int:
@@ -76,10 +75,24 @@ class TokenCounter:
         return [len(ids) for ids in self.processor.encode(texts, num_threads=2)]
 
 
+def published_tokenizer(storage: Storage) -> dict:
+    """The pointer of the published tokenizer: its info and the `prefix` of its model file."""
+    pointer = publish.published(storage, TOKENIZER, legacy_file=TOKENIZER_INFO)
+    if pointer is None:
+        raise FileNotFoundError(f"{storage.uri(TOKENIZER)} has no published tokenizer: materialize the `tokenizer` asset first")
+    if pointer["version"] == publish.LEGACY:
+        return {"version": publish.LEGACY, "prefix": TOKENIZER, "info": pointer["legacy_file"]}
+    return pointer
+
+
+def model_key(storage: Storage) -> str:
+    return f"{published_tokenizer(storage)['prefix']}/{TOKENIZER_MODEL}"
+
+
 def load_model_file(path: str, storage: Storage) -> bytes:
     """A configured `.model` from a local path or from under the storage root (s3:// goes through storage)."""
     if path.startswith("s3://"):
-        from synth_cpt.storage import S3Storage
+        from synth_cpt.core.storage import S3Storage
 
         bucket_root, _, key = path.rpartition("/")
         return S3Storage(bucket_root).read_bytes(key)
@@ -94,8 +107,11 @@ def load_model_file(path: str, storage: Storage) -> bytes:
     return data
 
 
-def build_tokenizer(storage: Storage, config: PipelineConfig, corpus_files: list[str]) -> dict:
-    """Write tokenizer.model and tokenizer.json; return the info recorded."""
+def build_tokenizer(
+    storage: Storage, config: PipelineConfig, corpus_files: list[str], validate: Callable[[bytes, dict], Outcome] | None = None
+) -> dict:
+    """Make the model, write it and its info as a new version, validate, then publish (the pointer,
+    written last, carries the info): readers never pair a model with another model's info."""
     tc = config.tokenizer
     if tc.model_file:
         model = load_model_file(tc.model_file, storage)
@@ -125,6 +141,31 @@ def build_tokenizer(storage: Storage, config: PipelineConfig, corpus_files: list
         }
     counter = TokenCounter(model)
     info.update({"sha256": counter.sha256, "vocab_size": counter.vocab_size})
-    storage.write_bytes(MODEL_KEY, model)
-    storage.write_json(INFO_KEY, info)
-    return info
+    version = publish.new_version()
+    prefix = version_prefix(TOKENIZER, version)
+    storage.write_bytes(f"{prefix}/{TOKENIZER_MODEL}", model)
+    storage.write_json(f"{prefix}/{TOKENIZER_INFO}", info)
+    outcome = validate(model, info) if validate is not None else None
+    if outcome is not None:
+        if not outcome.success:
+            raise CandidateRejected(outcome, publish.reject_version(storage, TOKENIZER, version), "model_loads")
+    publish.publish_version(storage, TOKENIZER, version, {"info": info})
+    return {**info, "version": version, "uri": storage.uri(prefix, TOKENIZER_MODEL), "outcome": outcome}
+
+
+def check_model(model: bytes, info: dict) -> Outcome:
+    """The candidate model loads, tokenizes text of every script it will meet, and matches its info."""
+    failures = []
+    try:
+        counter = TokenCounter(model)
+    except Exception as exc:  # not a SentencePiece model at all
+        return Outcome(False, [f"model does not load: {type(exc).__name__}: {exc}"], {"loads": {"success": False}})
+    counts = counter.count(["Olá, mundo.", "Hello, world."])
+    if counter.sha256 != info.get("sha256"):
+        failures.append(f"sha256 {counter.sha256} differs from the info's {info.get('sha256')}")
+    if counter.vocab_size != info.get("vocab_size"):
+        failures.append(f"vocab_size {counter.vocab_size} differs from the info's {info.get('vocab_size')}")
+    if min(counts) <= 0:
+        failures.append("a sample text produced no tokens")
+    details = {"loads": {"success": True}, "sha256": counter.sha256, "vocab_size": counter.vocab_size, "sample_tokens": counts}
+    return Outcome(not failures, failures, details)

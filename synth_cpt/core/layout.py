@@ -1,0 +1,64 @@
+"""Asset names and where each asset's files live under the storage root: the one place that knows.
+
+Every asset writes below a folder named after it; partitioned corpora write one Parquet file per
+`language|quality` partition, and outputs made of several files (a drop, the tokenizer) are published
+as versions behind a pointer (see `core.publish`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+# asset names (= their Dagster asset keys and top-level storage folders)
+CRAWL_DROPS = "crawl_drops"
+RAW_CORPUS = "raw_corpus"
+TOKENIZER = "tokenizer"
+QUALITY_SUBSETS = "quality_subsets"
+GENERATIONS = "generations"  # the generation cache (not an asset: shared by every generating asset)
+
+REJECTED = "_rejected"  # candidates that failed validation, outside every asset's folder
+POINTER = "current.json"  # the pointer file of a versioned output, written last
+DROP_REGISTRY = f"{CRAWL_DROPS}/_registry"  # where each drop partition's source file is remembered
+
+TOKENIZER_MODEL = "tokenizer.model"
+TOKENIZER_INFO = "tokenizer.json"
+
+
+def partition_file(asset: str, language: str, quality: str) -> str:
+    """The one file of a `language|quality` partition of a corpus-shaped asset."""
+    return f"{asset}/{language}/{quality}/part-0.parquet"
+
+
+def drop_prefix(drop_id: str) -> str:
+    return f"{CRAWL_DROPS}/{drop_id}"
+
+
+def version_prefix(prefix: str, version: str) -> str:
+    return f"{prefix}/v/{version}"
+
+
+def registry_entry(drop_id: str) -> str:
+    return f"{DROP_REGISTRY}/{drop_id}.json"
+
+
+def rejected_key(key: str, stamp: str) -> str:
+    folder, _, name = key.rpartition("/")
+    return f"{REJECTED}/{folder}/{stamp}-{name}"
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def drop_key(relative_path: str) -> str:
+    """A safe, stable partition key (and storage folder name) for a drop file's path in its location.
+
+    Sub-folders become `__`; anything outside [A-Za-z0-9._-] becomes `_`. When that changed the name,
+    a short hash of the original path keeps two different files from sharing a key.
+    """
+    cleaned = "__".join(_UNSAFE.sub("_", part) for part in relative_path.strip("/").split("/") if part)
+    cleaned = cleaned.strip("._") or "drop"
+    if cleaned != relative_path or len(cleaned) > 120:
+        digest = hashlib.sha256(relative_path.encode("utf-8")).hexdigest()[:8]
+        cleaned = f"{cleaned[:110]}-{digest}"
+    return cleaned

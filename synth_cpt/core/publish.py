@@ -1,0 +1,84 @@
+"""Validate, then publish: how an output becomes the version readers see.
+
+A one-file output (a corpus partition) is written to a candidate and renamed into place only after
+its suite passed (`Storage.writing`). An output of several files (a drop's documents, quarantine and
+manifest; the tokenizer's model and info) is written into a fresh version folder and made visible by
+one pointer file written last: a crash at any point leaves the previous version whole. A candidate
+that failed validation is kept under `_rejected/` for inspection, out of every reader's way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from typing import Any
+
+from synth_cpt.core.layout import POINTER, REJECTED, rejected_key, version_prefix
+from synth_cpt.core.storage import Storage, utc_stamp
+
+LEGACY = "legacy"  # the version name of an output written before versioned publishing (files beside the pointer)
+
+
+class CandidateRejected(Exception):
+    """A computed output failed its suite: it was not published (readers keep the previous good
+    version) and the candidate was kept at `kept` for inspection."""
+
+    def __init__(self, outcome: Any, kept: str, check_name: str = "") -> None:
+        super().__init__("; ".join(outcome.failures)[:500])
+        self.outcome = outcome
+        self.kept = kept
+        self.check_name = check_name
+
+
+def new_version() -> str:
+    """A version name that sorts by time and never collides."""
+    return f"{utc_stamp()}-{uuid.uuid4().hex[:8]}"
+
+
+def keep_rejected(storage: Storage, key: str, candidate: str | os.PathLike) -> str:
+    """Copy a failed candidate file to `_rejected/<key>/<time>-<name>`; returns its URI."""
+    target = rejected_key(key, utc_stamp())
+    with storage.writing(target) as tmp:
+        shutil.copyfile(candidate, tmp)
+    return storage.uri(target)
+
+
+def reject_version(storage: Storage, prefix: str, version: str) -> str:
+    """Move a failed version folder under `_rejected/` (it was never pointed at); returns its URI."""
+    source = version_prefix(prefix, version)  # version names are unique: the folder keeps its name
+    for key in storage.list(source):
+        storage.copy(key, f"{REJECTED}/{key}")
+    storage.delete_prefix(source)
+    return storage.uri(REJECTED, source)
+
+
+def published(storage: Storage, prefix: str, legacy_file: str | None = None) -> dict | None:
+    """The pointer of the version readers see under `prefix` (`version`, `prefix` of its files and
+    what the publisher stored with it), or None. `legacy_file`: an output written before versioned
+    publishing, whose files sit directly under `prefix`, is still in force."""
+    key = f"{prefix}/{POINTER}"
+    if storage.exists(key):
+        return storage.read_json(key)
+    if legacy_file and storage.exists(f"{prefix}/{legacy_file}"):
+        return {"version": LEGACY, "prefix": prefix, "legacy_file": storage.read_json(f"{prefix}/{legacy_file}")}
+    return None
+
+
+def publish_version(storage: Storage, prefix: str, version: str, payload: dict) -> bool:
+    """Make `version` the one readers see (one atomic write of the pointer), then delete versions older
+    than the previous one. Returns False when a newer version was published meanwhile (two runs of one
+    output): that one stays in force."""
+    current = published(storage, prefix)
+    previous = current["version"] if current and current["version"] != LEGACY else None
+    if previous is not None and previous > version:
+        return False
+    storage.write_json(f"{prefix}/{POINTER}", {**payload, "version": version, "prefix": version_prefix(prefix, version)})
+    # keep the new and the previously published version (a reader may be on it); older ones and
+    # crashed candidates go; newer ones may be another run's candidate and are left alone
+    floor = previous or version
+    versions = {k.split("/v/", 1)[1].split("/", 1)[0] for k in storage.list(f"{prefix}/v")}
+    for old in sorted(versions):
+        if old < floor and old not in (version, previous):
+            storage.delete_prefix(version_prefix(prefix, old))
+    return True

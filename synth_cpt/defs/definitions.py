@@ -1,0 +1,63 @@
+"""The one Definitions object of synth-cpt."""
+
+from __future__ import annotations
+
+import warnings
+
+from dagster import (
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
+    Definitions,
+    PreviewWarning,
+    define_asset_job,
+)
+
+from synth_cpt.core.config import current_config
+from synth_cpt.core.layout import CRAWL_DROPS, QUALITY_SUBSETS, RAW_CORPUS, TOKENIZER
+from synth_cpt.defs.checks import CHECKS
+from synth_cpt.defs.ingest import build_ingest_assets
+from synth_cpt.defs.partitions import corpus_partitions, crawl_drop_partitions
+from synth_cpt.defs.resources import LLM, PipelineResource
+from synth_cpt.defs.sensors import crawl_drop_sensor
+
+INGEST_DROP_JOB = "ingest_drop_job"
+CORPUS_JOB = "corpus_job"
+TOKENIZER_JOB = "tokenizer_job"
+SUBSETS_JOB = "quality_subsets_job"
+
+
+# Partitioned asset checks are "preview" in Dagster 1.13; we rely on them knowingly.
+warnings.filterwarnings("ignore", category=PreviewWarning, message=".*partitions_def on an AssetCheckSpec.*")
+
+
+# Declarative automation (eager downstream of a new drop), on by default when the daemon runs.
+automation_sensor = AutomationConditionSensorDefinition(
+    "synth_cpt_automation",
+    target=AssetSelection.all(),
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Brings raw_corpus, tokenizer and quality_subsets up to date after new drops.",
+)
+
+
+def build_definitions() -> Definitions:
+    config = current_config()
+    assets = build_ingest_assets(config)
+    corpus_parts = corpus_partitions(config)
+    jobs = [
+        define_asset_job(INGEST_DROP_JOB, AssetSelection.assets(CRAWL_DROPS), partitions_def=crawl_drop_partitions),
+        define_asset_job(CORPUS_JOB, AssetSelection.assets(RAW_CORPUS), partitions_def=corpus_parts),
+        define_asset_job(TOKENIZER_JOB, AssetSelection.assets(TOKENIZER)),
+        define_asset_job(SUBSETS_JOB, AssetSelection.assets(QUALITY_SUBSETS), partitions_def=corpus_parts),
+    ]
+    return Definitions(
+        assets=assets,
+        asset_checks=CHECKS,
+        jobs=jobs,
+        sensors=[crawl_drop_sensor, automation_sensor],
+        resources={"pipeline": PipelineResource(), "llm": LLM()},
+    )
+
+
+defs = build_definitions()
