@@ -152,3 +152,111 @@ def test_tokenizer_model_and_info_are_one_published_version(tmp_path):
         build_tokenizer(storage, cfg, files, validate=lambda model, info: check_model(model[: len(model) // 2], info))
     assert published_tokenizer(storage) == pointer, "the previous model stays published"
     assert len(list((tmp_path / "home/_rejected/tokenizer/v").iterdir())) == 1
+
+
+# -- the bounded-memory dedup against the rule it implements ------------------------------------------
+
+
+def _doc(drop_id: str, line: int, doc_id: str, language: str, score: float | None) -> dict:
+    return {
+        "doc_id": doc_id, "text": f"texto {doc_id} de {drop_id}", "url": f"https://x/{drop_id}/{line}", "title": None,
+        "record_id": str(line), "language": language, "language_score": 0.9, "language_source": "fasttext",
+        "score_edu": score, "score_stem": None, "score_heuristic": 1.0, "quality_score": score, "quality_score_source": "edu",
+        "n_chars": 20, "encoding_repaired": False, "drop_id": drop_id, "source_file": f"/drops/{drop_id}", "source_line": line,
+    }  # fmt: skip
+
+
+def _publish_docs(storage, cfg, drop_id: str, rows: list[dict], quarantine_rate: float = 0.0, without: tuple[str, ...] = ()):
+    """A drop published as ingest_drop publishes one, with row groups of two rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from synth_cpt.core.contracts import drop_documents
+    from synth_cpt.core.layout import drop_prefix, version_prefix
+    from synth_cpt.core.publish import new_version
+    from synth_cpt.ingest.drops import publish_drop
+
+    version = new_version()
+    prefix = version_prefix(drop_prefix(drop_id), version)
+    table = pa.Table.from_pylist(rows, schema=drop_documents(cfg)).drop_columns(list(without))
+    with storage.writing(f"{prefix}/docs.parquet") as tmp:
+        pq.write_table(table, tmp, row_group_size=2, compression="zstd")
+    manifest = {"drop_id": drop_id, "documents": len(rows), "quarantine_rate": quarantine_rate, "complete": True, "version": version}
+    publish_drop(storage, drop_id, version, manifest)
+
+
+def _reference(storage, cfg, language: str, quality: str):
+    """The rule, in memory (the query raw_corpus ran before it was bounded): first occurrence of a doc_id
+    in (drop_id, source_line) order over every accepted drop of the language, then the bucket."""
+    from synth_cpt.core.contracts import corpus_documents
+    from synth_cpt.ingest.dedup import drop_accepted
+    from synth_cpt.ingest.drops import ingested_drops
+
+    accepted = [m for m in ingested_drops(storage) if drop_accepted(m, cfg) and m["documents"] > 0]
+    docs = pl.concat([storage.read_parquet(f"{m['prefix']}/docs.parquet") for m in accepted], how="diagonal_relaxed")
+    lang = docs.filter(pl.col("language") == language)
+    unique = lang.sort("drop_id", "source_line").unique(subset="doc_id", keep="first", maintain_order=True)
+    frame = unique.filter(cfg.quality.buckets[quality].expr()).with_columns(pl.lit(quality).alias("quality"))
+    return frame.select(corpus_documents(cfg).names), (lang.height, unique.height, unique.filter(~cfg.quality.in_any_bucket()).height)
+
+
+def _cross_drop_corpus(tmp_path):
+    cfg = make_config(tmp_path)  # buckets: high > 2.5, low 0.5..2.0
+    storage = LocalStorage(tmp_path / "home")
+    d1, d2, d3, bad = "2026-01-01.jsonl", "2026-02-01.jsonl", "2026-03-01.jsonl", "2026-04-01.jsonl"
+    # lines out of order within the file: the output still follows (drop_id, source_line)
+    first = [(5, "a", "pt", 3.0), (1, "b", "pt", 1.0), (3, "c", "pt", 2.2), (2, "e", "en", 4.0), (4, "d", "pt", 0.2), (6, "n", "pt", None)]
+    second = [(1, "a", "pt", 1.0), (2, "b", "pt", 4.0), (3, "f", "pt", 4.5), (4, "g", "pt", 1.5), (5, "g", "pt", 3.0), (6, "e", "en", 1.0)]
+    third = [(1, "f", "pt", 1.0), (2, "i", "pt", 2.6), (3, "h", "pt", 0.5), (4, "c", "pt", 3.5)]
+    _publish_docs(storage, cfg, d2, [_doc(d2, *r) for r in second])  # published out of order: ids decide
+    _publish_docs(storage, cfg, d1, [_doc(d1, *r) for r in first])
+    _publish_docs(storage, cfg, d3, [_doc(d3, *r) for r in third], without=("score_stem", "title"))  # older schema
+    _publish_docs(storage, cfg, bad, [_doc(bad, 1, "j", "pt", 4.0)], quarantine_rate=0.9)
+    return cfg, storage
+
+
+def test_bounded_dedup_equals_the_rule_across_drops(tmp_path):
+    cfg, storage = _cross_drop_corpus(tmp_path)
+    published = {}
+    for language, quality in [("pt", "high"), ("pt", "low"), ("en", "high"), ("en", "low")]:
+        stats = build_raw_corpus(storage, cfg, language, quality)
+        frame = storage.read_parquet(partition_file("raw_corpus", language, quality))
+        expected, (n, unique, no_bucket) = _reference(storage, cfg, language, quality)
+        assert frame.to_dicts() == expected.to_dicts(), f"{language}|{quality}"
+        assert (stats.language_documents, stats.unique_documents, stats.in_no_bucket) == (n, unique, no_bucket)
+        assert stats.duplicates_removed == n - unique and stats.documents == frame.height
+        assert stats.rejected_drops == ["2026-04-01.jsonl"]
+        published[language, quality] = frame
+    high, low = published["pt", "high"], published["pt", "low"]
+    assert high["doc_id"].to_list() == ["a", "f", "i"] and low["doc_id"].to_list() == ["b", "g", "h"]
+    assert high.filter(pl.col("doc_id") == "a")["drop_id"].item() == "2026-01-01.jsonl", "the earliest drop wins"
+    assert "c" not in set(high["doc_id"]) | set(low["doc_id"]), "the winner's score (between the buckets) decides"
+    assert not set(high["doc_id"]) & set(low["doc_id"]), "a duplicate never lands in two buckets"
+    assert high.filter(pl.col("doc_id") == "i")["title"].item() is None, "a column a drop lacks is null"
+
+
+def test_bounded_dedup_is_deterministic_and_memory_limited(tmp_path, monkeypatch):
+    from synth_cpt.ingest import dedup
+
+    cfg, storage = _cross_drop_corpus(tmp_path)
+    settings = {}
+    connect = dedup.connect
+
+    def spy(temp_dir):
+        con = connect(temp_dir)
+        query = "SELECT name, value FROM duckdb_settings() WHERE name IN ('memory_limit', 'threads', 'temp_directory')"
+        settings.update(dict(con.execute(query).fetchall()))
+        return con
+
+    monkeypatch.setattr(dedup, "connect", spy)
+    key = partition_file("raw_corpus", "pt", "high")
+    build_raw_corpus(storage, cfg, "pt", "high")
+    once = storage.read_bytes(key)
+    build_raw_corpus(storage, cfg, "pt", "high")
+    assert storage.read_bytes(key) == once, "a rerun writes the same bytes"
+    assert settings["memory_limit"] not in ("", None) and settings["threads"] == str(dedup.DUCKDB_THREADS)
+    assert "synth-cpt-dedup-" in settings["temp_directory"], "DuckDB spills to a temporary folder of its own"
+    import duckdb
+
+    limit = duckdb.connect(config={"memory_limit": dedup.DUCKDB_MEMORY_LIMIT}).execute("SELECT current_setting('memory_limit')").fetchall()
+    assert settings["memory_limit"] == limit[0][0]

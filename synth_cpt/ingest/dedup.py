@@ -1,21 +1,41 @@
 """`raw_corpus`: every accepted drop of a language, exact-deduplicated and bucketed by quality.
 
-Dedup keeps the first occurrence of a `doc_id` in (drop_id, source_line) order: drop ids sort by
-name, so date-prefixed drop names make the earliest drop win, and the choice never depends on when a
-drop happened to be ingested. Runs as a streaming polars query: memory stays bounded by the engine,
-not by the corpus size.
+Dedup keeps the first occurrence of a `doc_id` in (drop_id, source_line) order, across every accepted
+drop of the language: drop ids sort by name, so date-prefixed drop names make the earliest drop win,
+the choice never depends on when a drop happened to be ingested, and the winner is the same whichever
+bucket is being built (a duplicate never lands in two buckets).
+
+Two passes, so memory stays bounded whatever the corpus size, and no drop is copied or downloaded
+whole (ranged reads of the columns needed, on S3 too):
+
+1. **Winners**, over narrow columns only (doc_id, drop_id, source_line, language, quality_score):
+   DuckDB picks each doc_id's first occurrence under a memory limit, spilling to a temporary folder
+   when the corpus outgrows it. The figures (documents, duplicates, in no bucket) come from here.
+2. **Documents**: the winners inside the bucket, in (drop_id, source_line) order, are read back row
+   group by row group (only row groups holding one) by two threads, while a third compresses the
+   previous row group of the candidate file.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import duckdb
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from synth_cpt.core import contracts
-from synth_cpt.core.config import PipelineConfig
+from synth_cpt.core.config import BucketBounds, PipelineConfig
 from synth_cpt.core.layout import RAW_CORPUS, partition_file
 from synth_cpt.core.metadata import DocumentSummary, summarize
 from synth_cpt.core.publish import CandidateRejected, keep_rejected
@@ -24,6 +44,17 @@ from synth_cpt.core.validation import Outcome
 from synth_cpt.ingest.drops import accepts, ingested_drops
 
 SAMPLE_COLUMNS = ["doc_id", "quality_score", "drop_id", "text"]
+
+# DuckDB's share of memory for the winners (it spills to a temporary folder beyond it) and its threads
+DUCKDB_MEMORY_LIMIT = "256MB"
+DUCKDB_THREADS = 2
+NARROW = pa.schema(
+    [("doc_id", pa.string()), ("drop_id", pa.string()), ("source_line", pa.int64()), ("quality_score", pa.float64()), ("pos", pa.int64())]
+)
+NARROW_BATCH_ROWS = 64 * 1024  # rows per narrow read
+FLUSH_BYTES = 32 * 1024 * 1024  # documents buffered before a row group of the candidate is written
+READERS = 2  # threads reading and selecting row groups while the candidate is written
+READ_AHEAD = 4  # row groups read ahead
 
 
 @dataclass
@@ -41,12 +72,6 @@ class CorpusStats:
     outcome: Outcome | None = None  # the validation of what was published
 
 
-@contextlib.contextmanager
-def _local_docs(storage: Storage, prefixes: list[str]):
-    with contextlib.ExitStack() as stack:
-        yield [str(stack.enter_context(storage.local_path(f"{p}/docs.parquet"))) for p in prefixes]
-
-
 def drop_accepted(manifest: dict, config: PipelineConfig) -> bool:
     """Judged with today's limits, not those of ingest time: raising `limits.max_quarantine_rate` or
     setting `limits.accept_partial_files` lets a drop in without re-ingesting it (and the reverse)."""
@@ -54,6 +79,180 @@ def drop_accepted(manifest: dict, config: PipelineConfig) -> bool:
     return accepts(
         float(manifest["quarantine_rate"]), manifest.get("complete", True), limits.max_quarantine_rate, limits.accept_partial_files
     )
+
+
+def connect(temp_dir: str | Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB bounded by DUCKDB_MEMORY_LIMIT, spilling into `temp_dir`."""
+    return duckdb.connect(
+        ":memory:",
+        config={
+            "memory_limit": DUCKDB_MEMORY_LIMIT,
+            "threads": DUCKDB_THREADS,
+            "temp_directory": str(temp_dir),
+            "preserve_insertion_order": False,
+        },
+    )
+
+
+class _Docs:
+    """The docs.parquet files of the accepted drops, in drop order, with every row group's first row as
+    a position counted across all files (how pass 2 finds a winner again)."""
+
+    def __init__(self, storage: Storage, prefixes: list[str]) -> None:
+        self.storage = storage
+        self.keys = [f"{p}/docs.parquet" for p in prefixes]
+        self.files = [storage.parquet_file(k) for k in self.keys]
+        self._local = threading.local()  # a reader of a Parquet file must not be shared between threads
+        self._opened: list[pq.ParquetFile] = []
+        self.file_start: list[int] = []
+        starts, where, total = [], [], 0
+        for f, pf in enumerate(self.files):
+            self.file_start.append(total)
+            for g in range(pf.metadata.num_row_groups):
+                starts.append(total)
+                where.append((f, g))
+                total += pf.metadata.row_group(g).num_rows
+        self.group_start = np.array(starts, dtype=np.int64)
+        self.group_where = where
+
+    def _file(self, f: int) -> pq.ParquetFile:
+        """This thread's reader of file `f`."""
+        files = self._local.__dict__.setdefault("files", {})
+        if f not in files:
+            files[f] = self.storage.parquet_file(self.keys[f])
+            self._opened.append(files[f])
+        return files[f]
+
+    def close(self) -> None:
+        for pf in self.files + self._opened:
+            pf.close()
+
+    def narrow(self, language: str, counted: list[int]) -> Iterator[pa.RecordBatch]:
+        """Pass 1's rows: the language's documents, narrow columns plus their position; counts them."""
+        for f, pf in enumerate(self.files):
+            present = set(pf.schema_arrow.names)
+            columns = [c for c in ("doc_id", "drop_id", "source_line", "quality_score", "language") if c in present]
+            pos = self.file_start[f]
+            for batch in pf.iter_batches(batch_size=NARROW_BATCH_ROWS, columns=columns, use_threads=True):
+                n = batch.num_rows
+                positions = pa.array(np.arange(pos, pos + n, dtype=np.int64))
+                pos += n
+                if "language" not in present:
+                    continue  # missing is null: never the language
+                keep = pc.fill_null(pc.equal(batch.column("language"), language), False)
+                arrays = [
+                    batch.column(fld.name).cast(fld.type) if fld.name in present else pa.nulls(n, fld.type) for fld in list(NARROW)[:-1]
+                ]
+                out = pa.RecordBatch.from_arrays([*arrays, positions], schema=NARROW).filter(keep)
+                counted[0] += out.num_rows
+                if out.num_rows:
+                    yield out
+
+    def documents(self, index: int, rows: np.ndarray, schema: pa.Schema, quality: str) -> pa.Table:
+        """Rows `rows` of row group `index` (in that order), as `schema` rows of bucket `quality`."""
+        f, g = self.group_where[index]
+        pf = self._file(f)
+        present = set(pf.schema_arrow.names)
+        table = pf.read_row_group(g, columns=[c for c in schema.names if c in present], use_threads=False)
+        table = table.take(pa.array(rows))  # in output order, wherever a file put them
+        n = table.num_rows
+        return pa.Table.from_arrays(
+            [
+                pa.repeat(pa.scalar(quality, fld.type), n)
+                if fld.name == "quality"
+                else (table.column(fld.name).cast(fld.type) if fld.name in present else pa.nulls(n, fld.type))
+                for fld in schema
+            ],
+            schema=schema,
+        )
+
+    def runs(self, positions: Iterator[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+        """(row group, rows in it) for positions in output order, consecutive rows of one group merged."""
+        current, parts = -1, []
+        for pos in positions:
+            if not len(pos):
+                continue
+            groups = np.searchsorted(self.group_start, pos, side="right") - 1
+            cuts = np.flatnonzero(np.diff(groups)) + 1
+            for part_pos, part_groups in zip(np.split(pos, cuts), np.split(groups, cuts), strict=True):
+                group = int(part_groups[0])
+                if group != current and parts:
+                    yield current, np.concatenate(parts)
+                    parts = []
+                current = group
+                parts.append(part_pos - self.group_start[group])
+        if parts:
+            yield current, np.concatenate(parts)
+
+
+def _select_winners(con: duckdb.DuckDBPyConnection, docs: _Docs, language: str, config: PipelineConfig) -> dict[str, int]:
+    """Pass 1: the winners of the language into DuckDB table `winners`, and the figures."""
+    counted = [0]
+    reader = pa.RecordBatchReader.from_batches(NARROW, docs.narrow(language, counted))
+    con.register("narrow_docs", reader)
+    # first occurrence: the smallest (drop_id, source_line) of each doc_id; pos breaks ties, if any
+    con.execute(
+        """
+        CREATE TEMP TABLE winners AS
+        SELECT w.drop_id, w.source_line, w.pos, w.quality_score FROM (
+            SELECT min(struct_pack(drop_id, source_line, pos, quality_score)) AS w FROM narrow_docs GROUP BY doc_id
+        )
+        """
+    )
+    con.unregister("narrow_docs")
+    counts = {"n": counted[0], "unique": 0, "no_bucket": 0}
+    outside = ~config.quality.in_any_bucket()
+    for batch in con.sql("SELECT quality_score FROM winners").to_arrow_reader(NARROW_BATCH_ROWS):
+        frame = pl.from_arrow(batch)
+        counts["unique"] += frame.height
+        counts["no_bucket"] += int(frame.select(outside.sum()).item() or 0)
+    return counts
+
+
+def _positions(con: duckdb.DuckDBPyConnection, bounds: BucketBounds) -> Iterator[np.ndarray]:
+    """The positions of the winners inside the bucket (its own polars expression decides), in
+    (drop_id, source_line) order."""
+    inside = bounds.expr()
+    order = "ORDER BY drop_id NULLS FIRST, source_line NULLS FIRST, pos"  # nulls first, as polars sorts
+    for batch in con.sql(f"SELECT pos, quality_score FROM winners {order}").to_arrow_reader(NARROW_BATCH_ROWS):
+        yield pl.from_arrow(batch).filter(inside)["pos"].to_numpy()
+
+
+def _write_documents(
+    con: duckdb.DuckDBPyConnection, docs: _Docs, bounds: BucketBounds, quality: str, schema: pa.Schema, path: Path
+) -> None:
+    """Pass 2: the winners inside the bucket, in (drop_id, source_line) order, streamed into `path`."""
+    plain = [c for c in schema.names if c != "text"]  # texts: no dictionary, no min/max
+    with (
+        pq.ParquetWriter(path, schema, compression="zstd", use_dictionary=plain, write_statistics=plain) as writer,
+        ThreadPoolExecutor(READERS) as readers,
+        ThreadPoolExecutor(1) as writing,  # a row group is compressed while the next ones are read
+    ):
+        reading: deque[Future[pa.Table]] = deque()
+        written: Future | None = None
+        buffer: list[pa.Table] = []
+        buffered = 0
+
+        def collect(last: bool = False) -> None:
+            nonlocal written, buffer, buffered
+            if reading:
+                table = reading.popleft().result()
+                buffer.append(table)
+                buffered += table.nbytes
+            if buffer and (buffered >= FLUSH_BYTES or last):
+                if written is not None:
+                    written.result()  # one row group in flight: memory stays bounded
+                written = writing.submit(writer.write_table, pa.concat_tables(buffer))
+                buffer, buffered = [], 0
+
+        for group, rows in docs.runs(_positions(con, bounds)):
+            reading.append(readers.submit(docs.documents, group, rows, schema, quality))
+            if len(reading) > READ_AHEAD:
+                collect()
+        while reading:
+            collect(last=len(reading) == 1)
+        if written is not None:
+            written.result()
 
 
 def build_raw_corpus(
@@ -68,38 +267,30 @@ def build_raw_corpus(
     stats.rejected_drops = [m["drop_id"] for m in manifests if not drop_accepted(m, config)]
     accepted = [m["prefix"] for m in manifests if drop_accepted(m, config) and m["documents"] > 0]
     bounds = config.quality.buckets[quality]
+    schema = contracts.corpus_documents(config)
     out_key = partition_file(RAW_CORPUS, language, quality)
-    with _local_docs(storage, accepted) as paths:
-        if not paths:
-            frame = contracts.empty(contracts.corpus_documents(config)).lazy()
-            counts = {"n": 0, "unique": 0, "no_bucket": 0}
+    with storage.writing(out_key) as tmp:
+        if accepted:
+            with (
+                tempfile.TemporaryDirectory(prefix="synth-cpt-dedup-") as spill,
+                connect(spill) as con,
+                contextlib.closing(_Docs(storage, accepted)) as docs,
+            ):
+                counts = _select_winners(con, docs, language, config)
+                _write_documents(con, docs, bounds, quality, schema, tmp)
         else:
-            lang_docs = pl.scan_parquet(paths, missing_columns="insert", extra_columns="ignore").filter(pl.col("language") == language)
-            unique = lang_docs.sort("drop_id", "source_line").unique(subset="doc_id", keep="first", maintain_order=True)
-            counts = (
-                pl.concat(
-                    [
-                        lang_docs.select(pl.len().alias("n")),
-                        unique.select(pl.len().alias("unique"), (~config.quality.in_any_bucket()).sum().alias("no_bucket")),
-                    ],
-                    how="horizontal",
-                )
-                .collect(engine="streaming")
-                .row(0, named=True)
-            )
-            frame = unique.filter(bounds.expr()).with_columns(pl.lit(quality).alias("quality"))
-        with storage.writing(out_key) as tmp:
-            frame.select(contracts.corpus_documents(config).names).sink_parquet(tmp, compression="zstd", engine="streaming")
-            # figures of what was written come from the output itself, not from a second dedup pass
-            stats.summary = summarize(str(tmp), SAMPLE_COLUMNS)
-            if validate is not None:
-                stats.outcome = validate(str(tmp))
-                if not stats.outcome.success:
-                    raise CandidateRejected(stats.outcome, keep_rejected(storage, out_key, tmp), "documents_valid")
-    stats.language_documents = int(counts["n"])
-    stats.unique_documents = int(counts["unique"])
+            pq.write_table(schema.empty_table(), tmp, compression="zstd")
+            counts = {"n": 0, "unique": 0, "no_bucket": 0}
+        # figures of what was written come from the output itself
+        stats.summary = summarize(str(tmp), SAMPLE_COLUMNS)
+        if validate is not None:
+            stats.outcome = validate(str(tmp))
+            if not stats.outcome.success:
+                raise CandidateRejected(stats.outcome, keep_rejected(storage, out_key, tmp), "documents_valid")
+    stats.language_documents = counts["n"]
+    stats.unique_documents = counts["unique"]
     stats.duplicates_removed = stats.language_documents - stats.unique_documents
-    stats.in_no_bucket = int(counts["no_bucket"] or 0)
+    stats.in_no_bucket = counts["no_bucket"]
     stats.documents = stats.summary.rows
     stats.characters = stats.summary.characters
     return stats
