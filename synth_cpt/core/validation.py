@@ -75,11 +75,22 @@ def expect():
     return _gx().expectations
 
 
-def narrow(path: str, text_column: str | None = "text") -> pl.DataFrame:
-    """Every column of a Parquet file but the text, which becomes its length `text_chars`."""
+def narrow(path: str, columns: list[str] | None = None, text_column: str | None = "text") -> pl.DataFrame:
+    """The columns a suite needs (default: all) of a Parquet file, the text as its length `text_chars`:
+    GX copies what it gets into pandas, so a suite over millions of rows must get little."""
     lf = pl.scan_parquet(path)
-    cols = lf.collect_schema().names()
+    cols = [c for c in lf.collect_schema().names() if columns is None or c in columns]
     return lf.select([pl.col(c).str.len_chars().alias("text_chars") if c == text_column else pl.col(c) for c in cols]).collect()
+
+
+def columns_outcome(path: str, expected: list[str]) -> Outcome:
+    """The file's columns are exactly the contract's (read from the Parquet footer, not the rows)."""
+    actual = pl.scan_parquet(path).collect_schema().names()
+    missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
+    success = not missing and not extra
+    detail = {"success": success, "missing": missing, "unexpected": extra}
+    failures = [] if success else [f"columns: missing {missing}, unexpected {extra}"]
+    return Outcome(success, failures, {"columns": detail})
 
 
 def merge(outcomes: dict[str, Outcome]) -> Outcome:

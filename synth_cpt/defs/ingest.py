@@ -111,7 +111,7 @@ def build_ingest_assets(config: PipelineConfig) -> list[AssetsDefinition]:
         partitions_def=corpus_parts,
         deps=[AssetDep(crawl_drops, partition_mapping=AllPartitionMapping())],
         group_name=GROUP,
-        kinds={"parquet", "polars"},
+        kinds={"parquet", "duckdb"},
         # eager, except that a drop that failed to ingest must not hold every other drop back
         automation_condition=AutomationCondition.eager().without(~AutomationCondition.any_deps_missing()),
         output_required=False,
