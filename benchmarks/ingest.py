@@ -5,7 +5,7 @@ Both parse, normalize, hash, language-identify and score every record of the sam
 records), and both write docs and quarantine Parquet files. Each runs in its own process so its peak
 RSS is its own.
 
-    python benchmarks/ingest.py [--mb 200]
+    python benchmarks/ingest.py [--mb 200] [--profile TOP]
 
 Last line: RESULT ingest ratio=<ours/baseline> mb_s=<ours> peak_rss_mb=<ours>
 """
@@ -64,17 +64,18 @@ def generate(path: Path, megabytes: int, seed: int = 0) -> int:
     return written
 
 
-def run_ours(drop: str, out: str) -> dict:
+def run_ours(drop: str, out: str, limits: dict | None = None) -> dict:
     from synth_cpt.core.config import parse_config
     from synth_cpt.core.storage import LocalStorage
     from synth_cpt.ingest.drops import ingest_drop
-    from synth_cpt.ingest.sources import LocalSource
+    from synth_cpt.ingest.sources import list_drops
 
-    cfg = parse_config(json.dumps({"storage_root": out, "drops": {"location": str(Path(drop).parent)}}), "benchmark")
-    source = LocalSource(Path(drop).parent)
-    (d,) = [x for x in source.list(cfg.drops.patterns).drops if x.uri == drop]
+    settings = {"storage_root": out, "drops": {"location": str(Path(drop).parent)}, "limits": limits or {}}
+    cfg = parse_config(json.dumps(settings), "benchmark")
+    location = LocalStorage(Path(drop).parent)
+    (d,) = [x for x in list_drops(location, cfg.drops.patterns).drops if x.relative_path == Path(drop).name]
     start = time.perf_counter()
-    report = ingest_drop(cfg, LocalStorage(out), source, d)
+    report = ingest_drop(cfg, LocalStorage(out), location, d)
     return {"seconds": time.perf_counter() - start, "documents": report.documents, "quarantined": report.quarantined}
 
 
@@ -119,6 +120,27 @@ def run_baseline(drop: str, out: str) -> dict:
     return {"seconds": time.perf_counter() - start, "documents": len(docs), "quarantined": len(quarantine)}
 
 
+def profile_ours(drop: Path, out: Path, top: int) -> None:
+    """Where our CPU time goes: one process (no workers, polars on one thread), under cProfile."""
+    import cProfile
+    import pstats
+
+    import synth_cpt.ingest.drops  # noqa: F401 - imported once per worker, not per batch
+    from synth_cpt.text.langid import _model
+
+    _model()  # loaded once per worker
+    profiler = cProfile.Profile()
+    profiler.enable()
+    result = run_ours(str(drop), str(out), limits={"workers": 1})
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    total = stats.total_tt  # type: ignore[attr-defined]
+    print(f"ours in one process: {result['seconds']:.2f} s, cProfile total {total:.2f} s")
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]  # type: ignore[attr-defined]
+    for (file, line, name), (_, calls, tottime, _, _) in rows:
+        print(f"{100 * tottime / total:5.1f}% {tottime:7.2f} s {calls:8} calls  {name} ({Path(file).name}:{line})")
+
+
 def child(which: str, drop: str, out: str) -> None:
     result = (run_ours if which == "ours" else run_baseline)(drop, out)
     # the main process plus its largest worker: an upper bound on what was resident at once
@@ -138,17 +160,23 @@ def measure(which: str, drop: Path, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=200, help="size of the generated drop in MB (default 200)")
+    parser.add_argument("--profile", type=int, metavar="TOP", help="profile ours in one process and print the TOP costs (no baseline)")
     parser.add_argument("--child", nargs=3, metavar=("WHICH", "DROP", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
+    if args.profile:
+        os.environ["POLARS_MAX_THREADS"] = "1"  # before polars is imported: a worker's share of 2 cores
     with tempfile.TemporaryDirectory(prefix="synth-cpt-bench-") as tmp:
         drop = Path(tmp, "drops", "bench.jsonl")
         drop.parent.mkdir()
         size = generate(drop, args.mb)
         mb = size / 1e6
         print(f"generated {drop.name}: {mb:,.1f} MB")
+        if args.profile:
+            profile_ours(drop, Path(tmp, "ours"), args.profile)
+            return
         ours = measure("ours", drop, Path(tmp, "ours"))
         base = measure("baseline", drop, Path(tmp, "baseline"))
         if (ours["documents"], ours["quarantined"]) != (base["documents"], base["quarantined"]):

@@ -157,3 +157,30 @@ def test_worker_processes_give_the_same_drop_as_one_process(tmp_path):
     assert (n1, q1) == (n2, q2) == (40, 1)
     assert d1.equals(d2)
     assert set(d2["language"]) == {"pt", "en"}
+
+
+def test_language_id_skips_records_with_a_language_and_repeats(tmp_path, monkeypatch):
+    """Only records without a language field are classified, each distinct text once; duplicates get
+    the same language and score as the first."""
+    from synth_cpt.text import langid
+
+    model = langid._model()
+    asked: list[str] = []
+
+    class CountingModelDouble:  # the real model, counting what it is asked
+        class f:  # noqa: N801 - mirrors fastText's attribute
+            @staticmethod
+            def predict(line, *args):
+                asked.append(line)
+                return model.f.predict(line, *args)
+
+    monkeypatch.setattr(langid, "_model", lambda: CountingModelDouble)
+    cfg = make_config(tmp_path)
+    pt, en = f'{{"text": "{PT_TEXT}"}}'.encode(), f'{{"text": "{EN_TEXT}"}}'.encode()
+    with_language = f'{{"text": "{EN_TEXT} Outra.", "language": "pt"}}'.encode()
+    docs, q = _run(cfg, [pt, en, pt, with_language, en, pt])
+    assert q.height == 0 and len(asked) == 2
+    rows = docs.sort("source_line").select("language", "language_score", "language_source").rows()
+    assert [r[0] for r in rows] == ["pt", "en", "pt", "pt", "en", "pt"]
+    assert rows[0] == rows[2] == rows[5] and rows[1] == rows[4]
+    assert rows[3] == ("pt", None, "record")

@@ -4,59 +4,22 @@ doc_id, vectorized in polars where it can be. Records that turn out not to be pr
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import Executor
-from dataclasses import dataclass
-
 import polars as pl
 
 from synth_cpt.core.config import PipelineConfig
 from synth_cpt.core.contracts import drop_documents
-from synth_cpt.ingest.quarantine import EMPTY_TEXT, LANGUAGE_NOT_DETECTED, NO_LETTERS, NO_SCORE, Row, quarantine_frame
+from synth_cpt.ingest.quarantine import EMPTY_TEXT, LANGUAGE_NOT_DETECTED, NO_LETTERS, NO_SCORE, quarantine_frame
 from synth_cpt.ingest.records import Batch
 from synth_cpt.text.encoding import repair_encodings
 from synth_cpt.text.heuristics import heuristic_scores
 from synth_cpt.text.langid import identify
-from synth_cpt.text.normalize import doc_ids, normalize_expr
+from synth_cpt.text.normalize import doc_ids, normalize_texts
 
 
-def _identify_async(texts: list[str], max_chars: int, pool: Executor | None) -> Callable[[], tuple[list[str], list[float]]]:
-    """Start language id (in worker processes when a pool is given); call the result to collect it."""
-    if not texts:
-        return lambda: ([], [])
-    if pool is None:
-        result = identify(texts, max_chars)
-        return lambda: result
-    clipped = [t[:max_chars] for t in texts]  # ship only what the classifier reads
-    n = getattr(pool, "_max_workers", 2)
-    step = -(-len(clipped) // n)
-    futures = [pool.submit(identify, clipped[i : i + step], max_chars) for i in range(0, len(clipped), step)]
+def finish_batch(batch: Batch, config: PipelineConfig, drop_id: str, source_file: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Repair, normalize, identify language, score and hash one batch; returns (docs, quarantine) frames.
 
-    def collect() -> tuple[list[str], list[float]]:
-        codes: list[str] = []
-        probs: list[float] = []
-        for fut in futures:
-            c, p = fut.result()
-            codes += c
-            probs += p
-        return codes, probs
-
-    return collect
-
-
-@dataclass
-class StartedBatch:
-    """A batch normalized and with its language id under way."""
-
-    batch: Batch
-    frame: pl.DataFrame
-    quarantine: list[Row]
-    need: pl.Series
-    languages: Callable[[], tuple[list[str], list[float]]]
-
-
-def start_batch(batch: Batch, config: PipelineConfig, pool: Executor | None = None) -> StartedBatch:
-    """Normalize the batch and start language id (in `pool`'s processes when given)."""
+    Plain and self-contained, so `drops` can run whole batches in worker processes."""
     score_names = list(config.fields.scores)
     frame = pl.DataFrame(
         {
@@ -71,14 +34,15 @@ def start_batch(batch: Batch, config: PipelineConfig, pool: Executor | None = No
     )
     # mojibake first: hashing, language id and scoring must see the text as it was written
     texts, repaired = repair_encodings(frame["text"])
-    frame = frame.with_columns(texts.alias("text"), repaired.alias("encoding_repaired")).with_columns(normalize_expr("text"))
+    frame = frame.with_columns(normalize_texts(texts).alias("text"), repaired.alias("encoding_repaired"))
     quarantine = list(batch.quarantine)
 
     empty = frame.filter(pl.col("text") == "")
     for line in empty["source_line"].to_list():
         quarantine.append((line, EMPTY_TEXT, "text is empty after normalization (only whitespace, control or invisible characters)", ""))
     frame = frame.filter(pl.col("text") != "")
-    letterless = frame.filter(~pl.col("text").str.contains(r"\p{L}"))
+    has_letter = frame["text"].str.contains(r"\p{L}")
+    letterless = frame.filter(~has_letter)
     for line, text in letterless.select("source_line", "text").iter_rows():
         quarantine.append(
             (
@@ -88,30 +52,15 @@ def start_batch(batch: Batch, config: PipelineConfig, pool: Executor | None = No
                 text[: config.limits.quarantine_raw_chars],
             )
         )
-    frame = frame.filter(pl.col("text").str.contains(r"\p{L}"))
-    # language: the record's own field wins; the rest is identified
+    frame = frame.filter(has_letter)
+
+    # language: the record's own field wins; the rest is identified, from only the characters the
+    # classifier reads, each distinct opening once (`identify`)
+    max_chars = config.language_id.max_chars
     need = frame["record_language"].is_null()
-    languages = _identify_async(frame.filter(need)["text"].to_list(), config.language_id.max_chars, pool)
-    return StartedBatch(batch, frame, quarantine, need, languages)
-
-
-def finish_batch(
-    batch: Batch, config: PipelineConfig, drop_id: str, source_file: str, pool: Executor | None = None
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Normalize, identify language, score and hash; returns (docs, quarantine) frames."""
-    return complete_batch(start_batch(batch, config, pool), config, drop_id, source_file)
-
-
-def complete_batch(started: StartedBatch, config: PipelineConfig, drop_id: str, source_file: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Score and hash (while language id may still run elsewhere), then assemble docs and quarantine."""
-    frame, quarantine, need = started.frame, started.quarantine, started.need
-    frame = frame.with_columns(
-        score_heuristic=heuristic_scores(frame["text"]),
-        doc_id=pl.Series(doc_ids(frame["text"].to_list()), dtype=pl.String),
-    )
-    codes, probs = started.languages()
+    codes, probs = identify(frame.filter(need)["text"].str.slice(0, max_chars).to_list(), max_chars)
     detected = pl.DataFrame(
-        {"i": frame.with_row_index("i").filter(need)["i"], "det_code": codes, "det_prob": probs},
+        {"i": need.arg_true(), "det_code": codes, "det_prob": probs},
         schema={"i": pl.UInt32, "det_code": pl.String, "det_prob": pl.Float64},
     )
     frame = (
@@ -135,6 +84,7 @@ def complete_batch(started: StartedBatch, config: PipelineConfig, drop_id: str, 
             )
         )
     frame = frame.filter(~pl.col("source_line").is_in(undetected["source_line"].implode()))
+    frame = frame.with_columns(score_heuristic=heuristic_scores(frame["text"]), doc_id=doc_ids(frame["text"]))
 
     # quality: combine the configured score fields present; otherwise the heuristic
     present = [pl.col(f"score_{n}") for n in config.quality.scores]

@@ -14,13 +14,12 @@ run (sensor, CLI, UI) can rematerialize it.
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -36,7 +35,7 @@ from synth_cpt.core.plots import BINS, histogram_counts
 from synth_cpt.core.publish import CandidateRejected
 from synth_cpt.core.storage import Storage, open_storage
 from synth_cpt.core.validation import Outcome
-from synth_cpt.ingest.documents import StartedBatch, complete_batch, start_batch
+from synth_cpt.ingest.documents import finish_batch
 from synth_cpt.ingest.quarantine import TRUNCATED_FILE, UNREADABLE_FILE
 from synth_cpt.ingest.records import Batch, RecordParser, iter_batches_jsonl, iter_batches_rows
 from synth_cpt.ingest.sources import CountingReader, DropFile, GuardedStream, decompressed, find_drop
@@ -303,26 +302,33 @@ def ingest_drop(
     return report
 
 
-def _finished(batches: Iterator, config: PipelineConfig, drop: DropFile) -> Iterator[tuple[int, tuple]]:
+def _finished(batches: Iterator[Batch], config: PipelineConfig, drop: DropFile) -> Iterator[tuple[int, tuple]]:
     """(records, (docs, quarantine)) per batch, in input order.
 
-    Language id is per-record C++ that holds the GIL: on a drop larger than two batches it runs in
-    `limits.workers` processes, one batch ahead, while this process scores, hashes and writes the
-    previous batch with polars. Small drops skip the pool (starting processes costs more than it saves).
+    Each batch is finished whole (repair, normalization, language id, scoring, hashing) by
+    `documents.finish_batch`; on a drop larger than two batches that runs in `limits.workers` processes
+    (language id is C++ that holds the GIL), up to one batch per worker ahead of the one this process
+    is writing, while it parses the next. Each worker's polars gets its share of the cores. Small drops
+    skip the pool (starting processes costs more than it saves).
     """
     workers = config.limits.workers or os.cpu_count() or 1
-    with contextlib.ExitStack() as stack:
-        pool = None
-        if workers > 1 and drop.size > 2 * config.limits.batch_bytes:
-            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
-        previous: StartedBatch | None = None
+    if workers <= 1 or drop.size <= 2 * config.limits.batch_bytes:
         for batch in batches:
-            started = start_batch(batch, config, pool)  # its language id runs while the previous completes
-            if previous is not None:
-                yield _records(previous.batch), complete_batch(previous, config, drop.key, drop.uri)
-            previous = started
-        if previous is not None:
-            yield _records(previous.batch), complete_batch(previous, config, drop.key, drop.uri)
+            yield _records(batch), finish_batch(batch, config, drop.key, drop.uri)
+        return
+    # set in each worker's C environment before it imports polars (which reads it once, at import)
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=os.putenv, initargs=("POLARS_MAX_THREADS", threads)) as pool:
+        pending: deque[tuple[int, Future]] = deque()
+        for batch in batches:
+            pending.append((_records(batch), pool.submit(finish_batch, batch, config, drop.key, drop.uri)))
+            if len(pending) > workers:
+                records, future = pending.popleft()
+                yield records, future.result()
+        while pending:
+            records, future = pending.popleft()
+            yield records, future.result()
 
 
 def _records(batch: Batch) -> int:

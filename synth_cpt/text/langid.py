@@ -29,20 +29,29 @@ def _model() -> Any:
 
 
 def identify(texts: list[str], max_chars: int = 2000) -> tuple[list[str], list[float]]:
-    """Best language code and its probability for each text (read from its first `max_chars`)."""
+    """Best language code and its probability for each text (read from its first `max_chars`).
+
+    Texts whose first `max_chars` are the same (exact duplicates, boilerplate openings) are classified
+    once: the classifier sees nothing else, so they get the same answer. There is no cheaper call to
+    batch into: fastText's `multilinePredict` returns labels without probabilities, and the per-call
+    overhead of `predict` (~1.5 us) is under 1% of its work on a 2,000-character text (~250 us)."""
     predict = _model().f.predict
     codes: list[str] = []
     probs: list[float] = []
+    known: dict[str, tuple[str, float]] = {}
     for text in texts:
         line = text[:max_chars].replace("\n", " ") + "\n"
-        found = predict(line, 1, 0.0, "replace")
-        if found:
-            prob, label = found[0]
-            codes.append(label.removeprefix("__label__"))
-            probs.append(round(float(prob), 4))
-        else:
-            codes.append("")
-            probs.append(0.0)
+        answer = known.get(line)
+        if answer is None:
+            found = predict(line, 1, 0.0, "replace")
+            if found:
+                prob, label = found[0]
+                answer = (label.removeprefix("__label__"), round(float(prob), 4))
+            else:
+                answer = ("", 0.0)
+            known[line] = answer
+        codes.append(answer[0])
+        probs.append(answer[1])
     return codes, probs
 
 
