@@ -80,14 +80,21 @@ def run_ours(drop: str, out: str, limits: dict | None = None) -> dict:
 
 
 def run_baseline(drop: str, out: str) -> dict:
-    """What a plain Python ingester does: one record at a time, everything in the interpreter."""
+    """What a plain Python ingester does: one record at a time, everything in the interpreter, the same
+    steps as ours (encoding repair with ftfy behind its own badness test, normalization, a no-letters
+    check, language id, heuristic score, doc_id)."""
+    import re
+
+    import ftfy
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from ftfy.badness import BADNESS_RE
 
     from synth_cpt.text.heuristics import score_text
     from synth_cpt.text.langid import identify
     from synth_cpt.text.normalize import doc_id, normalize_text
 
+    letter = re.compile(r"[^\W\d_]")
     start = time.perf_counter()
     docs, quarantine = [], []
     with open(drop, "rb") as f:
@@ -100,9 +107,14 @@ def run_baseline(drop: str, out: str) -> dict:
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 quarantine.append({"source_line": line_no, "reason": "bad record"})
                 continue
-            text = normalize_text(obj["text"])
+            fixed = ftfy.fix_encoding(obj["text"]) if BADNESS_RE.search(obj["text"]) else obj["text"]
+            repaired = fixed != obj["text"]
+            text = normalize_text(fixed)
             if not text:
                 quarantine.append({"source_line": line_no, "reason": "empty"})
+                continue
+            if not letter.search(text):
+                quarantine.append({"source_line": line_no, "reason": "no letters"})
                 continue
             (code,), (prob,) = identify([text])
             if prob < 0.4:
@@ -112,6 +124,7 @@ def run_baseline(drop: str, out: str) -> dict:
                 {
                     "doc_id": doc_id(text), "text": text, "url": obj.get("url"), "language": code,
                     "language_score": prob, "score_heuristic": score_text(text), "n_chars": len(text), "source_line": line_no,
+                    "encoding_repaired": repaired,
                 }
             )  # fmt: skip
     os.makedirs(out, exist_ok=True)
