@@ -58,14 +58,14 @@ def passages(chars: int) -> list[str]:
 def build_requests(n: int, chars: int, temperature: float | None = None):
     import dataclasses
 
-    from synth_cpt.synthesis.prompts import list_prompts, load_prompt
+    from synth_cpt.synthesis.prompts import load_prompt
 
-    prompts = [load_prompt("rewrite", name) for name in list_prompts("rewrite")]
-    if temperature is not None:  # e.g. 0: faithful rewriting, decoded greedily
-        prompts = [dataclasses.replace(p, sampling=dataclasses.replace(p.sampling, temperature=temperature)) for p in prompts]
+    prompts = [load_prompt("rewrite", name) for name in ("easy", "medium", "hard", "qa")]
     texts = passages(chars)
     unique = n - n // 8
-    requests = [prompts[i % len(prompts)].request(text=texts[(i // len(prompts)) % len(texts)]) for i in range(unique)]
+    requests = [prompts[i % len(prompts)].request("en", text=texts[(i // len(prompts)) % len(texts)]) for i in range(unique)]
+    if temperature is not None:  # e.g. 0: faithful rewriting, decoded greedily
+        requests = [dataclasses.replace(r, sampling=dataclasses.replace(r.sampling, temperature=temperature)) for r in requests]
     rng = random.Random(0)
     requests += [requests[rng.randrange(unique)] for _ in range(n - unique)]
     rng.shuffle(requests)

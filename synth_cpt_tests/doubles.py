@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 
 from synth_cpt.generation.backends import Backend, OnResult, Prepared
 from synth_cpt.generation.requests import ChatRequest, Generation, Sampling
@@ -16,16 +17,27 @@ class DeterministicTestBackend(Backend):
 
     name = "test-double"
 
-    def __init__(self, delay_s: float = 0.0, fail_ids: set[str] | None = None, sent_log: str | None = None) -> None:
+    def __init__(
+        self,
+        delay_s: float = 0.0,
+        fail_ids: set[str] | None = None,
+        sent_log: str | None = None,
+        reply: Callable[[Prepared], str | None] | None = None,
+    ) -> None:
+        """`reply`: the text to answer a request with (None: the default answer), for tests of what
+        synthesis does with given outputs."""
         self.delay_s = delay_s
         self.fail_ids = fail_ids or set()
         self.sent_log = sent_log
+        self.reply = reply
         self.sent: list[str] = []
+        self.batches: list[list[str]] = []
 
     def version(self) -> str:
         return "1"
 
     def generate(self, batch: list[Prepared], on_result: OnResult) -> None:
+        self.batches.append([p.request_id for p in batch])
         for p in batch:
             self.sent.append(p.request_id)
             if self.sent_log:
@@ -39,11 +51,32 @@ class DeterministicTestBackend(Backend):
                 on_result(p, Generation.failure(p.request_id, "double: injected failure", attempts=3))
                 continue
             digest = hashlib.sha256(f"{p.request_id}:{p.seed}".encode()).hexdigest()[:12]
-            if p.request.json_schema:
-                text = json.dumps({"summary": f"summary {digest}", "entities": ["a", digest]})
+            custom = self.reply(p) if self.reply else None
+            if custom is not None:
+                text = custom
+            elif p.request.json_schema:
+                text = json.dumps(instance_of(p.request.schema, digest))
             else:
                 text = f"answer {digest} to {p.request.messages[-1][1][:30]}"
             on_result(p, Generation(p.request_id, text, "stop", len(p.request.rendered()) // 4, 7, 1, 0.001))
+
+
+def instance_of(schema: dict, digest: str) -> object:
+    """A small value that follows a (bounded) JSON schema, for structured requests."""
+    kind = schema.get("type")
+    if "enum" in schema:
+        return schema["enum"][0]
+    if kind == "object":
+        if set(schema.get("properties", {})) == {"summary", "entities"}:  # EntiGraph step 1
+            return {"summary": f"summary {digest}", "entities": ["a", digest]}
+        return {k: instance_of(v, digest) for k, v in schema.get("properties", {}).items()}
+    if kind == "array":
+        return [instance_of(schema.get("items", {}), digest)]
+    if kind == "boolean":
+        return True
+    if kind in ("integer", "number"):
+        return 1
+    return digest[: schema.get("maxLength", 12)]
 
 
 def make_requests(n: int, duplicates: int = 0) -> list[ChatRequest]:

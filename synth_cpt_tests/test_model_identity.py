@@ -188,7 +188,7 @@ def write_prompt(root: Path, sampling: dict) -> Path:
 
     path = root / "rewrite" / "p.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"name": "p", "template": "{{ text }}", "sampling": sampling}))
+    path.write_text(yaml.safe_dump({"name": "p", "description": "a test prompt", "user": "{{ text }}", "sampling": sampling}))
     return path
 
 
@@ -198,8 +198,8 @@ def test_prompt_file_stop(tmp_path, stop, expected):
 
     write_prompt(tmp_path, {"temperature": 0.2, "stop": stop})
     prompt = load_prompt("rewrite", "p", root=tmp_path)
-    assert prompt.sampling.stop == expected
-    request = prompt.request(seed=7, text="hello")
+    assert prompt.sampling().stop == expected
+    request = prompt.request("en", seed=7, text="hello")
     assert request.sampling.stop == expected and request.sampling.seed == 7 and request.sampling.temperature == 0.2
     assert request.sampling.as_dict()["stop"] == list(expected)
 

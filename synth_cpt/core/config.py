@@ -179,6 +179,47 @@ class TokenizerConfig(_Strict):
 class SeedsConfig(_Strict):
     subsets: int = 1234
     tokenizer: int = 1234
+    synthesis: int = 1234
+
+
+# Shipped routings of rewrite styles to quality buckets. `study` (the Portuguese study, METHODS §1):
+# each prompt file's own `buckets` (the four WRAP styles on both). `nemotron` (METHODS §3): low and
+# medium quality get the Wikipedia-style rephrase, high quality the four Nemotron-CC prompts.
+PROFILES: dict[str, dict[str, tuple[str, ...]] | None] = {
+    "study": None,
+    "nemotron": {"low": ("medium",), "high": ("diverse_qa", "distill", "extract_knowledge", "knowledge_list")},
+}
+
+
+class EntigraphConfig(_Strict):
+    """EntiGraph budgets (METHODS §5): pairs grow as n^2 and triples as n^3, so the budget per
+    document is the main cost knob."""
+
+    max_entities: int = Field(24, ge=2, le=200, description="entities kept per document (after merging chunks)")
+    relations_per_document: int | None = Field(8, ge=0, description="relation texts per document (pairs first, then triples)")
+    tokens_per_document: int | None = Field(None, ge=1, description="or an output-token budget per document")
+    triples: bool = True
+
+
+class SynthesisConfig(_Strict):
+    """Which styles run where, and the gates on what they make."""
+
+    profile: Literal["study", "nemotron"] = "study"
+    routing: dict[str, tuple[str, ...]] | None = Field(
+        None, description="quality bucket -> rewrite styles; replaces the profile (a style not listed is not run there)"
+    )
+    automation: Literal["manual", "eager"] = Field(
+        "manual", description="'eager': generation assets follow every new drop by themselves (they cost GPU-hours)"
+    )
+    max_documents: int | None = Field(None, gt=0, description="documents per partition sent to generation (a demo cap)")
+    min_pass_rate: float = Field(0.1, ge=0.0, le=1.0, description="blocking: accepted / (accepted + rejected) of a partition")
+    judge: bool = Field(False, description="an LLM judge (prompts/judge/fidelity.yaml) verifies every rewrite that passed the rules")
+    min_language_confidence: float = Field(0.5, ge=0.0, le=1.0, description="language id confidence needed to reject a language")
+    entigraph: EntigraphConfig = Field(default_factory=EntigraphConfig)
+
+    def routes(self) -> dict[str, tuple[str, ...]] | None:
+        """bucket -> styles, or None: every style on the buckets its prompt file names."""
+        return self.routing if self.routing is not None else PROFILES[self.profile]
 
 
 class LimitsConfig(_Strict):
@@ -205,6 +246,7 @@ class PipelineConfig(_Strict):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     seeds: SeedsConfig = Field(default_factory=SeedsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
 
     @field_validator("languages")
     @classmethod
@@ -227,6 +269,10 @@ class PipelineConfig(_Strict):
         bad = sorted(set(self.subsets.budget_tokens) - valid_keys)
         if bad:
             raise ValueError(f"subsets.budget_tokens has keys {bad} that are not partitions {sorted(valid_keys)}")
+        routes = self.synthesis.routes() or {}
+        unknown_buckets = sorted(set(routes) - set(self.quality.buckets))
+        if unknown_buckets:
+            raise ValueError(f"synthesis routing names buckets {unknown_buckets} that quality.buckets does not define")
         return self
 
     def storage_uri(self) -> str:

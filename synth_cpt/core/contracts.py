@@ -64,21 +64,57 @@ def empty(schema: pa.Schema) -> pl.DataFrame:
     return pl.from_arrow(schema.empty_table())  # type: ignore[return-value]
 
 
-# Room for the synthesis and mix assets (DESIGN.md): their rows are fixed here before their code lands.
+# Lineage of a synthetic row (DESIGN.md): the drop line it came from, the cache rows it was made
+# from (in order), the prompt file and the model. Rejected rows carry the same.
+_LINEAGE = [
+    ("kind", pa.string()),  # rewrite | entigraph_summary | entigraph_pair | entigraph_triple | entities
+    ("style", pa.string()),  # the prompt's name
+    ("doc_id", pa.string()),
+    ("drop_id", pa.string()),
+    ("source_file", pa.string()),
+    ("source_line", pa.int64()),
+    ("request_ids", pa.list_(pa.string())),
+    ("prompt_sha", pa.string()),
+    ("model", pa.string()),
+    ("model_fingerprint", pa.string()),
+]
 SYNTHETIC = pa.schema(
     [
         ("synth_id", pa.string()),
-        ("kind", pa.string()),  # rewrite | entigraph_pair | entigraph_triple | entities
-        ("style", pa.string()),
-        ("doc_id", pa.string()),
-        ("request_ids", pa.list_(pa.string())),
-        ("chunk_index", pa.int64()),
+        *_LINEAGE,
+        ("chunk_starts", pa.list_(pa.int64())),  # source character offset of each chunk, aligned with request_ids
         ("entities", pa.list_(pa.string())),
         ("text", pa.string()),
         ("language", pa.string()),
-        ("drop_id", pa.string()),
+        ("n_tokens", pa.int64()),
+        ("source_tokens", pa.int64()),
+        ("length_ratio", pa.float64()),
+        ("number_coverage", pa.float64()),
+        ("entity_coverage", pa.float64()),
+        ("copy_similarity", pa.float64()),
+        ("judge_request_id", pa.string()),
     ]
 )
+SYNTHETIC_REJECTS = pa.schema(
+    [*_LINEAGE, ("chunk_index", pa.int64()), ("reason_code", pa.string()), ("reason", pa.string()), ("text", pa.string())]
+)
+# entity_graphs: one summary row per document, and its entities one per row
+ENTITY_SUMMARIES = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("drop_id", pa.string()),
+        ("source_file", pa.string()),
+        ("source_line", pa.int64()),
+        ("language", pa.string()),
+        ("summary", pa.string()),
+        ("n_entities", pa.int64()),
+        ("request_ids", pa.list_(pa.string())),
+        ("prompt_sha", pa.string()),
+        ("model", pa.string()),
+        ("model_fingerprint", pa.string()),
+    ]
+)
+ENTITIES = pa.schema([("doc_id", pa.string()), ("entity", pa.string()), ("position", pa.int64())])
 
 MIX_SHARD = pa.schema([("text", pa.string()), ("origin", pa.string()), ("source_id", pa.string()), ("n_tokens", pa.int64())])
 
@@ -165,3 +201,76 @@ def check_drop_version(storage: Storage, prefix: str, config: PipelineConfig) ->
                 "quarantine": run_suite("drop_quarantine", narrow(str(quarantine), ["reason"]), quarantine_suite()),
             }
         )
+
+
+# -- synthetic outputs (validated in memory, before their version is written) -------------------------
+
+
+def _exact_columns(frame: pl.DataFrame, schema: pa.Schema, name: str) -> Outcome:
+    missing = [c for c in schema.names if c not in frame.columns]
+    extra = [c for c in frame.columns if c not in schema.names]
+    failures = [f"{name}: missing columns {missing}"] if missing else []
+    failures += [f"{name}: unexpected columns {extra}"] if extra else []
+    return Outcome(not failures, failures, {"columns": frame.columns})
+
+
+def synthetic_suite(language: str, doc_ids: list[str]) -> list[Any]:
+    """Every row has an id, leads back to a document of the subset and to at least one generation,
+    says which prompt and model made it, has text, and is in the partition's language."""
+    gxe = expect()
+    return [
+        gxe.ExpectColumnValuesToNotBeNull(column="synth_id"),
+        gxe.ExpectColumnValuesToBeUnique(column="synth_id"),
+        gxe.ExpectColumnValuesToBeInSet(column="doc_id", value_set=doc_ids),
+        gxe.ExpectColumnValuesToBeBetween(column="n_requests", min_value=1),
+        gxe.ExpectColumnValuesToNotBeNull(column="prompt_sha"),
+        gxe.ExpectColumnValuesToNotBeNull(column="model_fingerprint"),
+        gxe.ExpectColumnValuesToBeBetween(column="text_chars", min_value=1),
+        gxe.ExpectColumnValuesToBeInSet(column="language", value_set=[language]),
+    ]
+
+
+def check_synthetic(frame: pl.DataFrame, language: str, doc_ids: list[str]) -> Outcome:
+    narrowed = frame.select(
+        "synth_id", "doc_id", "prompt_sha", "model_fingerprint", "language",
+        pl.col("request_ids").list.len().alias("n_requests"), pl.col("text").str.len_chars().alias("text_chars"),
+    )  # fmt: skip
+    return merge(
+        {"schema": _exact_columns(frame, SYNTHETIC, "rows"), "rows": run_suite("synthetic", narrowed, synthetic_suite(language, doc_ids))}
+    )
+
+
+def check_entity_graphs(summaries: pl.DataFrame, entities: pl.DataFrame, doc_ids: list[str]) -> Outcome:
+    """One summary per subset document at most, entities only of documents that have a summary."""
+    gxe = expect()
+    narrowed = summaries.select("doc_id", "n_entities", pl.col("request_ids").list.len().alias("n_requests"))
+    return merge(
+        {
+            "summaries_schema": _exact_columns(summaries, ENTITY_SUMMARIES, "summaries"),
+            "entities_schema": _exact_columns(entities, ENTITIES, "entities"),
+            "summaries": run_suite(
+                "entity_summaries",
+                narrowed,
+                [
+                    gxe.ExpectColumnValuesToBeUnique(column="doc_id"),
+                    gxe.ExpectColumnValuesToBeInSet(column="doc_id", value_set=doc_ids),
+                    gxe.ExpectColumnValuesToBeBetween(column="n_requests", min_value=1),
+                    gxe.ExpectColumnValuesToBeBetween(column="n_entities", min_value=0),
+                ],
+            ),
+            "entities": run_suite(
+                "entities",
+                entities.select("doc_id", pl.col("entity").str.len_chars().alias("entity_chars")),
+                [
+                    gxe.ExpectColumnValuesToBeInSet(column="doc_id", value_set=summaries["doc_id"].to_list()),
+                    gxe.ExpectColumnValuesToBeBetween(column="entity_chars", min_value=1),
+                ],
+            ),
+        }
+    )
+
+
+def check_pass_rate(pass_rate: float, minimum: float) -> Outcome:
+    gxe = expect()
+    frame = pl.DataFrame({"pass_rate": [float(pass_rate)]})
+    return run_suite("pass_rate", frame, [gxe.ExpectColumnValuesToBeBetween(column="pass_rate", min_value=minimum, max_value=1.0)])

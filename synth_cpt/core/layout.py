@@ -15,6 +15,9 @@ CRAWL_DROPS = "crawl_drops"
 RAW_CORPUS = "raw_corpus"
 TOKENIZER = "tokenizer"
 QUALITY_SUBSETS = "quality_subsets"
+ENTITY_GRAPHS = "entity_graphs"
+ENTIGRAPH_CORPUS = "entigraph_corpus"
+REWRITES = "rewrites_"  # + style: one asset per prompts/rewrite/<style>.yaml
 GENERATIONS = "generations"  # the generation cache (not an asset: shared by every generating asset)
 
 REJECTED = "_rejected"  # candidates that failed validation, outside every asset's folder
@@ -28,6 +31,27 @@ TOKENIZER_INFO = "tokenizer.json"
 def partition_file(asset: str, language: str, quality: str) -> str:
     """The one file of a `language|quality` partition of a corpus-shaped asset."""
     return f"{asset}/{language}/{quality}/part-0.parquet"
+
+
+def rewrite_asset(style: str) -> str:
+    return f"{REWRITES}{style}"
+
+
+def partition_prefix(asset: str, language: str, quality: str) -> str:
+    """The folder of a `language|quality` partition of an asset published as versions (synthesis)."""
+    return f"{asset}/{language}/{quality}"
+
+
+def generation_scope(asset: str, language: str, quality: str) -> str:
+    """Where an asset partition's generations are stored in the cache (looked up there first)."""
+    return f"{asset}/{language}/{quality}"
+
+
+# files of a synthesis output version
+SYNTHETIC_ROWS = "rows.parquet"
+SYNTHETIC_REJECTS = "rejects.parquet"
+SUMMARIES = "summaries.parquet"
+ENTITY_ROWS = "entities.parquet"
 
 
 def drop_prefix(drop_id: str) -> str:

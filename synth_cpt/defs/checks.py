@@ -27,9 +27,10 @@ from synth_cpt.defs.resources import PipelineResource
 from synth_cpt.ingest.drops import published
 
 
-def check_result(outcome: Outcome, check_name: str | None = None, **extra) -> AssetCheckResult:
+def check_result(outcome: Outcome, check_name: str | None = None, asset_key: str | None = None, **extra) -> AssetCheckResult:
     return AssetCheckResult(
         check_name=check_name,
+        asset_key=asset_key,
         passed=outcome.success,
         severity=AssetCheckSeverity.ERROR,
         description="; ".join(outcome.failures)[:1000] or None,
@@ -37,12 +38,13 @@ def check_result(outcome: Outcome, check_name: str | None = None, **extra) -> As
     )
 
 
-def rejected_result(context: AssetExecutionContext, rejected: CandidateRejected) -> AssetCheckResult:
+def rejected_result(context: AssetExecutionContext, rejected: CandidateRejected, asset_key: str | None = None) -> AssetCheckResult:
     """The failed check of a candidate that was not published."""
     context.log.error(
-        f"{rejected.check_name} failed: not published, the previous version stays; candidate kept at {rejected.kept}: {rejected}"
+        f"{asset_key or ''} {rejected.check_name} failed: not published, the previous version stays; "
+        f"candidate kept at {rejected.kept}: {rejected}".strip()
     )
-    return check_result(rejected.outcome, check_name=rejected.check_name, candidate=MetadataValue.path(rejected.kept))
+    return check_result(rejected.outcome, check_name=rejected.check_name, asset_key=asset_key, candidate=MetadataValue.path(rejected.kept))
 
 
 def publish_spec(name: str, asset: str, description: str, partitions_def: PartitionsDefinition | None = None) -> AssetCheckSpec:

@@ -20,11 +20,14 @@ from synth_cpt.defs.ingest import build_ingest_assets
 from synth_cpt.defs.partitions import corpus_partitions, crawl_drop_partitions
 from synth_cpt.defs.resources import LLM, PipelineResource
 from synth_cpt.defs.sensors import crawl_drop_sensor
+from synth_cpt.defs.synthesis import GROUP as SYNTHESIS_GROUP
+from synth_cpt.defs.synthesis import build_synthesis_assets
 
 INGEST_DROP_JOB = "ingest_drop_job"
 CORPUS_JOB = "corpus_job"
 TOKENIZER_JOB = "tokenizer_job"
 SUBSETS_JOB = "quality_subsets_job"
+SYNTHESIS_JOB = "synthesis_job"
 
 
 # Partitioned asset checks are "preview" in Dagster 1.13; we rely on them knowingly.
@@ -37,19 +40,22 @@ automation_sensor = AutomationConditionSensorDefinition(
     target=AssetSelection.all(),
     default_status=DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
-    description="Brings raw_corpus, tokenizer and quality_subsets up to date after new drops.",
+    description="Brings raw_corpus, tokenizer and quality_subsets up to date after new drops (and the generation assets too "
+    "when synthesis.automation is eager).",
 )
 
 
 def build_definitions() -> Definitions:
     config = current_config()
-    assets = build_ingest_assets(config)
+    assets = [*build_ingest_assets(config), *build_synthesis_assets(config)]
     corpus_parts = corpus_partitions(config)
     jobs = [
         define_asset_job(INGEST_DROP_JOB, AssetSelection.assets(CRAWL_DROPS), partitions_def=crawl_drop_partitions),
         define_asset_job(CORPUS_JOB, AssetSelection.assets(RAW_CORPUS), partitions_def=corpus_parts),
         define_asset_job(TOKENIZER_JOB, AssetSelection.assets(TOKENIZER)),
         define_asset_job(SUBSETS_JOB, AssetSelection.assets(QUALITY_SUBSETS), partitions_def=corpus_parts),
+        # every generation asset of a partition: one step, one engine load
+        define_asset_job(SYNTHESIS_JOB, AssetSelection.groups(SYNTHESIS_GROUP), partitions_def=corpus_parts),
     ]
     return Definitions(
         assets=assets,

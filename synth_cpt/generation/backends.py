@@ -37,6 +37,8 @@ def pays_to_speculate(sampling: Any) -> bool:
 
 class Backend:
     name: str = "backend"
+    loads: int = 0  # model loads by this backend (a shared backend loads once per process)
+    load_seconds: float = 0.0
 
     def version(self) -> str:
         return ""
@@ -91,7 +93,10 @@ class VLLMBackend(Backend):
         if self._llm is None:
             from vllm import LLM
 
+            started = time.monotonic()
             self._llm = LLM(model=self.model, **self.engine_args)
+            self.loads += 1
+            self.load_seconds += time.monotonic() - started
         return self._llm
 
     def version(self) -> str:

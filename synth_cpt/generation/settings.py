@@ -20,6 +20,7 @@ from synth_cpt.generation.engine import GenerationEngine, Progress
 from synth_cpt.generation.identity import model_identity
 
 EMBEDDED = "embedded"
+_BACKENDS: dict[str, Backend] = {}  # see LLMSettings.shared_backend
 
 
 class LLMSettings(BaseModel):
@@ -142,6 +143,18 @@ class LLMSettings(BaseModel):
             )  # fmt: skip
         return VLLMBackend(model_ref, self.engine_args(), speculative=self.speculative, speculative_config=self.speculative_config())
 
+    def shared_backend(self, model_ref: str) -> Backend:
+        """One backend per process for the same model and engine settings: every step of a run (and
+        every run of the process, e.g. `synth-cpt synthesize` over all partitions) reuses its loaded
+        engine instead of loading the model again."""
+        key = json.dumps(
+            [model_ref, self.model_dump(exclude={"cache_root", "cache_prefix", "flush_every", "flush_seconds"})], sort_keys=True
+        )
+        backend = _BACKENDS.get(key)
+        if backend is None:
+            backend = _BACKENDS[key] = self.build_backend(model_ref)
+        return backend
+
     def engine(
         self, storage: Storage, storage_root: str, log: Callable[[str], None] | None = None, progress: Progress | None = None
     ) -> GenerationEngine:
@@ -157,7 +170,7 @@ class LLMSettings(BaseModel):
             label = identity
         cache_storage = open_storage(self.cache_root) if self.cache_root else storage
         return GenerationEngine(
-            self.build_backend(model_ref), GenerationCache(cache_storage, self.cache_prefix),
+            self.shared_backend(model_ref), GenerationCache(cache_storage, self.cache_prefix),
             model=label, model_fingerprint=self.model_fingerprint(identity),
             flush_every=self.flush_every, flush_seconds=self.flush_seconds, log=log, progress=progress,
         )  # fmt: skip

@@ -1,68 +1,232 @@
-"""The one prompt loader: `prompts/<kind>/<name>.yaml` -> rendered chat requests.
+"""The one prompt loader: `prompts/<kind>/<name>.yaml` -> validated prompts -> chat requests.
 
-A prompt file holds its system message, a Jinja2 template, the language it writes in and its
-sampling parameters. Its SHA-256 (of the file's bytes) is `prompt_sha`, stored with every generation.
+A prompt file is the whole recipe of one generation step: its templates (per language), sampling,
+how documents are chunked for it and what its output must look like. Its SHA-256 (of the file's
+bytes) is `prompt_sha`, stored with every generation and every synthetic row, so editing a file
+makes new requests and leaves the old rows traceable to the old text. A bad file fails at load
+with the file and the field named, never in the middle of a run.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jinja2
+import jinja2.meta
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synth_cpt.generation.requests import ChatRequest, Sampling
+from synth_cpt.generation.structured import unbounded_parts
 
 PROMPTS_ENV = "SYNTH_CPT_PROMPTS"
+KINDS = ("rewrite", "entigraph", "judge")
+SOURCE = "source"  # output language: the document's own
+# The variables each kind's templates may use (anything else is a typo caught at load).
+VARIABLES = {
+    "rewrite": {"text", "context", "language", "language_name", "title"},
+    "entigraph": {"text", "entities", "summary", "language", "language_name", "title"},
+    "judge": {"source", "rewrite", "language", "language_name"},
+}
+LANGUAGE_NAMES = {
+    "pt": "Portuguese", "en": "English", "es": "Spanish", "fr": "French", "de": "German", "it": "Italian",
+    "nl": "Dutch", "ca": "Catalan", "gl": "Galician", "ro": "Romanian", "pl": "Polish",
+}  # fmt: skip
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
 
 
+class PromptError(ValueError):
+    """A prompt file that cannot be used: names the file and the field."""
+
+
 def prompts_dir() -> Path:
-    """$SYNTH_CPT_PROMPTS, else the repository's prompts/ folder next to the package."""
+    """$SYNTH_CPT_PROMPTS, else the repository's prompts/ folder (beside the package)."""
     if os.environ.get(PROMPTS_ENV):
         return Path(os.environ[PROMPTS_ENV])
-    return Path(__file__).resolve().parents[1] / "prompts"
+    return Path(__file__).resolve().parents[2] / "prompts"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChunkingSpec(_Strict):
+    max_input_tokens: int = Field(300, ge=16, description="tokens of source text per request (project tokenizer)")
+    split: Literal["sentences", "lines"] = "sentences"
+    autoregressive: bool = Field(False, description="chunk k's request carries the rewritten chunks before it (Kimi K2)")
+    context_tokens: int = Field(0, ge=0, description="budget of preceding rewritten text carried when autoregressive")
+
+    @model_validator(mode="after")
+    def _context(self) -> ChunkingSpec:
+        if self.autoregressive and self.context_tokens == 0:
+            raise ValueError("autoregressive chunking needs context_tokens > 0")
+        return self
+
+
+class OutputSpec(_Strict):
+    max_tokens: int = Field(512, ge=1, description="generation limit of one request")
+    strip_preambles: bool = True
+    preambles: tuple[str, ...] = Field((), description="extra lead-ins to strip (regular expressions, matched at the start)")
+    answer_after: tuple[str, ...] = Field(
+        (), description="markers before the kept text: everything up to the last one is dropped (a reasoning step)"
+    )
+    shape: Literal["text", "qa", "list"] = "text"
+    keep_source: bool = Field(False, description="the row's text is the source followed by the output (Nemotron diverse QA)")
+    min_tokens: int = Field(8, ge=0, description="fewest tokens of an accepted output (whole document)")
+    max_total_tokens: int | None = Field(None, ge=1, description="most tokens of an accepted output (whole document)")
+    length_ratio: tuple[float, float] | None = Field((0.3, 3.0), description="output/source tokens, inclusive bounds")
+    allow_truncated: bool = False
+    min_number_coverage: float = Field(0.0, ge=0.0, le=1.0, description="share of the source's numbers the output keeps")
+    min_entity_coverage: float = Field(0.0, ge=0.0, le=1.0, description="share of the source's named entities the output keeps")
+    max_copy_similarity: float | None = Field(0.9, gt=0.0, le=1.0, description="word 4-gram Jaccard above which it is a copy")
+
+    @field_validator("length_ratio")
+    @classmethod
+    def _ratio(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 <= v[0] <= v[1]:
+            raise ValueError("length_ratio must be [low, high] with 0 <= low <= high")
+        return v
+
+
+Template = str | dict[str, str]
+
+
+class PromptFile(_Strict):
+    name: str
+    kind: Literal["rewrite", "entigraph", "judge"]
+    description: str
+    buckets: tuple[str, ...] = Field((), description="quality buckets the style is routed to unless the config says otherwise")
+    language: str = Field(SOURCE, description="'source' (the document's language) or a language code")
+    system: Template = ""
+    user: Template
+    sampling: dict[str, Any] = Field(default_factory=dict)
+    chunking: ChunkingSpec = Field(default_factory=ChunkingSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+
+    @field_validator("sampling")
+    @classmethod
+    def _sampling(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "max_tokens" in v:
+            raise ValueError("set the generation limit in output.max_tokens, not in sampling")
+        Sampling.from_dict(v)
+        return v
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and unbounded_parts(v):
+            raise ValueError("unbounded, so decoding may never end: " + "; ".join(unbounded_parts(v)[:3]))
+        return v
 
 
 @dataclass(frozen=True)
 class Prompt:
-    name: str
-    kind: str
-    language: str
-    system: str
-    template: str
-    sampling: Sampling
+    """A loaded prompt file: renders requests for a document in a language."""
+
+    spec: PromptFile
     sha: str
     path: str
 
-    def request(self, seed: int = 0, **variables: Any) -> ChatRequest:
-        user = _ENV.from_string(self.template).render(**variables)
-        messages = ([{"role": "system", "content": self.system}] if self.system else []) + [{"role": "user", "content": user}]
-        sampling = dataclasses.replace(self.sampling, seed=seed)
-        return ChatRequest.chat(messages, sampling, prompt_name=f"{self.kind}/{self.name}", prompt_sha=self.sha)
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+    def output_language(self, document_language: str) -> str:
+        return document_language if self.spec.language == SOURCE else self.spec.language
+
+    def languages(self) -> set[str] | None:
+        """Languages with their own templates (None: one template for every language)."""
+        keys = [set(t) for t in (self.spec.system, self.spec.user) if isinstance(t, dict)]
+        return set.intersection(*keys) if keys else None
+
+    def _template(self, field: str, language: str) -> str:
+        value = getattr(self.spec, field)
+        if isinstance(value, str):
+            return value
+        if language in value:
+            return value[language]
+        if "default" in value:
+            return value["default"]
+        raise PromptError(f"prompt {self.path}: {field} has no template for language {language!r} (has {sorted(value)})")
+
+    def messages(self, language: str, **variables: Any) -> list[dict[str, str]]:
+        out_language = self.output_language(language)
+        values = {"language": out_language, "language_name": LANGUAGE_NAMES.get(out_language, out_language), **variables}
+        system = _ENV.from_string(self._template("system", language)).render(**values).strip()
+        user = _ENV.from_string(self._template("user", language)).render(**values).strip()
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+    def sampling(self, seed: int = 0) -> Sampling:
+        return Sampling.from_dict({**self.spec.sampling, "max_tokens": self.spec.output.max_tokens, "seed": seed})
+
+    def request(self, language: str, seed: int = 0, **variables: Any) -> ChatRequest:
+        return ChatRequest.chat(
+            self.messages(language, **variables), self.sampling(seed), prompt_name=self.id, prompt_sha=self.sha,
+            json_schema=self.spec.json_schema,
+        )  # fmt: skip
+
+
+def _check_templates(spec: PromptFile, path: Path) -> None:
+    allowed = VARIABLES[spec.kind]
+    for field in ("system", "user"):
+        value = getattr(spec, field)
+        for language, text in value.items() if isinstance(value, dict) else [("", value)]:
+            where = f"{field}.{language}" if language else field
+            try:
+                names = jinja2.meta.find_undeclared_variables(_ENV.parse(text))
+            except jinja2.TemplateSyntaxError as exc:
+                raise PromptError(f"prompt {path}: {where}: Jinja2 syntax error on line {exc.lineno}: {exc.message}") from None
+            unknown = sorted(names - allowed)
+            if unknown:
+                raise PromptError(f"prompt {path}: {where}: unknown variables {unknown} (a {spec.kind} prompt has {sorted(allowed)})")
+
+
+def parse_prompt(raw: bytes, path: Path) -> Prompt:
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise PromptError(f"prompt {path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise PromptError(f"prompt {path}: the top level must be a mapping")
+    data.setdefault("kind", path.parent.name)
+    try:
+        spec = PromptFile.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors())
+        raise PromptError(f"prompt {path}: {problems}") from None
+    if spec.name != path.stem:
+        raise PromptError(f"prompt {path}: name: {spec.name!r} must equal the file name {path.stem!r}")
+    if spec.kind != path.parent.name:
+        raise PromptError(f"prompt {path}: kind: {spec.kind!r} must equal its folder {path.parent.name!r}")
+    _check_templates(spec, path)
+    return Prompt(spec=spec, sha=hashlib.sha256(raw).hexdigest(), path=str(path))
 
 
 def load_prompt(kind: str, name: str, root: Path | None = None) -> Prompt:
     path = (root or prompts_dir()) / kind / f"{name}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"prompt {kind}/{name} not found at {path}")
-    raw = path.read_bytes()
-    data = yaml.safe_load(raw)
-    missing = [k for k in ("name", "template") if k not in data]
-    if missing:
-        raise ValueError(f"prompt {path}: missing {missing}")
-    sampling = Sampling.from_dict(data.get("sampling"), where=f"prompt {path}: sampling")
-    return Prompt(
-        name=data["name"], kind=data.get("kind", kind), language=data.get("language", "same-as-source"),
-        system=(data.get("system") or "").strip(), template=data["template"],
-        sampling=sampling, sha=hashlib.sha256(raw).hexdigest(), path=str(path),
-    )  # fmt: skip
+        available = ", ".join(list_prompts(kind, root)) or "none"
+        raise PromptError(f"prompt {kind}/{name} not found at {path} (available: {available})")
+    return parse_prompt(path.read_bytes(), path)
 
 
 def list_prompts(kind: str, root: Path | None = None) -> list[str]:
     return sorted(p.stem for p in ((root or prompts_dir()) / kind).glob("*.yaml"))
+
+
+def load_kind(kind: str, root: Path | None = None) -> dict[str, Prompt]:
+    """Every prompt of a kind, validated (the first bad file stops the load)."""
+    return {name: load_prompt(kind, name, root) for name in list_prompts(kind, root)}

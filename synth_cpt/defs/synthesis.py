@@ -1,0 +1,202 @@
+"""Generation assets: `rewrites_<style>` (one per prompts/rewrite/<style>.yaml), `entity_graphs` and
+`entigraph_corpus`, each `[language|quality]` and reading `quality_subsets`.
+
+One engine load per run: the generation assets are one multi-asset that can be subset. A run of any
+selection of them for a partition is one step, which builds the engine once and hands it to every
+selected asset in turn (rewrites, then entity_graphs, then entigraph_corpus). The engine's backend
+is also shared by every later step in the same process (`LLMSettings.shared_backend`), so
+`synth-cpt synthesize`, which runs all partitions in one process, loads the model once in total.
+The `gpu` pool (one slot, `make instance`) keeps two runs from holding two engines on one machine.
+Assets stay separately materializable and each keeps its own checks, metadata and lineage.
+"""
+
+import time
+
+from dagster import (
+    AssetExecutionContext,
+    AssetsDefinition,
+    AssetSpec,
+    AutomationCondition,
+    MaterializeResult,
+    MetadataValue,
+    multi_asset,
+)
+
+from synth_cpt.core.config import PipelineConfig
+from synth_cpt.core.contracts import SYNTHETIC, SYNTHETIC_REJECTS
+from synth_cpt.core.layout import ENTIGRAPH_CORPUS, ENTITY_GRAPHS, QUALITY_SUBSETS, SYNTHETIC_ROWS, rewrite_asset
+from synth_cpt.core.layout import SYNTHETIC_REJECTS as REJECTS_FILE
+from synth_cpt.core.publish import CandidateRejected
+from synth_cpt.core.storage import Storage
+from synth_cpt.corpus.tokenizer import TokenCounter
+from synth_cpt.defs.checks import check_result, publish_spec, rejected_result
+from synth_cpt.defs.partitions import corpus_partitions, split_corpus_key
+from synth_cpt.defs.resources import LLM, PipelineResource
+from synth_cpt.synthesis.entigraph import Budget
+from synth_cpt.synthesis.outputs import publish_tables
+from synth_cpt.synthesis.prompts import PromptError, load_kind, load_prompt
+from synth_cpt.synthesis.routing import check_routing, why_not_routed
+from synth_cpt.synthesis.rows import table
+from synth_cpt.synthesis.steps import (
+    PASS_RATE,
+    ROWS_VALID,
+    StepOutput,
+    empty_step,
+    entigraph_corpus_step,
+    entity_graphs_step,
+    partition_inputs,
+    rewrite_step,
+)
+
+GROUP = "synthesis"
+ENTIGRAPH_PROMPTS = ("entities", "pair", "triple")
+_ROWS = "every row has a synth_id, leads to a subset document and to its generations, names its prompt and model, has text in the partition's language."
+_PASS = "accepted / (accepted + rejected) is at least synthesis.min_pass_rate."
+
+
+class EngineLease:
+    """The step's engine, built on first use; counts the model loads it caused."""
+
+    def __init__(self, context: AssetExecutionContext, llm: LLM, storage: Storage, storage_root: str) -> None:
+        self.context, self.llm, self.storage, self.root = context, llm, storage, storage_root
+        self.engine = None
+        self.loads_before = 0
+        self.load_seconds_before = 0.0
+
+    def get(self):
+        if self.engine is None:
+            self.engine = self.llm.engine(self.storage, self.root, log=self.context.log.info)
+            self.loads_before = self.engine.backend.loads
+            self.load_seconds_before = self.engine.backend.load_seconds
+        return self.engine
+
+    def figures(self) -> dict[str, float]:
+        if self.engine is None:
+            return {"engine_loads": 0, "engine_load_seconds": 0.0}
+        backend = self.engine.backend
+        return {
+            "engine_loads": backend.loads - self.loads_before,
+            "engine_load_seconds": round(backend.load_seconds - self.load_seconds_before, 2),
+        }
+
+
+def _publish(context: AssetExecutionContext, storage: Storage, asset: str, language: str, quality: str, step: StepOutput, lease):
+    """Validate, then publish: the step's checks are yielded, and the output only if they passed."""
+    started = time.monotonic()
+    manifest = {k: v for k, v in step.metadata.items() if k not in ("examples",) and isinstance(v, (int, float, str, dict, type(None)))}
+    try:
+        pointer = publish_tables(storage, asset, language, quality, step.tables, step.outcomes, manifest)
+    except CandidateRejected as rejected:
+        for name, outcome in step.outcomes.items():
+            if name != rejected.check_name:
+                yield check_result(outcome, check_name=name, asset_key=asset)
+        yield rejected_result(context, rejected, asset_key=asset)
+        return False
+    for name, outcome in step.outcomes.items():
+        yield check_result(outcome, check_name=name, asset_key=asset)
+    metadata = {
+        "dagster/row_count": step.rows,
+        "dagster/uri": storage.uri(pointer["prefix"]),
+        "version": pointer["version"],
+        "tokens": step.tokens,
+        "publish_seconds": round(time.monotonic() - started, 2),
+        **lease.figures(),
+    }
+    for key, value in step.metadata.items():
+        if key == "examples":
+            metadata["examples"] = MetadataValue.md(value)
+        elif isinstance(value, dict):
+            metadata[key] = MetadataValue.json(value)
+        elif value is not None:
+            metadata[key] = value
+    context.log.info(
+        f"{asset} {language}|{quality}: {step.rows:,} rows, {step.tokens:,} tokens, pass rate {step.metadata.get('pass_rate', 1.0)}"
+    )
+    yield MaterializeResult(asset_key=asset, metadata=metadata)
+    return True
+
+
+def build_synthesis_assets(config: PipelineConfig) -> list[AssetsDefinition]:
+    styles = load_kind("rewrite")
+    check_routing(config.synthesis, styles)
+    entigraph = {name: load_prompt("entigraph", name) for name in ENTIGRAPH_PROMPTS}
+    judge = load_prompt("judge", "fidelity") if config.synthesis.judge else None
+    if not styles:
+        raise PromptError("prompts/rewrite/ holds no style")
+    parts = corpus_partitions(config)
+    automation = AutomationCondition.eager() if config.synthesis.automation == "eager" else None
+    common = {
+        "deps": [QUALITY_SUBSETS],
+        "partitions_def": parts,
+        "group_name": GROUP,
+        "automation_condition": automation,
+        "skippable": True,
+    }
+    specs = [
+        AssetSpec(
+            rewrite_asset(name),
+            description=f"Rewrites in the '{name}' style: {prompt.spec.description}",
+            kinds={"vllm", "parquet"},
+            metadata={"prompt_file": f"prompts/rewrite/{name}.yaml", "prompt_sha": prompt.sha},
+            **common,
+        )  # fmt: skip
+        for name, prompt in styles.items()
+    ]
+    specs.append(
+        AssetSpec(
+            ENTITY_GRAPHS,
+            description="EntiGraph step 1: a summary and the entities of every document.",
+            kinds={"vllm", "parquet"},
+            **common,
+        )
+    )
+    specs.append(
+        AssetSpec(
+            ENTIGRAPH_CORPUS,
+            description="EntiGraph steps 2-3: the summaries and budgeted relation texts of entity pairs and triples.",
+            kinds={"vllm", "parquet"},
+            **{**common, "deps": [ENTITY_GRAPHS, QUALITY_SUBSETS]},
+        )  # fmt: skip
+    )
+    check_specs = [
+        publish_spec(name, spec.key.to_user_string(), text, parts)
+        for spec in specs
+        for name, text in ((ROWS_VALID, _ROWS), (PASS_RATE, _PASS))
+    ]
+    order = [spec.key.to_user_string() for spec in specs]  # rewrites, then entity_graphs, then entigraph_corpus
+
+    @multi_asset(
+        name="synthesis", specs=specs, check_specs=check_specs, can_subset=True, partitions_def=parts, pool="gpu",
+        description="Every generation asset of a partition in one step, so the engine is loaded once per run.",
+    )  # fmt: skip
+    def synthesis(context: AssetExecutionContext, pipeline: PipelineResource, llm: LLM):
+        cfg, storage = pipeline.load(), pipeline.storage()
+        language, quality = split_corpus_key(context.partition_key)
+        selected = {key.to_user_string() for key in context.selected_asset_keys}
+        inputs = partition_inputs(storage, cfg, language, quality, TokenCounter.from_storage(storage).count)
+        lease = EngineLease(context, llm, storage, cfg.storage_uri())
+        minimum = cfg.synthesis.min_pass_rate
+        context.log.info(f"{language}|{quality}: {len(inputs.documents)} documents of {len(inputs.subset_doc_ids)} in the subset")
+        graphs_rejected = False
+        for asset in (a for a in order if a in selected):
+            if asset == ENTIGRAPH_CORPUS and graphs_rejected:
+                context.log.error("entigraph_corpus not run: this run's entity_graphs failed a blocking check")
+                continue
+            if asset == ENTITY_GRAPHS:
+                step = entity_graphs_step(lease.get(), inputs, entigraph["entities"], cfg.synthesis.entigraph.max_entities, minimum)
+            elif asset == ENTIGRAPH_CORPUS:
+                e = cfg.synthesis.entigraph
+                budget = Budget(e.relations_per_document, e.tokens_per_document, e.triples)
+                step = entigraph_corpus_step(lease.get(), storage, inputs, entigraph, budget, asset, minimum)
+            else:
+                prompt = styles[asset.removeprefix(rewrite_asset(""))]
+                reason = why_not_routed(cfg.synthesis, prompt, quality)
+                if reason:
+                    empty = {SYNTHETIC_ROWS: table([], SYNTHETIC), REJECTS_FILE: table([], SYNTHETIC_REJECTS)}
+                    step = empty_step(reason, minimum, empty)
+                else:
+                    step = rewrite_step(lease.get(), inputs, prompt, judge, asset, minimum)
+            published = yield from _publish(context, storage, asset, language, quality, step, lease)
+            graphs_rejected = graphs_rejected or (asset == ENTITY_GRAPHS and not published)
+
+    return [synthesis]

@@ -1,0 +1,234 @@
+"""Post-processing and the fidelity gate of a generated text: each rule rejects with its own reason.
+
+WRAP drops lead-ins ("Here's a paraphrase:") before the first colon or blank line and discards
+outputs that still carry such boilerplate; Kimi K2 filters rephrasings that drift from their source.
+Here every rule is cheap and deterministic, so a rerun rejects exactly the same rows; the optional
+LLM judge (prompts/judge/fidelity.yaml) runs after them, on what they let through.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Reason codes, in the order the rules run (the first failing one is the row's reason).
+EMPTY = "empty"
+NO_ANSWER = "no_answer_marker"
+TRUNCATED = "truncated"
+REFUSAL = "refusal"
+PREAMBLE = "preamble"
+SHAPE = "shape"
+WRONG_LANGUAGE = "wrong_language"
+TOO_SHORT = "too_short"
+TOO_LONG = "too_long"
+LENGTH_RATIO = "length_ratio"
+NUMBERS = "number_coverage"
+ENTITIES = "entity_coverage"
+COPY = "copy"
+JUDGE = "judge_unfaithful"
+FAILED = "generation_failed"  # a request of the document failed (error or unusable output): rejected whole
+
+# Lead-ins of an assistant before the text it was asked for, in the languages we ship.
+_PREAMBLE_WORDS = (
+    # English
+    r"here(?:'s| is| are)\b", r"sure\b", r"certainly\b", r"of course\b", r"okay\b", r"ok\b",
+    r"(?:the |a )?(?:rewritten|rephrased|paraphrased|simplified|revised)\b", r"(?:a |the )?(?:paraphrase|rewrite|summary)\b",
+    r"below is\b", r"i (?:have|'ve) (?:rewritten|rephrased)\b",
+    # Portuguese
+    r"aqui est[áa]\b", r"aqui v[ãa]o\b", r"segue\b", r"seguem\b", r"claro\b", r"com certeza\b", r"certo\b",
+    r"(?:o |a )?(?:texto )?(?:reescrito|reescrita|parafraseado|simplificado|revisado)\b", r"(?:uma |a )?(?:par[áa]frase|reescrita)\b",
+    r"abaixo est[áa]\b", r"eis\b",
+)  # fmt: skip
+PREAMBLE_RE = re.compile(r"^\s*(?:[*#>\s]*)(?:" + "|".join(_PREAMBLE_WORDS) + r")[^\n]{0,160}?(?::|!|\n\s*\n|\.\s*\n)", re.I)
+_RESIDUE_RE = re.compile(
+    r"\b(?:here(?:'s| is) (?:a|the) (?:paraphrase|rewrite|rewritten)|aqui est[áa] (?:o|a|uma) (?:texto|vers[ãa]o|par[áa]frase|reescrita))",
+    re.I,
+)
+_REFUSAL_RE = re.compile(
+    r"^\W*(?:i(?:'m| am) sorry|i can(?:no|')t|i(?:'m| am) (?:not able|unable)|as an ai\b|i apologi[sz]e|unfortunately,? i"
+    r"|desculpe|sinto muito|lamento|n[ãa]o posso|n[ãa]o consigo|como (?:um )?(?:modelo|assistente|ia)\b)",
+    re.I,
+)
+_QA_Q = re.compile(r"^\s*(?:[-*\d.)\s]*)(?:question|pergunta|q|p)\s*\d*\s*[:.)]", re.I | re.M)
+_QA_A = re.compile(r"^\s*(?:[-*\d.)\s]*)(?:answer|resposta|a|r)\s*\d*\s*[:.)]", re.I | re.M)
+_LIST_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S", re.M)
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_WORD = re.compile(r"\w+", re.U)
+_CAPITALIZED = re.compile(r"(?<![\w.])([A-ZÀ-Þ][\w-]*(?:\s+(?:d[aeo]s?|of|de)?\s*[A-ZÀ-Þ][\w-]*)*)", re.U)
+
+
+def strip_preamble(text: str, extra: tuple[str, ...] = ()) -> str:
+    """The text without an assistant's lead-in ("Here is a paraphrase:", "Aqui está o texto:", "Claro!")."""
+    out = text.lstrip()
+    for pattern in extra:
+        match = re.match(pattern, out, re.I)
+        if match:
+            out = out[match.end() :].lstrip()
+    for _ in range(2):  # "Claro! Aqui está o texto reescrito:" is two lead-ins
+        match = PREAMBLE_RE.match(out)
+        if not match or match.end() >= len(out.rstrip()):
+            break
+        out = out[match.end() :].lstrip()
+    return out.strip()
+
+
+def after_marker(text: str, markers: tuple[str, ...]) -> str | None:
+    """What follows the last of `markers` (a reasoning step before it is dropped); None if none occurs."""
+    best = -1
+    for marker in markers:
+        at = text.rfind(marker)
+        if at >= 0:
+            best = max(best, at + len(marker))
+    return None if best < 0 else text[best:].strip()
+
+
+def is_refusal(text: str) -> bool:
+    return bool(_REFUSAL_RE.match(text))
+
+
+def has_preamble_residue(text: str) -> bool:
+    return bool(_RESIDUE_RE.search(text[:300]))
+
+
+def has_shape(text: str, shape: str) -> bool:
+    if shape == "qa":
+        return bool(_QA_Q.search(text)) and bool(_QA_A.search(text))
+    if shape == "list":
+        return len(_LIST_ITEM.findall(text)) >= 2
+    return True
+
+
+def numbers(text: str) -> set[str]:
+    """The numbers of a text, as digit strings (so "1.500" and "1,500" match "1500")."""
+    return {re.sub(r"[.,]", "", n) for n in _NUMBER.findall(text)}
+
+
+def _fold(text: str) -> str:
+    return "".join(c for c in unicodedata.normalize("NFKD", text.casefold()) if not unicodedata.combining(c))
+
+
+def named_entities(text: str) -> set[str]:
+    """Capitalized words and names not at the start of a sentence (a cheap, language-agnostic proxy)."""
+    found: set[str] = set()
+    for match in _CAPITALIZED.finditer(text):
+        start = match.start()
+        before = text[:start].rstrip()
+        if not before or before[-1] in ".!?:\n\"'«“":
+            continue  # sentence-initial: capitalized for grammar, not because it is a name
+        name = match.group(1).strip()
+        if len(name) >= 2:
+            found.add(_fold(name))
+    return found
+
+
+def coverage(source: set[str], output_text: str, exact: bool = False) -> float | None:
+    """Share of `source` items found in the output (None when the source has none)."""
+    if not source:
+        return None
+    haystack = output_text if exact else _fold(output_text)
+    hits = sum(1 for item in source if item in haystack)
+    return hits / len(source)
+
+
+def _shingles(text: str, n: int = 4) -> set[tuple[str, ...]]:
+    words = _WORD.findall(text.casefold())
+    if len(words) < n:
+        return {tuple(words)} if words else set()
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def copy_similarity(source: str, output: str) -> float:
+    """Jaccard similarity of word 4-grams: 1.0 for a verbatim copy, near 0 for a real rewrite."""
+    a, b = _shingles(source), _shingles(output)
+    if not a or not b:
+        return 0.0
+    return len(a & b) / len(a | b)
+
+
+@dataclass
+class Verdict:
+    text: str
+    reason_code: str | None = None
+    reason: str = ""
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.reason_code is None
+
+    def reject(self, code: str, reason: str) -> Verdict:
+        self.reason_code, self.reason = code, reason
+        return self
+
+
+def clean_piece(text: str | None, finish_reason: str | None, output: Any) -> Verdict:
+    """One generation's text, post-processed, or its rejection (rules that look at a single answer)."""
+    if text is None or not text.strip():
+        return Verdict("").reject(EMPTY, "the model returned no text")
+    raw = text
+    if output.answer_after:
+        after = after_marker(raw, output.answer_after)
+        if after is None:
+            return Verdict(raw).reject(NO_ANSWER, f"none of the markers {list(output.answer_after)} occurs")
+        raw = after
+    out = strip_preamble(raw, output.preambles) if output.strip_preambles else raw.strip()
+    verdict = Verdict(out)
+    if finish_reason == "length" and not output.allow_truncated:
+        return verdict.reject(TRUNCATED, f"stopped at max_tokens={output.max_tokens} (the style does not keep truncated outputs)")
+    if not out:
+        return verdict.reject(EMPTY, "nothing left after the lead-in was stripped")
+    if is_refusal(out):
+        return verdict.reject(REFUSAL, f"the model declined: {out[:80]!r}")
+    if output.strip_preambles and has_preamble_residue(out):
+        return verdict.reject(PREAMBLE, f"assistant boilerplate remains: {out[:80]!r}")
+    return verdict
+
+
+Identify = Callable[[list[str]], tuple[list[str], list[float]]]
+
+
+@dataclass(frozen=True)
+class GateContext:
+    """What the document-level rules need besides the texts: token counts and language id."""
+
+    count: Callable[[list[str]], list[int]]
+    identify: Identify
+    min_language_confidence: float = 0.5
+
+
+def check_document(source: str, output_text: str, expected_language: str, output: Any, ctx: GateContext) -> Verdict:
+    """The document-level rules over a whole (re-joined) output; figures are kept for the row."""
+    verdict = Verdict(output_text)
+    src_tokens, out_tokens = ctx.count([source, output_text])
+    ratio = out_tokens / src_tokens if src_tokens else 0.0
+    num_cov = coverage(numbers(source), " ".join(numbers(output_text)), exact=True)
+    ent_cov = coverage(named_entities(source), output_text)
+    similarity = copy_similarity(source, output_text)
+    languages, scores = ctx.identify([output_text])
+    verdict.figures = {
+        "source_tokens": src_tokens, "n_tokens": out_tokens, "length_ratio": round(ratio, 4),
+        "number_coverage": None if num_cov is None else round(num_cov, 4),
+        "entity_coverage": None if ent_cov is None else round(ent_cov, 4),
+        "copy_similarity": round(similarity, 4), "detected_language": languages[0], "language_score": scores[0],
+    }  # fmt: skip
+    if not has_shape(output_text, output.shape):
+        return verdict.reject(SHAPE, f"does not have the required {output.shape} shape")
+    if languages[0] != expected_language and scores[0] >= ctx.min_language_confidence:
+        return verdict.reject(WRONG_LANGUAGE, f"written in {languages[0]!r} ({scores[0]:.2f}), expected {expected_language!r}")
+    if out_tokens < output.min_tokens:
+        return verdict.reject(TOO_SHORT, f"{out_tokens} tokens, the style needs at least {output.min_tokens}")
+    if output.max_total_tokens is not None and out_tokens > output.max_total_tokens:
+        return verdict.reject(TOO_LONG, f"{out_tokens} tokens, the style allows at most {output.max_total_tokens}")
+    if output.length_ratio is not None and not output.length_ratio[0] <= ratio <= output.length_ratio[1]:
+        low, high = output.length_ratio
+        return verdict.reject(LENGTH_RATIO, f"output/source tokens {ratio:.2f} outside [{low}, {high}]")
+    if num_cov is not None and num_cov < output.min_number_coverage:
+        return verdict.reject(NUMBERS, f"keeps {num_cov:.0%} of the source's numbers, the style needs {output.min_number_coverage:.0%}")
+    if ent_cov is not None and ent_cov < output.min_entity_coverage:
+        return verdict.reject(ENTITIES, f"keeps {ent_cov:.0%} of the source's names, the style needs {output.min_entity_coverage:.0%}")
+    if output.max_copy_similarity is not None and similarity > output.max_copy_similarity:
+        return verdict.reject(COPY, f"near-verbatim copy of the source (4-gram similarity {similarity:.2f})")
+    return verdict

@@ -1,0 +1,167 @@
+"""Rewriting documents in one style: chunk by real tokens, ask the engine, re-join, gate.
+
+A document is rewritten chunk by chunk and its outputs re-joined in order; if any chunk fails or is
+rejected, the whole document is rejected (never silently shortened). With `autoregressive: true`
+(Kimi K2), chunk k's request carries the rewritten chunks before it, so it can only be asked once
+chunk k-1 is back: the chains of all documents advance together, one chunk position per engine
+batch, which keeps the engine full with every document's next chunk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from synth_cpt.generation.engine import GenerationEngine
+from synth_cpt.generation.requests import ChatRequest
+from synth_cpt.generation.structured import parse_json_output
+from synth_cpt.synthesis.chunking import Chunk, chunk_document, join_outputs, tail_within
+from synth_cpt.synthesis.fidelity import FAILED, JUDGE, GateContext, Verdict, check_document, clean_piece
+from synth_cpt.synthesis.prompts import Prompt
+from synth_cpt.synthesis.rows import Answer, SourceDocument, SynthesisResult, synth_id
+
+KIND = "rewrite"
+
+
+@dataclass
+class Chain:
+    """One document on its way through its chunks."""
+
+    doc: SourceDocument
+    chunks: list[Chunk]
+    request_ids: list[str]
+    outputs: list[str]
+    failed: bool = False
+
+
+def lineage(doc: SourceDocument, prompt: Prompt, engine: GenerationEngine, request_ids: list[str], kind: str = KIND) -> dict[str, Any]:
+    return {
+        "kind": kind, "style": prompt.name, "doc_id": doc.doc_id, "drop_id": doc.drop_id, "source_file": doc.source_file,
+        "source_line": doc.source_line, "request_ids": list(request_ids), "prompt_sha": prompt.sha, "model": engine.model,
+        "model_fingerprint": engine.fingerprint,
+    }  # fmt: skip
+
+
+def chunk_request(prompt: Prompt, chain: Chain, k: int, seed: int, count: Any) -> ChatRequest:
+    context = tail_within(chain.outputs[:k], prompt.spec.chunking.context_tokens, count) if prompt.spec.chunking.autoregressive else ""
+    return prompt.request(chain.doc.language, seed=seed, text=chain.chunks[k].text, context=context, title=chain.doc.title or "")
+
+
+def _take(chain: Chain, k: int, answer: Answer | None, prompt: Prompt, result: SynthesisResult, engine: GenerationEngine) -> None:
+    """Record chunk k's answer in its chain, or reject the whole document with the chunk's reason."""
+    base = lineage(chain.doc, prompt, engine, chain.request_ids)
+    if answer is None:
+        chain.failed = True
+        result.reject(base, FAILED, "the request failed (error recorded in the cache; retried on the next materialization)", None, k)
+        return
+    if answer.unusable:
+        chain.failed = True
+        result.reject(base, FAILED, f"unusable output: {answer.unusable}", answer.text, k)
+        return
+    piece = clean_piece(answer.text, answer.finish_reason, prompt.spec.output)
+    if not piece.ok:
+        chain.failed = True
+        result.reject(base, piece.reason_code or FAILED, f"chunk {k}: {piece.reason}", answer.text, k)
+        return
+    chain.outputs.append(piece.text)
+
+
+def rewrite_documents(
+    engine: GenerationEngine,
+    prompt: Prompt,
+    documents: list[SourceDocument],
+    *,
+    count: Any,
+    gate: GateContext,
+    scope: str,
+    seed: int = 0,
+    judge: Prompt | None = None,
+) -> SynthesisResult:
+    """Every document rewritten in `prompt`'s style, or rejected with the reason of the rule it broke."""
+    result = SynthesisResult()
+    spec = prompt.spec
+    chains = [
+        Chain(doc, chunk_document(doc.text, spec.chunking.max_input_tokens, count, spec.chunking.split, doc.language), [], [])
+        for doc in documents
+    ]
+    chains = [c for c in chains if c.chunks]
+    if spec.chunking.autoregressive:
+        for k in range(max((len(c.chunks) for c in chains), default=0)):
+            wave = [c for c in chains if not c.failed and k < len(c.chunks)]
+            requests = [chunk_request(prompt, c, k, seed, count) for c in wave]
+            ids = engine.request_ids(requests)
+            for c, rid in zip(wave, ids, strict=True):
+                c.request_ids.append(rid)
+            answers = result.batch.ask(engine, requests, scope)
+            for c, rid in zip(wave, ids, strict=True):
+                _take(c, k, answers.get(rid), prompt, result, engine)
+    else:
+        requests = [chunk_request(prompt, c, k, seed, count) for c in chains for k in range(len(c.chunks))]
+        ids = iter(engine.request_ids(requests))
+        for c in chains:
+            c.request_ids = [next(ids) for _ in c.chunks]
+        answers = result.batch.ask(engine, requests, scope)
+        for c in chains:
+            for k, rid in enumerate(c.request_ids):
+                _take(c, k, answers.get(rid), prompt, result, engine)
+                if c.failed:
+                    break
+    passed: list[tuple[Chain, Verdict]] = []
+    for c in chains:
+        if c.failed:
+            continue
+        joined = join_outputs(c.chunks, c.outputs)
+        verdict = check_document(c.doc.text, joined, prompt.output_language(c.doc.language), spec.output, gate)
+        if verdict.ok:
+            passed.append((c, verdict))
+        else:
+            result.reject(lineage(c.doc, prompt, engine, c.request_ids), verdict.reason_code or FAILED, verdict.reason, joined)
+    judged = judge_rewrites(engine, prompt, judge, passed, scope, seed, result) if judge else {c.doc.doc_id: None for c, _ in passed}
+    for c, verdict in passed:
+        if c.doc.doc_id not in judged:
+            continue
+        text = f"{c.doc.text.rstrip()}\n\n{verdict.text}" if spec.output.keep_source else verdict.text
+        result.accept(
+            {
+                "synth_id": synth_id(KIND, prompt.name, c.doc.doc_id, c.request_ids),
+                **lineage(c.doc, prompt, engine, c.request_ids),
+                "chunk_starts": [ch.start for ch in c.chunks], "entities": None, "text": text,
+                "language": prompt.output_language(c.doc.language), "n_tokens": verdict.figures["n_tokens"],
+                "source_tokens": verdict.figures["source_tokens"], "length_ratio": verdict.figures["length_ratio"],
+                "number_coverage": verdict.figures["number_coverage"], "entity_coverage": verdict.figures["entity_coverage"],
+                "copy_similarity": verdict.figures["copy_similarity"], "judge_request_id": judged[c.doc.doc_id],
+            }
+        )  # fmt: skip
+    return result
+
+
+def judge_rewrites(
+    engine: GenerationEngine,
+    prompt: Prompt,
+    judge: Prompt,
+    passed: list[tuple[Chain, Verdict]],
+    scope: str,
+    seed: int,
+    result: SynthesisResult,
+) -> dict[str, str | None]:
+    """K2's fidelity verification by an LLM judge: doc_id -> the judge's request_id, for the rewrites it
+    calls faithful; the others are rejected (unfaithful, or the verdict could not be read)."""
+    requests = [judge.request(c.doc.language, seed=seed, source=c.doc.text, rewrite=v.text) for c, v in passed]
+    ids = engine.request_ids(requests)
+    answers = result.batch.ask(engine, requests, scope)
+    kept: dict[str, str | None] = {}
+    for (c, v), rid in zip(passed, ids, strict=True):
+        base = lineage(c.doc, prompt, engine, [*c.request_ids, rid])
+        answer = answers.get(rid)
+        if answer is None or answer.unusable:
+            result.reject(base, FAILED, f"the judge gave no usable verdict: {answer.unusable if answer else 'request failed'}", v.text)
+            continue
+        value, problem = parse_json_output(answer.text, judge.spec.json_schema)
+        if problem or not isinstance(value, dict):
+            result.reject(base, FAILED, f"the judge's verdict is unreadable: {problem}", v.text)
+        elif value.get("verdict") != "faithful":
+            result.reject(base, JUDGE, f"judge: {json.dumps(value, ensure_ascii=False)[:300]}", v.text)
+        else:
+            kept[c.doc.doc_id] = rid
+    return kept

@@ -1,0 +1,201 @@
+"""One synthesis output of one `language|quality` partition: inputs read, generation run, tables and
+their checks made, metadata gathered. Plain functions: the Dagster assets (defs/synthesis.py), the
+CLI and the benchmark call the same ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from synth_cpt.core.config import PipelineConfig
+from synth_cpt.core.contracts import check_entity_graphs, check_pass_rate, check_synthetic
+from synth_cpt.core.layout import (
+    ENTITY_GRAPHS,
+    ENTITY_ROWS,
+    QUALITY_SUBSETS,
+    SUMMARIES,
+    SYNTHETIC_REJECTS,
+    SYNTHETIC_ROWS,
+    generation_scope,
+    partition_file,
+)
+from synth_cpt.core.metadata import sample_markdown
+from synth_cpt.core.storage import Storage
+from synth_cpt.core.validation import Outcome
+from synth_cpt.generation.engine import GenerationEngine
+from synth_cpt.synthesis.entigraph import Budget, extract_entity_graphs, relation_corpus
+from synth_cpt.synthesis.fidelity import GateContext
+from synth_cpt.synthesis.outputs import published_table
+from synth_cpt.synthesis.prompts import Prompt
+from synth_cpt.synthesis.rewrite import rewrite_documents
+from synth_cpt.synthesis.rows import SourceDocument, SynthesisResult
+from synth_cpt.text.langid import identify
+
+ROWS_VALID = "rows_valid"
+PASS_RATE = "pass_rate"
+SOURCE_COLUMNS = ["doc_id", "text", "language", "drop_id", "source_file", "source_line", "title"]
+
+
+@dataclass
+class PartitionInputs:
+    """What every generation step of a partition reads: its documents (the subset, capped), the
+    subset's doc_ids (for lineage checks), the token counter and the gate's tools."""
+
+    language: str
+    quality: str
+    documents: list[SourceDocument]
+    subset_doc_ids: list[str]
+    count: Callable[[list[str]], list[int]]
+    gate: GateContext
+    seed: int
+
+
+def partition_inputs(storage: Storage, config: PipelineConfig, language: str, quality: str, count: Any) -> PartitionInputs:
+    frame = storage.read_parquet(partition_file(QUALITY_SUBSETS, language, quality), columns=SOURCE_COLUMNS)
+    cap = config.synthesis.max_documents
+    chosen = frame.head(cap) if cap is not None else frame  # the subset's own order: best score first
+    gate = GateContext(count=count, identify=identify, min_language_confidence=config.synthesis.min_language_confidence)
+    return PartitionInputs(
+        language, quality, SourceDocument.from_frame(chosen), frame["doc_id"].to_list(), count, gate, config.seeds.synthesis
+    )
+
+
+@dataclass
+class StepOutput:
+    """Tables to publish together, the checks guarding them, and the metadata of the step."""
+
+    tables: dict[str, pl.DataFrame]
+    outcomes: dict[str, Outcome]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    rows: int = 0
+    tokens: int = 0
+
+
+def _examples(documents: list[SourceDocument], rows: pl.DataFrame, n: int = 3) -> str:
+    sources = {d.doc_id: d.text for d in documents}
+    picked = rows.head(n).select("doc_id", "text").to_dicts()
+    return sample_markdown([{"doc_id": r["doc_id"][:12], "source": sources.get(r["doc_id"], ""), "output": r["text"]} for r in picked])
+
+
+def _common(result: SynthesisResult, prompts: list[Prompt], engine: GenerationEngine | None) -> dict[str, Any]:
+    rates = result.pass_rates()
+    return {
+        **result.batch.metadata(),
+        "pass_rate": rates["pass_rate"],
+        "candidates": rates["candidates"],
+        "rejected_by_reason": rates["rejected_by_reason"],
+        "prompt_sha": {p.id: p.sha for p in prompts},
+        "model": engine.model if engine else None,
+        "model_fingerprint": engine.fingerprint if engine else None,
+    }
+
+
+def empty_step(reason: str, minimum_pass_rate: float, tables: dict[str, pl.DataFrame]) -> StepOutput:
+    """A partition the style is not routed to: published empty, with the reason."""
+    return StepOutput(
+        tables=tables,
+        outcomes={ROWS_VALID: Outcome(True), PASS_RATE: check_pass_rate(1.0, minimum_pass_rate)},
+        metadata={"not_routed": reason},
+    )
+
+
+def rewrite_step(
+    engine: GenerationEngine, inputs: PartitionInputs, prompt: Prompt, judge: Prompt | None, asset: str, minimum_pass_rate: float
+) -> StepOutput:
+    result = rewrite_documents(
+        engine, prompt, inputs.documents, count=inputs.count, gate=inputs.gate,
+        scope=generation_scope(asset, inputs.language, inputs.quality), seed=inputs.seed, judge=judge,
+    )  # fmt: skip
+    rows, rejects = result.frames()
+    rates = result.pass_rates()
+    return StepOutput(
+        tables={SYNTHETIC_ROWS: rows, SYNTHETIC_REJECTS: rejects},
+        outcomes={
+            ROWS_VALID: check_synthetic(rows, inputs.language, inputs.subset_doc_ids),
+            PASS_RATE: check_pass_rate(rates["pass_rate"], minimum_pass_rate),
+        },
+        metadata={
+            **_common(result, [prompt, *([judge] if judge else [])], engine),
+            "documents": len(inputs.documents),
+            "chunks": int(rows["chunk_starts"].list.len().sum() or 0),
+            "examples": _examples(inputs.documents, rows),
+        },
+        rows=rows.height,
+        tokens=int(rows["n_tokens"].sum() or 0),
+    )
+
+
+def entity_graphs_step(
+    engine: GenerationEngine, inputs: PartitionInputs, prompt: Prompt, max_entities: int, minimum_pass_rate: float
+) -> StepOutput:
+    graphs = extract_entity_graphs(
+        engine, prompt, inputs.documents, count=inputs.count,
+        scope=generation_scope(ENTITY_GRAPHS, inputs.language, inputs.quality), seed=inputs.seed, max_entities=max_entities,
+    )  # fmt: skip
+    _, rejects = graphs.result.frames()
+    rates = graphs.result.pass_rates(accepted=graphs.summaries.height)
+    per_doc = graphs.entities.group_by("doc_id").len()
+    return StepOutput(
+        tables={SUMMARIES: graphs.summaries, ENTITY_ROWS: graphs.entities, SYNTHETIC_REJECTS: rejects},
+        outcomes={
+            ROWS_VALID: check_entity_graphs(graphs.summaries, graphs.entities, inputs.subset_doc_ids),
+            PASS_RATE: check_pass_rate(rates["pass_rate"], minimum_pass_rate),
+        },
+        metadata={
+            **_common(graphs.result, [prompt], engine),
+            "pass_rate": rates["pass_rate"],
+            "candidates": rates["candidates"],
+            "documents": len(inputs.documents),
+            "entities": graphs.entities.height,
+            "entities_per_document_max": int(per_doc["len"].max() or 0) if per_doc.height else 0,
+            "examples": sample_markdown(
+                graphs.summaries.head(3).select(pl.col("doc_id").str.slice(0, 12), "n_entities", "summary").to_dicts()
+            ),
+        },
+        rows=graphs.summaries.height,
+    )
+
+
+def entigraph_corpus_step(
+    engine: GenerationEngine,
+    storage: Storage,
+    inputs: PartitionInputs,
+    prompts: dict[str, Prompt],
+    budget: Budget,
+    asset: str,
+    minimum_pass_rate: float,
+) -> StepOutput:
+    summaries = published_table(storage, ENTITY_GRAPHS, inputs.language, inputs.quality, SUMMARIES)
+    entities = published_table(storage, ENTITY_GRAPHS, inputs.language, inputs.quality, ENTITY_ROWS)
+    if summaries is None or entities is None:
+        raise FileNotFoundError(
+            f"entity_graphs {inputs.language}|{inputs.quality} is not published: materialize entity_graphs for this partition first"
+        )
+    pair, triple = prompts["pair"], prompts["triple"]
+    result, figures = relation_corpus(
+        engine, pair, triple, prompts["entities"].sha, inputs.documents, summaries, entities, count=inputs.count,
+        gate=inputs.gate, scope=generation_scope(asset, inputs.language, inputs.quality), seed=inputs.seed, budget=budget,
+    )  # fmt: skip
+    rows, rejects = result.frames()
+    rates = result.pass_rates()
+    by_kind = rows.group_by("kind").agg(pl.len().alias("rows"), pl.col("n_tokens").sum().alias("tokens")).sort("kind")
+    return StepOutput(
+        tables={SYNTHETIC_ROWS: rows, SYNTHETIC_REJECTS: rejects},
+        outcomes={
+            ROWS_VALID: check_synthetic(rows, inputs.language, inputs.subset_doc_ids),
+            PASS_RATE: check_pass_rate(rates["pass_rate"], minimum_pass_rate),
+        },
+        metadata={
+            **_common(result, [prompts["entities"], pair, triple], engine),
+            **figures.metadata(),
+            "budget": budget.arithmetic(max(pair.spec.output.max_tokens, triple.spec.output.max_tokens)),
+            "by_kind": {r["kind"]: {"rows": r["rows"], "tokens": r["tokens"]} for r in by_kind.to_dicts()},
+            "examples": _examples(inputs.documents, rows.filter(pl.col("kind") != "entigraph_summary")),
+        },
+        rows=rows.height,
+        tokens=int(rows["n_tokens"].sum() or 0),
+    )

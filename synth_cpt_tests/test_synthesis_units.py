@@ -1,0 +1,396 @@
+"""Synthesis machinery with the deterministic test double: prompts, chunking, fidelity, EntiGraph, routing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from synth_cpt.core.config import SynthesisConfig
+from synth_cpt.core.storage import LocalStorage
+from synth_cpt.corpus.tokenizer import TokenCounter, train_model
+from synth_cpt.generation.cache import GenerationCache
+from synth_cpt.generation.engine import GenerationEngine
+from synth_cpt.synthesis import fidelity as fid
+from synth_cpt.synthesis.chunking import chunk_document, join_outputs, tail_within
+from synth_cpt.synthesis.entigraph import Budget, extract_entity_graphs, merge_entities, normalize_entity, relation_corpus, relation_plan
+from synth_cpt.synthesis.prompts import OutputSpec, PromptError, load_kind, load_prompt, prompts_dir
+from synth_cpt.synthesis.rewrite import rewrite_documents
+from synth_cpt.synthesis.routing import check_routing, why_not_routed
+from synth_cpt.synthesis.rows import SourceDocument
+from synth_cpt.text.sentences import sentence_spans
+from synth_cpt_tests.conftest import EN_TEXT, PT_TEXT
+from synth_cpt_tests.doubles import DeterministicTestBackend
+
+PT_ABBREVIATIONS = (
+    "O Sr. Silva chegou às 10h. A Dra. Ana, p.ex., não veio. Custou R$ 3,50 (aprox.) e a U.S.P. fechou! "
+    "Veja a pág. 3 do relatório. Fim da história."
+)
+
+
+@pytest.fixture(scope="module")
+def counter() -> TokenCounter:
+    texts = [PT_TEXT, EN_TEXT, PT_ABBREVIATIONS] * 20
+    return TokenCounter(train_model(texts, vocab_size=600, seed=1, character_coverage=1.0))
+
+
+def never_identified(texts):
+    return ["", *[""] * (len(texts) - 1)], [0.0] * len(texts)
+
+
+def gate(counter, identify=never_identified) -> fid.GateContext:
+    return fid.GateContext(count=counter.count, identify=identify, min_language_confidence=0.5)
+
+
+def engine_with(tmp_path: Path, backend: DeterministicTestBackend) -> GenerationEngine:
+    return GenerationEngine(backend, GenerationCache(LocalStorage(tmp_path / "cache")), model="double", model_fingerprint="fp-double")
+
+
+def doc(i: int, text: str, language: str = "pt") -> SourceDocument:
+    return SourceDocument(f"d{i:03d}", text, language, "drop-a", "a.jsonl", i, None)
+
+
+def write_prompt(root: Path, kind: str, stem: str, **fields) -> Path:
+    data = {"name": stem, "kind": kind, "description": "a test prompt", "user": "Reescreva: {{ text }}", **fields}
+    path = root / kind / f"{stem}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    return path
+
+
+# -- the prompt library ------------------------------------------------------------------------------
+
+
+def test_shipped_library_loads_and_renders_in_both_languages():
+    rewrite = load_kind("rewrite")
+    assert {"easy", "medium", "hard", "qa", "diverse_qa", "distill", "extract_knowledge", "knowledge_list", "faithful", "guided"} <= set(
+        rewrite
+    )
+    for kind in ("rewrite", "entigraph", "judge"):
+        for prompt in load_kind(kind).values():
+            for language in ("pt", "en"):
+                messages = prompt.messages(language, text="Um texto.", context="", entities=["A", "B"], summary="", title="",
+                                           source="Um texto.", rewrite="Outro texto.")  # fmt: skip
+                assert messages[-1]["content"], (prompt.path, language)
+            assert prompt.sha == __import__("hashlib").sha256(Path(prompt.path).read_bytes()).hexdigest()
+    assert rewrite["faithful"].spec.chunking.autoregressive
+    assert load_prompt("entigraph", "entities").spec.json_schema is not None
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"name": "other"}, "name: 'other' must equal the file name"),
+        ({"user": "{{ txt }}"}, r"user: unknown variables \['txt'\]"),
+        ({"user": {"pt": "{% if %}"}}, "user.pt: Jinja2 syntax error"),
+        ({"sampling": {"max_tokens": 5}}, "sampling: .*output.max_tokens"),
+        ({"sampling": {"temperature": "hot"}}, "sampling: .*'temperature' must be a number"),
+        ({"output": {"length_ratio": [2, 1]}}, "output.length_ratio"),
+        ({"output": {"shape": "poem"}}, "output.shape"),
+        ({"chunking": {"autoregressive": True}}, "chunking: .*context_tokens"),
+        ({"schema": {"type": "object", "properties": {"a": {"type": "string"}}}}, "schema: .*maxLength"),
+        ({"surprise": 1}, "surprise: Extra inputs"),
+        ({"description": None}, "description"),
+    ],
+)
+def test_bad_prompt_file_names_the_file_and_the_field(tmp_path, fields, message):
+    path = write_prompt(tmp_path, "rewrite", "p", **fields)
+    with pytest.raises(PromptError, match=message) as err:
+        load_prompt("rewrite", "p", root=tmp_path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_language_template_is_a_clear_error(tmp_path):
+    write_prompt(tmp_path, "rewrite", "p", user={"pt": "Texto: {{ text }}"})
+    prompt = load_prompt("rewrite", "p", root=tmp_path)
+    assert "Texto: x" in prompt.messages("pt", text="x")[-1]["content"]
+    with pytest.raises(PromptError, match="no template for language 'en'"):
+        prompt.messages("en", text="x")
+
+
+def test_prompts_dir_is_the_repository_folder():
+    assert (prompts_dir() / "rewrite" / "medium.yaml").is_file()
+
+
+# -- chunking ----------------------------------------------------------------------------------------
+
+
+def test_sentences_keep_portuguese_abbreviations_together():
+    spans = sentence_spans(PT_ABBREVIATIONS, "pt")
+    sentences = [PT_ABBREVIATIONS[a:b].strip() for a, b in spans]
+    assert sentences == [
+        "O Sr. Silva chegou às 10h.",
+        "A Dra. Ana, p.ex., não veio.",
+        "Custou R$ 3,50 (aprox.) e a U.S.P. fechou!",
+        "Veja a pág. 3 do relatório.",
+        "Fim da história.",
+    ]
+
+
+_WORDS = st.sampled_from(["casa", "Sr.", "Dra.", "pág.", "10h.", "3,50", "São", "Paulo.", "fim!", "ok?", "\n", "\n\n", "é", "  "])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(words=st.lists(_WORDS, min_size=0, max_size=300), limit=st.integers(16, 80), split=st.sampled_from(["sentences", "lines"]))
+def test_chunks_concatenate_to_the_text_and_fit_the_limit(counter, words, limit, split):
+    text = " ".join(words)
+    chunks = chunk_document(text, limit, counter.count, split, "pt")
+    assert "".join(c.text for c in chunks) == text
+    assert all(c.n_tokens <= limit for c in chunks)
+    assert all(c.n_tokens == counter.count([c.text])[0] for c in chunks)
+    assert [c.start for c in chunks] == sorted({c.start for c in chunks})
+    if text:
+        assert chunks[0].start == 0 and chunks[-1].end == len(text)
+
+
+def test_chunks_cut_on_sentence_boundaries(counter):
+    text = " ".join([PT_TEXT, PT_ABBREVIATIONS, PT_TEXT])
+    spans = sentence_spans(text, "pt")
+    limit = max(counter.count([text[a:b] for a, b in spans])) + 2  # every sentence fits: cuts fall between them
+    chunks = chunk_document(text, limit, counter.count, "sentences", "pt")
+    starts = {a for a, _ in spans}
+    assert len(chunks) > 2 and all(c.start in starts for c in chunks)
+
+
+def test_outputs_rejoin_in_order_with_the_sources_breaks(counter):
+    text = "Primeira parte aqui.\n\nSegunda parte aqui.\nTerceira parte."
+    chunks = chunk_document(text, 16, counter.count, "lines", "pt")
+    joined = join_outputs(chunks, [f"<{i}>" for i in range(len(chunks))])
+    assert joined.index("<0>") < joined.index("<1>") < joined.index(f"<{len(chunks) - 1}>")
+    assert "\n" in joined
+
+
+def test_context_tail_respects_its_budget(counter):
+    texts = [f"Parte {i} com algumas palavras a mais." for i in range(10)]
+    tail = tail_within(texts, 30, counter.count)
+    assert tail.endswith(texts[-1]) and counter.count([tail])[0] <= 30 + 3
+    assert tail_within(texts, 0, counter.count) == ""
+
+
+# -- fidelity rules ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "kept"),
+    [
+        ("Here is a paraphrase:\nThe cat sat.", "The cat sat."),
+        ("Aqui está o texto reescrito:\n\nO gato sentou.", "O gato sentou."),
+        ("Claro! Aqui está a versão reescrita: O gato sentou.", "O gato sentou."),
+        ("Segue o texto:\nO gato sentou.", "O gato sentou."),
+        ("O gato sentou: depois dormiu.", "O gato sentou: depois dormiu."),
+    ],
+)
+def test_preambles_are_stripped_in_both_languages(raw, kept):
+    assert fid.strip_preamble(raw) == kept
+
+
+@pytest.mark.parametrize(
+    ("text", "finish", "code"),
+    [
+        ("Desculpe, não posso reescrever este texto.", "stop", fid.REFUSAL),
+        ("I'm sorry, but I can't help with that.", "stop", fid.REFUSAL),
+        ("O gato sentou e dormiu no tapete.", "length", fid.TRUNCATED),
+        ("   ", "stop", fid.EMPTY),
+        ("O texto. Aqui está o texto reescrito: nada.", "stop", fid.PREAMBLE),
+        ("O gato sentou e dormiu no tapete.", "stop", None),
+    ],
+)
+def test_piece_rules(text, finish, code):
+    assert fid.clean_piece(text, finish, OutputSpec()).reason_code == code
+
+
+def test_truncated_output_kept_when_the_style_allows_it():
+    assert fid.clean_piece("Uma lista de fatos", "length", OutputSpec(allow_truncated=True)).ok
+
+
+def test_reasoning_is_dropped_after_the_marker():
+    out = OutputSpec(answer_after=("Rewrite:", "Reescrita:"))
+    piece = fid.clean_piece("Raciocínio: o texto é um anúncio.\nReescrita: O produto custa 10 reais.", "stop", out)
+    assert piece.ok and piece.text == "O produto custa 10 reais."
+    assert fid.clean_piece("Só raciocínio.", "stop", out).reason_code == fid.NO_ANSWER
+
+
+SOURCE = "Em 1500, Pedro Álvares Cabral chegou ao Brasil com 13 navios. A frota partiu de Lisboa em março."
+
+
+@pytest.mark.parametrize(
+    ("output", "spec", "identify", "code"),
+    [
+        ("Cabral chegou em 1500 ao Brasil, com 13 navios vindos de Lisboa, em março daquele ano.", {}, None, None),
+        ("Cabral chegou ao Brasil.", {"min_number_coverage": 0.5, "length_ratio": None}, None, fid.NUMBERS),
+        ("Em 1500 e 13 navios chegaram; a frota partiu em março, muito longe daqui.", {"min_entity_coverage": 0.5}, None, fid.ENTITIES),
+        (SOURCE, {}, None, fid.COPY),
+        ("Sim.", {"min_tokens": 8}, None, fid.TOO_SHORT),
+        ("Em 1500 " * 80, {"length_ratio": (0.3, 3.0)}, None, fid.LENGTH_RATIO),
+        ("Cabral chegou em 1500 ao Brasil com 13 navios de Lisboa.", {"shape": "qa"}, None, fid.SHAPE),
+        ("Pergunta: Quando Cabral chegou?\nResposta: Em 1500, com 13 navios.", {"shape": "qa", "length_ratio": None}, None, None),
+        ("- Cabral chegou em 1500\n- Eram 13 navios\n- Partiram de Lisboa", {"shape": "list", "length_ratio": None}, None, None),
+        ("Cabral arrived in Brazil in 1500 with 13 ships from Lisbon in March.", {}, ("en", 0.98), fid.WRONG_LANGUAGE),
+        ("Cabral chegou em 1500 ao Brasil, com 13 navios de Lisboa, em março.", {}, ("en", 0.2), None),
+    ],
+)
+def test_document_rules_portuguese(counter, output, spec, identify, code):
+    ident = (lambda texts: ([identify[0]] * len(texts), [identify[1]] * len(texts))) if identify else never_identified
+    verdict = fid.check_document(SOURCE, output, "pt", OutputSpec(**spec), gate(counter, ident))
+    assert verdict.reason_code == code, verdict.reason
+    assert verdict.figures["source_tokens"] > 0
+
+
+def test_entity_and_number_extraction():
+    assert fid.numbers("Custou 1.500 reais em 2024, ou 3,5%.") == {"1500", "2024", "35"}
+    names = fid.named_entities("Ontem o Pedro foi a São Paulo. Depois voltou ao Rio de Janeiro com a Ana.")
+    assert {"pedro", "sao paulo", "rio de janeiro", "ana"} <= names and "ontem" not in names
+
+
+# -- rewriting with the test double --------------------------------------------------------------------
+
+
+def test_rewrite_rows_carry_lineage_and_rerun_sends_nothing(tmp_path, counter):
+    prompt = load_prompt("rewrite", "medium")
+    docs = [doc(1, PT_TEXT), doc(2, " ".join([PT_TEXT] * 3))]
+    backend = DeterministicTestBackend(reply=lambda p: "Texto reescrito com cuidado sobre o " + p.request.messages[-1][1][-40:])
+    engine = engine_with(tmp_path, backend)
+    result = rewrite_documents(engine, prompt, docs, count=counter.count, gate=gate(counter), scope="rewrites_medium/pt/high")
+    rows, rejects = result.frames()
+    assert rows.height + rejects.height == 2
+    long_doc = [r for r in rows.to_dicts() + rejects.to_dicts() if r["doc_id"] == "d002"][0]
+    assert len(long_doc["request_ids"]) > 1  # chunked
+    cached = engine.cache.finished([rid for ids in rows["request_ids"].to_list() for rid in ids])
+    assert set(cached["request_id"].to_list()) == {rid for ids in rows["request_ids"].to_list() for rid in ids}
+    assert set(rows["prompt_sha"].to_list()) <= {prompt.sha} and set(rows["model_fingerprint"].to_list()) <= {"fp-double"}
+    sent = len(backend.sent)
+    again = rewrite_documents(engine, prompt, docs, count=counter.count, gate=gate(counter), scope="rewrites_medium/pt/high")
+    assert len(backend.sent) == sent and again.batch.metadata()["sent"] == 0
+    assert again.frames()[0].equals(rows)
+
+
+def test_a_failed_chunk_rejects_the_whole_document(tmp_path, counter):
+    prompt = load_prompt("rewrite", "medium")
+    long_doc = doc(1, " ".join([PT_TEXT] * 3))
+    engine = engine_with(tmp_path, DeterministicTestBackend())
+    requests = [
+        prompt.request("pt", text=c.text, context="", title="")
+        for c in chunk_document(long_doc.text, prompt.spec.chunking.max_input_tokens, counter.count, "sentences", "pt")
+    ]
+    engine.backend.fail_ids = {requests[1].request_id("fp-double")}
+    result = rewrite_documents(engine, prompt, [long_doc], count=counter.count, gate=gate(counter), scope="s")
+    rows, rejects = result.frames()
+    assert rows.height == 0 and rejects["reason_code"].to_list() == [fid.FAILED] and rejects["chunk_index"].to_list() == [1]
+
+
+def test_autoregressive_chains_carry_context_and_advance_together(tmp_path, counter):
+    write_prompt(
+        tmp_path / "p", "rewrite", "chain", user="{% if context %}ANTES: {{ context }}\n{% endif %}AGORA: {{ text }}",
+        chunking={"max_input_tokens": 40, "autoregressive": True, "context_tokens": 200},
+        output={"length_ratio": None, "max_copy_similarity": None, "min_tokens": 0},
+    )  # fmt: skip
+    prompt = load_prompt("rewrite", "chain", root=tmp_path / "p")
+
+    def reply(p):
+        user = p.request.messages[-1][1]
+        return "R[" + user.split("AGORA: ", 1)[1][:12] + "]"
+
+    backend = DeterministicTestBackend(reply=reply)
+    engine = engine_with(tmp_path, backend)
+    docs = [doc(i, " ".join(f"Documento {i}, parte {k}. {PT_TEXT}" for k in range(n))) for i, n in ((1, 2), (2, 1), (3, 3))]
+    chunks = {d.doc_id: chunk_document(d.text, 40, counter.count, "sentences", "pt") for d in docs}
+    result = rewrite_documents(engine, prompt, docs, count=counter.count, gate=gate(counter), scope="s")
+    rows, _ = result.frames()
+    longest = max(len(c) for c in chunks.values())
+    # one engine batch per chunk position, each holding every document that still has that chunk
+    assert [len(b) for b in backend.batches] == [sum(len(c) > k for c in chunks.values()) for k in range(longest)]
+    by_id = {r["request_id"]: r for r in engine.cache.load().to_dicts()}
+    for row in rows.to_dicts():
+        ids = row["request_ids"]
+        assert len(ids) == len(chunks[row["doc_id"]])
+        for k, rid in enumerate(ids):
+            user = json.loads(by_id[rid]["messages"])[-1]["content"]
+            assert ("ANTES:" in user) == (k > 0)
+            if k > 0:  # carries the previous chunk's rewritten text
+                assert by_id[ids[k - 1]]["text"].strip() in user
+        assert row["text"].count("R[") == len(ids)
+
+
+# -- EntiGraph ---------------------------------------------------------------------------------------
+
+
+def test_entities_are_normalized_and_merged():
+    assert normalize_entity('  "São  Paulo". ') == "São Paulo"
+    assert normalize_entity("!!!") is None and normalize_entity(42) is None and normalize_entity("x" * 200) is None
+    assert merge_entities([["São Paulo", "Lisboa"], ["sao paulo", "Cabral", "LISBOA"]], 10) == ["São Paulo", "Lisboa", "Cabral"]
+    assert merge_entities([["a", "b", "c"]], 2) == ["a", "b"]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 9])
+def test_relation_plan_enumerates_pairs_then_triples_deterministically(n):
+    names = [f"e{i}" for i in range(n)]
+    full = relation_plan(names, "doc", 7, None)
+    assert len(full) == math.comb(n, 2) + math.comb(n, 3)
+    assert len(set(full)) == len(full)
+    pairs = [c for c in full if len(c) == 2]
+    assert full[: len(pairs)] == pairs  # pairs first
+    assert relation_plan(names, "doc", 7, None) == full  # same seed, same order
+    capped = relation_plan(names, "doc", 7, 4)
+    assert capped == full[:4]
+    if n >= 4:
+        assert relation_plan(names, "doc", 8, None) != full  # the seed matters
+    assert all(len(c) == 2 for c in relation_plan(names, "doc", 7, None, triples=False))
+
+
+def test_budget_arithmetic():
+    assert Budget(relations=8).per_document(400) == 8
+    assert Budget(relations=None, tokens=2000).per_document(400) == 5
+    assert Budget(relations=3, tokens=2000).per_document(400) == 3
+    assert "2,000 // max_tokens 400 = 5" in Budget(relations=None, tokens=2000).arithmetic(400)
+
+
+def test_entity_graphs_and_corpus_with_the_double(tmp_path, counter):
+    prompts = {n: load_prompt("entigraph", n) for n in ("entities", "pair", "triple")}
+
+    def reply(p):
+        if p.request.json_schema:
+            return json.dumps({"summary": "Resumo do documento.", "entities": ["Cabral", "Lisboa", "cabral", "Brasil", ""]})
+        return "Texto sobre como " + " e ".join(p.request.messages[-1][1].split("\n")[0:1]) + " se relacionam no documento."
+
+    engine = engine_with(tmp_path, DeterministicTestBackend(reply=reply))
+    docs = [doc(1, SOURCE), doc(2, SOURCE + " Outra frase sobre Lisboa.")]
+    graphs = extract_entity_graphs(engine, prompts["entities"], docs, count=counter.count, scope="eg", seed=3)
+    assert graphs.summaries.height == 2
+    assert graphs.entities.filter(graphs.entities["doc_id"] == "d001")["entity"].to_list() == ["Cabral", "Lisboa", "Brasil"]
+    budget = Budget(relations=4)
+    result, figures = relation_corpus(
+        engine, prompts["pair"], prompts["triple"], prompts["entities"].sha, docs, graphs.summaries, graphs.entities,
+        count=counter.count, gate=gate(counter), scope="ec", seed=3, budget=budget,
+    )  # fmt: skip
+    assert figures.pairs_possible == 6 and figures.triples_possible == 2
+    assert figures.pairs_planned == 6 and figures.triples_planned == 2  # 3 pairs + 1 triple per document
+    rows, rejects = result.frames()
+    assert rows.filter(rows["kind"] == "entigraph_summary").height == 2
+    assert rows.height + rejects.height == 2 + 8
+    for row in rows.filter(rows["kind"] != "entigraph_summary").to_dicts():
+        assert len(row["request_ids"]) == 1 and len(row["entities"]) in (2, 3)
+
+
+# -- routing -----------------------------------------------------------------------------------------
+
+
+def test_routing_default_profile_and_custom():
+    styles = load_kind("rewrite")
+    study = SynthesisConfig()
+    assert [s for s in styles if why_not_routed(study, styles[s], "high") is None] == ["easy", "hard", "medium", "qa"]
+    assert [s for s in styles if why_not_routed(study, styles[s], "low") is None] == ["easy", "hard", "medium", "qa"]
+    nemotron = SynthesisConfig(profile="nemotron")
+    assert [s for s in styles if why_not_routed(nemotron, styles[s], "low") is None] == ["medium"]
+    assert sorted(s for s in styles if why_not_routed(nemotron, styles[s], "high") is None) == [
+        "distill", "diverse_qa", "extract_knowledge", "knowledge_list",
+    ]  # fmt: skip
+    custom = SynthesisConfig(routing={"low": ("guided",)})
+    assert "does not route" in why_not_routed(custom, styles["medium"], "low")
+    assert why_not_routed(custom, styles["guided"], "low") is None
+    with pytest.raises(PromptError, match="routes styles \\['nope'\\]"):
+        check_routing(SynthesisConfig(routing={"low": ("nope",)}), styles)
