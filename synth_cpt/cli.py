@@ -307,6 +307,159 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    """Materialize the generation assets for every partition (or those asked) in this process: one
+    Dagster run per partition, all sharing one loaded engine."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if args.config:
+        os.environ["SYNTH_CPT_CONFIG"] = str(Path(args.config).resolve())
+    config = load_config(args.config) if args.config else load_config()
+
+    from dagster import AssetKey
+
+    from synth_cpt.defs.definitions import build_definitions
+    from synth_cpt.defs.synthesis import GROUP
+
+    console = Console(stderr=True)
+    instance = _instance()
+    defs = build_definitions()
+    graph = defs.resolve_asset_graph()
+    everything = sorted((k for k in graph.get_all_asset_keys() if graph.get(k).group_name == GROUP), key=str)
+    keys = [AssetKey(a) for a in args.asset] if args.asset else everything
+    unknown = [k.to_user_string() for k in keys if k not in everything]
+    if unknown:
+        raise SystemExit(f"synth-cpt synthesize: unknown assets {unknown}; there are {[k.to_user_string() for k in everything]}")
+    partitions = args.partition or [f"{lang}|{q}" for lang in config.languages for q in config.quality.buckets]
+    job = defs.resolve_implicit_job_def_def_for_assets(keys)
+    rows: list[dict] = []
+    failures: list[str] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("synthesis", total=len(partitions))
+        for partition in partitions:
+            progress.update(task, description=f"synthesis {partition}")
+            result = job.execute_in_process(
+                instance=instance, partition_key=partition, asset_selection=keys, raise_on_error=False,
+                run_config=QUIET_RUN_CONFIG, tags={"synth_cpt/launched_by": "synth-cpt synthesize"},
+            )  # fmt: skip
+            if not result.success:
+                failures.append(f"{partition} (run {result.run_id})")
+            for event in result.get_asset_materialization_events():
+                m = event.event_specific_data.materialization
+                meta = {k: v.value for k, v in m.metadata.items()}
+                rows.append({"asset": m.asset_key.to_user_string(), "partition": partition, "run": result.run_id, **meta})
+            progress.advance(task)
+    _print_synthesis(Console(), rows)
+    if failures:
+        console.print("[red]failed runs (see them in the Dagster UI):[/red]")
+        for f in failures:
+            console.print(f"  - {f}")
+        return 1
+    return 0
+
+
+def _print_synthesis(console: Console, rows: list[dict]) -> None:
+    table = Table(title="synthetic data made (rows and tokens per asset and partition)")
+    for col in ("asset", "partition", "rows", "tokens", "pass rate", "sent", "cached", "where"):
+        table.add_column(col, justify="left" if col in ("asset", "partition", "where") else "right", overflow="fold")
+    for r in sorted(rows, key=lambda r: (r["asset"], r["partition"])):
+        routed = "not_routed" not in r
+        table.add_row(
+            r["asset"], r["partition"], f"{r.get('dagster/row_count', 0):,}", f"{r.get('tokens', 0):,}",
+            f"{r.get('pass_rate', 1.0):.0%}" if routed else "not routed", f"{r.get('sent', 0):,}", f"{r.get('cache_hits', 0):,}",
+            str(r.get("dagster/uri", "")),
+        )  # fmt: skip
+    console.print(table)
+    runs: dict[str, tuple[int, float]] = {}
+    for r in rows:  # engine figures are cumulative within a run's step: its largest value is the run's
+        loads, secs = runs.get(r["run"], (0, 0.0))
+        runs[r["run"]] = (max(loads, int(r.get("engine_loads", 0))), max(secs, float(r.get("engine_load_seconds", 0.0))))
+    loads = sum(v[0] for v in runs.values())
+    seconds = sum(v[1] for v in runs.values())
+    console.print(f"engine loads: {loads} in {len(runs)} run(s), {seconds:.1f} s loading")
+
+
+def _find_document(storage, config, doc_id: str):
+    """A document of the quality subsets, by doc_id or a unique prefix of it."""
+    import polars as pl
+
+    from synth_cpt.core.layout import QUALITY_SUBSETS, partition_file
+    from synth_cpt.synthesis.rows import SourceDocument
+    from synth_cpt.synthesis.steps import SOURCE_COLUMNS
+
+    found = []
+    for lang in config.languages:
+        for q in config.quality.buckets:
+            key = partition_file(QUALITY_SUBSETS, lang, q)
+            if storage.exists(key):
+                frame = storage.read_parquet(key, columns=SOURCE_COLUMNS).filter(pl.col("doc_id").str.starts_with(doc_id))
+                found += SourceDocument.from_frame(frame)
+    if len(found) != 1:
+        raise SystemExit(f"synth-cpt prompts render: {len(found)} documents of the quality subsets match --doc {doc_id!r}")
+    return found[0]
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    import json
+
+    from synth_cpt.synthesis.prompts import KINDS, PromptError, list_prompts, load_kind, load_prompt
+
+    try:
+        if args.action == "list":
+            table = Table(title="prompt library (prompts/<kind>/<name>.yaml)")
+            for col in ("kind", "name", "buckets", "chunking", "max_tokens", "prompt_sha", "description"):
+                table.add_column(col, overflow="fold")
+            for kind in KINDS:
+                for name, p in load_kind(kind).items():
+                    c = p.spec.chunking
+                    chunking = f"{c.max_input_tokens} tok by {c.split}" + (", autoregressive" if c.autoregressive else "")
+                    table.add_row(
+                        kind, name, ",".join(p.spec.buckets) or "-", chunking, str(p.spec.output.max_tokens), p.sha[:12], p.spec.description
+                    )
+            Console().print(table)
+            return 0
+        if not args.name:
+            raise SystemExit(f"synth-cpt prompts {args.action}: name a prompt")
+        kind = args.kind or next((k for k in KINDS if args.name in list_prompts(k)), "rewrite")
+        prompt = load_prompt(kind, args.name)
+        if args.action == "show":
+            print(f"# {prompt.path}\n# prompt_sha {prompt.sha}")
+            print(Path(prompt.path).read_text(encoding="utf-8"))
+            return 0
+        # render: exactly the messages and sampling sent for a real document, chunk by chunk
+        if not args.doc:
+            raise SystemExit("synth-cpt prompts render: --doc <doc_id> names the document")
+        if kind == "judge":
+            raise SystemExit("synth-cpt prompts render: a judge prompt needs a rewrite; render a rewrite or entigraph prompt")
+        from synth_cpt.core.storage import open_storage
+        from synth_cpt.corpus.tokenizer import TokenCounter
+        from synth_cpt.synthesis.chunking import chunk_document
+
+        config = load_config(args.config) if args.config else load_config()
+        storage = open_storage(config.storage_uri())
+        doc = _find_document(storage, config, args.doc)
+        counter = TokenCounter.from_storage(storage)
+        c = prompt.spec.chunking
+        chunks = chunk_document(doc.text, c.max_input_tokens, counter.count, c.split, doc.language)
+        entities = [f"<entity {i + 1}>" for i in range({"pair": 2, "triple": 3}.get(args.name, 0))]
+        for chunk in chunks:
+            context = (
+                "<the rewritten chunks before this one, up to %d tokens>" % c.context_tokens if c.autoregressive and chunk.index else ""
+            )
+            request = prompt.request(doc.language, seed=config.seeds.synthesis, text=chunk.text, context=context, entities=entities,
+                                     summary="", title=doc.title or "")  # fmt: skip
+            header = {"doc_id": doc.doc_id, "chunk": chunk.index, "of": len(chunks), "source_tokens": chunk.n_tokens,
+                      "prompt_sha": prompt.sha, "sampling": request.sampling.as_dict(), "json_schema": request.schema}  # fmt: skip
+            print(json.dumps(header, ensure_ascii=False))
+            for m in request.message_dicts():
+                print(f"--- {m['role']} ---\n{m['content']}")
+            print()
+        return 0
+    except PromptError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else load_config()
     print(config.model_dump_json(indent=2))
@@ -339,6 +492,16 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--root", help="storage root of the cache (default: the pipeline's)")
     cache.add_argument("--prefix", default=GENERATIONS)
     cache.set_defaults(func=cmd_cache)
+    syn = sub.add_parser("synthesize", help="materialize the generation assets (rewrites_*, entity_graphs, entigraph_corpus) per partition")
+    syn.add_argument("--partition", action="append", help="'pt|high' (repeat; default: every partition)")
+    syn.add_argument("--asset", action="append", help="e.g. rewrites_medium (repeat; default: every generation asset)")
+    syn.set_defaults(func=cmd_synthesize)
+    prm = sub.add_parser("prompts", help="the prompt library: list, show a file, or render what is sent for a real document")
+    prm.add_argument("action", choices=["list", "show", "render"])
+    prm.add_argument("name", nargs="?", help="prompt name, e.g. medium")
+    prm.add_argument("--kind", choices=["rewrite", "entigraph", "judge"], help="default: the first kind that has the name")
+    prm.add_argument("--doc", help="render: doc_id (or a unique prefix) of a quality_subsets document")
+    prm.set_defaults(func=cmd_prompts)
     cfg = sub.add_parser("config", help="validate the pipeline config and print it with every default filled in")
     cfg.set_defaults(func=cmd_config)
     return parser

@@ -92,3 +92,25 @@ def s3_bucket(moto_endpoint, request):
     name = "synth-cpt-" + request.node.name.lower().replace("_", "-")[:40]
     client.create_bucket(Bucket=name)
     return client, name
+
+
+@pytest.fixture(scope="session")
+def vllm_session(tmp_path_factory):
+    """The real engine, loaded once for the whole session (~20-30 s on 2 cores). It is the process's
+    shared backend for the default LLM settings, so assets materialized in this process (through
+    Dagster, with SYNTH_CPT_MODELS pointing at the same converted model) use it instead of loading
+    another one."""
+    from synth_cpt.defs.resources import LLM
+
+    saved = os.environ.get("SYNTH_CPT_MODELS")
+    os.environ["SYNTH_CPT_MODELS"] = str(tmp_path_factory.mktemp("models"))
+    root = tmp_path_factory.mktemp("vllm_home")
+    resource = LLM()
+    model_path, identity = resource.resolve_model(str(root))
+    backend = resource.shared_backend(model_path)
+    yield backend, root, resource, identity, model_path
+    backend.close()
+    if saved is None:
+        os.environ.pop("SYNTH_CPT_MODELS", None)
+    else:
+        os.environ["SYNTH_CPT_MODELS"] = saved

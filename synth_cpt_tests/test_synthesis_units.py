@@ -354,7 +354,7 @@ def test_entity_graphs_and_corpus_with_the_double(tmp_path, counter):
 
     def reply(p):
         if p.request.json_schema:
-            return json.dumps({"summary": "Resumo do documento.", "entities": ["Cabral", "Lisboa", "cabral", "Brasil", ""]})
+            return json.dumps({"summary": "Resumo do documento.", "entities": ["Cabral", "Lisboa", "cabral", "Brasil", " . "]})
         return "Texto sobre como " + " e ".join(p.request.messages[-1][1].split("\n")[0:1]) + " se relacionam no documento."
 
     engine = engine_with(tmp_path, DeterministicTestBackend(reply=reply))

@@ -6,7 +6,6 @@ import jsonschema
 import pytest
 
 from synth_cpt.core.storage import LocalStorage
-from synth_cpt.defs.resources import LLM
 from synth_cpt.generation.backends import VLLMBackend
 from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.engine import GenerationEngine
@@ -24,17 +23,6 @@ SCHEMA = {
     "required": ["summary", "entities"],
     "additionalProperties": False,
 }
-
-
-@pytest.fixture(scope="session")
-def vllm_session(tmp_path_factory):
-    """One engine for the whole session (loading takes ~30 s on 2 cores)."""
-    root = tmp_path_factory.mktemp("vllm_home")
-    resource = LLM()
-    model_path, identity = resource.resolve_model(str(root))
-    backend = VLLMBackend(model_path, resource.engine_args())
-    yield backend, root, resource, identity, model_path
-    backend.close()
 
 
 def _engine(backend, root, resource, identity):

@@ -1,0 +1,170 @@
+"""The generation assets through Dagster, with the deterministic test double as the engine's backend."""
+
+import json
+import re
+
+import duckdb
+import pytest
+import yaml
+from dagster import AssetKey, DagsterInstance, materialize
+
+from synth_cpt.core.storage import LocalStorage
+from synth_cpt.defs.resources import LLM, PipelineResource
+from synth_cpt.generation.cache import GenerationCache
+from synth_cpt.generation.engine import GenerationEngine
+
+from .conftest import EN_TEXT, PT_TEXT, write_jsonl
+from .doubles import DeterministicTestBackend
+
+PARTITION = "pt|high"
+
+
+def swapped_words(prepared) -> str:
+    """A 'rewrite' in the document's own words, reordered: Portuguese, as long as the source, not a copy."""
+    user = prepared.request.messages[-1][1]
+    text = re.split(r"\n(?:Texto|Text|TEXTO)[^\n]*:\s*\n", user)[-1]
+    words = text.split()
+    for i in range(0, len(words) - 1, 2):
+        words[i], words[i + 1] = words[i + 1], words[i]
+    return " ".join(words)
+
+
+class LLMWithTestDouble(LLM):
+    """The LLM resource with the test double behind it (tests only)."""
+
+    def engine(self, storage, storage_root, log=None, progress=None):
+        return GenerationEngine(DOUBLE["backend"], GenerationCache(storage), model="test-double", model_fingerprint="fp-double", log=log)
+
+
+DOUBLE: dict = {}
+
+
+def configure(tmp_path, monkeypatch, seed: int = 1234, **synthesis):
+    """Definitions for a config over the small test drop (generation capped to 3 documents). Each
+    config is a new file: the process caches a config by its path."""
+    cfg = tmp_path / f"pipeline-{len(list(tmp_path.glob('pipeline-*.yaml')))}.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "storage_root": str(tmp_path / "home"),
+                "drops": {"location": str(tmp_path / "drops"), "settle_seconds": 0},
+                "tokenizer": {"vocab_size": 600},
+                "subsets": {"default_budget_tokens": 100000},
+                "synthesis": {"max_documents": 3, "min_pass_rate": 0.0, **synthesis},
+                "seeds": {"synthesis": seed},
+            }
+        )
+    )
+    monkeypatch.setenv("SYNTH_CPT_CONFIG", str(cfg))
+    monkeypatch.delenv("SYNTH_CPT_HOME", raising=False)
+    monkeypatch.delenv("SYNTH_CPT_DROPS", raising=False)
+    from synth_cpt.defs.definitions import build_definitions
+
+    return build_definitions()
+
+
+def ingest_small_corpus(tmp_path, monkeypatch, **synthesis):
+    """Five Portuguese documents and one English one, ingested up to quality_subsets of pt|high."""
+    docs = [{"text": f"Documento {i}. {PT_TEXT} Foram {i + 3} escolas em 2024.", "edu": 3.0 + i / 10} for i in range(5)]
+    write_jsonl(tmp_path / "drops" / "2026-11-01.jsonl", docs + [{"text": EN_TEXT, "stem": 1.0}])
+    defs = configure(tmp_path, monkeypatch, **synthesis)
+    with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("crawl_drops", ["2026-11-01.jsonl"])
+        assert defs.resolve_job_def("ingest_drop_job").execute_in_process(instance=instance, partition_key="2026-11-01.jsonl").success
+        for key in ("pt|high", "pt|low", "en|high", "en|low"):
+            assert defs.resolve_job_def("corpus_job").execute_in_process(instance=instance, partition_key=key).success
+        assert defs.resolve_job_def("tokenizer_job").execute_in_process(instance=instance).success
+        assert defs.resolve_job_def("quality_subsets_job").execute_in_process(instance=instance, partition_key=PARTITION).success
+    return defs, tmp_path / "home"
+
+
+@pytest.fixture
+def pipeline(tmp_path, monkeypatch):
+    defs, home = ingest_small_corpus(tmp_path, monkeypatch)
+    DOUBLE["backend"] = DeterministicTestBackend(reply=lambda p: None if p.request.json_schema else swapped_words(p))
+    with DagsterInstance.ephemeral() as instance:
+        yield defs, instance, home, lambda **kw: configure(tmp_path, monkeypatch, **kw)
+
+
+def synthesize(defs, instance, assets, raise_on_error=True):
+    synthesis = next(a for a in defs.assets if getattr(a, "node_def", None) is not None and a.node_def.name == "synthesis")
+    return materialize(
+        [synthesis], instance=instance, partition_key=PARTITION, selection=[AssetKey(a) for a in assets],
+        resources={"pipeline": PipelineResource(), "llm": LLMWithTestDouble()}, raise_on_error=raise_on_error,
+    )  # fmt: skip
+
+
+def materializations(result) -> dict[str, dict]:
+    return {
+        e.asset_key.to_user_string(): {k: v.value for k, v in e.event_specific_data.materialization.metadata.items()}
+        for e in result.get_asset_materialization_events()
+    }
+
+
+def test_generation_assets_publish_rows_with_lineage_and_rerun_sends_nothing(pipeline):
+    defs, instance, home, _ = pipeline
+    wanted = ["rewrites_medium", "rewrites_distill", "entity_graphs", "entigraph_corpus"]
+    first = synthesize(defs, instance, wanted)
+    meta = materializations(first)
+    assert set(meta) == set(wanted)
+    assert "not routed" not in json.dumps(meta["rewrites_medium"]) and meta["rewrites_medium"]["sent"] > 0
+    assert "does not route" in meta["rewrites_distill"]["not_routed"] or "applies to buckets" in meta["rewrites_distill"]["not_routed"]
+    assert meta["rewrites_distill"]["dagster/row_count"] == 0
+    evals = [e.event_specific_data for e in first.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert {(ev.asset_key.to_user_string(), ev.check_name) for ev in evals} == {(a, c) for a in wanted for c in ("rows_valid", "pass_rate")}
+    assert all(ev.passed for ev in evals)
+
+    # every row leads back to a subset document and to its generations in the cache
+    rows_glob = f"{home}/rewrites_medium/pt/high/v/*/rows.parquet"
+    rows = duckdb.sql(
+        f"select doc_id, drop_id, source_line, request_ids, prompt_sha, model_fingerprint from read_parquet('{rows_glob}')"
+    ).fetchall()
+    assert rows
+    subset = dict(duckdb.sql(f"select doc_id, source_line from read_parquet('{home}/quality_subsets/pt/high/part-0.parquet')").fetchall())
+    cache = GenerationCache(LocalStorage(home))
+    for doc_id, drop_id, line, request_ids, prompt_sha, fingerprint in rows:
+        assert subset[doc_id] == line and drop_id == "2026-11-01.jsonl"
+        found = cache.finished(request_ids)
+        assert set(found["request_id"].to_list()) == set(request_ids)
+        assert set(found["prompt_sha"].to_list()) == {prompt_sha} and set(found["model_fingerprint"].to_list()) == {fingerprint}
+    corpus = duckdb.sql(
+        f"select kind, count(*) from read_parquet('{home}/entigraph_corpus/pt/high/v/*/rows.parquet') group by kind"
+    ).fetchall()
+    assert dict(corpus)["entigraph_summary"] == 3
+    assert meta["entigraph_corpus"]["pairs_planned"] >= 1 and "per document" in meta["entigraph_corpus"]["budget"]
+
+    # a second materialization sends zero requests and publishes the same rows
+    sent = len(DOUBLE["backend"].sent)
+    second = materializations(synthesize(defs, instance, wanted))
+    assert len(DOUBLE["backend"].sent) == sent
+    assert all(second[a].get("sent", 0) == 0 for a in wanted)
+    assert second["rewrites_medium"]["dagster/row_count"] == meta["rewrites_medium"]["dagster/row_count"]
+
+
+def test_pass_rate_below_minimum_blocks_publishing(pipeline):
+    defs, instance, home, configure = pipeline
+    assert synthesize(defs, instance, ["rewrites_easy"]).success
+    before = (home / "rewrites_easy/pt/high/current.json").read_text()
+    DOUBLE["backend"] = DeterministicTestBackend(reply=lambda p: "Desculpe, não posso ajudar com isso.")
+    strict = configure(seed=99, min_pass_rate=0.5)  # a new seed makes new requests, answered with refusals
+    bad = synthesize(strict, instance, ["rewrites_easy"], raise_on_error=False)
+    assert not bad.success
+    evals = {
+        ev.check_name: ev.passed for ev in (e.event_specific_data for e in bad.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION")
+    }
+    assert evals == {"rows_valid": True, "pass_rate": False}
+    assert not bad.get_asset_materialization_events()
+    assert (home / "rewrites_easy/pt/high/current.json").read_text() == before, "readers keep the previous version"
+    kept = list((home / "_rejected/rewrites_easy/pt/high/v").glob("*/rejects.parquet"))
+    assert len(kept) == 1
+    reasons = duckdb.sql(f"select distinct reason_code from read_parquet('{kept[0]}')").fetchall()
+    assert reasons == [("refusal",)]
+
+
+def test_generation_is_manual_unless_configured_eager(pipeline):
+    defs, _, _, configure = pipeline
+    graph = defs.resolve_asset_graph()
+    assert graph.get(AssetKey("rewrites_medium")).automation_condition is None
+    eager = configure(automation="eager").resolve_asset_graph()
+    assert eager.get(AssetKey("rewrites_medium")).automation_condition is not None
+    assert eager.get(AssetKey("entigraph_corpus")).automation_condition is not None

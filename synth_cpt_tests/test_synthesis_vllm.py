@@ -1,0 +1,66 @@
+"""rewrites_medium and entity_graphs through Dagster with the real embedded model (the session's engine).
+
+Only what the machinery guarantees is asserted, never what the model writes (greedy output differs
+between CPUs): every row's lineage resolves in the cache and the subset, each document either has a
+row or a rejection with a reason, and a second materialization sends zero requests.
+"""
+
+import pytest
+from dagster import AssetKey, DagsterInstance, materialize
+
+from synth_cpt.core.storage import LocalStorage
+from synth_cpt.defs.resources import LLM, PipelineResource
+from synth_cpt.generation.cache import GenerationCache
+
+from .test_synthesis_dagster import PARTITION, materializations
+
+pytestmark = pytest.mark.vllm
+ASSETS = ["rewrites_medium", "entity_graphs"]
+
+
+def test_real_engine_rewrites_and_entity_graphs_with_lineage(vllm_session, tmp_path, monkeypatch):
+    from .test_synthesis_dagster import ingest_small_corpus
+
+    backend, *_ = vllm_session
+    loads_before = backend.loads
+    defs, home = ingest_small_corpus(tmp_path, monkeypatch, max_documents=2)
+    synthesis = next(a for a in defs.assets if getattr(a, "node_def", None) is not None and a.node_def.name == "synthesis")
+    with DagsterInstance.ephemeral() as instance:
+
+        def run():
+            return materialize(
+                [synthesis], instance=instance, partition_key=PARTITION, selection=[AssetKey(a) for a in ASSETS],
+                resources={"pipeline": PipelineResource(), "llm": LLM()},
+            )  # fmt: skip
+
+        first = materializations(run())
+        assert set(first) == set(ASSETS)
+        assert first["rewrites_medium"]["sent"] > 0 and first["entity_graphs"]["sent"] > 0
+        assert backend.loads <= loads_before + 1, "at most one engine load, shared by both assets"
+        assert first["entity_graphs"]["engine_loads"] == first["rewrites_medium"]["engine_loads"]
+
+        storage = LocalStorage(home)
+        cache = GenerationCache(storage)
+        subset = storage.read_parquet("quality_subsets/pt/high/part-0.parquet", columns=["doc_id", "drop_id", "source_line"])
+        lines = {r["doc_id"]: (r["drop_id"], r["source_line"]) for r in subset.to_dicts()}
+        from synth_cpt.synthesis.outputs import published_table
+
+        rows = published_table(storage, "rewrites_medium", "pt", "high", "rows.parquet")
+        rejects = published_table(storage, "rewrites_medium", "pt", "high", "rejects.parquet")
+        assert rows.height + rejects.height == 2, "each document is a row or a rejection"
+        assert all(r for r in rejects["reason"].to_list())
+        for row in rows.to_dicts() + rejects.to_dicts():
+            assert lines[row["doc_id"]] == (row["drop_id"], row["source_line"])
+        for row in rows.to_dicts():
+            found = cache.finished(row["request_ids"])
+            assert sorted(found["request_id"].to_list()) == sorted(row["request_ids"])
+            assert set(found["prompt_sha"]) == {row["prompt_sha"]} and set(found["model_fingerprint"]) == {row["model_fingerprint"]}
+        summaries = published_table(storage, "entity_graphs", "pt", "high", "summaries.parquet")
+        graph_rejects = published_table(storage, "entity_graphs", "pt", "high", "rejects.parquet")
+        assert summaries.height + graph_rejects.height == 2
+        for row in summaries.to_dicts():
+            assert len(cache.finished(row["request_ids"])) == len(row["request_ids"])
+
+        second = materializations(run())
+        assert second["rewrites_medium"]["sent"] == 0 and second["entity_graphs"]["sent"] == 0
+        assert second["rewrites_medium"]["engine_loads"] == 0
