@@ -349,7 +349,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
                 meta = {k: v.value for k, v in m.metadata.items()}
                 rows.append({"asset": m.asset_key.to_user_string(), "partition": partition, "run": result.run_id, **meta})
             progress.advance(task)
-    _print_synthesis(Console(), rows)
+    _print_synthesis(Console(), rows, config.storage_uri())
     if failures:
         console.print("[red]failed runs (see them in the Dagster UI):[/red]")
         for f in failures:
@@ -358,18 +358,22 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_synthesis(console: Console, rows: list[dict]) -> None:
-    table = Table(title="synthetic data made (rows and tokens per asset and partition)")
-    for col in ("asset", "partition", "rows", "tokens", "pass rate", "sent", "cached", "where"):
-        table.add_column(col, justify="left" if col in ("asset", "partition", "where") else "right", overflow="fold")
-    for r in sorted(rows, key=lambda r: (r["asset"], r["partition"])):
-        routed = "not_routed" not in r
+def _print_synthesis(console: Console, rows: list[dict], root: str) -> None:
+    made = [r for r in rows if "not_routed" not in r]
+    table = Table(title=f"synthetic data made, under {root}")
+    for col in ("asset", "partition", "rows", "tokens", "pass rate", "sent", "cached", "version"):
+        table.add_column(col, justify="left" if col in ("asset", "partition", "version") else "right", overflow="fold")
+    for r in sorted(made, key=lambda r: (r["asset"], r["partition"])):
         table.add_row(
             r["asset"], r["partition"], f"{r.get('dagster/row_count', 0):,}", f"{r.get('tokens', 0):,}",
-            f"{r.get('pass_rate', 1.0):.0%}" if routed else "not routed", f"{r.get('sent', 0):,}", f"{r.get('cache_hits', 0):,}",
-            str(r.get("dagster/uri", "")),
+            f"{r.get('pass_rate', 1.0):.0%}", f"{r.get('sent', 0):,}", f"{r.get('cache_hits', 0):,}", str(r.get("version", "")),
         )  # fmt: skip
     console.print(table)
+    skipped = len(rows) - len(made)
+    console.print(
+        f"{len(made)} outputs published as <asset>/<language>/<quality>/current.json -> v/<version>/rows.parquet"
+        + (f"; {skipped} empty where a style is not routed (reason in their metadata)" if skipped else "")
+    )
     runs: dict[str, tuple[int, float]] = {}
     for r in rows:  # engine figures are cumulative within a run's step: its largest value is the run's
         loads, secs = runs.get(r["run"], (0, 0.0))

@@ -394,3 +394,23 @@ def test_routing_default_profile_and_custom():
     assert why_not_routed(custom, styles["guided"], "low") is None
     with pytest.raises(PromptError, match="routes styles \\['nope'\\]"):
         check_routing(SynthesisConfig(routing={"low": ("nope",)}), styles)
+
+
+@pytest.mark.parametrize(("verdict", "code"), [("faithful", None), ("unfaithful", fid.JUDGE), (None, fid.FAILED)])
+def test_optional_judge_gates_rewrites_that_passed_the_rules(tmp_path, counter, verdict, code):
+    prompt, judge = load_prompt("rewrite", "medium"), load_prompt("judge", "fidelity")
+
+    def reply(p):
+        if p.request.json_schema:  # the judge
+            return json.dumps({"verdict": verdict, "reason": "ok"}) if verdict else "not json"
+        return "Cabral chegou em 1500 ao Brasil, com 13 navios vindos de Lisboa, em março daquele ano."
+
+    engine = engine_with(tmp_path, DeterministicTestBackend(reply=reply))
+    result = rewrite_documents(engine, prompt, [doc(1, SOURCE)], count=counter.count, gate=gate(counter), scope="s", judge=judge)
+    rows, rejects = result.frames()
+    if code is None:
+        assert rows.height == 1 and rows["judge_request_id"][0] is not None
+        assert engine.cache.finished([rows["judge_request_id"][0]]).height == 1
+    else:
+        assert rows.height == 0 and rejects["reason_code"].to_list() == [code]
+        assert len(rejects["request_ids"][0]) == 2  # the rewrite's generation and the judge's
