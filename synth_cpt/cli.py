@@ -454,7 +454,7 @@ def cmd_prompts(args: argparse.Namespace) -> int:
                                      summary="", title=doc.title or "")  # fmt: skip
             header = {"doc_id": doc.doc_id, "chunk": chunk.index, "of": len(chunks), "source_tokens": chunk.n_tokens,
                       "prompt_sha": prompt.sha, "sampling": request.sampling.as_dict(), "json_schema": request.schema}  # fmt: skip
-            print(json.dumps(header, ensure_ascii=False))
+            print("=== " + json.dumps(header, ensure_ascii=False))
             for m in request.message_dicts():
                 print(f"--- {m['role']} ---\n{m['content']}")
             print()

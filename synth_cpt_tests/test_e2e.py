@@ -124,3 +124,29 @@ def test_bad_config_fails_with_a_clear_message(ingested, tmp_path):
     out = _cli(["--config", str(bad), "ingest"], env)
     assert out.returncode == 2
     assert str(bad) in out.stderr and "quality.combine" in out.stderr
+
+
+def test_prompts_render_shows_what_is_sent_for_a_real_document(ingested):
+    base, env, _ = ingested
+    home = base / "home"
+    doc_id, text = duckdb.sql(
+        f"select doc_id, text from read_parquet('{home}/quality_subsets/pt/high/part-0.parquet') order by n_tokens desc limit 1"
+    ).fetchall()[0]
+    out = _cli(["prompts", "render", "faithful", "--doc", doc_id[:16]], env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    headers = [json.loads(line[4:]) for line in out.stdout.splitlines() if line.startswith("=== {")]
+    assert [h["chunk"] for h in headers] == list(range(len(headers))) and headers[0]["of"] == len(headers) >= 2
+    assert all(h["doc_id"] == doc_id and h["source_tokens"] <= 400 for h in headers)
+    assert "O texto já reescrito termina assim" in out.stdout  # chunk 1 carries the rewritten context (pt template)
+    assert text.split()[0] in out.stdout
+    listing = _cli(["prompts", "list"], {**env, "COLUMNS": "300"})
+    assert listing.returncode == 0 and "knowledge_list" in listing.stdout and "entities" in listing.stdout
+
+
+def test_a_bad_prompt_file_is_refused_with_its_name(ingested, tmp_path):
+    base, env, _ = ingested
+    (tmp_path / "rewrite").mkdir()
+    (tmp_path / "rewrite" / "broken.yaml").write_text("name: broken\ndescription: x\nuser: '{{ txt }}'\n")
+    out = _cli(["prompts", "list"], {**env, "SYNTH_CPT_PROMPTS": str(tmp_path)})
+    assert out.returncode == 2
+    assert "broken.yaml" in out.stderr and "unknown variables ['txt']" in out.stderr
