@@ -123,6 +123,15 @@ def test_batch_normalizer_on_tricky_texts(text):
     assert normalize_texts(pl.Series([text, "plain"]))[0] == normalize_text(text)
 
 
+def test_batch_normalizer_leaves_its_input_unchanged():
+    """The caller keeps the raw texts (quarantine rows, encoding repair): normalizing a batch must not
+    rewrite the Series it was given."""
+    texts = pl.Series("text", ["a\r\nb", "Cafe\u0301", "x\x00y", "plain"])
+    before = texts.to_list()
+    normalize_texts(texts)
+    assert texts.to_list() == before
+
+
 def test_characters_outside_the_nfc_class_never_change_under_nfc():
     """NFC is skipped for texts without a character of `nfc_unstable_pattern`: any string of the other
     characters must be its own NFC, in polars' Unicode version (each also after base letters and jamo)."""

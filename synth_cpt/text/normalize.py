@@ -71,12 +71,13 @@ _CONTROL_CLASSES = _classes(_CONTROL_CHARS)
 
 
 def _where(texts: pl.Series, needed: pl.Series, step) -> pl.Series:
-    """`step` applied to the texts where it is `needed` (and only computed there)."""
+    """`step` applied to the texts where it is `needed` (and only computed there). On a clone: `scatter`
+    writes in place, and the caller's Series must stay as it was."""
     needed = needed.fill_null(False)
     if not needed.any():
         return texts
     idx = needed.arg_true()
-    return texts.scatter(idx, step(texts.gather(idx)))
+    return texts.clone().scatter(idx, step(texts.gather(idx)))
 
 
 def normalize_texts(texts: pl.Series) -> pl.Series:
