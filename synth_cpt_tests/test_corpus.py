@@ -260,3 +260,18 @@ def test_bounded_dedup_is_deterministic_and_memory_limited(tmp_path, monkeypatch
 
     limit = duckdb.connect(config={"memory_limit": dedup.DUCKDB_MEMORY_LIMIT}).execute("SELECT current_setting('memory_limit')").fetchall()
     assert settings["memory_limit"] == limit[0][0]
+
+
+def test_bounded_dedup_puts_null_drop_ids_and_lines_first_like_the_rule(tmp_path):
+    """Drops of an older schema lack drop_id or source_line (read as null): the rule sorts nulls first,
+    so their occurrence of a doc_id wins over one with a value."""
+    cfg = make_config(tmp_path)
+    storage = LocalStorage(tmp_path / "home")
+    _publish_docs(storage, cfg, "x1", [_doc("same", 7, "a", "pt", 3.0)], without=("source_line",))
+    _publish_docs(storage, cfg, "x2", [_doc("same", 1, "a", "pt", 3.5), _doc("same", 2, "b", "pt", 4.0)])
+    _publish_docs(storage, cfg, "x3", [_doc("other", 3, "b", "pt", 4.5)], without=("drop_id",))
+    build_raw_corpus(storage, cfg, "pt", "high")
+    frame = storage.read_parquet(partition_file("raw_corpus", "pt", "high"))
+    expected, _ = _reference(storage, cfg, "pt", "high")
+    assert frame.to_dicts() == expected.to_dicts()
+    assert frame["url"].to_list() == ["https://x/other/3", "https://x/same/7"], "the null drop_id, then the null line, win"

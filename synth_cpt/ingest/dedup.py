@@ -1,9 +1,9 @@
 """`raw_corpus`: every accepted drop of a language, exact-deduplicated and bucketed by quality.
 
-Dedup keeps the first occurrence of a `doc_id` in (drop_id, source_line) order, across every accepted
-drop of the language: drop ids sort by name, so date-prefixed drop names make the earliest drop win,
-the choice never depends on when a drop happened to be ingested, and the winner is the same whichever
-bucket is being built (a duplicate never lands in two buckets).
+Dedup keeps the first occurrence of a `doc_id` in (drop_id, source_line) order, nulls first, across
+every accepted drop of the language: drop ids sort by name, so date-prefixed drop names make the
+earliest drop win, the choice never depends on when a drop happened to be ingested, and the winner is
+the same whichever bucket is being built (a duplicate never lands in two buckets).
 
 Two passes, so memory stays bounded whatever the corpus size, and no drop is copied or downloaded
 whole (ranged reads of the columns needed, on S3 too):
@@ -55,6 +55,7 @@ NARROW_BATCH_ROWS = 64 * 1024  # rows per narrow read
 FLUSH_BYTES = 32 * 1024 * 1024  # documents buffered before a row group of the candidate is written
 READERS = 2  # threads reading and selecting row groups while the candidate is written
 READ_AHEAD = 4  # row groups read ahead
+ORDER = "ORDER BY drop_id NULLS FIRST, source_line NULLS FIRST, pos"  # the rule's order: nulls first, as polars sorts
 
 
 @dataclass
@@ -190,13 +191,13 @@ def _select_winners(con: duckdb.DuckDBPyConnection, docs: _Docs, language: str, 
     counted = [0]
     reader = pa.RecordBatchReader.from_batches(NARROW, docs.narrow(language, counted))
     con.register("narrow_docs", reader)
-    # first occurrence: the smallest (drop_id, source_line) of each doc_id; pos breaks ties, if any
+    # first occurrence: the smallest (drop_id, source_line) of each doc_id, nulls first as the rule
+    # (and polars) sorts them (min() of a struct would put them last); pos breaks ties, if any
     con.execute(
-        """
+        f"""
         CREATE TEMP TABLE winners AS
-        SELECT w.drop_id, w.source_line, w.pos, w.quality_score FROM (
-            SELECT min(struct_pack(drop_id, source_line, pos, quality_score)) AS w FROM narrow_docs GROUP BY doc_id
-        )
+        SELECT drop_id, source_line, pos, quality_score FROM narrow_docs
+        QUALIFY row_number() OVER (PARTITION BY doc_id {ORDER}) = 1
         """
     )
     con.unregister("narrow_docs")
@@ -213,8 +214,7 @@ def _positions(con: duckdb.DuckDBPyConnection, bounds: BucketBounds) -> Iterator
     """The positions of the winners inside the bucket (its own polars expression decides), in
     (drop_id, source_line) order."""
     inside = bounds.expr()
-    order = "ORDER BY drop_id NULLS FIRST, source_line NULLS FIRST, pos"  # nulls first, as polars sorts
-    for batch in con.sql(f"SELECT pos, quality_score FROM winners {order}").to_arrow_reader(NARROW_BATCH_ROWS):
+    for batch in con.sql(f"SELECT pos, quality_score FROM winners {ORDER}").to_arrow_reader(NARROW_BATCH_ROWS):
         yield pl.from_arrow(batch).filter(inside)["pos"].to_numpy()
 
 
