@@ -275,3 +275,37 @@ def test_bounded_dedup_puts_null_drop_ids_and_lines_first_like_the_rule(tmp_path
     expected, _ = _reference(storage, cfg, "pt", "high")
     assert frame.to_dicts() == expected.to_dicts()
     assert frame["url"].to_list() == ["https://x/other/3", "https://x/same/7"], "the null drop_id, then the null line, win"
+
+
+def test_bounded_dedup_holds_few_files_open(tmp_path, monkeypatch):
+    """Many drops must not mean as many open files (EMFILE) or S3 streams: a reader thread holds one
+    file at a time and every file is closed at the end."""
+    import contextlib
+    import os
+
+    from synth_cpt.ingest import dedup
+    from synth_cpt.ingest.drops import published_prefix
+
+    cfg = make_config(tmp_path)
+    storage = LocalStorage(tmp_path / "home")
+    for d in range(12):
+        drop = f"2026-01-{d + 1:02d}.jsonl"
+        _publish_docs(storage, cfg, drop, [_doc(drop, line, f"{d}-{line}", "pt", 3.0) for line in range(6)])
+
+    def open_docs() -> int:
+        fds = [os.path.join("/proc/self/fd", n) for n in os.listdir("/proc/self/fd")]
+        return sum(1 for fd in fds if os.path.exists(fd) and os.readlink(fd).endswith("docs.parquet"))
+
+    with contextlib.closing(storage.parquet_file(f"{published_prefix(storage, '2026-01-01.jsonl')}/docs.parquet")):
+        assert open_docs() == 1, "the count sees an open file"
+    most = [0]
+    parquet_file = storage.parquet_file
+
+    def counting(key):
+        most[0] = max(most[0], open_docs())
+        return parquet_file(key)
+
+    monkeypatch.setattr(storage, "parquet_file", counting)
+    assert build_raw_corpus(storage, cfg, "pt", "high").documents == 72
+    assert most[0] <= dedup.READERS, f"{most[0]} docs.parquet files open at once"
+    assert open_docs() == 0

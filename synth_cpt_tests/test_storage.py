@@ -60,3 +60,38 @@ def test_s3_storage_and_drop_from_s3(tmp_path, isolated_env, s3_bucket, monkeypa
     assert storage.read_parquet("x/y.parquet").equals(frame)
     storage.delete_prefix("x")
     assert not storage.exists("x/y.parquet")
+
+
+def test_listing_matches_the_patterns_before_refusing(tmp_path):
+    """A symlink that is not a drop (by name) is skipped, not reported as refused: only what was asked
+    for can be refused."""
+    import os
+
+    from .conftest import write_jsonl
+
+    drops = tmp_path / "drops"
+    write_jsonl(drops / "a.jsonl", [{"text": PT_TEXT}])
+    write_jsonl(tmp_path / "elsewhere/x.jsonl", [{"text": "x"}])
+    os.symlink(tmp_path / "elsewhere/x.jsonl", drops / "notes.txt")
+    os.symlink(tmp_path / "elsewhere/x.jsonl", drops / "linked.jsonl")
+    listing = list_drops(LocalStorage(drops), ("*.jsonl",))
+    assert [d.relative_path for d in listing.drops] == ["a.jsonl"]
+    assert [r.split(":")[0] for r in listing.refused] == ["linked.jsonl"]
+
+
+def test_s3_parquet_files_close_their_stream_and_listing_matches_first(isolated_env, s3_bucket):
+    client, bucket = s3_bucket
+    storage = S3Storage(f"s3://{bucket}/home")
+    storage.write_parquet("t.parquet", pl.DataFrame({"a": [1, 2]}))
+    pf = storage.parquet_file("t.parquet")
+    assert pf.read().num_rows == 2
+    pf.close()
+    assert pf.reader.closed, "closing the ParquetFile closes its S3 stream"
+    with pytest.raises(FileNotFoundError):
+        storage.parquet_file("gone.parquet")
+    client.put_object(Bucket=bucket, Key="in/d.jsonl", Body=b'{"text": "x"}\n')
+    client.put_object(Bucket=bucket, Key="in/../escape.txt", Body=b"not a drop")
+    client.put_object(Bucket=bucket, Key="in/../escape.jsonl", Body=b'{"text": "x"}\n')
+    listing = list_drops(S3Storage(f"s3://{bucket}/in"), ("*.jsonl",))
+    assert [d.relative_path for d in listing.drops] == ["d.jsonl"]
+    assert len(listing.refused) == 1 and "escape.jsonl" in listing.refused[0]

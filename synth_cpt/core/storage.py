@@ -10,6 +10,7 @@ and an unchanged one never (local mtime and size, S3 ETag).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import shutil
@@ -58,6 +59,10 @@ def _escapes(relative: str) -> bool:
     return relative.startswith("/") or ".." in PurePosixPath(relative).parts
 
 
+def _wanted(name: str, patterns: tuple[str, ...]) -> bool:
+    return not patterns or any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
 def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
@@ -83,8 +88,10 @@ class Storage:
         """Keys under `prefix`, sorted."""
         raise NotImplementedError
 
-    def files(self, prefix: str = "", recursive: bool = True) -> FileListing:
-        """Files under `prefix` with their size and version, sorted by key; what may not be read is refused."""
+    def files(self, prefix: str = "", recursive: bool = True, patterns: tuple[str, ...] = ()) -> FileListing:
+        """Files under `prefix` with their size and version, sorted by key; what may not be read is refused.
+        With `patterns`, only files whose name matches one are listed, and only they can be refused: a
+        file nobody asked for is skipped, not reported."""
         raise NotImplementedError
 
     def open(self, key: str) -> IO[bytes]:
@@ -177,7 +184,7 @@ class LocalStorage(Storage):
             return []
         return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
 
-    def files(self, prefix: str = "", recursive: bool = True) -> FileListing:
+    def files(self, prefix: str = "", recursive: bool = True, patterns: tuple[str, ...] = ()) -> FileListing:
         base = self.path(prefix)
         if not base.is_dir():
             raise FileNotFoundError(f"{self.label or self.uri(prefix)} is not a folder")
@@ -195,7 +202,7 @@ class LocalStorage(Storage):
             for name in sorted(filenames):
                 path = Path(dirpath, name)
                 key = path.relative_to(self.root).as_posix()
-                if name.startswith("."):
+                if name.startswith(".") or not _wanted(name, patterns):
                     continue
                 if path.is_symlink() and not path.resolve().is_relative_to(real_root):
                     refused.append(f"{key}: symlink to {path.resolve()} escapes {self.label or self.root}; refused")
@@ -302,7 +309,7 @@ class S3Storage(Storage):
                 keys.append(obj["Key"][len(self.prefix) + 1 :] if self.prefix else obj["Key"])
         return sorted(keys)
 
-    def files(self, prefix: str = "", recursive: bool = True) -> FileListing:
+    def files(self, prefix: str = "", recursive: bool = True, patterns: tuple[str, ...] = ()) -> FileListing:
         base = _join(self.prefix, prefix)
         start = f"{base}/" if base else ""
         found: list[FileInfo] = []
@@ -310,7 +317,7 @@ class S3Storage(Storage):
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
             for obj in page.get("Contents", []):
                 inner = obj["Key"][len(start) :]
-                if not inner or inner.endswith("/") or (not recursive and "/" in inner):
+                if not inner or inner.endswith("/") or (not recursive and "/" in inner) or not _wanted(PurePosixPath(inner).name, patterns):
                     continue
                 if _escapes(inner):
                     refused.append(f"s3://{self.bucket}/{obj['Key']}: path escapes {self.uri(prefix)}; refused")
@@ -352,7 +359,8 @@ class S3Storage(Storage):
     def parquet_file(self, key: str) -> pq.ParquetFile:
         path = f"{self.bucket}/{self._key(key)}"
         try:
-            return pq.ParquetFile(self.filesystem.open_input_file(path))
+            # opened by pyarrow through the filesystem, so the ParquetFile owns the stream and close() closes it
+            return pq.ParquetFile(path, filesystem=self.filesystem)
         except FileNotFoundError:
             raise
         except OSError:

@@ -97,57 +97,68 @@ def connect(temp_dir: str | Path) -> duckdb.DuckDBPyConnection:
 
 class _Docs:
     """The docs.parquet files of the accepted drops, in drop order, with every row group's first row as
-    a position counted across all files (how pass 2 finds a winner again)."""
+    a position counted across all files (how pass 2 finds a winner again).
+
+    Files are opened one at a time (and each reader thread holds one): a corpus of thousands of drops
+    must not hold thousands of open files (EMFILE) or S3 connections."""
 
     def __init__(self, storage: Storage, prefixes: list[str]) -> None:
         self.storage = storage
         self.keys = [f"{p}/docs.parquet" for p in prefixes]
-        self.files = [storage.parquet_file(k) for k in self.keys]
-        self._local = threading.local()  # a reader of a Parquet file must not be shared between threads
-        self._opened: list[pq.ParquetFile] = []
+        # thread id -> (file, its reader): a reader must not be shared between threads
+        self._current: dict[int, tuple[int, pq.ParquetFile]] = {}
         self.file_start: list[int] = []
         starts, where, total = [], [], 0
-        for f, pf in enumerate(self.files):
+        for f, key in enumerate(self.keys):
             self.file_start.append(total)
-            for g in range(pf.metadata.num_row_groups):
+            with contextlib.closing(storage.parquet_file(key)) as pf:
+                meta = pf.metadata
+            for g in range(meta.num_row_groups):
                 starts.append(total)
                 where.append((f, g))
-                total += pf.metadata.row_group(g).num_rows
+                total += meta.row_group(g).num_rows
         self.group_start = np.array(starts, dtype=np.int64)
         self.group_where = where
 
     def _file(self, f: int) -> pq.ParquetFile:
-        """This thread's reader of file `f`."""
-        files = self._local.__dict__.setdefault("files", {})
-        if f not in files:
-            files[f] = self.storage.parquet_file(self.keys[f])
-            self._opened.append(files[f])
-        return files[f]
+        """This thread's reader of file `f`; the thread's previous file is closed (runs come in drop
+        order, so a thread rarely goes back to a file)."""
+        thread = threading.get_ident()
+        current = self._current.get(thread)
+        if current is not None and current[0] == f:
+            return current[1]
+        if current is not None:
+            current[1].close()
+        pf = self.storage.parquet_file(self.keys[f])
+        self._current[thread] = (f, pf)
+        return pf
 
     def close(self) -> None:
-        for pf in self.files + self._opened:
+        for _, pf in self._current.values():
             pf.close()
+        self._current.clear()
 
     def narrow(self, language: str, counted: list[int]) -> Iterator[pa.RecordBatch]:
         """Pass 1's rows: the language's documents, narrow columns plus their position; counts them."""
-        for f, pf in enumerate(self.files):
-            present = set(pf.schema_arrow.names)
-            columns = [c for c in ("doc_id", "drop_id", "source_line", "quality_score", "language") if c in present]
-            pos = self.file_start[f]
-            for batch in pf.iter_batches(batch_size=NARROW_BATCH_ROWS, columns=columns, use_threads=True):
-                n = batch.num_rows
-                positions = pa.array(np.arange(pos, pos + n, dtype=np.int64))
-                pos += n
+        for f, key in enumerate(self.keys):
+            with contextlib.closing(self.storage.parquet_file(key)) as pf:
+                present = set(pf.schema_arrow.names)
                 if "language" not in present:
                     continue  # missing is null: never the language
-                keep = pc.fill_null(pc.equal(batch.column("language"), language), False)
-                arrays = [
-                    batch.column(fld.name).cast(fld.type) if fld.name in present else pa.nulls(n, fld.type) for fld in list(NARROW)[:-1]
-                ]
-                out = pa.RecordBatch.from_arrays([*arrays, positions], schema=NARROW).filter(keep)
-                counted[0] += out.num_rows
-                if out.num_rows:
-                    yield out
+                columns = [c for c in ("doc_id", "drop_id", "source_line", "quality_score", "language") if c in present]
+                pos = self.file_start[f]
+                for batch in pf.iter_batches(batch_size=NARROW_BATCH_ROWS, columns=columns, use_threads=True):
+                    n = batch.num_rows
+                    positions = pa.array(np.arange(pos, pos + n, dtype=np.int64))
+                    pos += n
+                    keep = pc.fill_null(pc.equal(batch.column("language"), language), False)
+                    arrays = [
+                        batch.column(fld.name).cast(fld.type) if fld.name in present else pa.nulls(n, fld.type) for fld in list(NARROW)[:-1]
+                    ]
+                    out = pa.RecordBatch.from_arrays([*arrays, positions], schema=NARROW).filter(keep)
+                    counted[0] += out.num_rows
+                    if out.num_rows:
+                        yield out
 
     def documents(self, index: int, rows: np.ndarray, schema: pa.Schema, quality: str) -> pa.Table:
         """Rows `rows` of row group `index` (in that order), as `schema` rows of bucket `quality`."""

@@ -8,12 +8,10 @@ version from the storage listing, so a replaced file is seen as new and an uncha
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import gzip
 import io
 import zlib
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import IO, Any
 
 import zstandard
@@ -52,12 +50,8 @@ class Listing:
 
 def list_drops(location: Storage, patterns: tuple[str, ...], recursive: bool = True) -> Listing:
     """The drop files of a location (a storage opened on the drops folder) that match `patterns`."""
-    listing = location.files("", recursive=recursive)
-    drops = [
-        DropFile(drop_key(f.key), f.uri, f.key, f.version, f.size, f.changed_ns)
-        for f in listing.files
-        if any(fnmatch.fnmatch(PurePosixPath(f.key).name, p) for p in patterns)
-    ]
+    listing = location.files("", recursive=recursive, patterns=patterns)  # matched first: only drops are refused
+    drops = [DropFile(drop_key(f.key), f.uri, f.key, f.version, f.size, f.changed_ns) for f in listing.files]
     return Listing(drops, listing.refused)
 
 
