@@ -150,3 +150,20 @@ def test_a_drop_version_that_fails_its_suite_is_never_published(tmp_path):
         cfg, storage, LocalStorage(tmp_path / "drops"), drop, validate=lambda s, prefix: check_drop_version(s, prefix, cfg)
     )
     assert report.outcome.success and published(storage, drop.key)["manifest"]["documents"] == 5
+
+
+def test_publishing_leaves_other_runs_young_candidates_alone(tmp_path):
+    """The first publish of an output (no previous version) must not delete a candidate another run
+    started earlier and is still writing; a crashed candidate older than the grace does go."""
+    from synth_cpt.core.layout import drop_prefix, version_prefix
+    from synth_cpt.core.publish import new_version
+    from synth_cpt.ingest.drops import publish_drop
+
+    storage = LocalStorage(tmp_path / "home")
+    crashed, writing = "20000101T000000000000-00000000", new_version()  # writing: another run, started just before
+    ours = new_version()
+    for version in (crashed, writing, ours):
+        storage.write_bytes(f"{version_prefix(drop_prefix('d.jsonl'), version)}/docs.parquet", b"parquet")
+    publish_drop(storage, "d.jsonl", ours, {"documents": 0})
+    assert published(storage, "d.jsonl")["version"] == ours
+    assert sorted(p.name for p in (tmp_path / "home/crawl_drops/d.jsonl/v").iterdir()) == [writing, ours]

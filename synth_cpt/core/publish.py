@@ -12,12 +12,15 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from synth_cpt.core.layout import POINTER, REJECTED, rejected_key, version_prefix
 from synth_cpt.core.storage import Storage, utc_stamp
 
 LEGACY = "legacy"  # the version name of an output written before versioned publishing (files beside the pointer)
+# a version folder younger than this may be another run's candidate still being written: cleanup leaves it
+CANDIDATE_GRACE = timedelta(hours=6)
 
 
 class CandidateRejected(Exception):
@@ -67,16 +70,17 @@ def published(storage: Storage, prefix: str, legacy_file: str | None = None) -> 
 
 def publish_version(storage: Storage, prefix: str, version: str, payload: dict) -> bool:
     """Make `version` the one readers see (one atomic write of the pointer), then delete versions older
-    than the previous one. Returns False when a newer version was published meanwhile (two runs of one
-    output): that one stays in force."""
+    than the previous one and than CANDIDATE_GRACE. Returns False when a newer version was published
+    meanwhile (two runs of one output): that one stays in force, and the caller must say so."""
     current = published(storage, prefix)
     previous = current["version"] if current and current["version"] != LEGACY else None
     if previous is not None and previous > version:
         return False
     storage.write_json(f"{prefix}/{POINTER}", {**payload, "version": version, "prefix": version_prefix(prefix, version)})
     # keep the new and the previously published version (a reader may be on it); older ones and
-    # crashed candidates go; newer ones may be another run's candidate and are left alone
-    floor = previous or version
+    # crashed candidates go; newer ones, and any started within the grace (names sort by time), may be
+    # another run's candidate still being written and are left alone
+    floor = min(previous or version, utc_stamp(datetime.now(timezone.utc) - CANDIDATE_GRACE))
     versions = {k.split("/v/", 1)[1].split("/", 1)[0] for k in storage.list(f"{prefix}/v")}
     for old in sorted(versions):
         if old < floor and old not in (version, previous):

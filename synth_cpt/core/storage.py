@@ -18,6 +18,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -27,12 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def utc_stamp() -> str:
-    """UTC time to the microsecond, in a form that sorts as it reads: the head of every name that must
-    order by creation (cache segments, drop versions, rejected candidates)."""
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+def utc_stamp(at: datetime | None = None) -> str:
+    """UTC time (now, or `at`) to the microsecond, in a form that sorts as it reads: the head of every
+    name that must order by creation (cache segments, drop versions, rejected candidates)."""
+    return (at or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
 
 
 PACKAGE_PREFIX = "package://"

@@ -6,7 +6,8 @@ version, completeness, acceptance). Readers never list versions: they read the p
 `crawl_drops/<drop_id>/current.json`, written last in one atomic write, which names the published
 version and carries its manifest. So a crash mid-ingest, or a replaced drop being re-ingested, leaves
 the previous version whole and in force: documents and manifest always belong together. The
-published version and the one before it are kept; older ones are removed on publish.
+published version and the one before it are kept; older ones are removed on publish, once older than
+`publish.CANDIDATE_GRACE` (a younger one may be another run's candidate, still being written).
 
 The registry entry (`crawl_drops/_registry/<drop_id>.json`) remembers where a drop came from, so any
 run (sensor, CLI, UI) can rematerialize it.
