@@ -167,3 +167,62 @@ def test_publishing_leaves_other_runs_young_candidates_alone(tmp_path):
     publish_drop(storage, "d.jsonl", ours, {"documents": 0})
     assert published(storage, "d.jsonl")["version"] == ours
     assert sorted(p.name for p in (tmp_path / "home/crawl_drops/d.jsonl/v").iterdir()) == [writing, ours]
+
+
+def _newer_run_publishes_first(storage, drop_key):
+    """A `validate` that, while this run's candidate waits for its check, lets another run publish a
+    newer version of the drop."""
+    from synth_cpt.core.layout import drop_prefix, version_prefix
+    from synth_cpt.core.publish import new_version
+    from synth_cpt.core.validation import Outcome
+    from synth_cpt.ingest.drops import publish_drop
+
+    def validate(s, prefix):
+        newer = new_version()
+        manifest = {**s.read_json(f"{prefix}/manifest.json"), "documents": 99, "version": newer}
+        storage.write_json(f"{version_prefix(drop_prefix(drop_key), newer)}/manifest.json", manifest)
+        publish_drop(storage, drop_key, newer, manifest)
+        return Outcome(True, [], {})
+
+    return validate
+
+
+def test_a_candidate_superseded_by_a_newer_run_says_so(tmp_path):
+    """publish_version keeps a newer version in force: the report must not name this run's unpublished
+    candidate as what readers see."""
+    cfg = make_config(tmp_path)
+    write_jsonl(tmp_path / "drops/d.jsonl", _records(3))
+    source = LocalStorage(tmp_path / "drops")
+    (drop,) = list_drops(source, cfg.drops.patterns).drops
+    storage = LocalStorage(tmp_path / "home")
+    report = ingest_drop(cfg, storage, source, drop, validate=_newer_run_publishes_first(storage, drop.key))
+    pointer = published(storage, drop.key)
+    assert pointer["manifest"]["documents"] == 99, "the newer run's version stays in force"
+    assert report.superseded_by == pointer["version"] and report.prefix == pointer["prefix"]
+    assert "superseded_by" not in report.to_json()
+    _, _, again = _ingest(tmp_path, cfg)
+    assert again.superseded_by is None and published(storage, drop.key)["prefix"] == again.prefix
+
+
+def test_the_crawl_drops_asset_does_not_materialize_a_superseded_candidate(tmp_path, monkeypatch):
+    from dagster import AssetKey, DagsterInstance
+
+    from synth_cpt.defs import ingest as ingest_defs
+
+    from .test_dagster import _setup
+
+    defs = _setup(tmp_path, monkeypatch)
+    storage = LocalStorage(tmp_path / "home")
+    real = ingest_defs.ingest_drop
+
+    def racing(cfg, storage_, location, drop, progress=None, validate=None):
+        return real(cfg, storage_, location, drop, progress=progress, validate=_newer_run_publishes_first(storage, drop.key))
+
+    monkeypatch.setattr(ingest_defs, "ingest_drop", racing)
+    with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("crawl_drops", ["2026-11-01.jsonl"])
+        result = defs.resolve_job_def("ingest_drop_job").execute_in_process(instance=instance, partition_key="2026-11-01.jsonl")
+        assert result.success
+        assert not result.asset_materializations_for_node("crawl_drops"), "the newer run's materialization stands"
+        assert [c.passed for c in result.get_asset_check_evaluations()] == [True]
+        assert instance.get_latest_materialization_event(AssetKey("crawl_drops")) is None

@@ -72,6 +72,13 @@ def build_ingest_assets(config: PipelineConfig) -> list[AssetsDefinition]:
             yield rejected_result(context, rejected)
             return
         rate(drop.size, drop.size, f"{report.records:,} records, {report.documents:,} documents", final=True)
+        yield check_result(report.outcome, check_name=DOCUMENTS_VALID, documents=report.documents)
+        if report.superseded_by:  # the newer run recorded the materialization of what readers see
+            context.log.warning(
+                f"drop {drop.key}: another run published a newer version ({report.superseded_by}) meanwhile; it stays "
+                f"in force at {storage.uri(report.prefix)} and this run's candidate was not published"
+            )
+            return
         if not report.accepted:
             context.log.warning(
                 f"drop {drop.key}: damaged, kept out of raw_corpus until a complete version arrives: {report.damage}"
@@ -79,7 +86,6 @@ def build_ingest_assets(config: PipelineConfig) -> list[AssetsDefinition]:
                 else f"drop {drop.key}: {report.quarantine_rate:.1%} of records quarantined, over "
                 f"limits.max_quarantine_rate={cfg.limits.max_quarantine_rate:.1%}; kept out of raw_corpus"
             )
-        yield check_result(report.outcome, check_name=DOCUMENTS_VALID, documents=report.documents)
         yield MaterializeResult(
             metadata={
                 "dagster/row_count": report.documents,

@@ -65,9 +65,13 @@ def published_prefix(storage: Storage, drop_id: str) -> str:
     return pointer["prefix"]
 
 
-def publish_drop(storage: Storage, drop_id: str, version: str, manifest: dict) -> None:
-    """Make `version` the one readers see (its pointer carries the manifest)."""
+def publish_drop(storage: Storage, drop_id: str, version: str, manifest: dict) -> dict:
+    """Make `version` the one readers see (its pointer carries the manifest), unless another run
+    published a newer version meanwhile; returns the pointer in force, so the caller reports that one."""
     publish.publish_version(storage, drop_prefix(drop_id), version, {"drop_id": drop_id, "manifest": manifest})
+    pointer = published(storage, drop_id)
+    assert pointer is not None  # just written, or a newer one
+    return pointer
 
 
 @dataclass
@@ -92,6 +96,7 @@ class DropReport:
     accept_partial_files: bool = False
     ingested_at: str = ""
     prefix: str = ""  # where the published version's files are
+    superseded_by: str | None = None  # another run's newer version, in force instead of this one (not published)
     histogram: list[int] = field(default_factory=lambda: [0] * BINS)  # quality_score in core.plots bins
     # not part of the manifest:
     outcome: Outcome | None = None  # the validation of the published version
@@ -107,7 +112,7 @@ class DropReport:
         return accepts(self.quarantine_rate, self.complete, self.max_quarantine_rate, self.accept_partial_files)
 
     def to_json(self) -> dict:
-        fields = {k: v for k, v in asdict(self).items() if k not in ("outcome", "sample", "quarantine_sample")}
+        fields = {k: v for k, v in asdict(self).items() if k not in ("outcome", "sample", "quarantine_sample", "superseded_by")}
         return {**fields, "quarantine_rate": round(self.quarantine_rate, 6), "accepted": self.accepted}
 
 
@@ -184,7 +189,8 @@ def ingest_drop(
 ) -> DropReport:
     """Stream one drop through parsing, normalization, language id and scoring, in bounded memory, into
     a new version; publish it only if `validate(storage, version_prefix)` passes (else CandidateRejected,
-    the previous version stays and the candidate is kept under _rejected/)."""
+    the previous version stays and the candidate is kept under _rejected/). When another run published a
+    newer version meanwhile, that one stays in force and `report.superseded_by` names it."""
     started = time.monotonic()
     report = DropReport(
         drop_id=drop.key,
@@ -299,7 +305,9 @@ def ingest_drop(
         report.outcome = validate(storage, prefix)
         if not report.outcome.success:
             raise CandidateRejected(report.outcome, publish.reject_version(storage, drop_prefix(drop.key), version), "documents_valid")
-    publish_drop(storage, drop.key, version, manifest)  # last: the new version becomes visible whole
+    in_force = publish_drop(storage, drop.key, version, manifest)  # last: the new version becomes visible whole
+    if in_force["version"] != version:  # a newer run won: the figures are this candidate's, the files are not
+        report.superseded_by, report.prefix = in_force["version"], in_force["prefix"]
     return report
 
 
