@@ -105,7 +105,7 @@ class SynthesisResult:
 
     def frames(self) -> tuple[pl.DataFrame, pl.DataFrame]:
         rows = table(self.rows, SYNTHETIC).sort("synth_id")
-        rejects = table(self.rejects, SYNTHETIC_REJECTS).sort(["doc_id", "reason_code", "style"])
+        rejects = table(self.rejects, SYNTHETIC_REJECTS).sort(["doc_id", "reason_code", "style"], maintain_order=True)
         return rows, rejects
 
     def pass_rates(self, accepted: int | None = None) -> dict[str, Any]:
