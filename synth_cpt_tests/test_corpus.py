@@ -3,7 +3,8 @@
 import polars as pl
 import pytest
 
-from synth_cpt.core.layout import partition_file
+from synth_cpt.core.layout import TOKENIZER, TOKENIZER_INFO, TOKENIZER_MODEL, partition_file, version_prefix
+from synth_cpt.core.publish import CandidateRejected
 from synth_cpt.core.storage import LocalStorage
 from synth_cpt.corpus.subsets import select_budgeted
 from synth_cpt.corpus.tokenizer import TokenCounter, build_tokenizer, train_model
@@ -129,14 +130,13 @@ def test_configured_tokenizer_model_file(tmp_path):
     assert info["source"] == "model_file" and info["sha256"] == TokenCounter(model).sha256
     (tmp_path / "bad.model").write_bytes(b"not a model")
     bad = make_config(tmp_path, tokenizer={"model_file": str(tmp_path / "bad.model")})
-    with pytest.raises(ValueError, match="not a SentencePiece model"):
+    with pytest.raises(CandidateRejected, match=r"model does not load \(.*bad.model\)"):  # a candidate, rejected like any
         build_tokenizer(LocalStorage(tmp_path / "home"), bad, [])
 
 
 def test_tokenizer_model_and_info_are_one_published_version(tmp_path):
     """The pointer, written last, carries the info of the model it points at; a candidate that fails
     `check_model` is never published and readers keep the previous model."""
-    from synth_cpt.core.publish import CandidateRejected
     from synth_cpt.corpus.tokenizer import check_model, published_tokenizer
 
     cfg = make_config(tmp_path, tokenizer={"vocab_size": 600, "sample_documents": 10})
@@ -148,10 +148,91 @@ def test_tokenizer_model_and_info_are_one_published_version(tmp_path):
     assert good["outcome"].success
     pointer = published_tokenizer(storage)
     assert pointer["info"]["sha256"] == good["sha256"] == TokenCounter.from_storage(storage).sha256
-    with pytest.raises(CandidateRejected, match="does not load"):
-        build_tokenizer(storage, cfg, files, validate=lambda model, info: check_model(model[: len(model) // 2], info))
+    assert pointer["info"]["vocab_size"] == good["vocab_size"] == TokenCounter.from_storage(storage).vocab_size
+
+    def damaged_on_the_way(s, prefix):  # the stored model is not the one made: the check reads it back
+        key = f"{prefix}/{TOKENIZER_MODEL}"
+        s.write_bytes(key, s.read_bytes(key)[:1000])
+        return check_model(s, prefix)
+
+    with pytest.raises(CandidateRejected, match="differs from its info's") as rejected:
+        build_tokenizer(storage, cfg, files, validate=damaged_on_the_way)
+    assert "does not load" in str(rejected.value)
     assert published_tokenizer(storage) == pointer, "the previous model stays published"
     assert len(list((tmp_path / "home/_rejected/tokenizer/v").iterdir())) == 1
+
+
+def test_a_corrupt_model_candidate_is_rejected_and_kept(tmp_path):
+    """A model that does not load goes through the check like any candidate: rejected, kept under
+    _rejected/ with its info, and the published tokenizer stays."""
+    from synth_cpt.core.publish import CandidateRejected
+    from synth_cpt.corpus.tokenizer import published_tokenizer
+
+    storage = LocalStorage(tmp_path / "home")
+    model = train_model([PT_TEXT, EN_TEXT] * 5, vocab_size=600, seed=1, character_coverage=1.0)
+    (tmp_path / "good.model").write_bytes(model)
+    good = build_tokenizer(storage, make_config(tmp_path, tokenizer={"model_file": str(tmp_path / "good.model")}), [])
+    pointer = published_tokenizer(storage)
+    (tmp_path / "corrupt.model").write_bytes(model[: len(model) // 2])
+    with pytest.raises(CandidateRejected) as rejected:
+        build_tokenizer(storage, make_config(tmp_path, tokenizer={"model_file": str(tmp_path / "corrupt.model")}), [])
+    assert rejected.value.check_name == "model_loads" and not rejected.value.outcome.details["loads"]["success"]
+    assert published_tokenizer(storage) == pointer and TokenCounter.from_storage(storage).sha256 == good["sha256"]
+    (kept,) = (tmp_path / "home/_rejected/tokenizer/v").iterdir()
+    assert sorted(p.name for p in kept.iterdir()) == sorted([TOKENIZER_INFO, TOKENIZER_MODEL])
+    assert (kept / TOKENIZER_MODEL).read_bytes() == model[: len(model) // 2]
+    assert len(list((tmp_path / "home" / TOKENIZER / "v").iterdir())) == 1, "the rejected version left the tokenizer's folder"
+
+
+def test_tokenizer_reads_only_the_columns_it_needs(tmp_path, monkeypatch):
+    """Training reads doc_id and text through ranged column reads: no corpus file is copied whole (on
+    S3 that was a download of every partition)."""
+    import pyarrow.parquet as pq
+
+    cfg = make_config(tmp_path, tokenizer={"vocab_size": 600, "sample_documents": 10})
+    write_jsonl(tmp_path / "drops/d.jsonl", [{"text": f"{PT_TEXT} {i}", "edu": 3} for i in range(20)])
+    storage = _ingest_all(cfg, tmp_path)
+    build_raw_corpus(storage, cfg, "pt", "high")
+    files = [partition_file("raw_corpus", "pt", "high")]
+    expected = build_tokenizer(storage, cfg, files)
+
+    def whole_copy(key):
+        raise AssertionError(f"{key} copied whole")
+
+    columns = []
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def spy(self, *args, **kwargs):
+        columns.append(tuple(kwargs.get("columns") or ()))
+        return iter_batches(self, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "local_path", whole_copy)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    info = build_tokenizer(storage, cfg, files)
+    assert info["sha256"] == expected["sha256"] and info["trained_on_documents"] == 10 and info["corpus_documents"] == 20
+    assert set(columns) == {("doc_id",), ("doc_id", "text")}
+
+
+def test_a_tokenizer_superseded_by_a_newer_run_says_so(tmp_path):
+    from synth_cpt.core import publish
+    from synth_cpt.corpus.tokenizer import check_model, published_tokenizer
+
+    model = train_model([PT_TEXT, EN_TEXT] * 5, vocab_size=600, seed=1, character_coverage=1.0)
+    (tmp_path / "t.model").write_bytes(model)
+    cfg = make_config(tmp_path, tokenizer={"model_file": str(tmp_path / "t.model")})
+    storage = LocalStorage(tmp_path / "home")
+
+    def newer_run_publishes_first(s, prefix):
+        newer = publish.new_version()
+        s.copy(f"{prefix}/{TOKENIZER_MODEL}", f"{version_prefix(TOKENIZER, newer)}/{TOKENIZER_MODEL}")
+        publish.publish_version(s, TOKENIZER, newer, {"info": {"source": "another run"}})
+        return check_model(s, prefix)
+
+    info = build_tokenizer(storage, cfg, [], validate=newer_run_publishes_first)
+    in_force = published_tokenizer(storage)
+    assert in_force["info"] == {"source": "another run"}, "the newer version stays in force"
+    assert info["superseded_by"] == in_force["version"] != info["version"]
+    assert info["uri"] == storage.uri(in_force["prefix"], TOKENIZER_MODEL)
 
 
 # -- the bounded-memory dedup against the rule it implements ------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import polars as pl
@@ -90,7 +90,8 @@ def model_key(storage: Storage) -> str:
 
 
 def load_model_file(path: str, storage: Storage) -> bytes:
-    """A configured `.model` from a local path or from under the storage root (s3:// goes through storage)."""
+    """A configured `.model` from a local path or from under the storage root (s3:// goes through
+    storage). Not loaded here: whether it is a model is `check_model`'s to say, on the candidate."""
     if path.startswith("s3://"):
         from synth_cpt.core.storage import S3Storage
 
@@ -99,73 +100,88 @@ def load_model_file(path: str, storage: Storage) -> bytes:
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"tokenizer.model_file {path} does not exist")
-    data = p.read_bytes()
+    return p.read_bytes()
+
+
+def _batches(storage: Storage, keys: list[str], columns: list[str]) -> Iterator[pl.DataFrame]:
+    """`columns` of every file, batch by batch: ranged reads of those column chunks only (on S3 too,
+    never a whole download), one file open at a time."""
+    for key in keys:
+        with contextlib.closing(storage.parquet_file(key)) as pf:
+            for batch in pf.iter_batches(columns=columns):
+                yield pl.DataFrame(batch)
+
+
+def training_sample(storage: Storage, corpus_files: list[str], n: int, seed: int) -> tuple[pl.DataFrame, int]:
+    """The seeded sample of `n` documents (doc_id, text, by doc_id) and the corpus' document count.
+    Two column reads: every doc_id, then the texts of the chosen ones (memory follows `n`, not the corpus)."""
+    ids = pl.concat([pl.DataFrame(schema={"doc_id": pl.String}), *_batches(storage, corpus_files, ["doc_id"])]).unique()
+    wanted = seeded_sample(ids, n, seed)["doc_id"].implode()
+    texts = [b.filter(pl.col("doc_id").is_in(wanted)) for b in _batches(storage, corpus_files, ["doc_id", "text"])]
+    empty = pl.DataFrame(schema={"doc_id": pl.String, "text": pl.String})
+    return pl.concat([empty, *texts]).unique(subset="doc_id", keep="first").sort("doc_id"), ids.height
+
+
+SAMPLE_TEXTS = ["Olá, mundo.", "Hello, world."]  # text of every script the model will meet
+
+
+def check_model(storage: Storage, prefix: str) -> Outcome:
+    """The candidate as stored in its version folder: the model file loads, tokenizes sample text, and
+    matches the info written beside it (sha256; no more pieces than asked for). Everything is read back
+    and loaded here, so a model that is no model, or one damaged on its way to storage, fails the check."""
+    model = storage.read_bytes(f"{prefix}/{TOKENIZER_MODEL}")
+    info = storage.read_json(f"{prefix}/{TOKENIZER_INFO}")
+    sha = sha256_hex(model)
+    failures = [] if sha == info.get("sha256") else [f"the stored model's sha256 {sha} differs from its info's {info.get('sha256')}"]
     try:
-        spm.SentencePieceProcessor(model_proto=data)
-    except Exception as exc:
-        raise ValueError(f"tokenizer.model_file {path} is not a SentencePiece model: {exc}") from None
-    return data
+        counter = TokenCounter(model)
+    except Exception as exc:  # not a SentencePiece model at all
+        what = info.get("model_file") or "the trained model"
+        failures.append(f"model does not load ({what}): {type(exc).__name__}: {exc}")
+        return Outcome(False, failures, {"loads": {"success": False}, "sha256": sha})
+    counts = counter.count(SAMPLE_TEXTS)
+    if min(counts) <= 0:
+        failures.append("a sample text produced no tokens")
+    requested = info.get("requested_vocab_size")
+    if requested and counter.vocab_size > requested:
+        failures.append(f"vocab_size {counter.vocab_size} is over the {requested} asked for")
+    details = {"loads": {"success": True}, "sha256": sha, "vocab_size": counter.vocab_size, "sample_tokens": counts}
+    return Outcome(not failures, failures, details)
 
 
 def build_tokenizer(
-    storage: Storage, config: PipelineConfig, corpus_files: list[str], validate: Callable[[bytes, dict], Outcome] | None = None
+    storage: Storage, config: PipelineConfig, corpus_files: list[str], validate: Callable[[Storage, str], Outcome] = check_model
 ) -> dict:
-    """Make the model, write it and its info as a new version, validate, then publish (the pointer,
-    written last, carries the info): readers never pair a model with another model's info."""
+    """Make the model, write it and its info as a new version, validate what was written
+    (`validate(storage, version_prefix)`; CandidateRejected keeps it under _rejected/), then publish: the
+    pointer, written last, carries the info and the vocabulary size the check measured, so readers never
+    pair a model with another model's info. When another run published a newer version meanwhile, that
+    one stays in force: `superseded_by` names it and `uri` is its model."""
     tc = config.tokenizer
     if tc.model_file:
         model = load_model_file(tc.model_file, storage)
         info = {"source": "model_file", "model_file": tc.model_file, "trained_on_documents": 0}
     else:
-        with contextlib.ExitStack() as stack:
-            paths = [str(stack.enter_context(storage.local_path(k))) for k in corpus_files]
-            if paths:
-                ids = pl.scan_parquet(paths).select("doc_id").unique().collect(engine="streaming")
-            else:
-                ids = pl.DataFrame(schema={"doc_id": pl.String})
-            chosen = seeded_sample(ids, tc.sample_documents, config.seeds.tokenizer)
-            # only the sampled texts are read: memory follows sample_documents, not the corpus
-            sample = (
-                pl.scan_parquet(paths).filter(pl.col("doc_id").is_in(chosen["doc_id"].implode())).select("doc_id", "text")
-                .unique(subset="doc_id").sort("doc_id").collect(engine="streaming")
-                if paths
-                else pl.DataFrame(schema={"doc_id": pl.String, "text": pl.String})
-            )  # fmt: skip
+        sample, corpus_documents = training_sample(storage, corpus_files, tc.sample_documents, config.seeds.tokenizer)
         model = train_model(sample["text"].to_list(), tc.vocab_size, config.seeds.tokenizer, tc.character_coverage)
         info = {
             "source": "trained",
             "trained_on_documents": sample.height,
-            "corpus_documents": ids.height,
+            "corpus_documents": corpus_documents,
             "requested_vocab_size": tc.vocab_size,
             "seed": config.seeds.tokenizer,
         }
-    counter = TokenCounter(model)
-    info.update({"sha256": counter.sha256, "vocab_size": counter.vocab_size})
+    info["sha256"] = sha256_hex(model)  # of the bytes made here: the check compares what storage holds
     version = publish.new_version()
     prefix = version_prefix(TOKENIZER, version)
     storage.write_bytes(f"{prefix}/{TOKENIZER_MODEL}", model)
     storage.write_json(f"{prefix}/{TOKENIZER_INFO}", info)
-    outcome = validate(model, info) if validate is not None else None
-    if outcome is not None:
-        if not outcome.success:
-            raise CandidateRejected(outcome, publish.reject_version(storage, TOKENIZER, version), "model_loads")
+    outcome = validate(storage, prefix)
+    if not outcome.success:
+        raise CandidateRejected(outcome, publish.reject_version(storage, TOKENIZER, version), "model_loads")
+    info["vocab_size"] = outcome.details.get("vocab_size")
     publish.publish_version(storage, TOKENIZER, version, {"info": info})
-    return {**info, "version": version, "uri": storage.uri(prefix, TOKENIZER_MODEL), "outcome": outcome}
-
-
-def check_model(model: bytes, info: dict) -> Outcome:
-    """The candidate model loads, tokenizes text of every script it will meet, and matches its info."""
-    failures = []
-    try:
-        counter = TokenCounter(model)
-    except Exception as exc:  # not a SentencePiece model at all
-        return Outcome(False, [f"model does not load: {type(exc).__name__}: {exc}"], {"loads": {"success": False}})
-    counts = counter.count(["Olá, mundo.", "Hello, world."])
-    if counter.sha256 != info.get("sha256"):
-        failures.append(f"sha256 {counter.sha256} differs from the info's {info.get('sha256')}")
-    if counter.vocab_size != info.get("vocab_size"):
-        failures.append(f"vocab_size {counter.vocab_size} differs from the info's {info.get('vocab_size')}")
-    if min(counts) <= 0:
-        failures.append("a sample text produced no tokens")
-    details = {"loads": {"success": True}, "sha256": counter.sha256, "vocab_size": counter.vocab_size, "sample_tokens": counts}
-    return Outcome(not failures, failures, details)
+    in_force = published_tokenizer(storage)
+    superseded_by = in_force["version"] if in_force["version"] != version else None
+    uri = storage.uri(in_force["prefix"], TOKENIZER_MODEL)
+    return {**info, "version": version, "uri": uri, "outcome": outcome, "superseded_by": superseded_by}

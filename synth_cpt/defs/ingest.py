@@ -177,6 +177,12 @@ def build_ingest_assets(config: PipelineConfig) -> list[AssetsDefinition]:
             return
         context.log.info(f"tokenizer {info['source']}: vocab {info['vocab_size']}, sha256 {info['sha256'][:12]}")
         yield check_result(info["outcome"], check_name="model_loads")
+        if info["superseded_by"]:  # the newer run recorded the materialization of what readers see
+            context.log.warning(
+                f"another run published a newer tokenizer ({info['superseded_by']}) meanwhile; it stays in force "
+                f"at {info['uri']} and this run's candidate was not published"
+            )
+            return
         yield MaterializeResult(
             metadata={
                 "dagster/uri": info["uri"],
