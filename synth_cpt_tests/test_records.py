@@ -159,6 +159,62 @@ def test_worker_processes_give_the_same_drop_as_one_process(tmp_path):
     assert set(d2["language"]) == {"pt", "en"}
 
 
+POOL_THREADS = """
+import polars  # the parent's __main__ imports polars first: a spawned worker re-imports this module
+import sys
+
+sys.path.insert(0, {repo!r})
+from synth_cpt.ingest import drops
+
+
+def probe(batch, config, drop_id, uri):
+    return polars.thread_pool_size()
+
+
+drops.finish_batch = probe  # what each worker runs: its polars' thread count
+
+
+class Batch:
+    texts = ["x"]
+    quarantine = []
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    from synth_cpt.ingest.sources import DropFile
+    from synth_cpt_tests.conftest import make_config
+
+    cfg = make_config(Path({tmp!r}), limits={{"batch_bytes": 2000, "workers": 2}})
+    drop = DropFile("d", "d", "d.jsonl", "v", 100_000)  # >> 2 batches: the pool path
+    print(sorted({{threads for _, threads in drops._finished(iter([Batch() for _ in range(6)]), cfg, drop)}}))
+    print(drops.os.environ.get("POLARS_MAX_THREADS"))
+"""
+
+
+def test_worker_processes_get_their_share_of_polars_threads(tmp_path):
+    """Each spawned worker's polars uses cpu_count // workers threads, even when the parent's __main__
+    imported polars (a spawned worker imports it again before any initializer runs); the parent's
+    environment is as it was afterwards."""
+    import os
+    import subprocess
+    import sys
+
+    import polars
+
+    from .conftest import REPO
+
+    share = max(1, (os.cpu_count() or 1) // 2)
+    if share == polars.thread_pool_size():
+        pytest.skip("one CPU: a worker's share is polars' default")
+    script = tmp_path / "main.py"
+    script.write_text(POOL_THREADS.format(repo=str(REPO), tmp=str(tmp_path)))
+    env = {k: v for k, v in os.environ.items() if k != "POLARS_MAX_THREADS"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == [f"[{share}]", "None"]
+
+
 def test_language_id_skips_records_with_a_language_and_repeats(tmp_path, monkeypatch):
     """Only records without a language field are classified, each distinct text once; duplicates get
     the same language and score as the first."""

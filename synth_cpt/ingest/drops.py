@@ -15,6 +15,7 @@ run (sensor, CLI, UI) can rematerialize it.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import time
@@ -325,10 +326,12 @@ def _finished(batches: Iterator[Batch], config: PipelineConfig, drop: DropFile) 
         for batch in batches:
             yield _records(batch), finish_batch(batch, config, drop.key, drop.uri)
         return
-    # set in each worker's C environment before it imports polars (which reads it once, at import)
+    # polars reads POLARS_MAX_THREADS once, at import, and a spawned worker imports the parent's __main__
+    # (and so maybe polars) before any initializer runs: the workers inherit it from this process's
+    # environment instead, set while the pool starts them (on submit) and restored afterwards
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=os.putenv, initargs=("POLARS_MAX_THREADS", threads)) as pool:
+    with _environ("POLARS_MAX_THREADS", threads), ProcessPoolExecutor(workers, mp_context=context) as pool:
         pending: deque[tuple[int, Future]] = deque()
         for batch in batches:
             pending.append((_records(batch), pool.submit(finish_batch, batch, config, drop.key, drop.uri)))
@@ -338,6 +341,20 @@ def _finished(batches: Iterator[Batch], config: PipelineConfig, drop: DropFile) 
         while pending:
             records, future = pending.popleft()
             yield records, future.result()
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """`name=value` in this process's environment (inherited by processes started meanwhile), then as it was."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def _records(batch: Batch) -> int:
