@@ -132,7 +132,17 @@ def test_sentences_keep_portuguese_abbreviations_together():
     ]
 
 
-_WORDS = st.sampled_from(["casa", "Sr.", "Dra.", "pág.", "10h.", "3,50", "São", "Paulo.", "fim!", "ok?", "\n", "\n\n", "é", "  "])
+def test_sentences_open_with_accented_capitals():
+    """blingfire alone does not cut before "Às", "É", "Última": Portuguese sentences open so often."""
+    text = "Ele chegou às três. Às quatro saiu. É verdade. Última frase, Sr. Ávila. Ótimo!"
+    sentences = [text[a:b].strip() for a, b in sentence_spans(text, "pt")]
+    assert sentences == ["Ele chegou às três.", "Às quatro saiu.", "É verdade.", "Última frase, Sr. Ávila.", "Ótimo!"]
+
+
+_LONG_WORDS = ["https://exemplo.com.br/" + "caminho/" * 40 + "fim.html", "x" * 300]
+_WORDS = st.sampled_from(
+    ["casa", "Sr.", "Dra.", "pág.", "10h.", "3,50", "São", "Paulo.", "fim!", "ok?", "\n", "\n\n", "é", "  ", "Às", "É", *_LONG_WORDS]
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -29,9 +29,21 @@ class Chunk:
     n_tokens: int
 
 
+def _longest_fit(text: str, pos: int, cuts: list[int], limit: int, count: Count) -> int | None:
+    """The furthest of `cuts` (ascending) up to which text[pos:cut] fits `limit` tokens (bisection)."""
+    lo, hi, best = 0, len(cuts) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if count([text[pos : cuts[mid]]])[0] <= limit:
+            best, lo = cuts[mid], mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
 def _split_long(text: str, start: int, end: int, limit: int, count: Count) -> list[tuple[int, int]]:
-    """Cut one over-long span after whitespace so that each piece fits `limit` tokens (by bisection on
-    the candidate cut points; a piece with no whitespace inside is cut by characters)."""
+    """Cut one over-long span after whitespace so that each piece fits `limit` tokens; a word that
+    alone is over the limit (a long URL, a run with no spaces) is cut by characters."""
     pieces: list[tuple[int, int]] = []
     pos = start
     while pos < end:
@@ -39,16 +51,10 @@ def _split_long(text: str, start: int, end: int, limit: int, count: Count) -> li
             pieces.append((pos, end))
             break
         cuts = [m.end() for m in _SPACE.finditer(text, pos, end) if pos < m.end() < end]
-        if not cuts:  # no whitespace: cut by characters
-            cuts = list(range(pos + 1, end))
-        lo, hi, best = 0, len(cuts) - 1, None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            if count([text[pos : cuts[mid]]])[0] <= limit:
-                best, lo = cuts[mid], mid + 1
-            else:
-                hi = mid - 1
-        cut = best if best is not None else cuts[0]
+        cut = _longest_fit(text, pos, cuts, limit, count) if cuts else None
+        if cut is None:  # the first word alone is over the limit: cut it by characters
+            word_end = cuts[0] if cuts else end
+            cut = _longest_fit(text, pos, list(range(pos + 1, word_end)), limit, count) or pos + 1
         pieces.append((pos, cut))
         pos = cut
     return pieces

@@ -1,8 +1,11 @@
 """Sentence and line spans of a text, as character offsets that cover it exactly.
 
 blingfire finds sentence ends fast and in any language, but it cuts after abbreviations it does not
-know ("A Dra. Ana", "pág. 3"). Its cuts are kept only where the next sentence really starts: a cut
-after a known abbreviation of the language, or before a lowercase letter or a digit, is undone.
+know ("A Dra. Ana", "pág. 3"), and it does not cut before a sentence that opens with an accented
+capital ("Às quatro", "É verdade", "Última"), which Portuguese has often. So its cuts are joined by
+every end mark followed by space and a capital letter, and a candidate is kept only where the next
+sentence really starts: a cut after a known abbreviation of the language, or before a lowercase
+letter or a digit, is undone.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ ABBREVIATIONS: dict[str, frozenset[str]] = {
     ),
 }
 _LAST_WORD = re.compile(r"(\S+)\s*$")
+# an end mark, closing quotes or brackets, whitespace, then an uppercase letter (any script, accented too)
+_END_BEFORE_CAPITAL = re.compile(r"[.!?…][\"'»”’)\]]*\s+(?=[^\W\d_])")
 
 
 def _continues(text: str, cut: int, prev_start: int, language: str) -> bool:
@@ -54,9 +59,11 @@ def sentence_spans(text: str, language: str = "") -> list[tuple[int, int]]:
     if not text:
         return []
     _, offsets = blingfire.text_to_sentences_and_offsets(text)
+    candidates = {start for start, _end in offsets[1:]}
+    candidates |= {m.end() for m in _END_BEFORE_CAPITAL.finditer(text) if text[m.end()].isupper()}
     starts = [0]
     prev = 0
-    for start, _end in offsets[1:]:
+    for start in sorted(candidates):
         if start <= prev or start >= len(text):
             continue
         if _continues(text, start, prev, language):
