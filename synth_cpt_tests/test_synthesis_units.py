@@ -95,6 +95,12 @@ def test_shipped_library_loads_and_renders_in_both_languages():
         ({"chunking": {"autoregressive": True}}, "chunking: .*context_tokens"),
         ({"schema": {"type": "object", "properties": {"a": {"type": "string"}}}}, "schema: .*maxLength"),
         ({"surprise": 1}, "surprise: Extra inputs"),
+        ({"sampling": {"temprature": 0.5}}, r"sampling: .*unknown fields \['temprature'\]"),
+        ({"sampling": {"top_p": 7}}, "sampling: .*'top_p' must be in"),
+        ({"sampling": {"temperature": -1}}, "sampling: .*'temperature' must be in"),
+        ({"output": {"preambles": ["(unclosed"]}}, "output.preambles: .*not a regular expression"),
+        ({"output": {"min_tokens": 50, "max_total_tokens": 10}}, "output: .*min_tokens .* above max_total_tokens"),
+        ({"chunking": {"context_tokens": 100}}, "chunking: .*only used with autoregressive"),
         ({"description": None}, "description"),
     ],
 )
@@ -103,6 +109,24 @@ def test_bad_prompt_file_names_the_file_and_the_field(tmp_path, fields, message)
     with pytest.raises(PromptError, match=message) as err:
         load_prompt("rewrite", "p", root=tmp_path)
     assert str(path) in str(err.value)
+
+
+def test_library_is_checked_against_the_config_at_load(tmp_path):
+    """A style routed to a bucket the config lacks, or without a template for a configured language,
+    fails when the Definitions load, not on the first document of a run."""
+    from synth_cpt.core.config import PipelineConfig
+    from synth_cpt.synthesis.routing import check_library
+
+    config = PipelineConfig.model_validate({"languages": ["pt", "es"]})
+    write_prompt(tmp_path, "rewrite", "typo", buckets=["hihg"])
+    with pytest.raises(PromptError, match=r"typo.yaml: buckets: \['hihg'\] are not quality buckets"):
+        check_library(config, [load_prompt("rewrite", "typo", root=tmp_path)])
+    write_prompt(tmp_path, "rewrite", "ptonly", user={"pt": "Texto: {{ text }}"})
+    with pytest.raises(PromptError, match=r"ptonly.yaml: system/user: no template for configured languages \['es'\]"):
+        check_library(config, [load_prompt("rewrite", "ptonly", root=tmp_path)])
+    write_prompt(tmp_path, "rewrite", "fallback", user={"pt": "Texto: {{ text }}", "default": "Text: {{ text }}"})
+    check_library(config, [load_prompt("rewrite", "fallback", root=tmp_path)])
+    check_library(PipelineConfig(), [*load_kind("rewrite").values(), *load_kind("entigraph").values(), *load_kind("judge").values()])
 
 
 def test_missing_language_template_is_a_clear_error(tmp_path):

@@ -35,7 +35,7 @@ from synth_cpt.defs.resources import LLM, PipelineResource
 from synth_cpt.synthesis.entigraph import Budget
 from synth_cpt.synthesis.outputs import publish_tables
 from synth_cpt.synthesis.prompts import PromptError, load_kind, load_prompt
-from synth_cpt.synthesis.routing import check_routing, why_not_routed
+from synth_cpt.synthesis.routing import check_library, check_routing, why_not_routed
 from synth_cpt.synthesis.rows import table
 from synth_cpt.synthesis.steps import (
     PASS_RATE,
@@ -123,6 +123,7 @@ def build_synthesis_assets(config: PipelineConfig) -> list[AssetsDefinition]:
     judge = load_prompt("judge", "fidelity") if config.synthesis.judge else None
     if not styles:
         raise PromptError("prompts/rewrite/ holds no style")
+    check_library(config, [*styles.values(), *entigraph.values(), *([judge] if judge else [])])
     parts = corpus_partitions(config)
     automation = AutomationCondition.eager() if config.synthesis.automation == "eager" else None
     common = {

@@ -79,9 +79,16 @@ class Sampling:
             stop = stop_sequences(d.get("stop"))
         except ValueError as exc:
             raise ValueError(f"{prefix}{exc}") from None
+        temperature, top_p, max_tokens = number("temperature", float), number("top_p", float), number("max_tokens", int)
+        if not 0 <= temperature <= 2:
+            raise ValueError(f"{prefix}'temperature' must be in [0, 2], got {temperature:g}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"{prefix}'top_p' must be in (0, 1], got {top_p:g}")
+        if max_tokens < 1:
+            raise ValueError(f"{prefix}'max_tokens' must be at least 1, got {max_tokens}")
         return cls(
-            temperature=number("temperature", float), top_p=number("top_p", float), max_tokens=number("max_tokens", int),
-            stop=stop, seed=number("seed", int), speculative=flag("speculative"),
+            temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=number("seed", int),
+            speculative=flag("speculative"),
         )  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:

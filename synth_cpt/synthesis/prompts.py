@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,7 @@ LANGUAGE_NAMES = {
     "pt": "Portuguese", "en": "English", "es": "Spanish", "fr": "French", "de": "German", "it": "Italian",
     "nl": "Dutch", "ca": "Catalan", "gl": "Galician", "ro": "Romanian", "pl": "Polish",
 }  # fmt: skip
+SAMPLING_FIELDS = {"temperature", "top_p", "stop", "speculative"}
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
 
 
@@ -64,6 +66,8 @@ class ChunkingSpec(_Strict):
     def _context(self) -> ChunkingSpec:
         if self.autoregressive and self.context_tokens == 0:
             raise ValueError("autoregressive chunking needs context_tokens > 0")
+        if not self.autoregressive and self.context_tokens:
+            raise ValueError("context_tokens is only used with autoregressive: true")
         return self
 
 
@@ -83,6 +87,22 @@ class OutputSpec(_Strict):
     min_number_coverage: float = Field(0.0, ge=0.0, le=1.0, description="share of the source's numbers the output keeps")
     min_entity_coverage: float = Field(0.0, ge=0.0, le=1.0, description="share of the source's named entities the output keeps")
     max_copy_similarity: float | None = Field(0.9, gt=0.0, le=1.0, description="word 4-gram Jaccard above which it is a copy")
+
+    @field_validator("preambles")
+    @classmethod
+    def _patterns(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _token_bounds(self) -> OutputSpec:
+        if self.max_total_tokens is not None and self.min_tokens > self.max_total_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) is above max_total_tokens ({self.max_total_tokens})")
+        return self
 
     @field_validator("length_ratio")
     @classmethod
@@ -113,6 +133,9 @@ class PromptFile(_Strict):
     def _sampling(cls, v: dict[str, Any]) -> dict[str, Any]:
         if "max_tokens" in v:
             raise ValueError("set the generation limit in output.max_tokens, not in sampling")
+        unknown = sorted(set(v) - SAMPLING_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown fields {unknown} (sampling takes {sorted(SAMPLING_FIELDS)})")
         Sampling.from_dict(v)
         return v
 
@@ -147,10 +170,10 @@ class Prompt:
     def output_language(self, document_language: str) -> str:
         return document_language if self.spec.language == SOURCE else self.spec.language
 
-    def languages(self) -> set[str] | None:
-        """Languages with their own templates (None: one template for every language)."""
-        keys = [set(t) for t in (self.spec.system, self.spec.user) if isinstance(t, dict)]
-        return set.intersection(*keys) if keys else None
+    def missing_languages(self, languages: list[str]) -> list[str]:
+        """Of `languages`, those some template of this prompt cannot render."""
+        templates = [t for t in (self.spec.system, self.spec.user) if isinstance(t, dict) and "default" not in t]
+        return [lang for lang in languages if any(lang not in t for t in templates)]
 
     def _template(self, field: str, language: str) -> str:
         value = getattr(self.spec, field)

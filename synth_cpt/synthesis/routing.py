@@ -6,8 +6,25 @@ the config's `routing` replaces that. A style added as a file joins the graph wi
 
 from __future__ import annotations
 
-from synth_cpt.core.config import SynthesisConfig
+from synth_cpt.core.config import PipelineConfig, SynthesisConfig
 from synth_cpt.synthesis.prompts import Prompt, PromptError
+
+
+def check_library(config: PipelineConfig, prompts: list[Prompt]) -> None:
+    """Prompt files against the pipeline they serve, at load: a style's buckets must exist, and every
+    prompt needs a template for every configured language (or a `default`), or a run would fail
+    midway on the first document of a language it cannot write for."""
+    buckets = set(config.quality.buckets)
+    for prompt in prompts:
+        unknown = sorted(set(prompt.spec.buckets) - buckets)
+        if unknown:
+            raise PromptError(f"prompt {prompt.path}: buckets: {unknown} are not quality buckets of the config (there are {sorted(buckets)})")
+        missing = prompt.missing_languages(config.languages)
+        if missing:
+            raise PromptError(
+                f"prompt {prompt.path}: system/user: no template for configured languages {missing} "
+                "(add one per language, or a `default` template)"
+            )
 
 
 def check_routing(config: SynthesisConfig, styles: dict[str, Prompt]) -> None:
