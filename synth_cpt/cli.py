@@ -384,7 +384,7 @@ def _print_synthesis(console: Console, rows: list[dict], root: str) -> None:
 
 
 def _find_document(storage, config, doc_id: str):
-    """A document of the quality subsets, by doc_id or a unique prefix of it."""
+    """A document of the quality subsets and its bucket, by doc_id or a unique prefix of it."""
     import polars as pl
 
     from synth_cpt.core.layout import QUALITY_SUBSETS, partition_file
@@ -397,7 +397,7 @@ def _find_document(storage, config, doc_id: str):
             key = partition_file(QUALITY_SUBSETS, lang, q)
             if storage.exists(key):
                 frame = storage.read_parquet(key, columns=SOURCE_COLUMNS).filter(pl.col("doc_id").str.starts_with(doc_id))
-                found += SourceDocument.from_frame(frame)
+                found += [(d, q) for d in SourceDocument.from_frame(frame)]
     if len(found) != 1:
         raise SystemExit(f"synth-cpt prompts render: {len(found)} documents of the quality subsets match --doc {doc_id!r}")
     return found[0]
@@ -433,29 +433,31 @@ def cmd_prompts(args: argparse.Namespace) -> int:
         # render: exactly the messages and sampling sent for a real document, chunk by chunk
         if not args.doc:
             raise SystemExit("synth-cpt prompts render: --doc <doc_id> names the document")
-        if kind == "judge":
-            raise SystemExit("synth-cpt prompts render: a judge prompt needs a rewrite; render a rewrite or entigraph prompt")
         from synth_cpt.core.storage import open_storage
         from synth_cpt.corpus.tokenizer import TokenCounter
-        from synth_cpt.synthesis.chunking import chunk_document
+        from synth_cpt.defs.resources import LLM
+        from synth_cpt.synthesis.entigraph import Budget
+        from synth_cpt.synthesis.preview import preview
 
         config = load_config(args.config) if args.config else load_config()
         storage = open_storage(config.storage_uri())
-        doc = _find_document(storage, config, args.doc)
-        counter = TokenCounter.from_storage(storage)
-        c = prompt.spec.chunking
-        chunks = chunk_document(doc.text, c.max_input_tokens, counter.count, c.split, doc.language)
-        entities = [f"<entity {i + 1}>" for i in range({"pair": 2, "triple": 3}.get(args.name, 0))]
-        for chunk in chunks:
-            context = (
-                "<the rewritten chunks before this one, up to %d tokens>" % c.context_tokens if c.autoregressive and chunk.index else ""
-            )
-            request = prompt.request(doc.language, seed=config.seeds.synthesis, text=chunk.text, context=context, entities=entities,
-                                     summary="", title=doc.title or "")  # fmt: skip
-            header = {"doc_id": doc.doc_id, "chunk": chunk.index, "of": len(chunks), "source_tokens": chunk.n_tokens,
-                      "prompt_sha": prompt.sha, "sampling": request.sampling.as_dict(), "json_schema": request.schema}  # fmt: skip
+        doc, quality = _find_document(storage, config, args.doc)
+        e = config.synthesis.entigraph
+        needs_cache = kind == "rewrite" and prompt.spec.chunking.autoregressive
+        items = preview(
+            prompt, doc, quality, storage=storage, count=TokenCounter.from_storage(storage).count, seed=config.seeds.synthesis,
+            budget=Budget(e.relations_per_document, e.tokens_per_document, e.triples),
+            relation_prompts={n: load_prompt("entigraph", n) for n in ("pair", "triple")},
+            engine=LLM().engine(storage, config.storage_uri()) if needs_cache else None,
+        )  # fmt: skip
+        for item in items:
+            header = dict(item.header)
+            if item.request is not None:
+                header |= {"sampling": item.request.sampling.as_dict(), "json_schema": item.request.schema}
             print("=== " + json.dumps(header, ensure_ascii=False))
-            for m in request.message_dicts():
+            if item.request is None:
+                print(f"(not known yet: {item.note})")
+            for m in item.request.message_dicts() if item.request else []:
                 print(f"--- {m['role']} ---\n{m['content']}")
             print()
         return 0

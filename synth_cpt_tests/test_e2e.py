@@ -132,13 +132,19 @@ def test_prompts_render_shows_what_is_sent_for_a_real_document(ingested):
     doc_id, text = duckdb.sql(
         f"select doc_id, text from read_parquet('{home}/quality_subsets/pt/high/part-0.parquet') order by n_tokens desc limit 1"
     ).fetchall()[0]
-    out = _cli(["prompts", "render", "faithful", "--doc", doc_id[:16]], env)
+    out = _cli(["prompts", "render", "medium", "--doc", doc_id[:16]], env)
     assert out.returncode == 0, out.stderr[-3000:]
     headers = [json.loads(line[4:]) for line in out.stdout.splitlines() if line.startswith("=== {")]
     assert [h["chunk"] for h in headers] == list(range(len(headers))) and headers[0]["of"] == len(headers) >= 2
-    assert all(h["doc_id"] == doc_id and h["source_tokens"] <= 400 for h in headers)
-    assert "O texto já reescrito termina assim" in out.stdout  # chunk 1 carries the rewritten context (pt template)
-    assert text.split()[0] in out.stdout
+    assert all(h["doc_id"] == doc_id and h["source_tokens"] <= 300 and "sampling" in h for h in headers)
+    assert text.split()[0] in out.stdout and out.stdout.count("--- user ---") == len(headers)
+    # autoregressive: chunk 0 is exact; later chunks carry outputs that are not generated yet, and say so
+    out = _cli(["prompts", "render", "faithful", "--doc", doc_id[:16]], env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("--- user ---") == 1 and "(not known yet: carries the rewritten chunk 0" in out.stdout
+    assert "O texto já reescrito termina assim" not in out.stdout  # no made-up context
+    pair = _cli(["prompts", "render", "pair", "--doc", doc_id[:16]], env)
+    assert pair.returncode == 2 and "entity_graphs pt|high is not published" in pair.stderr
     listing = _cli(["prompts", "list"], {**env, "COLUMNS": "300"})
     assert listing.returncode == 0 and "knowledge_list" in listing.stdout and "entities" in listing.stdout
 

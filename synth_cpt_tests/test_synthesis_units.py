@@ -350,6 +350,30 @@ def test_autoregressive_chains_carry_context_and_advance_together(tmp_path, coun
         assert row["text"].count("R[") == len(ids)
 
 
+def test_preview_renders_exactly_what_is_sent(tmp_path, counter):
+    """`prompts render` builds requests with the steps' own functions: before generation an
+    autoregressive chunk after the first is unknown; after it, every previewed request is one the
+    engine received, in order."""
+    from synth_cpt.synthesis.preview import preview
+
+    write_prompt(
+        tmp_path / "p", "rewrite", "chain", user="{% if context %}ANTES: {{ context }}\n{% endif %}AGORA: {{ text }}",
+        chunking={"max_input_tokens": 40, "autoregressive": True, "context_tokens": 200},
+        output={"length_ratio": None, "max_copy_similarity": None, "min_tokens": 0},
+    )  # fmt: skip
+    prompt = load_prompt("rewrite", "chain", root=tmp_path / "p")
+    backend = DeterministicTestBackend(reply=lambda p: "R[" + p.request.messages[-1][1][-12:] + "]")
+    engine = engine_with(tmp_path, backend)
+    document = doc(1, " ".join(f"Documento 1, parte {k}. {PT_TEXT}" for k in range(3)))
+    kwargs = dict(storage=engine.cache.storage, count=counter.count, seed=7, budget=Budget(4), relation_prompts={}, engine=engine)
+    before = preview(prompt, document, "high", **kwargs)
+    assert len(before) >= 3 and before[0].request is not None and all(i.request is None and i.note for i in before[1:])
+    rewrite_documents(engine, prompt, [document], count=counter.count, gate=gate(counter), scope="rewrites_chain/pt/high", seed=7)
+    after = preview(prompt, document, "high", **kwargs)
+    assert [engine.request_ids([i.request])[0] for i in after] == backend.sent
+    assert "ANTES: R[" in after[1].request.messages[-1][1]
+
+
 # -- EntiGraph ---------------------------------------------------------------------------------------
 
 

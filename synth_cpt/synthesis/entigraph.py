@@ -22,11 +22,12 @@ import polars as pl
 
 from synth_cpt.core.contracts import ENTITIES, ENTITY_SUMMARIES
 from synth_cpt.generation.engine import GenerationEngine
+from synth_cpt.generation.requests import ChatRequest
 from synth_cpt.generation.structured import parse_json_output
-from synth_cpt.synthesis.chunking import Chunk, chunk_document
+from synth_cpt.synthesis.chunking import Chunk
 from synth_cpt.synthesis.fidelity import FAILED, GateContext, check_document, clean_piece
 from synth_cpt.synthesis.prompts import Prompt
-from synth_cpt.synthesis.rewrite import lineage
+from synth_cpt.synthesis.rewrite import document_chunks, lineage
 from synth_cpt.synthesis.rows import SourceDocument, SynthesisResult, synth_id, table
 
 SUMMARY = "entigraph_summary"
@@ -78,6 +79,11 @@ class EntityGraphs:
     result: SynthesisResult
 
 
+def entity_requests(prompt: Prompt, doc: SourceDocument, *, count: Any, seed: int) -> list[tuple[Chunk, ChatRequest]]:
+    """Step 1's request for each chunk of `doc`."""
+    return [(ch, prompt.request(doc.language, seed=seed, text=ch.text, title=doc.title or "")) for ch in document_chunks(prompt, doc, count)]
+
+
 def extract_entity_graphs(
     engine: GenerationEngine,
     prompt: Prompt,
@@ -91,9 +97,9 @@ def extract_entity_graphs(
     """Step 1 for every document; a document with a failed or unreadable chunk is rejected whole."""
     result = SynthesisResult()
     spec = prompt.spec
-    plans = [(doc, chunk_document(doc.text, spec.chunking.max_input_tokens, count, spec.chunking.split, doc.language)) for doc in documents]
-    plans = [(doc, chunks) for doc, chunks in plans if chunks]
-    requests = [prompt.request(doc.language, seed=seed, text=ch.text, title=doc.title or "") for doc, chunks in plans for ch in chunks]
+    plans = [(doc, entity_requests(prompt, doc, count=count, seed=seed)) for doc in documents]
+    plans = [(doc, asks) for doc, asks in plans if asks]
+    requests = [req for _, asks in plans for _, req in asks]
     ids = iter(engine.request_ids(requests))
     answers = result.batch.ask(engine, requests, scope)
     summaries: list[dict[str, Any]] = []
@@ -202,6 +208,38 @@ def _iter_docs(summaries: pl.DataFrame, entities: pl.DataFrame) -> Iterator[tupl
         yield row, by_doc.get(row["doc_id"], [])
 
 
+@dataclass(frozen=True)
+class RelationJob:
+    """One relation text to ask for: its entities, the part of the document it is asked about, the request."""
+
+    doc: SourceDocument
+    prompt: Prompt
+    entities: tuple[str, ...]
+    chunk: Chunk
+    request: ChatRequest
+
+    @property
+    def kind(self) -> str:
+        return PAIR if len(self.entities) == 2 else TRIPLE
+
+
+def relation_jobs(
+    doc: SourceDocument, names: list[str], pair_prompt: Prompt, triple_prompt: Prompt, *, count: Any, seed: int, budget: Budget
+) -> list[RelationJob]:
+    """The exact relation requests of one document: its budgeted plan, each combination asked about
+    the chunk that mentions most of its entities (what `relation_corpus` sends and `prompts render` shows)."""
+    limit = budget.per_document(max(pair_prompt.spec.output.max_tokens, triple_prompt.spec.output.max_tokens))
+    plan = relation_plan(names, doc.doc_id, seed, limit, budget.triples)
+    chunks = document_chunks(pair_prompt, doc, count)
+    jobs = []
+    for combo in plan:
+        prompt = pair_prompt if len(combo) == 2 else triple_prompt
+        chunk = best_chunk(chunks, combo)
+        request = prompt.request(doc.language, seed=seed, text=chunk.text, entities=list(combo), summary="", title=doc.title or "")
+        jobs.append(RelationJob(doc, prompt, combo, chunk, request))
+    return jobs
+
+
 def relation_corpus(
     engine: GenerationEngine,
     pair_prompt: Prompt,
@@ -221,7 +259,7 @@ def relation_corpus(
     result = SynthesisResult()
     figures = RelationFigures()
     docs = {d.doc_id: d for d in documents}
-    jobs: list[tuple[SourceDocument, Prompt, tuple[str, ...], Chunk]] = []
+    jobs: list[RelationJob] = []
     for row, names in _iter_docs(summaries, entities):
         doc = docs.get(row["doc_id"])
         if doc is None:
@@ -240,24 +278,18 @@ def relation_corpus(
         n = len(names)
         figures.pairs_possible += math.comb(n, 2)
         figures.triples_possible += math.comb(n, 3) if budget.triples else 0
-        limit = budget.per_document(max(pair_prompt.spec.output.max_tokens, triple_prompt.spec.output.max_tokens))
-        plan = relation_plan(names, doc.doc_id, seed, limit, budget.triples)
+        doc_jobs = relation_jobs(doc, names, pair_prompt, triple_prompt, count=count, seed=seed, budget=budget)
         if names:
             figures.documents += 1
-        figures.per_document[doc.doc_id] = len(plan)
-        chunks = chunk_document(doc.text, pair_prompt.spec.chunking.max_input_tokens, count, pair_prompt.spec.chunking.split, doc.language)
-        for combo in plan:
-            prompt = pair_prompt if len(combo) == 2 else triple_prompt
-            figures.pairs_planned += len(combo) == 2
-            figures.triples_planned += len(combo) == 3
-            jobs.append((doc, prompt, combo, best_chunk(chunks, combo)))
-    requests = [
-        p.request(d.language, seed=seed, text=ch.text, entities=list(combo), summary="", title=d.title or "") for d, p, combo, ch in jobs
-    ]
+        figures.per_document[doc.doc_id] = len(doc_jobs)
+        figures.pairs_planned += sum(j.kind == PAIR for j in doc_jobs)
+        figures.triples_planned += sum(j.kind == TRIPLE for j in doc_jobs)
+        jobs += doc_jobs
+    requests = [j.request for j in jobs]
     ids = engine.request_ids(requests)
     answers = result.batch.ask(engine, requests, scope)
-    for (doc, prompt, combo, chunk), rid in zip(jobs, ids, strict=True):
-        kind = PAIR if len(combo) == 2 else TRIPLE
+    for job, rid in zip(jobs, ids, strict=True):
+        doc, prompt, combo, chunk, kind = job.doc, job.prompt, job.entities, job.chunk, job.kind
         base = {**lineage(doc, prompt, engine, [rid], kind=kind)}
         answer = answers.get(rid)
         if answer is None or answer.unusable:

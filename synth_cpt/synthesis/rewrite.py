@@ -19,7 +19,7 @@ from synth_cpt.generation.structured import parse_json_output
 from synth_cpt.synthesis.chunking import Chunk, chunk_document, join_outputs, tail_within
 from synth_cpt.synthesis.fidelity import FAILED, JUDGE, GateContext, Verdict, check_document, clean_piece
 from synth_cpt.synthesis.prompts import Prompt
-from synth_cpt.synthesis.rows import Answer, SourceDocument, SynthesisResult, synth_id
+from synth_cpt.synthesis.rows import Answer, SourceDocument, SynthesisResult, cached_answers, synth_id
 
 KIND = "rewrite"
 
@@ -41,6 +41,11 @@ def lineage(doc: SourceDocument, prompt: Prompt, engine: GenerationEngine, reque
         "source_line": doc.source_line, "request_ids": list(request_ids), "prompt_sha": prompt.sha, "model": engine.model,
         "model_fingerprint": engine.fingerprint,
     }  # fmt: skip
+
+
+def document_chunks(prompt: Prompt, doc: SourceDocument, count: Any) -> list[Chunk]:
+    c = prompt.spec.chunking
+    return chunk_document(doc.text, c.max_input_tokens, count, c.split, doc.language)
 
 
 def chunk_request(prompt: Prompt, chain: Chain, k: int, seed: int, count: Any) -> ChatRequest:
@@ -81,10 +86,7 @@ def rewrite_documents(
     """Every document rewritten in `prompt`'s style, or rejected with the reason of the rule it broke."""
     result = SynthesisResult()
     spec = prompt.spec
-    chains = [
-        Chain(doc, chunk_document(doc.text, spec.chunking.max_input_tokens, count, spec.chunking.split, doc.language), [], [])
-        for doc in documents
-    ]
+    chains = [Chain(doc, document_chunks(prompt, doc, count), [], []) for doc in documents]
     chains = [c for c in chains if c.chunks]
     if spec.chunking.autoregressive:
         for k in range(max((len(c.chunks) for c in chains), default=0)):
@@ -134,6 +136,28 @@ def rewrite_documents(
             }
         )  # fmt: skip
     return result
+
+
+def preview_requests(
+    engine: GenerationEngine, prompt: Prompt, doc: SourceDocument, *, count: Any, scope: str, seed: int = 0
+) -> list[tuple[Chunk, ChatRequest | None]]:
+    """The exact request of each chunk of `doc`, as `rewrite_documents` would send it, sending nothing.
+    With autoregressive chunking chunk k carries the cleaned outputs of the chunks before it: they are
+    read from the cache, and where one is not there yet (or was rejected) the later requests cannot be
+    known and are None."""
+    chain = Chain(doc, document_chunks(prompt, doc, count), [], [])
+    out: list[tuple[Chunk, ChatRequest | None]] = []
+    for k, chunk in enumerate(chain.chunks):
+        if chain.failed:
+            out.append((chunk, None))
+            continue
+        request = chunk_request(prompt, chain, k, seed, count)
+        out.append((chunk, request))
+        if prompt.spec.chunking.autoregressive and k + 1 < len(chain.chunks):
+            rid = engine.request_ids([request])[0]
+            chain.request_ids.append(rid)
+            _take(chain, k, cached_answers(engine, [request], scope).get(rid), prompt, SynthesisResult(), engine)
+    return out
 
 
 def judge_rewrites(

@@ -60,6 +60,15 @@ class Answer:
     completion_tokens: int
 
 
+def cached_answers(engine: GenerationEngine, requests: list[ChatRequest], scope: str) -> dict[str, Answer]:
+    """What the cache holds for `requests`, by request_id (nothing is sent)."""
+    rows = engine.results(requests, scope)
+    return {
+        r["request_id"]: Answer(r["request_id"], r["text"], r["finish_reason"], r["rejected"], r["completion_tokens"] or 0)
+        for r in rows.select(["request_id", "text", "finish_reason", "rejected", "completion_tokens"]).iter_rows(named=True)
+    }
+
+
 @dataclass
 class Batch:
     """Figures of every engine run of one synthesis step, summed."""
@@ -72,11 +81,7 @@ class Batch:
         if not requests:
             return {}
         self.runs.append(engine.run(requests, scope))
-        rows = engine.results(requests, scope)
-        return {
-            r["request_id"]: Answer(r["request_id"], r["text"], r["finish_reason"], r["rejected"], r["completion_tokens"] or 0)
-            for r in rows.select(["request_id", "text", "finish_reason", "rejected", "completion_tokens"]).iter_rows(named=True)
-        }
+        return cached_answers(engine, requests, scope)
 
     def metadata(self) -> dict[str, float | int]:
         keys = ["requests", "unique", "cache_hits", "sent", "succeeded", "failed", "rejected", "prompt_tokens", "completion_tokens"]
