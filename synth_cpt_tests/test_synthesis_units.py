@@ -217,6 +217,15 @@ def test_context_tail_respects_its_budget(counter):
         ("Claro! Aqui está a versão reescrita: O gato sentou.", "O gato sentou."),
         ("Segue o texto:\nO gato sentou.", "O gato sentou."),
         ("O gato sentou: depois dormiu.", "O gato sentou: depois dormiu."),
+        ("Sure, here's the rewritten version of the text:\nThe cat sat.", "The cat sat."),
+        ("Texto reescrito: O gato sentou.", "O gato sentou."),
+        ("**Rewritten text:** The cat sat.", "The cat sat."),
+        # text that only opens with a lead-in word is never cut (it would be silently shortened)
+        ("Certo dia, o rei partiu para o norte.\nDepois voltou.", "Certo dia, o rei partiu para o norte.\nDepois voltou."),
+        ("Segue-se a fase dois: a colheita.", "Segue-se a fase dois: a colheita."),
+        ("Claro está que o rio transbordou.\n\nA cidade sofreu.", "Claro está que o rio transbordou.\n\nA cidade sofreu."),
+        ("Sure enough, the river rose: the town flooded.", "Sure enough, the river rose: the town flooded."),
+        ("Eis que surge o herói: um menino.", "Eis que surge o herói: um menino."),
     ],
 )
 def test_preambles_are_stripped_in_both_languages(raw, kept):
@@ -232,6 +241,11 @@ def test_preambles_are_stripped_in_both_languages(raw, kept):
         ("   ", "stop", fid.EMPTY),
         ("O texto. Aqui está o texto reescrito: nada.", "stop", fid.PREAMBLE),
         ("O gato sentou e dormiu no tapete.", "stop", None),
+        ("Infelizmente, não posso ajudar com isso.", "stop", fid.REFUSAL),
+        ("Não consigo reescrever este texto.", "stop", fid.REFUSAL),
+        ("I cannot rewrite this passage.", "stop", fid.REFUSAL),
+        ("Não consigo imaginar um dia mais bonito do que este.", "stop", None),
+        ("I can't believe how fast the river rose that year.", "stop", None),
     ],
 )
 def test_piece_rules(text, finish, code):
@@ -273,6 +287,18 @@ def test_document_rules_portuguese(counter, output, spec, identify, code):
     verdict = fid.check_document(SOURCE, output, "pt", OutputSpec(**spec), gate(counter, ident))
     assert verdict.reason_code == code, verdict.reason
     assert verdict.figures["source_tokens"] > 0
+
+
+def test_coverage_matches_whole_numbers_and_words():
+    assert fid.coverage({"5", "15"}, fid.numbers("Custou 1500 reais.")) == 0.0
+    assert fid.coverage({"1500"}, fid.numbers("Em 1.500 navios.")) == 1.0
+    assert fid.coverage({"ana"}, "Comeu uma banana.") == 0.0
+    assert fid.coverage({"ana", "sao paulo"}, "A Ana foi a São Paulo.") == 1.0
+
+
+def test_too_long_is_its_own_reason(counter):
+    verdict = fid.check_document(SOURCE, SOURCE.replace("navios", "barcos"), "pt", OutputSpec(min_tokens=0, max_total_tokens=5), gate(counter))
+    assert verdict.reason_code == fid.TOO_LONG, verdict.reason
 
 
 def test_entity_and_number_extraction():

@@ -31,25 +31,47 @@ COPY = "copy"
 JUDGE = "judge_unfaithful"
 FAILED = "generation_failed"  # a request of the document failed (error or unusable output): rejected whole
 
-# Lead-ins of an assistant before the text it was asked for, in the languages we ship.
-_PREAMBLE_WORDS = (
-    # English
-    r"here(?:'s| is| are)\b", r"sure\b", r"certainly\b", r"of course\b", r"okay\b", r"ok\b",
-    r"(?:the |a )?(?:rewritten|rephrased|paraphrased|simplified|revised)\b", r"(?:a |the )?(?:paraphrase|rewrite|summary)\b",
-    r"below is\b", r"i (?:have|'ve) (?:rewritten|rephrased)\b",
-    # Portuguese
-    r"aqui est[áa]\b", r"aqui v[ãa]o\b", r"segue\b", r"seguem\b", r"claro\b", r"com certeza\b", r"certo\b",
-    r"(?:o |a )?(?:texto )?(?:reescrito|reescrita|parafraseado|simplificado|revisado)\b", r"(?:uma |a )?(?:par[áa]frase|reescrita)\b",
-    r"abaixo est[áa]\b", r"eis\b",
-)  # fmt: skip
-PREAMBLE_RE = re.compile(r"^\s*(?:[*#>\s]*)(?:" + "|".join(_PREAMBLE_WORDS) + r")[^\n]{0,160}?(?::|!|\n\s*\n|\.\s*\n)", re.I)
+# Lead-ins of an assistant before the text it was asked for, in the languages we ship. A lead-in is
+# stripped only when it has one of three forms, so that text which merely opens with the same word
+# ("Certo dia, o rei partiu", "Segue-se a fase dois: a colheita", "Claro está que...") stays whole:
+# - an interjection closed by punctuation: "Claro!", "Sure.", "Certo:" (or by a comma before an announcement);
+# - an announcement that names what follows and ends with a colon: "Aqui está o texto reescrito:",
+#   "Here is a paraphrase of the passage:", "Segue a versão simplificada:";
+# - a label: "Texto reescrito:", "Rewritten text:", "Paráfrase:".
+_INTERJECTION = r"(?:sure|certainly|of course|okay|ok|absolutely|claro|com certeza|certo|perfeito|[óo]timo|pois n[ãa]o)"
+_OUTPUT_NOUN = (
+    r"(?:text|texto|version|vers[ãa]o|rewrite|reescrita|paraphrase|par[áa]frase|summary|resumo|passage|passagem|trecho|"
+    r"list|lista|questions|perguntas|rewritten|reescrit[oa]|simplified|simplificad[oa]|article|artigo|explanation|explica[çc][ãa]o)"
+)
+_ANNOUNCE = (
+    r"(?:here(?:'s| is| are)|below (?:is|are)|i(?: have|'ve) (?:rewritten|rephrased|simplified|paraphrased)|"
+    r"aqui (?:est[áa]|v[ãa]o|segue|seguem)|abaixo (?:est[áa]|segue|seguem)|segue|seguem|eis)\b"
+    r"(?=[^\n:]{0,120}?\b" + _OUTPUT_NOUN + r"\b)[^\n:]{0,160}:"
+)
+_LABEL = (
+    r"(?:(?:the |a |an |o |a |uma? )?(?:rewritten|rephrased|paraphrased|simplified|revised|reescrit[oa]|parafrasead[oa]|simplificad[oa]|revisad[oa])\s+)?"
+    r"(?:text|texto|version|vers[ãa]o|rewrite|reescrita|paraphrase|par[áa]frase|passage|passagem)"
+    r"(?:\s+(?:rewritten|reescrit[oa]|simplificad[oa]|revisad[oa]|parafrasead[oa]))?\s*:"
+)
+_LEAD = r"^\s*[*#>\s]*"
+PREAMBLE_RE = re.compile(
+    _LEAD + r"(?:" + _INTERJECTION + r"\s*(?:[!.:]+|,(?=\s*" + _ANNOUNCE + r"))|" + _ANNOUNCE + r"|" + _LABEL + r")[*\s]*", re.I
+)
 _RESIDUE_RE = re.compile(
     r"\b(?:here(?:'s| is) (?:a|the) (?:paraphrase|rewrite|rewritten)|aqui est[áa] (?:o|a|uma) (?:texto|vers[ãa]o|par[áa]frase|reescrita))",
     re.I,
 )
+# A refusal is the answer's opening, and names the task it declines ("Não posso reescrever", "I can't
+# help"), so text that opens with "Não consigo imaginar..." is not taken for one.
+_DECLINED = (
+    r"(?:help|assist|do|rewrite|rephrase|comply|fulfil+|provide|complete|create|generate|process|continue|"
+    r"ajudar|fazer|reescrever|parafrasear|cumprir|atender|realizar|fornecer|completar|criar|gerar|processar|continuar)"
+)
 _REFUSAL_RE = re.compile(
-    r"^\W*(?:i(?:'m| am) sorry|i can(?:no|')t|i(?:'m| am) (?:not able|unable)|as an ai\b|i apologi[sz]e|unfortunately,? i"
-    r"|desculpe|sinto muito|lamento|n[ãa]o posso|n[ãa]o consigo|como (?:um )?(?:modelo|assistente|ia)\b)",
+    r"^\W*(?:i(?:'m| am) sorry|i apologi[sz]e|as an ai\b|unfortunately,? i\b|"
+    r"i (?:can(?:no|')t|cannot|won't|am unable to|'m unable to|am not able to|'m not able to) " + _DECLINED + r"|"
+    r"desculpe|sinto muito|lamento|infelizmente,? (?:n[ãa]o|eu)\b|"
+    r"(?:eu )?n[ãa]o (?:posso|consigo|sou capaz de|tenho como) " + _DECLINED + r"|como (?:um )?(?:modelo|assistente|ia)\b)",
     re.I,
 )
 _QA_Q = re.compile(r"^\s*(?:[-*\d.)\s]*)(?:question|pergunta|q|p)\s*\d*\s*[:.)]", re.I | re.M)
@@ -67,7 +89,7 @@ def strip_preamble(text: str, extra: tuple[str, ...] = ()) -> str:
         match = re.match(pattern, out, re.I)
         if match:
             out = out[match.end() :].lstrip()
-    for _ in range(2):  # "Claro! Aqui está o texto reescrito:" is two lead-ins
+    for _ in range(3):  # "Claro! Aqui está o texto reescrito:" is two lead-ins
         match = PREAMBLE_RE.match(out)
         if not match or match.end() >= len(out.rstrip()):
             break
@@ -124,12 +146,16 @@ def named_entities(text: str) -> set[str]:
     return found
 
 
-def coverage(source: set[str], output_text: str, exact: bool = False) -> float | None:
-    """Share of `source` items found in the output (None when the source has none)."""
+def coverage(source: set[str], found: set[str] | str) -> float | None:
+    """Share of `source` items found in the output (None when the source has none): `found` is the
+    output's own set (numbers: "15" is not covered by "1500"), or its text, searched for each item
+    as whole words after folding ("Ana" is not found in "banana")."""
     if not source:
         return None
-    haystack = output_text if exact else _fold(output_text)
-    hits = sum(1 for item in source if item in haystack)
+    if isinstance(found, set):
+        return len(source & found) / len(source)
+    haystack = _fold(found)
+    hits = sum(1 for item in source if re.search(r"(?<!\w)" + re.escape(item) + r"(?!\w)", haystack))
     return hits / len(source)
 
 
@@ -204,7 +230,7 @@ def check_document(source: str, output_text: str, expected_language: str, output
     verdict = Verdict(output_text)
     src_tokens, out_tokens = ctx.count([source, output_text])
     ratio = out_tokens / src_tokens if src_tokens else 0.0
-    num_cov = coverage(numbers(source), " ".join(numbers(output_text)), exact=True)
+    num_cov = coverage(numbers(source), numbers(output_text))
     ent_cov = coverage(named_entities(source), output_text)
     similarity = copy_similarity(source, output_text)
     languages, scores = ctx.identify([output_text])
