@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import polars as pl
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -498,3 +499,20 @@ def test_optional_judge_gates_rewrites_that_passed_the_rules(tmp_path, counter, 
     else:
         assert rows.height == 0 and rejects["reason_code"].to_list() == [code]
         assert len(rejects["request_ids"][0]) == 2  # the rewrite's generation and the judge's
+
+
+def test_rows_valid_requires_every_generation_in_the_cache(tmp_path, counter):
+    """The publish check follows each row's request_ids into the cache: a row naming a generation the
+    cache does not hold (lost, or from another cache) fails it."""
+    from synth_cpt.core.validation import Outcome
+    from synth_cpt.synthesis.steps import _resolves
+
+    engine = engine_with(tmp_path, DeterministicTestBackend(reply=lambda p: " ".join(reversed(PT_TEXT.split()))))
+    result = rewrite_documents(engine, load_prompt("rewrite", "medium"), [doc(1, PT_TEXT)], count=counter.count, gate=gate(counter), scope="s")
+    rows, _ = result.frames()
+    assert rows.height == 1
+    good = _resolves(Outcome(True), engine, "s", rows)
+    assert good.success and good.details["lineage.generations_resolve"]["referenced"] == 1
+    forged = rows.with_columns(request_ids=pl.concat_list([pl.col("request_ids"), pl.lit(["f" * 64])]))
+    bad = _resolves(Outcome(True), engine, "s", forged)
+    assert not bad.success and "1 request_ids are not successful generations" in bad.failures[0]

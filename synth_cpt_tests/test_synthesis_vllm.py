@@ -51,15 +51,26 @@ def test_real_engine_rewrites_and_entity_graphs_with_lineage(vllm_session, tmp_p
         assert all(r for r in rejects["reason"].to_list())
         for row in rows.to_dicts() + rejects.to_dicts():
             assert lines[row["doc_id"]] == (row["drop_id"], row["source_line"])
-        for row in rows.to_dicts():
+        every = cache.load(["request_id", "error", "prompt_sha", "model_fingerprint"])
+        sent = {r["request_id"]: r for r in every.to_dicts()}
+        for row in rows.to_dicts():  # an accepted row: each of its generations succeeded, with its prompt and model
             found = cache.finished(row["request_ids"])
             assert sorted(found["request_id"].to_list()) == sorted(row["request_ids"])
             assert set(found["prompt_sha"]) == {row["prompt_sha"]} and set(found["model_fingerprint"]) == {row["model_fingerprint"]}
+        for row in rejects.to_dicts():  # a rejection: each generation it names is in the cache (a success or a failure)
+            assert row["request_ids"] and all(rid in sent for rid in row["request_ids"])
+            assert {sent[rid]["prompt_sha"] for rid in row["request_ids"]} == {row["prompt_sha"]}
         summaries = published_table(storage, "entity_graphs", "pt", "high", "summaries.parquet")
         graph_rejects = published_table(storage, "entity_graphs", "pt", "high", "rejects.parquet")
         assert summaries.height + graph_rejects.height == 2
+        assert set(summaries["doc_id"]) | set(graph_rejects["doc_id"]) == set(rows["doc_id"]) | set(rejects["doc_id"])
         for row in summaries.to_dicts():
-            assert len(cache.finished(row["request_ids"])) == len(row["request_ids"])
+            assert lines[row["doc_id"]] == (row["drop_id"], row["source_line"])
+            found = cache.finished(row["request_ids"])
+            assert len(found) == len(row["request_ids"]) and set(found["model_fingerprint"]) == {row["model_fingerprint"]}
+        for row in graph_rejects.to_dicts():
+            assert lines[row["doc_id"]] == (row["drop_id"], row["source_line"])
+            assert row["request_ids"] and all(rid in sent for rid in row["request_ids"])
 
         second = materializations(run())
         assert second["rewrites_medium"]["sent"] == 0 and second["entity_graphs"]["sent"] == 0

@@ -270,6 +270,14 @@ def check_entity_graphs(summaries: pl.DataFrame, entities: pl.DataFrame, doc_ids
     )
 
 
+def check_generations(request_ids: list[str], finished: set[str]) -> Outcome:
+    """Every generation a row names is a successful row of the cache: its lineage resolves."""
+    missing = sorted(set(request_ids) - finished)
+    details = {"generations_resolve": {"success": not missing, "referenced": len(set(request_ids)), "missing": len(missing)}}
+    failures = [f"{len(missing)} request_ids are not successful generations in the cache, e.g. {missing[:3]}"] if missing else []
+    return Outcome(not missing, failures, details)
+
+
 def check_pass_rate(pass_rate: float, minimum: float) -> Outcome:
     gxe = expect()
     frame = pl.DataFrame({"pass_rate": [float(pass_rate)]})

@@ -12,7 +12,7 @@ from typing import Any
 import polars as pl
 
 from synth_cpt.core.config import PipelineConfig
-from synth_cpt.core.contracts import check_entity_graphs, check_pass_rate, check_synthetic
+from synth_cpt.core.contracts import check_entity_graphs, check_generations, check_pass_rate, check_synthetic
 from synth_cpt.core.layout import (
     ENTITY_GRAPHS,
     ENTITY_ROWS,
@@ -25,7 +25,7 @@ from synth_cpt.core.layout import (
 )
 from synth_cpt.core.metadata import sample_markdown
 from synth_cpt.core.storage import Storage
-from synth_cpt.core.validation import Outcome
+from synth_cpt.core.validation import Outcome, merge
 from synth_cpt.generation.engine import GenerationEngine
 from synth_cpt.synthesis.entigraph import Budget, extract_entity_graphs, relation_corpus
 from synth_cpt.synthesis.fidelity import GateContext
@@ -94,6 +94,16 @@ def _common(result: SynthesisResult, prompts: list[Prompt], engine: GenerationEn
     }
 
 
+def _resolves(outcome: Outcome, engine: GenerationEngine, scope: str, *frames: pl.DataFrame) -> Outcome:
+    """`outcome` and the check that every request_id the frames name is in the cache."""
+    ids: list[str] = []
+    for frame in frames:
+        ids += frame["request_ids"].explode().drop_nulls().to_list()
+        if "judge_request_id" in frame.columns:
+            ids += frame["judge_request_id"].drop_nulls().to_list()
+    return merge({"rows": outcome, "lineage": check_generations(ids, engine.cache.finished_ids(set(ids), scope) if ids else set())})
+
+
 def empty_step(reason: str, minimum_pass_rate: float, tables: dict[str, pl.DataFrame]) -> StepOutput:
     """A partition the style is not routed to: published empty, with the reason."""
     return StepOutput(
@@ -106,16 +116,16 @@ def empty_step(reason: str, minimum_pass_rate: float, tables: dict[str, pl.DataF
 def rewrite_step(
     engine: GenerationEngine, inputs: PartitionInputs, prompt: Prompt, judge: Prompt | None, asset: str, minimum_pass_rate: float
 ) -> StepOutput:
+    scope = generation_scope(asset, inputs.language, inputs.quality)
     result = rewrite_documents(
-        engine, prompt, inputs.documents, count=inputs.count, gate=inputs.gate,
-        scope=generation_scope(asset, inputs.language, inputs.quality), seed=inputs.seed, judge=judge,
-    )  # fmt: skip
+        engine, prompt, inputs.documents, count=inputs.count, gate=inputs.gate, scope=scope, seed=inputs.seed, judge=judge
+    )
     rows, rejects = result.frames()
     rates = result.pass_rates()
     return StepOutput(
         tables={SYNTHETIC_ROWS: rows, SYNTHETIC_REJECTS: rejects},
         outcomes={
-            ROWS_VALID: check_synthetic(rows, inputs.language, inputs.subset_doc_ids),
+            ROWS_VALID: _resolves(check_synthetic(rows, inputs.language, inputs.subset_doc_ids), engine, scope, rows),
             PASS_RATE: check_pass_rate(rates["pass_rate"], minimum_pass_rate),
         },
         metadata={
@@ -132,17 +142,17 @@ def rewrite_step(
 def entity_graphs_step(
     engine: GenerationEngine, inputs: PartitionInputs, prompt: Prompt, max_entities: int, minimum_pass_rate: float
 ) -> StepOutput:
+    scope = generation_scope(ENTITY_GRAPHS, inputs.language, inputs.quality)
     graphs = extract_entity_graphs(
-        engine, prompt, inputs.documents, count=inputs.count,
-        scope=generation_scope(ENTITY_GRAPHS, inputs.language, inputs.quality), seed=inputs.seed, max_entities=max_entities,
-    )  # fmt: skip
+        engine, prompt, inputs.documents, count=inputs.count, scope=scope, seed=inputs.seed, max_entities=max_entities
+    )
     _, rejects = graphs.result.frames()
     rates = graphs.result.pass_rates(accepted=graphs.summaries.height)
     per_doc = graphs.entities.group_by("doc_id").len()
     return StepOutput(
         tables={SUMMARIES: graphs.summaries, ENTITY_ROWS: graphs.entities, SYNTHETIC_REJECTS: rejects},
         outcomes={
-            ROWS_VALID: check_entity_graphs(graphs.summaries, graphs.entities, inputs.subset_doc_ids),
+            ROWS_VALID: _resolves(check_entity_graphs(graphs.summaries, graphs.entities, inputs.subset_doc_ids), engine, scope, graphs.summaries),
             PASS_RATE: check_pass_rate(rates["pass_rate"], minimum_pass_rate),
         },
         metadata={
@@ -176,9 +186,10 @@ def entigraph_corpus_step(
             f"entity_graphs {inputs.language}|{inputs.quality} is not published: materialize entity_graphs for this partition first"
         )
     pair, triple = prompts["pair"], prompts["triple"]
+    scope = generation_scope(asset, inputs.language, inputs.quality)
     result, figures = relation_corpus(
         engine, pair, triple, prompts["entities"].sha, inputs.documents, summaries, entities, count=inputs.count,
-        gate=inputs.gate, scope=generation_scope(asset, inputs.language, inputs.quality), seed=inputs.seed, budget=budget,
+        gate=inputs.gate, scope=scope, seed=inputs.seed, budget=budget,
     )  # fmt: skip
     rows, rejects = result.frames()
     rates = result.pass_rates()
@@ -186,7 +197,7 @@ def entigraph_corpus_step(
     return StepOutput(
         tables={SYNTHETIC_ROWS: rows, SYNTHETIC_REJECTS: rejects},
         outcomes={
-            ROWS_VALID: check_synthetic(rows, inputs.language, inputs.subset_doc_ids),
+            ROWS_VALID: _resolves(check_synthetic(rows, inputs.language, inputs.subset_doc_ids), engine, scope, rows),
             PASS_RATE: check_pass_rate(rates["pass_rate"], minimum_pass_rate),
         },
         metadata={
