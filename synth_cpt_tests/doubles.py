@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from synth_cpt.generation.backends import Backend, OnResult, Prepared
 from synth_cpt.generation.requests import ChatRequest, Generation, Sampling
@@ -36,29 +36,69 @@ class DeterministicTestBackend(Backend):
     def version(self) -> str:
         return "1"
 
-    def generate(self, batch: list[Prepared], on_result: OnResult) -> None:
-        self.batches.append([p.request_id for p in batch])
+    def generate(self, batch: Iterable[Prepared], on_result: OnResult) -> None:
+        """One at a time, in feed order (requests pushed by `on_result` are taken after the others)."""
+        ids: list[str] = []
+        self.batches.append(ids)  # the request ids of each generate call, in the order sent
         for p in batch:
-            self.sent.append(p.request_id)
-            if self.sent_log:
-                with open(self.sent_log, "a") as f:
-                    f.write(p.request_id + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-            if self.delay_s:
-                time.sleep(self.delay_s)
-            if p.request_id in self.fail_ids:
-                on_result(p, Generation.failure(p.request_id, "double: injected failure", attempts=3))
-                continue
-            digest = hashlib.sha256(f"{p.request_id}:{p.seed}".encode()).hexdigest()[:12]
-            custom = self.reply(p) if self.reply else None
-            if custom is not None:
-                text = custom
-            elif p.request.json_schema:
-                text = json.dumps(instance_of(p.request.schema, digest))
-            else:
-                text = f"answer {digest} to {p.request.messages[-1][1][:30]}"
-            on_result(p, Generation(p.request_id, text, "stop", len(p.request.rendered()) // 4, 7, 1, 0.001))
+            ids.append(p.request_id)
+            self.send(p)
+            on_result(p, self.answer(p))
+
+    def send(self, p: Prepared) -> None:
+        self.sent.append(p.request_id)
+        if self.sent_log:
+            with open(self.sent_log, "a") as f:
+                f.write(p.request_id + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        if self.delay_s:
+            time.sleep(self.delay_s)
+
+    def answer(self, p: Prepared) -> Generation:
+        if p.request_id in self.fail_ids:
+            return Generation.failure(p.request_id, "double: injected failure", attempts=3)
+        digest = hashlib.sha256(f"{p.request_id}:{p.seed}".encode()).hexdigest()[:12]
+        custom = self.reply(p) if self.reply else None
+        if custom is not None:
+            text = custom
+        elif p.request.json_schema:
+            text = json.dumps(instance_of(p.request.schema, digest))
+        else:
+            text = f"answer {digest} to {p.request.messages[-1][1][:30]}"
+        return Generation(p.request_id, text, "stop", len(p.request.rendered()) // 4, 7, 1, 0.001)
+
+
+class SteppingTestBackend(DeterministicTestBackend):
+    """Like vLLM's step loop: up to `max_in_flight` requests in the engine, the oldest finishing at each
+    step, the engine topped up after every step. `in_flight` records how full it was at each step."""
+
+    def __init__(self, max_in_flight: int, **kw) -> None:
+        super().__init__(**kw)
+        self.max_in_flight = max_in_flight
+        self.in_flight: list[int] = []
+        self.events: list[tuple[str, str]] = []  # ("add" | "done", request_id)
+
+    def generate(self, batch: Iterable[Prepared], on_result: OnResult) -> None:
+        ids: list[str] = []
+        self.batches.append(ids)
+        queue = iter(batch)
+        running: list[Prepared] = []
+
+        def fill() -> None:
+            while len(running) < self.max_in_flight and (p := next(queue, None)) is not None:
+                self.send(p)
+                ids.append(p.request_id)
+                self.events.append(("add", p.request_id))
+                running.append(p)
+
+        fill()
+        while running:
+            self.in_flight.append(len(running))
+            p = running.pop(0)
+            self.events.append(("done", p.request_id))
+            on_result(p, self.answer(p))
+            fill()
 
 
 def instance_of(schema: dict, digest: str) -> object:

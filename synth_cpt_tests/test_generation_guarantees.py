@@ -125,7 +125,7 @@ class ForgetfulBackend(DeterministicTestBackend):
     """Test double: returns without reporting the last two requests."""
 
     def generate(self, batch, on_result):
-        super().generate(batch[:-2], on_result)
+        super().generate(list(batch)[:-2], on_result)
 
 
 def test_a_backend_that_drops_requests_fails_the_run_and_they_are_retried(tmp_path):
@@ -295,9 +295,10 @@ def test_every_pending_request_is_prepared_once(tmp_path):
     class Recording(Backend):
         name = "recording-double"
 
-        def generate(self, batch: list[Prepared], on_result):
-            seen.extend(p.request_id for p in batch)
-            for p in batch:
+        def generate(self, batch, on_result):
+            items = list(batch)
+            seen.extend(p.request_id for p in items)
+            for p in items:
                 on_result(p, Generation(p.request_id, "x", "stop", 1, 1, 1, 0.0))
 
     reqs = make_requests(10, duplicates=5)

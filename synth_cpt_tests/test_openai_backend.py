@@ -222,3 +222,26 @@ def test_llm_resource_inside_a_dagster_asset_logs_progress_and_reports_totals(tm
         again = materialize([tiny_generation], resources={"llm": resource}, instance=instance)
         meta = again.asset_materializations_for_node("tiny_generation")[0].metadata
         assert meta["sent"].value == 0 and meta["cache_hits"].value == 5
+
+
+def test_chains_through_the_server_fleet_send_each_link_after_the_one_before(tmp_path, servers):
+    """Requests pushed while others are in flight (the next link of a chain) are sent by the same run;
+    workers that found the feed empty wait for them instead of ending the run early."""
+    links = 3
+
+    def link(chain: int, k: int, before: str = "") -> ChatRequest:
+        return ChatRequest.chat([{"role": "user", "content": f"ok:{chain}/{k} after [{before}]"}], Sampling(max_tokens=8))
+
+    def follow(rid, gen):
+        if not gen.ok or "ok:" not in gen.text:
+            return []  # the slow request (it times out, and holds a worker meanwhile)
+        chain, k = (int(x) for x in gen.text.split("ok:", 1)[1].split(" ", 1)[0].split("/"))
+        return [link(chain, k + 1, gen.text)] if k + 1 < links else []
+
+    slow = ChatRequest.chat([{"role": "user", "content": "slow:x"}])
+    report = _engine(tmp_path, servers).run([link(c, 0) for c in range(2)] + [slow], follow=follow)
+    seen = [m for s in servers for m in s.seen]
+    assert report.sent == 2 * links + 1 and report.unique == 2 * links + 1
+    for chain in range(2):
+        assert sum(m.startswith(f"ok:{chain}/") for m in seen) == links
+        assert all(f"reply to ok:{chain}/{k - 1}" in next(m for m in seen if m.startswith(f"ok:{chain}/{k} ")) for k in range(1, links))

@@ -26,7 +26,7 @@ from synth_cpt.synthesis.routing import check_routing, why_not_routed
 from synth_cpt.synthesis.rows import SourceDocument
 from synth_cpt.text.sentences import sentence_spans
 from synth_cpt_tests.conftest import EN_TEXT, PT_TEXT
-from synth_cpt_tests.doubles import DeterministicTestBackend
+from synth_cpt_tests.doubles import DeterministicTestBackend, SteppingTestBackend
 
 PT_ABBREVIATIONS = (
     "O Sr. Silva chegou às 10h. A Dra. Ana, p.ex., não veio. Custou R$ 3,50 (aprox.) e a U.S.P. fechou! "
@@ -356,15 +356,21 @@ def test_autoregressive_chains_carry_context_and_advance_together(tmp_path, coun
         user = p.request.messages[-1][1]
         return "R[" + user.split("AGORA: ", 1)[1][:12] + "]"
 
-    backend = DeterministicTestBackend(reply=reply)
+    backend = SteppingTestBackend(max_in_flight=2, reply=reply)
     engine = engine_with(tmp_path, backend)
     docs = [doc(i, " ".join(f"Documento {i}, parte {k}. {PT_TEXT}" for k in range(n))) for i, n in ((1, 2), (2, 1), (3, 3))]
     chunks = {d.doc_id: chunk_document(d.text, 40, counter.count, "sentences", "pt") for d in docs}
     result = rewrite_documents(engine, prompt, docs, count=counter.count, gate=gate(counter), scope="s")
     rows, _ = result.frames()
-    longest = max(len(c) for c in chunks.values())
-    # one engine batch per chunk position, each holding every document that still has that chunk
-    assert [len(b) for b in backend.batches] == [sum(len(c) > k for c in chunks.values()) for k in range(longest)]
+    assert rows.height == 3 and len(backend.batches) == 1, "every chain in one engine run"
+    # chunk k is sent only after chunk k-1 is back, and with no barrier between positions: at every step
+    # the engine holds as many requests as it can while chains have chunks left
+    position = {rid: (r["doc_id"], k) for r in rows.to_dicts() for k, rid in enumerate(r["request_ids"])}
+    when = {(kind, position[rid]): i for i, (kind, rid) in enumerate(backend.events)}
+    assert all(when[("add", (d, k))] > when[("done", (d, k - 1))] for d, k in position.values() if k > 0)
+    last_done = {d: when[("done", (d, len(c) - 1))] for d, c in chunks.items()}
+    steps = [i for i, (kind, _) in enumerate(backend.events) if kind == "done"]
+    assert backend.in_flight == [min(2, sum(t >= i for t in last_done.values())) for i in steps]
     by_id = {r["request_id"]: r for r in engine.cache.load().to_dicts()}
     for row in rows.to_dicts():
         ids = row["request_ids"]
@@ -399,6 +405,30 @@ def test_preview_renders_exactly_what_is_sent(tmp_path, counter):
     after = preview(prompt, document, "high", **kwargs)
     assert [engine.request_ids([i.request])[0] for i in after] == backend.sent
     assert "ANTES: R[" in after[1].request.messages[-1][1]
+
+
+def test_an_interrupted_chain_resumes_from_the_cache(tmp_path, counter):
+    """A chain whose chunk failed is rejected whole; the next run follows its cached chunks without
+    sending them and sends only from the failed chunk on."""
+    write_prompt(
+        tmp_path / "p", "rewrite", "chain", user="{% if context %}ANTES: {{ context }}\n{% endif %}AGORA: {{ text }}",
+        chunking={"max_input_tokens": 40, "autoregressive": True, "context_tokens": 200},
+        output={"length_ratio": None, "max_copy_similarity": None, "min_tokens": 0},
+    )  # fmt: skip
+    prompt = load_prompt("rewrite", "chain", root=tmp_path / "p")
+    reply = lambda p: "R[" + p.request.messages[-1][1].split("AGORA: ", 1)[1][:12] + "]"  # noqa: E731
+    document = doc(1, " ".join(f"Documento 1, parte {k}. {PT_TEXT}" for k in range(2)))
+    n = len(chunk_document(document.text, 40, counter.count, "sentences", "pt"))
+    probe = DeterministicTestBackend(reply=reply)
+    rewrite_documents(engine_with(tmp_path / "probe", probe), prompt, [document], count=counter.count, gate=gate(counter), scope="s")
+    third = probe.sent[2]  # the id of chunk 2, which depends on chunks 0 and 1
+    failing = DeterministicTestBackend(reply=reply, fail_ids={third})
+    first = rewrite_documents(engine_with(tmp_path, failing), prompt, [document], count=counter.count, gate=gate(counter), scope="s")
+    assert first.frames()[0].height == 0 and first.rejects[0]["reason_code"] == fid.FAILED and len(failing.sent) == 3
+    again = DeterministicTestBackend(reply=reply)
+    second = rewrite_documents(engine_with(tmp_path, again), prompt, [document], count=counter.count, gate=gate(counter), scope="s")
+    assert second.frames()[0].height == 1 and again.sent == probe.sent[2:] and len(probe.sent) == n
+    assert second.batch.metadata()["cache_hits"] == 2
 
 
 # -- EntiGraph ---------------------------------------------------------------------------------------

@@ -104,3 +104,35 @@ def test_real_engine_accounts_for_a_prompt_longer_than_the_model_allows(vllm_ses
         backend.max_in_flight = saved
     assert (report.sent, report.succeeded, report.failed) == (4, 3, 1)
     assert "vllm refused the request" in report.failures[too_long.request_id(resource.model_fingerprint(identity))]
+
+
+def test_real_engine_takes_chain_links_pushed_while_it_runs(vllm_session, tmp_path):
+    """The vLLM step loop sends a link pushed from a result (autoregressive chunking) in the same run,
+    and each link's request carries the text its previous link generated."""
+    backend, root, resource, identity, model_path = vllm_session
+    links = 3
+
+    def link(chain: int, k: int, before: str = "") -> ChatRequest:
+        content = f"Chain {chain}, step {k}. Continue in one short sentence: {before[-80:]}"
+        return ChatRequest.chat([{"role": "user", "content": content}], Sampling(temperature=0.0, max_tokens=12))
+
+    made: dict[str, tuple[int, int, str]] = {}
+    engine = _engine(backend, tmp_path, resource, identity)
+
+    def follow(rid, gen):
+        chain, k, _ = made[rid]
+        if not gen.ok or k + 1 == links:
+            return []
+        nxt = link(chain, k + 1, gen.text)
+        made[engine.request_ids([nxt])[0]] = (chain, k + 1, gen.text)
+        return [nxt]
+
+    first = [link(c, 0) for c in range(2)]
+    made.update({rid: (c, 0, "") for c, rid in enumerate(engine.request_ids(first))})
+    report = engine.run(first, follow=follow)
+    assert (report.sent, report.succeeded, report.failed) == (2 * links, 2 * links, 0), report.failures
+    rows = {r["request_id"]: r for r in engine.cache.load().to_dicts()}
+    for rid, (_, k, before) in made.items():
+        assert rid in rows and (k == 0 or before[-80:] in json.loads(rows[rid]["messages"])[-1]["content"])
+    again = engine.run(first, follow=follow)  # the chains resume wholly from the cache
+    assert (again.sent, again.cache_hits) == (0, 2 * links)

@@ -1,7 +1,8 @@
 """Backends the engine sends requests to: vLLM in process, or OpenAI-compatible servers.
 
-Both take a batch of prepared requests and report each result through a callback as soon as it is
-known, so the engine can checkpoint while the batch is still running.
+Both take a `Feed` of prepared requests and report each result through a callback as soon as it is
+known, so the engine can checkpoint while the batch is still running and push requests that depend
+on a result (autoregressive chains) while the engine is still busy with the others.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,32 @@ class Prepared:
 
 
 OnResult = Callable[[Prepared, Generation], None]
+
+
+class Feed:
+    """The requests of a run, in order, that can grow while the run goes on: a request that depends on
+    another one's output (the next chunk of an autoregressive chain) is pushed from `on_result` as
+    soon as that output is back, and a backend takes it on its next top-up. `next(feed, None)` is None
+    while nothing is waiting; a backend is done when nothing is waiting and nothing is in flight."""
+
+    def __init__(self, items: Iterable[Prepared] = ()) -> None:
+        self._items: deque[Prepared] = deque(items)
+        self.total = len(self._items)
+
+    def push(self, p: Prepared) -> None:
+        self._items.append(p)
+        self.total += 1
+
+    def __iter__(self) -> Feed:
+        return self
+
+    def __next__(self) -> Prepared:
+        if not self._items:
+            raise StopIteration
+        return self._items.popleft()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def pays_to_speculate(sampling: Any) -> bool:
@@ -43,7 +71,8 @@ class Backend:
     def version(self) -> str:
         return ""
 
-    def generate(self, batch: list[Prepared], on_result: OnResult) -> None:
+    def generate(self, batch: Feed, on_result: OnResult) -> None:
+        """Send every request of `batch`, including those pushed to it from `on_result`, and report each."""
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
@@ -128,7 +157,7 @@ class VLLMBackend(Backend):
             temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, stop=list(s.stop) or None, seed=p.seed, **extra
         )
 
-    def generate(self, batch: list[Prepared], on_result: OnResult) -> None:
+    def generate(self, batch: Feed, on_result: OnResult) -> None:
         """Keep up to `max_in_flight` requests in the engine and report each as soon as it finishes.
 
         One `LLM.chat` call would return nothing until the whole batch is done; stepping the engine
@@ -141,7 +170,7 @@ class VLLMBackend(Backend):
             for p in batch:
                 on_result(p, Generation.failure(p.request_id, f"vllm: {type(exc).__name__}: {exc}"))
             return
-        queue = iter(batch)
+        queue = batch
         in_flight: dict[str, tuple[Prepared, float]] = {}
 
         def fill() -> None:
@@ -321,15 +350,32 @@ class OpenAIBackend(Backend):
         if key:
             headers["Authorization"] = f"Bearer {key}"
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        queue = iter(batch)
+        active = 0
+        woken = asyncio.Event()
         async with httpx.AsyncClient(headers=headers, limits=limits) as client:
 
             async def worker() -> None:
-                # `concurrency` workers pull from one iterator: memory stays flat for any batch size
-                for p in queue:
-                    on_result(p, await self._one(client, p))
+                # `concurrency` workers pull from one feed: memory stays flat for any batch size. A worker
+                # that finds it empty waits while others are in flight, since their results may push more.
+                nonlocal active
+                while True:
+                    p = next(batch, None)
+                    if p is None:
+                        if active == 0:
+                            woken.set()
+                            return
+                        woken.clear()
+                        await woken.wait()
+                        continue
+                    active += 1
+                    try:
+                        gen = await self._one(client, p)
+                    finally:
+                        active -= 1
+                    on_result(p, gen)
+                    woken.set()
 
-            await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(batch)) or 1)))
+            await asyncio.gather(*(worker() for _ in range(self.concurrency)))
 
-    def generate(self, batch: list[Prepared], on_result: OnResult) -> None:
+    def generate(self, batch: Feed, on_result: OnResult) -> None:
         asyncio.run(self._run(batch, on_result))

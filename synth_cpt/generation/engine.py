@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import polars as pl
 
-from synth_cpt.generation.backends import Backend, Prepared
+from synth_cpt.generation.backends import Backend, Feed, Prepared
 from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.requests import ChatRequest, Generation, derived_seed
 from synth_cpt.generation.structured import output_rejection, unbounded_parts
@@ -78,6 +78,18 @@ def progress_line(done: int, total: int, tokens: int, failed: int, elapsed: floa
 
 
 Progress = Callable[[int, int, int, float], None]  # done, total, completion tokens, elapsed seconds
+# Called with each request's result (fresh, or cached); returns the requests that depend on it (the next
+# chunk of an autoregressive chain), which join the same run. `rejected` is set on a usable-looking
+# result whose output broke its contract.
+Follow = Callable[[str, Generation], Iterable[ChatRequest]]
+
+
+def cached_generation(row: dict) -> Generation:
+    """A cache row as the Generation it recorded."""
+    return Generation(
+        row["request_id"], row["text"], row["finish_reason"], row.get("prompt_tokens"), row.get("completion_tokens"),
+        row.get("attempts") or 1, 0.0, error=row.get("error"), rejected=row.get("rejected"),
+    )  # fmt: skip
 
 
 def throughput_order(prepared: list[Prepared]) -> list[Prepared]:
@@ -117,23 +129,46 @@ class GenerationEngine:
     def request_ids(self, requests: list[ChatRequest]) -> list[str]:
         return [r.request_id(self.fingerprint) for r in requests]
 
-    def run(self, requests: list[ChatRequest], scope: str | None = None) -> RunReport:
+    def run(self, requests: list[ChatRequest], scope: str | None = None, follow: Follow | None = None) -> RunReport:
         """Make sure every request has a cached result (or a recorded failure); returns the figures.
 
         `scope` (an asset and partition, e.g. `rewrites_easy/pt/high`) is where this run's rows are
         stored and looked up first; a hit in any other scope still counts. Every request sent ends as a
         result or a failure with its reason: a backend that returns without accounting for one is an
-        error (after the missing ones are recorded as failures, so the next run retries them)."""
+        error (after the missing ones are recorded as failures, so the next run retries them).
+
+        `follow` makes the run a set of chains: each result (cached or fresh) is handed to it, and the
+        requests it returns join the run at once, so a chain's next link is sent the moment its last
+        one is back while the engine stays busy with every other chain. Links already cached are
+        followed from the cache without sending anything. A link made from an output generated in this
+        run carries that new text, so it is not looked up again (it cannot have been asked before)."""
         started = time.monotonic()
-        report = RunReport(requests=len(requests))
+        report = RunReport()
         unique: dict[str, ChatRequest] = {}
-        for rid, req in zip(self.request_ids(requests), requests, strict=True):
-            unique.setdefault(rid, req)
-        report.unique = len(unique)
-        check_schemas_bounded(unique.values())
-        done_ids = self.cache.finished_ids(unique, scope)
-        pending = [Prepared(req, rid, derived_seed(rid)) for rid, req in unique.items() if rid not in done_ids]
-        report.cache_hits = report.unique - len(pending)
+        pending: list[Prepared] = []
+
+        def admit(batch: Iterable[ChatRequest], look_up: bool) -> list[str]:
+            """Count and dedupe new requests; returns the ids found in the cache (when looked up)."""
+            fresh: dict[str, ChatRequest] = {}
+            for req in batch:
+                rid = req.request_id(self.fingerprint)
+                report.requests += 1
+                if rid not in unique and rid not in fresh:
+                    fresh[rid] = req
+            if not fresh:
+                return []
+            check_schemas_bounded(fresh.values())
+            unique.update(fresh)
+            report.unique += len(fresh)
+            hits = self.cache.finished_ids(fresh, scope) if look_up else set()
+            report.cache_hits += len(hits)
+            pending.extend(Prepared(req, rid, derived_seed(rid)) for rid, req in fresh.items() if rid not in hits)
+            return [rid for rid in fresh if rid in hits]
+
+        hits = admit(requests, look_up=True)
+        while follow and hits:  # chains resumed from the cache: follow their cached links, wave by wave
+            cached = self.cache.finished(hits, scope).to_dicts()
+            hits = admit([r for row in cached for r in follow(row["request_id"], cached_generation(row))], look_up=True)
         if self.log:
             self.log(
                 f"generation: {report.requests:,} requests, {report.unique:,} unique, {report.cache_hits:,} cached, {len(pending):,} to send"
@@ -150,10 +185,12 @@ class GenerationEngine:
             engine_version=self.backend.version(), flush_every=self.flush_every, flush_seconds=self.flush_seconds,
             scope=scope, engine_config=self.backend.config(), check=output_rejection,
         )  # fmt: skip
+        feed = Feed(throughput_order(pending))
         by_id = {p.request_id: p for p in pending}
         answered: set[str] = set()
         unexpected: list[str] = []
         lost: list[Prepared] = []
+        closing = False
         sent_at = time.monotonic()
         last_log = [sent_at]
 
@@ -171,17 +208,25 @@ class GenerationEngine:
             else:
                 report.failed += 1
                 report.failures[gen.request_id] = gen.error or ""
+            if follow and not closing:
+                judged = gen if not gen.ok else replace(gen, rejected=output_rejection(p.request, gen))
+                pending.clear()
+                admit(follow(gen.request_id, judged), look_up=False)
+                for q in pending:
+                    by_id[q.request_id] = q
+                    feed.push(q)
             elapsed = time.monotonic() - sent_at
             if self.progress:
-                self.progress(report.sent, len(pending), report.completion_tokens, elapsed)
+                self.progress(report.sent, len(by_id), report.completion_tokens, elapsed)
             now = time.monotonic()
-            if self.log and (now - last_log[0] >= self.log_every_s or report.sent == len(pending)):
+            if self.log and (now - last_log[0] >= self.log_every_s or report.sent == len(by_id)):
                 last_log[0] = now
-                self.log(progress_line(report.sent, len(pending), report.completion_tokens, report.failed, elapsed))
+                self.log(progress_line(report.sent, len(by_id), report.completion_tokens, report.failed, elapsed))
 
         try:
             # backends report each result as it finishes; the writer thread checkpoints in the background
-            self.backend.generate(throughput_order(pending), on_result)
+            self.backend.generate(feed, on_result)
+            closing = True
             lost = [p for rid, p in by_id.items() if rid not in answered]
             for p in lost:
                 on_result(p, Generation.failure(p.request_id, "lost: the backend returned without a result for this request"))
@@ -192,7 +237,7 @@ class GenerationEngine:
         report.seconds = time.monotonic() - sent_at
         if lost or unexpected:
             raise GenerationAccountingError(
-                f"{self.backend.name} backend: {len(lost)} of {len(pending)} requests ended without a result "
+                f"{self.backend.name} backend: {len(lost)} of {len(by_id)} requests ended without a result "
                 f"(recorded as failures, retried next run); {len(unexpected)} results for requests not pending"
             )
         return report

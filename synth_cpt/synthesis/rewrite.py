@@ -3,8 +3,8 @@
 A document is rewritten chunk by chunk and its outputs re-joined in order; if any chunk fails or is
 rejected, the whole document is rejected (never silently shortened). With `autoregressive: true`
 (Kimi K2), chunk k's request carries the rewritten chunks before it, so it can only be asked once
-chunk k-1 is back: the chains of all documents advance together, one chunk position per engine
-batch, which keeps the engine full with every document's next chunk.
+chunk k-1 is back: every document's chain runs in one engine run, each next chunk sent the moment
+the one before it returns, so the engine is kept full with all the chains' next chunks.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from synth_cpt.generation.engine import GenerationEngine
-from synth_cpt.generation.requests import ChatRequest
+from synth_cpt.generation.requests import ChatRequest, Generation
 from synth_cpt.generation.structured import parse_json_output
 from synth_cpt.synthesis.chunking import Chunk, chunk_document, join_outputs, tail_within
 from synth_cpt.synthesis.fidelity import FAILED, JUDGE, GateContext, Verdict, check_document, clean_piece
@@ -72,6 +72,42 @@ def _take(chain: Chain, k: int, answer: Answer | None, prompt: Prompt, result: S
     chain.outputs.append(piece.text)
 
 
+def run_chains(
+    engine: GenerationEngine, prompt: Prompt, chains: list[Chain], count: Any, seed: int, scope: str, result: SynthesisResult
+) -> None:
+    """Kimi K2's chunk-wise autoregressive rewriting of every document at once: each chain's chunk k is
+    asked the moment its chunk k-1 is back (`follow`), so no chain waits for the slowest of the others
+    and the engine stays full while any chain has chunks left. Chunks already in the cache are
+    followed without sending anything, so a crash mid-document resumes where it stopped."""
+    waiting: dict[str, list[tuple[Chain, int]]] = {}
+    known: dict[str, Answer | None] = {}
+
+    def ask(c: Chain, k: int) -> list[ChatRequest]:
+        request = chunk_request(prompt, c, k, seed, count)
+        rid = engine.request_ids([request])[0]
+        c.request_ids.append(rid)
+        if rid in known:  # the same link of another chain is already back (identical chunk and context)
+            return advance(c, k, known[rid])
+        waiting.setdefault(rid, []).append((c, k))
+        return [request] if len(waiting[rid]) == 1 else []
+
+    def advance(c: Chain, k: int, answer: Answer | None) -> list[ChatRequest]:
+        _take(c, k, answer, prompt, result, engine)
+        return ask(c, k + 1) if not c.failed and k + 1 < len(c.chunks) else []
+
+    def follow(rid: str, gen: Generation) -> list[ChatRequest]:
+        answer = Answer(rid, gen.text, gen.finish_reason, gen.rejected, gen.completion_tokens or 0) if gen.ok else None
+        known[rid] = answer
+        return [r for c, k in waiting.pop(rid, []) for r in advance(c, k, answer)]
+
+    first = [r for c in chains for r in ask(c, 0)]
+    if first:
+        result.batch.runs.append(engine.run(first, scope, follow=follow))
+    for stalled in waiting.values():  # the engine ended a chain without answering its last link
+        for c, k in stalled:
+            _take(c, k, None, prompt, result, engine)
+
+
 def rewrite_documents(
     engine: GenerationEngine,
     prompt: Prompt,
@@ -89,15 +125,7 @@ def rewrite_documents(
     chains = [Chain(doc, document_chunks(prompt, doc, count), [], []) for doc in documents]
     chains = [c for c in chains if c.chunks]
     if spec.chunking.autoregressive:
-        for k in range(max((len(c.chunks) for c in chains), default=0)):
-            wave = [c for c in chains if not c.failed and k < len(c.chunks)]
-            requests = [chunk_request(prompt, c, k, seed, count) for c in wave]
-            ids = engine.request_ids(requests)
-            for c, rid in zip(wave, ids, strict=True):
-                c.request_ids.append(rid)
-            answers = result.batch.ask(engine, requests, scope)
-            for c, rid in zip(wave, ids, strict=True):
-                _take(c, k, answers.get(rid), prompt, result, engine)
+        run_chains(engine, prompt, chains, count, seed, scope, result)
     else:
         requests = [chunk_request(prompt, c, k, seed, count) for c in chains for k in range(len(c.chunks))]
         ids = iter(engine.request_ids(requests))
