@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export DAGSTER_HOME   ?= $(CURDIR)/.dagster_home
 export SYNTH_CPT_HOME ?= $(CURDIR)/.synth_cpt_home
+# The demo profile (shipped defaults, generation capped for a CPU); point SYNTH_CPT_CONFIG at your own file for real runs.
+DEMO_CONFIG := $(CURDIR)/synth_cpt/defaults/demo.yaml
 
 .PHONY: install instance demo test ui bench-ingest bench-corpus bench-generation bench-cache bench-synthesis clean
 
@@ -30,15 +32,15 @@ instance: install
 # The whole graph on the sample corpus with the embedded CPU model: ingest (crawl_drops -> raw_corpus ->
 # tokenizer -> quality_subsets), then every generation asset for every partition (one engine load).
 demo: instance
-	$(BIN)/synth-cpt ingest
-	$(BIN)/synth-cpt synthesize
+	SYNTH_CPT_CONFIG=$${SYNTH_CPT_CONFIG:-$(DEMO_CONFIG)} $(BIN)/synth-cpt ingest
+	SYNTH_CPT_CONFIG=$${SYNTH_CPT_CONFIG:-$(DEMO_CONFIG)} $(BIN)/synth-cpt synthesize
 
 test: install
 	$(BIN)/python -m pytest
 
 # The Dagster UI and daemon (sensor, declarative automation) on http://127.0.0.1:3000
 ui: instance
-	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+	SYNTH_CPT_CONFIG=$${SYNTH_CPT_CONFIG:-$(DEMO_CONFIG)} $(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 bench-ingest: install
 	$(BIN)/python benchmarks/ingest.py

@@ -61,3 +61,25 @@ def test_yaml_syntax_error_and_missing_file(tmp_path):
     path.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(path)
+
+
+def test_an_overlay_holds_only_what_it_changes(isolated_env, tmp_path):
+    """`extends` merges a file over the shipped defaults (or another file): the demo profile is one."""
+    demo = load_config(str(__import__("synth_cpt").__path__[0]) + "/defaults/demo.yaml")
+    defaults = load_config()
+    assert (demo.synthesis.max_documents, demo.synthesis.min_pass_rate) == (3, 0.0)
+    assert (defaults.synthesis.max_documents, defaults.synthesis.min_pass_rate) == (None, 0.5)
+    assert demo.model_dump(exclude={"synthesis"}) == defaults.model_dump(exclude={"synthesis"})
+    base = tmp_path / "base.yaml"
+    base.write_text("extends: defaults\nlanguages: [pt]\nsynthesis: {max_documents: 7, entigraph: {triples: false}}\n")
+    top = tmp_path / "top.yaml"
+    top.write_text("extends: base.yaml\nsynthesis: {entigraph: {max_entities: 5}}\n")
+    cfg = load_config(top)
+    assert cfg.languages == ("pt",) and cfg.synthesis.max_documents == 7
+    assert (cfg.synthesis.entigraph.triples, cfg.synthesis.entigraph.max_entities) == (False, 5)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="makes a loop"):
+        load_config(loop)
+    with pytest.raises(ConfigError, match="extends: 'nope.yaml' is not a file"):
+        parse_config("extends: nope.yaml\n", "x.yaml", tmp_path)

@@ -212,7 +212,7 @@ class SynthesisConfig(_Strict):
         "manual", description="'eager': generation assets follow every new drop by themselves (they cost GPU-hours)"
     )
     max_documents: int | None = Field(None, gt=0, description="documents per partition sent to generation (a demo cap)")
-    min_pass_rate: float = Field(0.1, ge=0.0, le=1.0, description="blocking: accepted / (accepted + rejected) of a partition")
+    min_pass_rate: float = Field(0.5, ge=0.0, le=1.0, description="blocking: accepted / (accepted + rejected) of a partition")
     judge: bool = Field(False, description="an LLM judge (prompts/judge/fidelity.yaml) verifies every rewrite that passed the rules")
     min_language_confidence: float = Field(0.5, ge=0.0, le=1.0, description="language id confidence needed to reject a language")
     entigraph: EntigraphConfig = Field(default_factory=EntigraphConfig)
@@ -293,8 +293,15 @@ def _format_error(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_config(text: str, source: str) -> PipelineConfig:
-    """Validate YAML text; errors name the source, the field path and the problem."""
+def _overlay(base: dict, top: dict) -> dict:
+    """`top` over `base`, mappings merged key by key (a list or value in `top` replaces the base's)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _mapping(text: str, source: str) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -303,6 +310,30 @@ def parse_config(text: str, source: str) -> PipelineConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"invalid synth-cpt config {source}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_config(text: str, source: str, folder: Path | None = None) -> PipelineConfig:
+    """Validate YAML text; errors name the source, the field path and the problem.
+
+    `extends: defaults` (the shipped file) or `extends: <path>` (relative to `folder`, the file's own)
+    makes the file an overlay: it holds only what it changes, e.g. the demo's caps."""
+    data = _mapping(text, source)
+    seen = {source}
+    while "extends" in data:
+        parent = data.pop("extends")
+        if parent == "defaults":
+            base_text, base_source, base_folder = default_config_text(), "(shipped defaults)", None
+        else:
+            path = Path(str(parent)) if Path(str(parent)).is_absolute() or folder is None else folder / str(parent)
+            if not path.is_file():
+                raise ConfigError(f"invalid synth-cpt config {source}: extends: {parent!r} is not a file ({path})")
+            base_text, base_source, base_folder = path.read_text(encoding="utf-8"), str(path), path.parent
+        if base_source in seen:
+            raise ConfigError(f"invalid synth-cpt config {source}: extends: {parent!r} makes a loop")
+        seen.add(base_source)
+        data = _overlay(_mapping(base_text, base_source), data)
+        folder = base_folder
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
@@ -321,7 +352,7 @@ def load_config(path: str | os.PathLike | None = None) -> PipelineConfig:
     p = Path(chosen)
     if not p.is_file():
         raise ConfigError(f"synth-cpt config {p} does not exist (from {'argument' if path else CONFIG_ENV})")
-    return parse_config(p.read_text(encoding="utf-8"), str(p))
+    return parse_config(p.read_text(encoding="utf-8"), str(p), p.resolve().parent)
 
 
 @lru_cache(maxsize=4)
