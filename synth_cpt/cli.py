@@ -349,7 +349,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
                 meta = {k: v.value for k, v in m.metadata.items()}
                 rows.append({"asset": m.asset_key.to_user_string(), "partition": partition, "run": result.run_id, **meta})
             progress.advance(task)
-    _print_synthesis(Console(), rows, config.storage_uri())
+    _print_synthesis(Console(width=None if sys.stdout.isatty() else 160), rows, config.storage_uri(), partitions)
     if failures:
         console.print("[red]failed runs (see them in the Dagster UI):[/red]")
         for f in failures:
@@ -358,29 +358,38 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_synthesis(console: Console, rows: list[dict], root: str) -> None:
-    made = [r for r in rows if "not_routed" not in r]
-    table = Table(title=f"synthetic data made, under {root}")
-    for col in ("asset", "partition", "rows", "tokens", "pass rate", "sent", "cached", "version"):
-        table.add_column(col, justify="left" if col in ("asset", "partition", "version") else "right", overflow="fold")
-    for r in sorted(made, key=lambda r: (r["asset"], r["partition"])):
-        table.add_row(
-            r["asset"], r["partition"], f"{r.get('dagster/row_count', 0):,}", f"{r.get('tokens', 0):,}",
-            f"{r.get('pass_rate', 1.0):.0%}", f"{r.get('sent', 0):,}", f"{r.get('cache_hits', 0):,}", str(r.get("version", "")),
-        )  # fmt: skip
+def _print_synthesis(console: Console, rows: list[dict], root: str, partitions: list[str]) -> None:
+    """Tokens made per asset and partition, where they are, and what loading the engine cost."""
+    from synth_cpt.generation.settings import engine_loads
+
+    cells = {(r["asset"], r["partition"]): r for r in rows}
+    table = Table(title=f"synthetic data made: rows / tokens / pass rate, under {root}")
+    table.add_column("asset", no_wrap=True)
+    for partition in partitions:
+        table.add_column(partition, justify="right", no_wrap=True)
+    table.add_column("tokens", justify="right", no_wrap=True)
+    for asset in sorted({r["asset"] for r in rows}):
+        line = []
+        for partition in partitions:
+            r = cells.get((asset, partition))
+            if r is None:
+                line.append("[red]failed[/red]")
+            elif "not_routed" in r:
+                line.append("[dim]not routed[/dim]")
+            else:
+                line.append(f"{r.get('dagster/row_count', 0):,} / {r.get('tokens', 0):,} / {r.get('pass_rate', 1.0):.0%}")
+        made = sum(r.get("tokens", 0) for (a, _), r in cells.items() if a == asset)
+        table.add_row(asset, *line, f"{made:,}")
     console.print(table)
-    skipped = len(rows) - len(made)
+    sent = sum(r.get("sent", 0) for r in rows)
+    cached = sum(r.get("cache_hits", 0) for r in rows)
+    console.print(f"requests sent {sent:,}, served from the cache {cached:,}")
     console.print(
-        f"{len(made)} outputs published as <asset>/<language>/<quality>/current.json -> v/<version>/rows.parquet"
-        + (f"; {skipped} empty where a style is not routed (reason in their metadata)" if skipped else "")
+        f"each output: {root}/<asset>/<language>/<quality>/current.json -> v/<version>/rows.parquet and rejects.parquet "
+        "(entity_graphs: summaries.parquet, entities.parquet); query them with DuckDB (README: \"Reading lineage\")"
     )
-    runs: dict[str, tuple[int, float]] = {}
-    for r in rows:  # engine figures are cumulative within a run's step: its largest value is the run's
-        loads, secs = runs.get(r["run"], (0, 0.0))
-        runs[r["run"]] = (max(loads, int(r.get("engine_loads", 0))), max(secs, float(r.get("engine_load_seconds", 0.0))))
-    loads = sum(v[0] for v in runs.values())
-    seconds = sum(v[1] for v in runs.values())
-    console.print(f"engine loads: {loads} in {len(runs)} run(s), {seconds:.1f} s loading")
+    loads, seconds = engine_loads()
+    console.print(f"engine loads in this process: {loads} ({seconds:.1f} s loading) for {len(partitions)} partition run(s)")
 
 
 def _find_document(storage, config, doc_id: str):

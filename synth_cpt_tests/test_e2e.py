@@ -156,3 +156,26 @@ def test_a_bad_prompt_file_is_refused_with_its_name(ingested, tmp_path):
     out = _cli(["prompts", "list"], {**env, "SYNTH_CPT_PROMPTS": str(tmp_path)})
     assert out.returncode == 2
     assert "broken.yaml" in out.stderr and "unknown variables ['txt']" in out.stderr
+
+
+@pytest.mark.vllm
+def test_synthesize_through_the_cli_with_the_real_engine(ingested, tmp_path):
+    """`synth-cpt synthesize` for one partition and two assets: one engine load for the run, a summary of
+    what was made and where, outputs published; the second run sends nothing and loads nothing."""
+    base, env, _ = ingested
+    config = tmp_path / "one.yaml"
+    config.write_text("extends: defaults\nsynthesis: {max_documents: 1, min_pass_rate: 0.0}\n")
+    args = ["--config", str(config), "synthesize", "--partition", "pt|high", "--asset", "rewrites_medium", "--asset", "entity_graphs"]
+    first = _cli(args, env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "rewrites_medium" in first.stdout and "entity_graphs" in first.stdout and "pt|high" in first.stdout
+    assert "engine loads in this process: 1 (" in first.stdout
+    sent = int(first.stdout.split("requests sent ", 1)[1].split(",", 1)[0].replace(",", ""))
+    assert sent >= 2, first.stdout  # one rewrite chunk and one entity chunk at least
+    home = base / "home"
+    for asset in ("rewrites_medium", "entity_graphs"):
+        pointer = json.loads((home / asset / "pt" / "high" / "current.json").read_text())
+        assert pointer["files"] and all((home / pointer["prefix"] / f).is_file() for f in pointer["files"])
+    second = _cli(args, env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "requests sent 0," in second.stdout and "engine loads in this process: 0 (" in second.stdout

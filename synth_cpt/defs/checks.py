@@ -5,6 +5,8 @@ Most checks are `check_specs` of their asset: the suite runs on the candidate be
 published output against today's config (a drop's acceptance).
 """
 
+from typing import Any
+
 import polars as pl
 from dagster import (
     AssetCheckExecutionContext,
@@ -38,13 +40,17 @@ def check_result(outcome: Outcome, check_name: str | None = None, asset_key: str
     )
 
 
-def rejected_result(context: AssetExecutionContext, rejected: CandidateRejected, asset_key: str | None = None) -> AssetCheckResult:
-    """The failed check of a candidate that was not published."""
+def rejected_result(
+    context: AssetExecutionContext, rejected: CandidateRejected, asset_key: str | None = None, **metadata: Any
+) -> AssetCheckResult:
+    """The failed check of a candidate that was not published (`metadata`: what the step spent anyway)."""
     context.log.error(
         f"{asset_key or ''} {rejected.check_name} failed: not published, the previous version stays; "
         f"candidate kept at {rejected.kept}: {rejected}".strip()
     )
-    return check_result(rejected.outcome, check_name=rejected.check_name, asset_key=asset_key, candidate=MetadataValue.path(rejected.kept))
+    return check_result(
+        rejected.outcome, check_name=rejected.check_name, asset_key=asset_key, candidate=MetadataValue.path(rejected.kept), **metadata
+    )
 
 
 def publish_spec(name: str, asset: str, description: str, partitions_def: PartitionsDefinition | None = None) -> AssetCheckSpec:

@@ -90,7 +90,7 @@ def _publish(context: AssetExecutionContext, storage: Storage, asset: str, langu
         for name, outcome in step.outcomes.items():
             if name != rejected.check_name:
                 yield check_result(outcome, check_name=name, asset_key=asset)
-        yield rejected_result(context, rejected, asset_key=asset)
+        yield rejected_result(context, rejected, asset_key=asset, **lease.figures())
         return False
     for name, outcome in step.outcomes.items():
         yield check_result(outcome, check_name=name, asset_key=asset)

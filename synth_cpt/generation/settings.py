@@ -23,6 +23,11 @@ EMBEDDED = "embedded"
 _BACKENDS: dict[str, Backend] = {}  # see LLMSettings.shared_backend
 
 
+def engine_loads() -> tuple[int, float]:
+    """Model loads by this process's shared backends, and the seconds they took."""
+    return sum(b.loads for b in _BACKENDS.values()), sum(b.load_seconds for b in _BACKENDS.values())
+
+
 class LLMSettings(BaseModel):
     """Generation settings. Defaults run the embedded SmolLM2-135M on the CPU build of vLLM.
 

@@ -124,6 +124,7 @@ def rewrite_documents(
     spec = prompt.spec
     chains = [Chain(doc, document_chunks(prompt, doc, count), [], []) for doc in documents]
     chains = [c for c in chains if c.chunks]
+    result.chunks = sum(len(c.chunks) for c in chains)
     if spec.chunking.autoregressive:
         run_chains(engine, prompt, chains, count, seed, scope, result)
     else:

@@ -99,6 +99,7 @@ class SynthesisResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     batch: Batch = field(default_factory=Batch)
+    chunks: int = 0  # chunks of every document asked about, accepted or not
 
     def accept(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -124,4 +125,5 @@ class SynthesisResult:
             "accepted": kept,
             "pass_rate": round(kept / total, 4) if total else 1.0,
             "rejected_by_reason": dict(sorted(by_reason.items())),
+            "rejected_share_by_reason": {k: round(v / total, 4) for k, v in sorted(by_reason.items())},
         }

@@ -88,6 +88,7 @@ def _common(result: SynthesisResult, prompts: list[Prompt], engine: GenerationEn
         "pass_rate": rates["pass_rate"],
         "candidates": rates["candidates"],
         "rejected_by_reason": rates["rejected_by_reason"],
+        "rejected_share_by_reason": rates["rejected_share_by_reason"],
         "prompt_sha": {p.id: p.sha for p in prompts},
         "model": engine.model if engine else None,
         "model_fingerprint": engine.fingerprint if engine else None,
@@ -131,7 +132,7 @@ def rewrite_step(
         metadata={
             **_common(result, [prompt, *([judge] if judge else [])], engine),
             "documents": len(inputs.documents),
-            "chunks": int(rows["chunk_starts"].list.len().sum() or 0),
+            "chunks": result.chunks,
             "examples": _examples(inputs.documents, rows),
         },
         rows=rows.height,
@@ -159,6 +160,7 @@ def entity_graphs_step(
             **_common(graphs.result, [prompt], engine),
             "pass_rate": rates["pass_rate"],
             "candidates": rates["candidates"],
+            "rejected_share_by_reason": rates["rejected_share_by_reason"],
             "documents": len(inputs.documents),
             "entities": graphs.entities.height,
             "entities_per_document_max": int(per_doc["len"].max() or 0) if per_doc.height else 0,
@@ -167,6 +169,7 @@ def entity_graphs_step(
             ),
         },
         rows=graphs.summaries.height,
+        tokens=sum(inputs.count(graphs.summaries["summary"].to_list())) if graphs.summaries.height else 0,
     )
 
 
