@@ -1,7 +1,8 @@
 """What the asset layer costs: `rewrites_medium` for one partition materialized through Dagster, against
 the engine alone on the very same requests, in one run with one loaded engine.
 
-Both sides start from an empty generation cache (each its own), so both generate everything. The
+Both sides start from an empty generation cache (each its own) and an empty prefix cache, so both
+generate everything from scratch. The
 asset side adds what a user gets on top of the engine: reading the subset, chunking by real tokens,
 post-processing and fidelity rules, the GX checks, publishing and Dagster's own bookkeeping.
 Last line: `RESULT synthesis ratio=<engine_s/asset_s> tok_s=<asset output tokens/s>`; target >= 0.9.
@@ -45,8 +46,8 @@ def main() -> None:
     from synth_cpt.defs.resources import LLM, PipelineResource
     from synth_cpt.generation.cache import GenerationCache
     from synth_cpt.generation.engine import GenerationEngine
-    from synth_cpt.synthesis.chunking import chunk_document
     from synth_cpt.synthesis.prompts import load_prompt
+    from synth_cpt.synthesis.rewrite import document_chunks
     from synth_cpt.synthesis.steps import partition_inputs
 
     assert cli(["ingest"]) == 0, "ingesting the sample corpus failed"
@@ -56,11 +57,10 @@ def main() -> None:
     counter = TokenCounter.from_storage(storage)
     inputs = partition_inputs(storage, cfg, language, quality, counter.count)
     prompt = load_prompt("rewrite", "medium")
-    spec = prompt.spec.chunking
-    requests = [
+    requests = [  # what rewrites_medium asks: every chunk of every document (the style is not autoregressive)
         prompt.request(d.language, seed=cfg.seeds.synthesis, text=c.text, context="", title=d.title or "")
         for d in inputs.documents
-        for c in chunk_document(d.text, spec.max_input_tokens, counter.count, spec.split, d.language)
+        for c in document_chunks(prompt, d, counter.count)
     ]
 
     llm = LLM()
@@ -71,9 +71,11 @@ def main() -> None:
     alone = GenerationEngine(
         backend, GenerationCache(LocalStorage(work / "cache-engine")), model=identity, model_fingerprint=llm.model_fingerprint(identity)
     )
+    backend.llm.reset_prefix_cache()  # neither side may reuse the other's prompt prefixes
     started = time.monotonic()
     report = alone.run(requests, scope="bench")
     engine_s = time.monotonic() - started
+    backend.llm.reset_prefix_cache()
 
     defs = build_definitions()
     synthesis = next(a for a in defs.assets if getattr(a, "node_def", None) is not None and a.node_def.name == "synthesis")

@@ -168,3 +168,24 @@ def test_generation_is_manual_unless_configured_eager(pipeline):
     eager = configure(automation="eager").resolve_asset_graph()
     assert eager.get(AssetKey("rewrites_medium")).automation_condition is not None
     assert eager.get(AssetKey("entigraph_corpus")).automation_condition is not None
+
+
+def test_a_new_drop_sends_only_the_new_documents_requests(pipeline, tmp_path):
+    """The cache is content-addressed: after a new drop, rematerializing a style asks only for the
+    documents it has not seen (the drop, raw_corpus, tokenizer and subset all rebuilt in between)."""
+    _, instance, home, configure = pipeline
+    defs = configure(max_documents=None)
+    first = materializations(synthesize(defs, instance, ["rewrites_medium"]))["rewrites_medium"]
+    assert first["documents"] == 5 and first["sent"] == first["chunks"] >= 5
+    new = [{"text": f"Documento novo {i}. {PT_TEXT} Em {1990 + i} havia {i + 7} salas.", "edu": 4.5} for i in range(2)]
+    write_jsonl(tmp_path / "drops" / "2026-11-02.jsonl", new)
+    instance.add_dynamic_partitions("crawl_drops", ["2026-11-02.jsonl"])
+    assert defs.resolve_job_def("ingest_drop_job").execute_in_process(instance=instance, partition_key="2026-11-02.jsonl").success
+    assert defs.resolve_job_def("corpus_job").execute_in_process(instance=instance, partition_key=PARTITION).success
+    assert defs.resolve_job_def("tokenizer_job").execute_in_process(instance=instance).success
+    assert defs.resolve_job_def("quality_subsets_job").execute_in_process(instance=instance, partition_key=PARTITION).success
+    sent_before = len(DOUBLE["backend"].sent)
+    second = materializations(synthesize(defs, instance, ["rewrites_medium"]))["rewrites_medium"]
+    assert second["documents"] == 7 and second["sent"] == 2 and second["cache_hits"] == first["sent"]
+    assert len(DOUBLE["backend"].sent) - sent_before == 2
+    assert second["dagster/row_count"] == first["dagster/row_count"] + 2
