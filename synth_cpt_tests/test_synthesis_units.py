@@ -344,13 +344,18 @@ def test_a_failed_chunk_rejects_the_whole_document(tmp_path, counter):
     assert rows.height == 0 and rejects["reason_code"].to_list() == [fid.FAILED] and rejects["chunk_index"].to_list() == [1]
 
 
-def test_autoregressive_chains_carry_context_and_advance_together(tmp_path, counter):
+def chain_prompt(tmp_path: Path):
+    """An autoregressive style whose user message shows the carried context (ANTES) and the chunk (AGORA)."""
     write_prompt(
         tmp_path / "p", "rewrite", "chain", user="{% if context %}ANTES: {{ context }}\n{% endif %}AGORA: {{ text }}",
         chunking={"max_input_tokens": 40, "autoregressive": True, "context_tokens": 200},
         output={"length_ratio": None, "max_copy_similarity": None, "min_tokens": 0},
     )  # fmt: skip
-    prompt = load_prompt("rewrite", "chain", root=tmp_path / "p")
+    return load_prompt("rewrite", "chain", root=tmp_path / "p")
+
+
+def test_autoregressive_chains_carry_context_and_advance_together(tmp_path, counter):
+    prompt = chain_prompt(tmp_path)
 
     def reply(p):
         user = p.request.messages[-1][1]
@@ -389,12 +394,7 @@ def test_preview_renders_exactly_what_is_sent(tmp_path, counter):
     engine received, in order."""
     from synth_cpt.synthesis.preview import preview
 
-    write_prompt(
-        tmp_path / "p", "rewrite", "chain", user="{% if context %}ANTES: {{ context }}\n{% endif %}AGORA: {{ text }}",
-        chunking={"max_input_tokens": 40, "autoregressive": True, "context_tokens": 200},
-        output={"length_ratio": None, "max_copy_similarity": None, "min_tokens": 0},
-    )  # fmt: skip
-    prompt = load_prompt("rewrite", "chain", root=tmp_path / "p")
+    prompt = chain_prompt(tmp_path)
     backend = DeterministicTestBackend(reply=lambda p: "R[" + p.request.messages[-1][1][-12:] + "]")
     engine = engine_with(tmp_path, backend)
     document = doc(1, " ".join(f"Documento 1, parte {k}. {PT_TEXT}" for k in range(3)))
@@ -410,12 +410,7 @@ def test_preview_renders_exactly_what_is_sent(tmp_path, counter):
 def test_an_interrupted_chain_resumes_from_the_cache(tmp_path, counter):
     """A chain whose chunk failed is rejected whole; the next run follows its cached chunks without
     sending them and sends only from the failed chunk on."""
-    write_prompt(
-        tmp_path / "p", "rewrite", "chain", user="{% if context %}ANTES: {{ context }}\n{% endif %}AGORA: {{ text }}",
-        chunking={"max_input_tokens": 40, "autoregressive": True, "context_tokens": 200},
-        output={"length_ratio": None, "max_copy_similarity": None, "min_tokens": 0},
-    )  # fmt: skip
-    prompt = load_prompt("rewrite", "chain", root=tmp_path / "p")
+    prompt = chain_prompt(tmp_path)
     reply = lambda p: "R[" + p.request.messages[-1][1].split("AGORA: ", 1)[1][:12] + "]"  # noqa: E731
     document = doc(1, " ".join(f"Documento 1, parte {k}. {PT_TEXT}" for k in range(2)))
     n = len(chunk_document(document.text, 40, counter.count, "sentences", "pt"))
