@@ -475,6 +475,40 @@ def cmd_prompts(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_npm(args: argparse.Namespace) -> int:
+    """NPM of lm-eval result files on PoETa V2: per task, then All / Native / Translated, then every
+    task that was not counted and why."""
+    import json
+
+    from synth_cpt.evals.npm import load_tasks, npm_of_files
+
+    try:
+        report = npm_of_files(args.results)
+    except (OSError, ValueError) as exc:
+        print(f"synth-cpt npm: {exc}", file=sys.stderr)
+        return 2
+    summary = report.summary(len(load_tasks()))
+    if args.json:
+        print(json.dumps({"tasks": [s.__dict__ for s in report.scores], **summary}, indent=2))
+        return 0
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    table = Table(title=f"PoETa V2 NPM of {', '.join(args.results)} (alias table v{report.alias_version})")
+    for col in ("task", "as named in the file", "metric", "raw", "on the table's scale", "NPM", "native"):
+        table.add_column(col, justify="right" if col in ("raw", "NPM") else "left")
+    for s in sorted(report.scores, key=lambda s: s.task):
+        table.add_row(s.task, s.source_name, s.metric, f"{s.raw:g}", f"{s.value:g} {s.scaled}".strip(), f"{s.npm:.2f}", "yes" if s.native else "")
+    console.print(table)
+    for part in ("all", "native", "translated"):
+        value = summary[part]["npm"]
+        console.print(f"NPM {part}: {'n/a' if value is None else f'{value:.2f}'} over {summary[part]['tasks']} tasks")
+    console.print(f"tasks counted: {len(report.scores)} of {summary['tasks_in_table']}")
+    for label, items in (("missing from the results", report.missing), ("no usable value (NaN or absent metric)", report.nan),
+                         ("unmatched names (not in the alias table)", report.unmatched), ("duplicates", report.duplicates)):  # fmt: skip
+        if items:
+            console.print(f"{label} ({len(items)}): " + ", ".join(items))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else load_config()
     print(config.model_dump_json(indent=2))
@@ -517,6 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
     prm.add_argument("--kind", choices=["rewrite", "entigraph", "judge"], help="default: the first kind that has the name")
     prm.add_argument("--doc", help="render: doc_id (or a unique prefix) of a quality_subsets document")
     prm.set_defaults(func=cmd_prompts)
+    npm_cmd = sub.add_parser("npm", help="NPM on PoETa V2 of lm-evaluation-harness result files (per task, All, Native, Translated)")
+    npm_cmd.add_argument("results", nargs="+", help="lm-eval results JSON (several files of one run are merged)")
+    npm_cmd.add_argument("--json", action="store_true", help="print the scores and what was not counted as JSON")
+    npm_cmd.set_defaults(func=cmd_npm)
     cfg = sub.add_parser("config", help="validate the pipeline config and print it with every default filled in")
     cfg.set_defaults(func=cmd_config)
     return parser
