@@ -233,6 +233,101 @@ class LimitsConfig(_Strict):
     )
 
 
+MIX_FORMATS = ("parquet", "jsonl.zst", "tokens")
+
+
+class MixComponent(_Strict):
+    """One source of a mix: `originals` (quality_subsets), `rewrite:<style>` (rewrites_<style>) or
+    `entigraph` (entigraph_corpus). `styles` splits one rewrite component over styles by weight."""
+
+    source: str
+    ratio: float = Field(1.0, gt=0, description="its share of the mix, relative to the other components' ratios")
+    max_epochs: int = Field(1, ge=1, description="how many times a document may be repeated to reach the target")
+    styles: dict[str, float] | None = Field(None, description="source `rewrite`: style -> weight within this component")
+
+    @model_validator(mode="after")
+    def _source(self) -> MixComponent:
+        if self.styles is not None:
+            if self.source != "rewrite" or not self.styles or any(w <= 0 for w in self.styles.values()):
+                raise ValueError("styles: {style: weight > 0, ...} goes with source: rewrite")
+        elif not (self.source in ("originals", "entigraph") or re.match(r"^rewrite:[a-z0-9_]+$", self.source)):
+            raise ValueError(f"source {self.source!r}: use originals, entigraph, rewrite:<style>, or rewrite with styles")
+        return self
+
+    def expanded(self) -> list[MixComponent]:
+        """A `rewrite` component with style weights as one component per style."""
+        if self.styles is None:
+            return [self]
+        total = sum(self.styles.values())
+        return [MixComponent(source=f"rewrite:{s}", ratio=self.ratio * w / total, max_epochs=self.max_epochs) for s, w in self.styles.items()]
+
+
+class MixRecipe(_Strict):
+    """A training mix: its components and their ratios, the token target, the shards."""
+
+    description: str = ""
+    components: tuple[MixComponent, ...]
+    target_tokens: int | None = Field(None, gt=0, description="tokens of the whole mix (per partition)")
+    target_originals: float | None = Field(None, gt=0, description="or: this many times the originals' tokens")
+    on_shortfall: Literal["fail", "shrink"] = Field(
+        "fail", description="a component too small for its target within max_epochs: fail before writing, or shrink the whole mix"
+    )
+    seed: int = 1234
+    shard_tokens: int = Field(1_000_000, gt=0)
+    formats: tuple[Literal["parquet", "jsonl.zst", "tokens"], ...] = ("parquet",)
+
+    @model_validator(mode="after")
+    def _target(self) -> MixRecipe:
+        if self.target_tokens is not None and self.target_originals is not None:
+            raise ValueError("give target_tokens or target_originals, not both")
+        sources = [c.source for comp in self.components for c in comp.expanded()]
+        if len(set(sources)) != len(sources):
+            raise ValueError(f"a source appears twice: {sources}")
+        if self.target_originals is not None and "originals" not in sources:
+            raise ValueError("target_originals needs an originals component")
+        return self
+
+    def parts(self) -> list[MixComponent]:
+        return [c for comp in self.components for c in comp.expanded()]
+
+
+_WRAP = {"easy": 1.0, "medium": 1.0, "hard": 1.0, "qa": 1.0}
+
+
+def _shipped_recipes() -> dict[str, MixRecipe]:
+    """The study's mixes (METHODS §1, §2, §5)."""
+    return {
+        "originals_repeated": MixRecipe(
+            description="the study's control: the originals repeated to the budget of the rewrite mix (4x)",
+            components=(MixComponent(source="originals", max_epochs=4),), target_originals=4,
+        ),
+        "rewrites_1to3": MixRecipe(
+            description="originals once plus the four WRAP styles at 1:3 (the study's ~10B + ~30B)",
+            components=(MixComponent(source="originals"), MixComponent(source="rewrite", ratio=3, styles=_WRAP)), target_originals=4,
+        ),
+        "wrap_1to1": MixRecipe(
+            description="WRAP's 1:1 real to synthetic: never synthetic alone",
+            components=(MixComponent(source="originals"), MixComponent(source="rewrite", ratio=1, styles=_WRAP)), target_originals=2,
+        ),
+        "entigraph": MixRecipe(
+            description="the EntiGraph corpus: summaries and relation texts, each once",
+            components=(MixComponent(source="entigraph"),),
+        ),
+    }  # fmt: skip
+
+
+class MixConfig(_Strict):
+    recipes: dict[str, MixRecipe] = Field(default_factory=_shipped_recipes)
+
+    @field_validator("recipes")
+    @classmethod
+    def _names(cls, v: dict[str, MixRecipe]) -> dict[str, MixRecipe]:
+        bad = [name for name in v if not re.match(r"^[a-z][a-z0-9_]{0,40}$", name)]
+        if bad:
+            raise ValueError(f"recipe names {bad} must be lowercase letters, digits and _ (they name assets)")
+        return v
+
+
 class PipelineConfig(_Strict):
     """The whole pipeline configuration."""
 
@@ -247,6 +342,7 @@ class PipelineConfig(_Strict):
     seeds: SeedsConfig = Field(default_factory=SeedsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    mixes: MixConfig = Field(default_factory=MixConfig)
 
     @field_validator("languages")
     @classmethod
