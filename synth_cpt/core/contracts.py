@@ -116,7 +116,12 @@ ENTITY_SUMMARIES = pa.schema(
 )
 ENTITIES = pa.schema([("doc_id", pa.string()), ("entity", pa.string()), ("position", pa.int64())])
 
-MIX_SHARD = pa.schema([("text", pa.string()), ("origin", pa.string()), ("source_id", pa.string()), ("n_tokens", pa.int64())])
+# A row of a training-mix shard: `origin` is original | rewrite:<style> | entigraph (DESIGN.md); every row
+# names its document and drop, and a synthetic row its synth_id (an original's is null).
+MIX_SHARD = pa.schema(
+    [("text", pa.string()), ("origin", pa.string()), ("synth_id", pa.string()), ("doc_id", pa.string()),
+     ("drop_id", pa.string()), ("n_tokens", pa.int64())]
+)  # fmt: skip
 
 
 # -- suites ------------------------------------------------------------------------------------------
@@ -276,6 +281,32 @@ def check_generations(request_ids: list[str], finished: set[str]) -> Outcome:
     details = {"generations_resolve": {"success": not missing, "referenced": len(set(request_ids)), "missing": len(missing)}}
     failures = [f"{len(missing)} request_ids are not successful generations in the cache, e.g. {missing[:3]}"] if missing else []
     return Outcome(not missing, failures, details)
+
+
+def check_mix(rows: pl.DataFrame, origins: list[str], planned: dict[str, tuple[int, int]]) -> Outcome:
+    """The shards' rows before publishing: the contract's columns, text and tokens in every row, only the
+    recipe's origins, a synth_id on every synthetic row, and each origin's tokens at most its target and
+    short of it by less than one of its documents (`planned`: origin -> (target, largest document))."""
+    gxe = expect()
+    narrowed = rows.select(
+        "origin", "doc_id", "n_tokens", pl.col("text").str.len_chars().alias("text_chars"),
+        (pl.col("synth_id").is_not_null() | (pl.col("origin") == "original")).alias("has_lineage"),
+    )  # fmt: skip
+    suite = run_suite(
+        "mix_rows",
+        narrowed,
+        [
+            gxe.ExpectColumnValuesToBeInSet(column="origin", value_set=origins),
+            gxe.ExpectColumnValuesToNotBeNull(column="doc_id"),
+            gxe.ExpectColumnValuesToBeBetween(column="n_tokens", min_value=1),
+            gxe.ExpectColumnValuesToBeBetween(column="text_chars", min_value=1),
+            gxe.ExpectColumnValuesToBeInSet(column="has_lineage", value_set=[True]),
+        ],
+    )
+    got = dict(rows.group_by("origin").agg(pl.col("n_tokens").sum()).iter_rows()) if rows.height else {}
+    off = {o: (got.get(o, 0), t) for o, (t, largest) in planned.items() if not (t - max(largest, 1) < got.get(o, 0) <= t or got.get(o, 0) == t)}
+    tokens = Outcome(not off, [f"tokens of {o}: {g:,}, target {t:,}" for o, (g, t) in off.items()], {"tokens_by_origin": got})
+    return merge({"schema": _exact_columns(rows, MIX_SHARD, "mix rows"), "rows": suite, "tokens": tokens})
 
 
 def check_pass_rate(pass_rate: float, minimum: float) -> Outcome:

@@ -6,9 +6,9 @@ front (the run fails, or with `on_shortfall: shrink` the whole mix shrinks until
 ratios kept). Nothing is ever padded.
 
 The token rule (one rule, everywhere): a component takes whole passes over its documents, each pass in
-its own seeded order, and in the last pass it takes documents in order while they fit and stops at the
-first one that does not. So a component has at most its target and falls short of it by less than one
-document (the one it stopped at).
+its own seeded order, and in the last pass it takes, in that order, every document that still fits,
+passing over one that does not. So a component has at most its target and falls short of it by less
+than one document (any one it passed over in its last pass would have overshot).
 """
 
 from __future__ import annotations
@@ -137,11 +137,15 @@ def take(tokens: list[int], target: int, max_epochs: int, seed: int, origin: str
     out: list[int] = []
     total = 0
     for epoch in range(max_epochs):
+        passed_over = False
         for i in _order(len(tokens), seed, origin, epoch):
             if total + tokens[i] > target:
-                return out
+                passed_over = True
+                continue
             out.append(i)
             total += tokens[i]
+        if passed_over:  # this was the last pass: a next one would only take what fits the same way
+            return out
     return out
 
 

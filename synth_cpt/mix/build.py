@@ -1,0 +1,142 @@
+"""One training mix of one `language|quality` partition: components read, planned, taken, shuffled,
+sharded, validated and published as one version (shards and manifests behind one pointer).
+
+Every component is read from what is published (quality_subsets; the versions in force of
+rewrites_<style> and entigraph_corpus) and its texts are counted with the project tokenizer. The
+plan is made before anything is written (mix/plan.py), so a mix that cannot be made as asked fails
+with its shortfall in tokens and writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from synth_cpt.core import publish
+from synth_cpt.core.config import MixRecipe
+from synth_cpt.core.contracts import MIX_SHARD, check_mix
+from synth_cpt.core.layout import ENTIGRAPH_CORPUS, QUALITY_SUBSETS, SYNTHETIC_ROWS, partition_file, partition_prefix, rewrite_asset
+from synth_cpt.core.storage import Storage
+from synth_cpt.core.validation import Outcome
+from synth_cpt.mix.plan import MixPlan, Part, plan_mix, shard_bounds, shuffled, take
+from synth_cpt.mix.shards import write_shard
+from synth_cpt.synthesis.outputs import published_table
+
+MANIFEST = "manifest.json"
+REPEATS = "repeats.parquet"
+_SYNTH_COLUMNS = ["synth_id", "doc_id", "drop_id", "text", "prompt_sha", "model_fingerprint"]
+
+
+def mix_asset(recipe: str) -> str:
+    return f"training_mix_{recipe}"
+
+
+def origin_of(source: str) -> str:
+    """Config source -> the shard rows' `origin` (original | rewrite:<style> | entigraph)."""
+    return "original" if source == "originals" else source
+
+
+def component_rows(storage: Storage, origin: str, language: str, quality: str) -> pl.DataFrame | None:
+    """What a component can draw from, or None when its asset partition was never published."""
+    if origin == "original":
+        key = partition_file(QUALITY_SUBSETS, language, quality)
+        if not storage.exists(key):
+            return None
+        frame = storage.read_parquet(key, columns=["doc_id", "drop_id", "text"])
+        return frame.with_columns(pl.lit(None, pl.String).alias("synth_id"), pl.lit(None, pl.String).alias("prompt_sha"),
+                                  pl.lit(None, pl.String).alias("model_fingerprint")).select(_SYNTH_COLUMNS)  # fmt: skip
+    asset = ENTIGRAPH_CORPUS if origin == "entigraph" else rewrite_asset(origin.split(":", 1)[1])
+    frame = published_table(storage, asset, language, quality, SYNTHETIC_ROWS)
+    return None if frame is None else frame.select(_SYNTH_COLUMNS)
+
+
+@dataclass
+class MixResult:
+    plan: MixPlan
+    pointer: dict[str, Any] | None
+    outcome: Outcome
+    manifest: dict[str, Any]
+    kept: str | None = None  # where a rejected candidate was kept
+    missing: list[str] = field(default_factory=list)
+
+
+def recipe_sha(recipe: MixRecipe) -> str:
+    return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _gather(frame: pl.DataFrame, rows: list[int]) -> pl.DataFrame:
+    return frame.select(pl.all().gather(pl.Series(rows, dtype=pl.UInt32)))
+
+
+def build_mix(storage: Storage, name: str, recipe: MixRecipe, language: str, quality: str, tokenizer: Any) -> MixResult:
+    """Plan, write, validate, publish (see the module docstring). Raises MixShortfall before writing."""
+    parts_cfg = recipe.parts()
+    frames: dict[str, pl.DataFrame] = {}
+    missing: list[str] = []
+    for part in parts_cfg:
+        origin = origin_of(part.source)
+        frame = component_rows(storage, origin, language, quality)
+        if frame is None:
+            missing.append(origin)
+            frame = pl.DataFrame(schema={c: pl.String for c in _SYNTH_COLUMNS})
+        frames[origin] = frame.with_columns(pl.Series("n_tokens", tokenizer.count(frame["text"].to_list()), dtype=pl.Int64))
+    parts = [Part(origin_of(p.source), p.ratio, p.max_epochs, int(frames[origin_of(p.source)]["n_tokens"].sum() or 0)) for p in parts_cfg]
+    plan = plan_mix(parts, target_tokens=recipe.target_tokens, target_originals=recipe.target_originals, on_shortfall=recipe.on_shortfall)
+
+    taken: list[pl.DataFrame] = []
+    repeats: list[pl.DataFrame] = []
+    for p in plan.parts:
+        frame = frames[p.origin]
+        picked = take(frame["n_tokens"].to_list(), p.target, p.max_epochs, recipe.seed, p.origin)
+        rows = _gather(frame, picked).with_columns(pl.lit(p.origin).alias("origin"))
+        taken.append(rows)
+        counts = Counter(picked)
+        repeats.append(
+            pl.DataFrame({"origin": [p.origin] * len(counts), "doc_id": _gather(frame, list(counts))["doc_id"].to_list(),
+                          "synth_id": _gather(frame, list(counts))["synth_id"].to_list(), "repeats": list(counts.values())},
+                         schema={"origin": pl.String, "doc_id": pl.String, "synth_id": pl.String, "repeats": pl.Int64})  # fmt: skip
+        )
+    mixed = pl.concat(taken) if taken else pl.DataFrame()
+    mixed = _gather(mixed, shuffled(mixed.height, recipe.seed)) if mixed.height else mixed
+    rows = mixed.select([c for c in MIX_SHARD.names]) if mixed.height else pl.from_arrow(MIX_SHARD.empty_table())
+    largest = {o: int(f["n_tokens"].max() or 0) for o, f in frames.items()}
+    outcome = check_mix(rows, [p.origin for p in plan.parts], {p.origin: (p.target, largest[p.origin]) for p in plan.parts})
+
+    prefix = partition_prefix(mix_asset(name), language, quality)
+    version = publish.new_version()
+    folder = publish.version_prefix(prefix, version)
+    shards = []
+    for i, (a, b) in enumerate(shard_bounds(rows["n_tokens"].to_list(), recipe.shard_tokens)):
+        shard = rows[a:b]
+        files = [key.rsplit("/", 1)[1] for fmt in recipe.formats for key in write_shard(storage, folder, i, shard, fmt, tokenizer)]
+        by_origin = shard.group_by("origin").agg(pl.len().alias("documents"), pl.col("n_tokens").sum().alias("tokens")).sort("origin")
+        shards.append({"shard": i, "files": files, "documents": shard.height, "tokens": int(shard["n_tokens"].sum() or 0),
+                       "by_origin": {r["origin"]: {"documents": r["documents"], "tokens": r["tokens"]} for r in by_origin.to_dicts()}})  # fmt: skip
+    repeat_table = pl.concat(repeats) if repeats else pl.DataFrame()
+    storage.write_parquet(f"{folder}/{REPEATS}", repeat_table)
+    synthetic = mixed.filter(pl.col("origin") != "original") if mixed.height else mixed
+    by_origin = rows.group_by("origin").agg(pl.len().alias("documents"), pl.col("n_tokens").sum().alias("tokens")).sort("origin")
+    manifest = {
+        "recipe": name, "recipe_sha": recipe_sha(recipe), "seed": recipe.seed, "language": language, "quality": quality,
+        "tokenizer_sha": tokenizer.sha256, "formats": list(recipe.formats), "shard_tokens": recipe.shard_tokens,
+        "plan": plan.describe(), "missing_components": missing,
+        "documents": rows.height, "tokens": int(rows["n_tokens"].sum() or 0),
+        "by_origin": {r["origin"]: {"documents": r["documents"], "tokens": r["tokens"]} for r in by_origin.to_dicts()},
+        "drops": sorted(set(mixed["drop_id"].drop_nulls().to_list())) if mixed.height else [],
+        "prompt_shas": sorted(set(synthetic["prompt_sha"].drop_nulls().to_list())) if synthetic.height else [],
+        "model_fingerprints": sorted(set(synthetic["model_fingerprint"].drop_nulls().to_list())) if synthetic.height else [],
+        "repeats": {"file": REPEATS, "max": int(repeat_table["repeats"].max() or 0) if repeat_table.height else 0,
+                    "documents_repeated": int((repeat_table["repeats"] > 1).sum()) if repeat_table.height else 0},
+        "shards": shards,
+    }  # fmt: skip
+    storage.write_json(f"{folder}/{MANIFEST}", manifest)
+    if not outcome.success:
+        kept = publish.reject_version(storage, prefix, version)
+        return MixResult(plan, None, outcome, manifest, kept, missing)
+    publish.publish_version(storage, prefix, version, {"asset": mix_asset(name), "manifest": MANIFEST, "shards": len(shards)})
+    return MixResult(plan, publish.published(storage, prefix), outcome, manifest, None, missing)
