@@ -34,6 +34,7 @@ instance: install
 demo: instance
 	SYNTH_CPT_CONFIG=$${SYNTH_CPT_CONFIG:-$(DEMO_CONFIG)} $(BIN)/synth-cpt ingest
 	SYNTH_CPT_CONFIG=$${SYNTH_CPT_CONFIG:-$(DEMO_CONFIG)} $(BIN)/synth-cpt synthesize
+	SYNTH_CPT_CONFIG=$${SYNTH_CPT_CONFIG:-$(DEMO_CONFIG)} $(BIN)/synth-cpt mix
 
 test: install
 	$(BIN)/python -m pytest

@@ -307,10 +307,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_synthesize(args: argparse.Namespace) -> int:
-    """Materialize the generation assets for every partition (or those asked) in this process: one
-    Dagster run per partition, all sharing one loaded engine."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+def _materialize_group(args: argparse.Namespace, group: str, label: str) -> tuple[list[dict], list[str], list[str], str]:
+    """Materialize a group's assets (or those asked) for every partition (or those asked), one Dagster run
+    per partition in this process: (metadata rows, failed runs, partitions, storage root)."""
     if args.config:
         os.environ["SYNTH_CPT_CONFIG"] = str(Path(args.config).resolve())
     config = load_config(args.config) if args.config else load_config()
@@ -318,44 +317,84 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     from dagster import AssetKey
 
     from synth_cpt.defs.definitions import build_definitions
-    from synth_cpt.defs.synthesis import GROUP
 
     console = Console(stderr=True)
     instance = _instance()
     defs = build_definitions()
     graph = defs.resolve_asset_graph()
-    everything = sorted((k for k in graph.get_all_asset_keys() if graph.get(k).group_name == GROUP), key=str)
+    everything = sorted((k for k in graph.get_all_asset_keys() if graph.get(k).group_name == group), key=str)
     keys = [AssetKey(a) for a in args.asset] if args.asset else everything
     unknown = [k.to_user_string() for k in keys if k not in everything]
     if unknown:
-        raise SystemExit(f"synth-cpt synthesize: unknown assets {unknown}; there are {[k.to_user_string() for k in everything]}")
+        raise SystemExit(f"synth-cpt {label}: unknown assets {unknown}; there are {[k.to_user_string() for k in everything]}")
     partitions = args.partition or [f"{lang}|{q}" for lang in config.languages for q in config.quality.buckets]
     job = defs.resolve_implicit_job_def_def_for_assets(keys)
     rows: list[dict] = []
     failures: list[str] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("synthesis", total=len(partitions))
+        task = progress.add_task(label, total=len(partitions))
         for partition in partitions:
-            progress.update(task, description=f"synthesis {partition}")
+            progress.update(task, description=f"{label} {partition}")
             result = job.execute_in_process(
                 instance=instance, partition_key=partition, asset_selection=keys, raise_on_error=False,
-                run_config=QUIET_RUN_CONFIG, tags={"synth_cpt/launched_by": "synth-cpt synthesize"},
+                run_config=QUIET_RUN_CONFIG, tags={"synth_cpt/launched_by": f"synth-cpt {label}"},
             )  # fmt: skip
             if not result.success:
-                failures.append(f"{partition} (run {result.run_id})")
+                failure = next((e.event_specific_data.error.message.strip() for e in result.all_events if e.is_step_failure), "")
+                failures.append(f"{partition} (run {result.run_id}): {failure[:400]}")
             for event in result.get_asset_materialization_events():
                 m = event.event_specific_data.materialization
                 meta = {k: v.value for k, v in m.metadata.items()}
                 rows.append({"asset": m.asset_key.to_user_string(), "partition": partition, "run": result.run_id, **meta})
             progress.advance(task)
-    _print_synthesis(Console(width=None if sys.stdout.isatty() else 160), rows, config.storage_uri(), partitions)
-    if failures:
-        console.print("[red]failed runs (see them in the Dagster UI):[/red]")
-        for f in failures:
-            console.print(f"  - {f}")
-        return 1
-    return 0
+    return rows, failures, partitions, config.storage_uri()
+
+
+def _report_failures(failures: list[str]) -> int:
+    if not failures:
+        return 0
+    console = Console(stderr=True)
+    console.print("[red]failed runs (see them in the Dagster UI):[/red]")
+    for f in failures:
+        console.print(f"  - {f}")
+    return 1
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    """Materialize the generation assets for every partition (or those asked) in this process: one
+    Dagster run per partition, all sharing one loaded engine."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from synth_cpt.defs.synthesis import GROUP
+
+    rows, failures, partitions, root = _materialize_group(args, GROUP, "synthesize")
+    _print_synthesis(Console(width=None if sys.stdout.isatty() else 160), rows, root, partitions)
+    return _report_failures(failures)
+
+
+def cmd_mix(args: argparse.Namespace) -> int:
+    """Materialize the training mixes for every partition (or those asked)."""
+    from synth_cpt.defs.mix import GROUP
+
+    rows, failures, partitions, root = _materialize_group(args, GROUP, "mix")
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    table = Table(title=f"training mixes: tokens by origin, under {root}")
+    for col in ("mix", "partition", "rows", "tokens", "by origin (documents / tokens)", "shards", "shrunk", "where"):
+        table.add_column(col, overflow="fold")
+    for r in sorted(rows, key=lambda r: (r["asset"], r["partition"])):
+        table.add_row(
+            r["asset"], r["partition"], f"{r.get('dagster/row_count', 0):,}", f"{r.get('tokens', 0):,}",
+            _origins(r.get("tokens_by_origin", "")), str(r.get("shards", 0)), "yes" if r.get("shrunk") else "",
+            str(r.get("dagster/uri", "")),
+        )  # fmt: skip
+    console.print(table)
+    return _report_failures(failures)
+
+
+def _origins(markdown: str) -> str:
+    """The tokens_by_origin markdown table of a mix as one line."""
+    cells = [line.strip("| ").split(" | ") for line in str(markdown).splitlines()[2:]]
+    return "; ".join(f"{c[0]} {int(c[1]):,} / {int(c[2]):,}" for c in cells if len(c) == 3)
 
 
 def _print_synthesis(console: Console, rows: list[dict], root: str, partitions: list[str]) -> None:
@@ -545,6 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--partition", action="append", help="'pt|high' (repeat; default: every partition)")
     syn.add_argument("--asset", action="append", help="e.g. rewrites_medium (repeat; default: every generation asset)")
     syn.set_defaults(func=cmd_synthesize)
+    mix = sub.add_parser("mix", help="materialize the training mixes (training_mix_<recipe>) per partition")
+    mix.add_argument("--partition", action="append", help="'pt|high' (repeat; default: every partition)")
+    mix.add_argument("--asset", action="append", help="e.g. training_mix_wrap_1to1 (repeat; default: every recipe)")
+    mix.set_defaults(func=cmd_mix)
     prm = sub.add_parser("prompts", help="the prompt library: list, show a file, or render what is sent for a real document")
     prm.add_argument("action", choices=["list", "show", "render"])
     prm.add_argument("name", nargs="?", help="prompt name, e.g. medium")

@@ -69,7 +69,9 @@ def test_an_overlay_holds_only_what_it_changes(isolated_env, tmp_path):
     defaults = load_config()
     assert (demo.synthesis.max_documents, demo.synthesis.min_pass_rate) == (3, 0.0)
     assert (defaults.synthesis.max_documents, defaults.synthesis.min_pass_rate) == (None, 0.5)
-    assert demo.model_dump(exclude={"synthesis"}) == defaults.model_dump(exclude={"synthesis"})
+    assert demo.model_dump(exclude={"synthesis", "mixes"}) == defaults.model_dump(exclude={"synthesis", "mixes"})
+    assert set(demo.mixes.recipes) == set(defaults.mixes.recipes) == {"originals_repeated", "rewrites_1to3", "wrap_1to1", "entigraph"}
+    assert demo.mixes.recipes["wrap_1to1"].on_shortfall == "take_available" and defaults.mixes.recipes["wrap_1to1"].on_shortfall == "fail"
     base = tmp_path / "base.yaml"
     base.write_text("extends: defaults\nlanguages: [pt]\nsynthesis: {max_documents: 7, entigraph: {triples: false}}\n")
     top = tmp_path / "top.yaml"

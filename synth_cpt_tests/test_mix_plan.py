@@ -74,3 +74,10 @@ def test_shards_have_the_configured_size(tokens, shard):
         assert size <= shard or b - a == 1, "over the size only for a row longer than a shard"
         if k + 1 < len(bounds):
             assert size + tokens[b] > shard, "closed only when the next row would not fit"
+
+
+def test_take_available_gives_all_of_a_short_component_and_keeps_the_others():
+    parts = [Part("original", 1, 1, 1000), Part("rewrite:easy", 1, 1, 300), Part("rewrite:qa", 1, 1, 0)]
+    plan = plan_mix(parts, target_tokens=1800, on_shortfall="take_available")
+    assert [p.target for p in plan.parts] == [600, 300, 0] and plan.total == 900 and plan.shrunk
+    assert plan.shortfalls == {"rewrite:easy": 300, "rewrite:qa": 600}

@@ -269,8 +269,10 @@ class MixRecipe(_Strict):
     components: tuple[MixComponent, ...]
     target_tokens: int | None = Field(None, gt=0, description="tokens of the whole mix (per partition)")
     target_originals: float | None = Field(None, gt=0, description="or: this many times the originals' tokens")
-    on_shortfall: Literal["fail", "shrink"] = Field(
-        "fail", description="a component too small for its target within max_epochs: fail before writing, or shrink the whole mix"
+    on_shortfall: Literal["fail", "shrink", "take_available"] = Field(
+        "fail",
+        description="a component too small for its target within max_epochs: fail before writing, shrink the whole mix "
+        "(ratios kept), or take all of the short component (the others keep their targets)",
     )
     seed: int = 1234
     shard_tokens: int = Field(1_000_000, gt=0)
@@ -291,33 +293,10 @@ class MixRecipe(_Strict):
         return [c for comp in self.components for c in comp.expanded()]
 
 
-_WRAP = {"easy": 1.0, "medium": 1.0, "hard": 1.0, "qa": 1.0}
-
-
-def _shipped_recipes() -> dict[str, MixRecipe]:
-    """The study's mixes (METHODS §1, §2, §5)."""
-    return {
-        "originals_repeated": MixRecipe(
-            description="the study's control: the originals repeated to the budget of the rewrite mix (4x)",
-            components=(MixComponent(source="originals", max_epochs=4),), target_originals=4,
-        ),
-        "rewrites_1to3": MixRecipe(
-            description="originals once plus the four WRAP styles at 1:3 (the study's ~10B + ~30B)",
-            components=(MixComponent(source="originals"), MixComponent(source="rewrite", ratio=3, styles=_WRAP)), target_originals=4,
-        ),
-        "wrap_1to1": MixRecipe(
-            description="WRAP's 1:1 real to synthetic: never synthetic alone",
-            components=(MixComponent(source="originals"), MixComponent(source="rewrite", ratio=1, styles=_WRAP)), target_originals=2,
-        ),
-        "entigraph": MixRecipe(
-            description="the EntiGraph corpus: summaries and relation texts, each once",
-            components=(MixComponent(source="entigraph"),),
-        ),
-    }  # fmt: skip
-
-
 class MixConfig(_Strict):
-    recipes: dict[str, MixRecipe] = Field(default_factory=_shipped_recipes)
+    """The recipes; the shipped file holds the study's four (METHODS §1, §2, §5)."""
+
+    recipes: dict[str, MixRecipe] = Field(default_factory=dict)
 
     @field_validator("recipes")
     @classmethod

@@ -18,6 +18,8 @@ QUALITY_SUBSETS = "quality_subsets"
 ENTITY_GRAPHS = "entity_graphs"
 ENTIGRAPH_CORPUS = "entigraph_corpus"
 REWRITES = "rewrites_"  # + style: one asset per prompts/rewrite/<style>.yaml
+TRAINING_MIX = "training_mix_"  # + recipe: one asset per mix recipe of the config
+EVAL_SCORES = "eval_scores"
 GENERATIONS = "generations"  # the generation cache (not an asset: shared by every generating asset)
 
 REJECTED = "_rejected"  # candidates that failed validation, outside every asset's folder
@@ -35,6 +37,10 @@ def partition_file(asset: str, language: str, quality: str) -> str:
 
 def rewrite_asset(style: str) -> str:
     return f"{REWRITES}{style}"
+
+
+def mix_asset(recipe: str) -> str:
+    return f"{TRAINING_MIX}{recipe}"
 
 
 def partition_prefix(asset: str, language: str, quality: str) -> str:

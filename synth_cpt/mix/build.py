@@ -20,7 +20,15 @@ import polars as pl
 from synth_cpt.core import publish
 from synth_cpt.core.config import MixRecipe
 from synth_cpt.core.contracts import MIX_SHARD, check_mix
-from synth_cpt.core.layout import ENTIGRAPH_CORPUS, QUALITY_SUBSETS, SYNTHETIC_ROWS, partition_file, partition_prefix, rewrite_asset
+from synth_cpt.core.layout import (
+    ENTIGRAPH_CORPUS,
+    QUALITY_SUBSETS,
+    SYNTHETIC_ROWS,
+    mix_asset,
+    partition_file,
+    partition_prefix,
+    rewrite_asset,
+)
 from synth_cpt.core.storage import Storage
 from synth_cpt.core.validation import Outcome
 from synth_cpt.mix.plan import MixPlan, Part, plan_mix, shard_bounds, shuffled, take
@@ -30,10 +38,6 @@ from synth_cpt.synthesis.outputs import published_table
 MANIFEST = "manifest.json"
 REPEATS = "repeats.parquet"
 _SYNTH_COLUMNS = ["synth_id", "doc_id", "drop_id", "text", "prompt_sha", "model_fingerprint"]
-
-
-def mix_asset(recipe: str) -> str:
-    return f"training_mix_{recipe}"
 
 
 def origin_of(source: str) -> str:

@@ -2,8 +2,9 @@
 
 Plan before write: every component's target is fixed from the recipe before a byte is written, and
 a component that cannot reach its target within its epoch cap is a shortfall, in tokens, reported up
-front (the run fails, or with `on_shortfall: shrink` the whole mix shrinks until every component fits,
-ratios kept). Nothing is ever padded.
+front: the run fails (`on_shortfall: fail`), or the whole mix shrinks until every component fits with
+its ratio kept (`shrink`), or a short component gives all it has while the others keep their targets
+(`take_available`, which changes the ratios and says by how much). Nothing is ever padded.
 
 The token rule (one rule, everywhere): a component takes whole passes over its documents, each pass in
 its own seeded order, and in the last pass it takes, in that order, every document that still fits,
@@ -114,6 +115,9 @@ def plan_mix(
     shortfalls = {p.origin: p.shortfall for p in planned if p.shortfall}
     if not shortfalls:
         return MixPlan(requested, planned, requested)
+    if on_shortfall == "take_available":  # short components give all they can; the others keep their targets
+        planned = [PartPlan(p.origin, p.ratio, p.max_epochs, p.available, min(p.target, p.capacity)) for p in planned]
+        return MixPlan(sum(p.target for p in planned), planned, requested, shortfalls)
     if on_shortfall != "shrink":
         raise MixShortfall(MixPlan(requested, planned, requested, shortfalls))
     weight = sum(p.ratio for p in parts)
