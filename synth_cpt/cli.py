@@ -548,6 +548,75 @@ def cmd_npm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _catalog(args: argparse.Namespace):
+    from synth_cpt.core.storage import open_storage
+    from synth_cpt.lineage.catalog import Catalog
+
+    config = load_config(args.config) if args.config else load_config()
+    return Catalog(open_storage(config.storage_uri()))
+
+
+def _print_value(console: Console, title: str, value) -> None:
+    """A lineage answer: lists of rows as tables, the rest as `key: value` lines."""
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        table = Table(title=title)
+        for col in value[0]:
+            table.add_column(str(col), overflow="fold")
+        for row in value:
+            table.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in row.values()))
+        console.print(table)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(v, list) and v and isinstance(v[0], dict):
+                _print_value(console, f"{title} {k}".strip(), v)
+            else:
+                console.print(f"{k}: {v}")
+    else:
+        console.print(f"{title}: {value}")
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    """Lineage answers from the DuckDB catalog of every output."""
+    import json
+
+    from synth_cpt.lineage import queries
+
+    catalog = _catalog(args)
+    try:
+        answer = {"shard": queries.shard, "doc": queries.doc, "drop": queries.drop}[args.what](catalog, args.key)
+    except LookupError as exc:
+        print(f"synth-cpt lineage: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(answer, indent=2, default=str))
+    else:
+        _print_value(Console(width=None if sys.stdout.isatty() else 160), "", answer)
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    """One SQL query over the catalog's views (drops, quarantine, documents, subsets, generations,
+    synthetic, rejects, shards, manifests)."""
+    import duckdb
+
+    catalog = _catalog(args)
+    try:
+        columns, rows = catalog.sql(args.query)
+    except duckdb.Error as exc:
+        print(f"synth-cpt sql: {exc}", file=sys.stderr)
+        return 2
+    table = Table()
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows[: args.limit]:
+        table.add_row(*(str(v) for v in row))
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    if len(rows) > args.limit:
+        console.print(f"({len(rows):,} rows, {args.limit:,} shown; --limit N)")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else load_config()
     print(config.model_dump_json(indent=2))
@@ -598,6 +667,15 @@ def build_parser() -> argparse.ArgumentParser:
     npm_cmd.add_argument("results", nargs="+", help="lm-eval results JSON (several files of one run are merged)")
     npm_cmd.add_argument("--json", action="store_true", help="print the scores and what was not counted as JSON")
     npm_cmd.set_defaults(func=cmd_npm)
+    lin = sub.add_parser("lineage", help="lineage answers: a shard's sources, a document's descendants, what a drop made")
+    lin.add_argument("what", choices=["shard", "doc", "drop"])
+    lin.add_argument("key", help="shard: a shard file's path; doc: a doc_id (or unique prefix); drop: a drop_id")
+    lin.add_argument("--json", action="store_true", help="the answer as JSON")
+    lin.set_defaults(func=cmd_lineage)
+    sql = sub.add_parser("sql", help="one SQL query over the lineage catalog (DuckDB views over every output)")
+    sql.add_argument("query", help='e.g. "SELECT origin, sum(n_tokens) FROM shards GROUP BY 1"')
+    sql.add_argument("--limit", type=int, default=50, help="rows shown (default 50)")
+    sql.set_defaults(func=cmd_sql)
     cfg = sub.add_parser("config", help="validate the pipeline config and print it with every default filled in")
     cfg.set_defaults(func=cmd_config)
     return parser

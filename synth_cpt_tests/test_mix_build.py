@@ -27,7 +27,7 @@ def corpus(tmp_path, n_synthetic: int = 12):
     storage = LocalStorage(tmp_path / "home")
     originals = pl.DataFrame(
         {"doc_id": [f"d{i}" for i in range(10)], "drop_id": ["drop-a"] * 5 + ["drop-b"] * 5,
-         "text": [f"Documento {i}. " + PT_TEXT[: 60 + 20 * i] for i in range(10)]}  # fmt: skip
+         "text": [f"Documento {i}. " + PT_TEXT[: 60 + 20 * i] for i in range(10)], "language": ["pt"] * 10, "quality": ["high"] * 10}  # fmt: skip
     )
     storage.write_parquet(partition_file("quality_subsets", "pt", "high"), originals)
     rows = pl.DataFrame(

@@ -56,7 +56,9 @@ def _mix(name: str, recipe: MixRecipe, parts: PartitionsDefinition) -> AssetsDef
         cfg, storage = pipeline.load(), pipeline.storage()
         language, quality = split_corpus_key(context.partition_key)
         try:
-            result = build_mix(storage, name, cfg.mixes.recipes[name], language, quality, TokenCounter.from_storage(storage))
+            result = build_mix(
+                storage, name, cfg.mixes.recipes[name], language, quality, TokenCounter.from_storage(storage), run_id=context.run_id
+            )
         except MixShortfall as short:
             raise Failure(str(short), metadata={"plan": MetadataValue.json(short.plan.describe())}) from None
         m = result.manifest

@@ -77,7 +77,9 @@ def _gather(frame: pl.DataFrame, rows: list[int]) -> pl.DataFrame:
     return frame.select(pl.all().gather(pl.Series(rows, dtype=pl.UInt32)))
 
 
-def build_mix(storage: Storage, name: str, recipe: MixRecipe, language: str, quality: str, tokenizer: Any) -> MixResult:
+def build_mix(
+    storage: Storage, name: str, recipe: MixRecipe, language: str, quality: str, tokenizer: Any, run_id: str | None = None
+) -> MixResult:
     """Plan, write, validate, publish (see the module docstring). Raises MixShortfall before writing."""
     parts_cfg = recipe.parts()
     frames: dict[str, pl.DataFrame] = {}
@@ -126,7 +128,7 @@ def build_mix(storage: Storage, name: str, recipe: MixRecipe, language: str, qua
     synthetic = mixed.filter(pl.col("origin") != "original") if mixed.height else mixed
     by_origin = rows.group_by("origin").agg(pl.len().alias("documents"), pl.col("n_tokens").sum().alias("tokens")).sort("origin")
     manifest = {
-        "recipe": name, "recipe_sha": recipe_sha(recipe), "seed": recipe.seed, "language": language, "quality": quality,
+        "recipe": name, "recipe_sha": recipe_sha(recipe), "seed": recipe.seed, "language": language, "quality": quality, "run_id": run_id,
         "tokenizer_sha": tokenizer.sha256, "formats": list(recipe.formats), "shard_tokens": recipe.shard_tokens,
         "plan": plan.describe(), "missing_components": missing,
         "documents": rows.height, "tokens": int(rows["n_tokens"].sum() or 0),

@@ -1,0 +1,191 @@
+"""The lineage catalog: one DuckDB connection with a view over every output, so any lineage question is
+one SQL query (`synth-cpt sql`), and the common ones are functions (`synth-cpt lineage ...`).
+
+Views read only what readers see: for versioned outputs the version each `current.json` points at
+(drops, synthesis, mixes), never a candidate or an older version. Local files are read by DuckDB
+itself; on S3 the same files are registered as pyarrow datasets over the S3 filesystem, so nothing is
+downloaded whole and no DuckDB extension is needed.
+
+  drops         documents of every drop's published version
+  quarantine    rejected records of every drop's published version
+  documents     raw_corpus, every partition
+  subsets       quality_subsets, every partition
+  generations   the generation cache, every segment (one row per LLM call)
+  synthetic     rows of every rewrites_<style> and entigraph_corpus partition (+ asset, language, quality)
+  rejects       rejected generations of the same (+ asset, language, quality)
+  shards        rows of every training mix shard (+ mix, language, quality, shard)
+  manifests     one row per mix partition: recipe, seed, tokens, drops, prompts, models (JSON), the Dagster run
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from synth_cpt.core.contracts import MIX_SHARD, QUARANTINE
+from synth_cpt.core.contracts import SYNTHETIC as SYNTHETIC_SCHEMA
+from synth_cpt.core.contracts import SYNTHETIC_REJECTS as REJECTS_SCHEMA
+from synth_cpt.core.layout import (
+    CRAWL_DROPS,
+    ENTIGRAPH_CORPUS,
+    GENERATIONS,
+    POINTER,
+    QUALITY_SUBSETS,
+    RAW_CORPUS,
+    REWRITES,
+    SYNTHETIC_REJECTS,
+    SYNTHETIC_ROWS,
+    TRAINING_MIX,
+)
+from synth_cpt.core.storage import LocalStorage, Storage
+from synth_cpt.generation.cache import SCHEMA as GENERATION_ROWS
+
+VIEWS = ("drops", "quarantine", "documents", "subsets", "generations", "synthetic", "rejects", "shards", "manifests")
+
+
+@dataclass(frozen=True)
+class Published:
+    """One published partition of a versioned output."""
+
+    asset: str
+    language: str
+    quality: str
+    prefix: str  # the version folder
+
+
+def published_partitions(storage: Storage, asset_prefix: str) -> list[Published]:
+    """Every `<asset>/<language>/<quality>/current.json` of assets whose name starts with `asset_prefix`."""
+    found = []
+    for key in storage.list(""):
+        parts = key.split("/")
+        if len(parts) == 4 and parts[3] == POINTER and parts[0].startswith(asset_prefix):
+            pointer = storage.read_json(key)
+            found.append(Published(parts[0], parts[1], parts[2], pointer["prefix"]))
+    return sorted(found, key=lambda p: (p.asset, p.language, p.quality))
+
+
+class Catalog:
+    def __init__(self, storage: Storage, con: duckdb.DuckDBPyConnection | None = None) -> None:
+        self.storage = storage
+        self.con = con or duckdb.connect()
+        self.con.execute("SET threads TO 2")
+        self.local = isinstance(storage, LocalStorage)
+        self._keys = storage.list("")
+        for view in VIEWS:
+            getattr(self, f"_view_{view}")()
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _files(self, keys: list[str], view: str, extra: dict[str, list[str]] | None = None, empty: pa.Schema | list[str] | None = None) -> None:
+        """A view over Parquet files; `extra`: constant columns per file (asset, language, ...)."""
+        if not keys:  # nothing published yet: an empty view with the contract's columns, so queries still bind
+            schema = empty if isinstance(empty, pa.Schema) else pa.schema([(c, pa.string()) for c in (empty or ["doc_id"])])
+            for name in extra or {}:
+                if name not in schema.names:
+                    schema = schema.append(pa.field(name, pa.string()))
+            self.con.register(f"_{view}_empty", schema.empty_table())
+            self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM _{view}_empty")
+            return
+        if self.local:
+            paths = [str(self.storage.path(k)) for k in keys]  # type: ignore[attr-defined]
+            source = f"read_parquet({json.dumps(paths)}, union_by_name = true, filename = true)"
+        else:
+            import pyarrow.dataset as ds
+
+            dataset = ds.dataset([self.storage.uri(k).removeprefix("s3://") for k in keys], format="parquet",
+                                 filesystem=self.storage.filesystem())  # type: ignore[attr-defined]  # fmt: skip
+            self.con.register(f"_{view}_arrow", dataset)
+            source = f"_{view}_arrow"
+        if not extra or not self.local:
+            self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {source}")
+            return
+        # constant columns by file: a small table of (filename, ...) joined in
+        names = list(extra)
+        rows = [[str(self.storage.path(k)), *(extra[n][i] for n in names)] for i, k in enumerate(keys)]  # type: ignore[attr-defined]
+        self.con.execute(f"CREATE OR REPLACE TABLE _{view}_files (filename VARCHAR, {', '.join(f'{n} VARCHAR' for n in names)})")
+        self.con.executemany(f"INSERT INTO _{view}_files VALUES ({', '.join('?' * (len(names) + 1))})", rows)
+        self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT f.* EXCLUDE (filename), t.* FROM {source} t JOIN _{view}_files f USING (filename)")
+
+    def _published(self, asset_prefix: str, file: str) -> tuple[list[str], dict[str, list[str]]]:
+        parts = [p for p in published_partitions(self.storage, asset_prefix) if f"{p.prefix}/{file}" in self._key_set]
+        keys = [f"{p.prefix}/{file}" for p in parts]
+        return keys, {"asset": [p.asset for p in parts], "language": [p.language for p in parts], "quality": [p.quality for p in parts]}
+
+    @property
+    def _key_set(self) -> set[str]:
+        if not hasattr(self, "_set"):
+            self._set = set(self._keys)
+        return self._set
+
+    def _drop_files(self, name: str) -> list[str]:
+        keys = []
+        for key in self._keys:
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == CRAWL_DROPS and parts[2] == POINTER:
+                pointer = self.storage.read_json(key)
+                if f"{pointer['prefix']}/{name}" in self._key_set:
+                    keys.append(f"{pointer['prefix']}/{name}")
+        return sorted(keys)
+
+    # -- the views ----------------------------------------------------------------------------------------
+    def _view_drops(self) -> None:
+        self._files(self._drop_files("docs.parquet"), "drops", empty=["doc_id", "drop_id", "language", "quality"])
+
+    def _view_quarantine(self) -> None:
+        self._files(self._drop_files("quarantine.parquet"), "quarantine", empty=QUARANTINE)
+
+    def _view_documents(self) -> None:
+        keys = sorted(k for k in self._keys if k.startswith(f"{RAW_CORPUS}/") and k.endswith("/part-0.parquet"))
+        self._files(keys, "documents", empty=["doc_id", "drop_id", "source_file", "language", "quality"])
+
+    def _view_subsets(self) -> None:
+        keys = sorted(k for k in self._keys if k.startswith(f"{QUALITY_SUBSETS}/") and k.endswith("/part-0.parquet"))
+        self._files(keys, "subsets", empty=["doc_id", "drop_id", "language", "quality"])
+
+    def _view_generations(self) -> None:
+        keys = sorted(k for k in self._keys if k.startswith(f"{GENERATIONS}/segments/") and k.endswith(".parquet"))
+        self._files(keys, "generations", empty=GENERATION_ROWS)
+
+    def _view_synthetic(self) -> None:
+        keys, extra = self._published(REWRITES, SYNTHETIC_ROWS)
+        more, more_extra = self._published(ENTIGRAPH_CORPUS, SYNTHETIC_ROWS)
+        self._files(keys + more, "synthetic", {k: extra[k] + more_extra[k] for k in extra}, empty=SYNTHETIC_SCHEMA)
+
+    def _view_rejects(self) -> None:
+        keys, extra = self._published(REWRITES, SYNTHETIC_REJECTS)
+        more, more_extra = self._published(ENTIGRAPH_CORPUS, SYNTHETIC_REJECTS)
+        self._files(keys + more, "rejects", {k: extra[k] + more_extra[k] for k in extra}, empty=REJECTS_SCHEMA)
+
+    def _view_shards(self) -> None:
+        keys, mixes, languages, qualities, shards = [], [], [], [], []
+        for p in published_partitions(self.storage, TRAINING_MIX):
+            for key in sorted(k for k in self._keys if k.startswith(f"{p.prefix}/shard-") and k.endswith(".parquet")):
+                keys.append(key)
+                mixes.append(p.asset.removeprefix(TRAINING_MIX))
+                languages.append(p.language)
+                qualities.append(p.quality)
+                shards.append(key.rsplit("/", 1)[1])
+        self._files(keys, "shards", {"mix": mixes, "language": languages, "quality": qualities, "shard": shards}, empty=MIX_SHARD)
+
+    def _view_manifests(self) -> None:
+        rows = []
+        for p in published_partitions(self.storage, TRAINING_MIX):
+            m = self.storage.read_json(f"{p.prefix}/manifest.json")
+            rows.append([p.asset.removeprefix(TRAINING_MIX), p.language, p.quality, self.storage.uri(p.prefix), m["recipe_sha"], m["seed"],
+                         m["tokens"], m["documents"], len(m["shards"]), json.dumps(m["by_origin"]), json.dumps(m["drops"]),
+                         json.dumps(m["prompt_shas"]), json.dumps(m["model_fingerprints"]), m["tokenizer_sha"], m.get("run_id")])  # fmt: skip
+        self.con.execute(
+            "CREATE OR REPLACE TABLE manifests (mix VARCHAR, language VARCHAR, quality VARCHAR, uri VARCHAR, recipe_sha VARCHAR, "
+            "seed BIGINT, tokens BIGINT, documents BIGINT, shards BIGINT, by_origin JSON, drops JSON, prompt_shas JSON, "
+            "model_fingerprints JSON, tokenizer_sha VARCHAR, run_id VARCHAR)"
+        )
+        if rows:
+            self.con.executemany("INSERT INTO manifests VALUES (" + ", ".join("?" * 15) + ")", rows)
+
+    # -- queries ------------------------------------------------------------------------------------------
+    def sql(self, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+        cursor = self.con.execute(query)
+        return [d[0] for d in cursor.description or []], cursor.fetchall()

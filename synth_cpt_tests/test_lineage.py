@@ -1,0 +1,76 @@
+"""Lineage answers on a materialized fixture: documents, published synthetic rows, a generation cache, a mix."""
+
+import polars as pl
+import pytest
+
+from synth_cpt.core.layout import partition_file
+from synth_cpt.core.validation import Outcome
+from synth_cpt.generation.cache import GenerationCache
+from synth_cpt.generation.engine import GenerationEngine
+from synth_cpt.generation.requests import ChatRequest, Sampling
+from synth_cpt.lineage import queries
+from synth_cpt.lineage.catalog import Catalog
+from synth_cpt.mix.build import build_mix
+from synth_cpt.synthesis.outputs import publish_tables
+
+from .doubles import DeterministicTestBackend
+from .test_mix_build import corpus, recipe, tokenizer  # noqa: F401  (fixture)
+
+
+@pytest.fixture
+def materialized(tmp_path, tokenizer):  # noqa: F811
+    storage, originals, rows = corpus(tmp_path)
+    # raw_corpus with the drop lines, and generations the synthetic rows point at
+    storage.write_parquet(
+        partition_file("raw_corpus", "pt", "high"),
+        originals.with_columns(pl.lit("pt").alias("language"), pl.lit("high").alias("quality"),
+                               pl.lit("a.jsonl").alias("source_file"), pl.int_range(0, 10).alias("source_line")),  # fmt: skip
+    )
+    engine = GenerationEngine(DeterministicTestBackend(), GenerationCache(storage), model="double", model_fingerprint="fp")
+    requests = [ChatRequest.chat([{"role": "user", "content": f"r{i}"}], Sampling(max_tokens=8)) for i in range(rows.height)]
+    engine.run(requests, scope="rewrites_easy/pt/high")
+    synthetic = rows.with_columns(
+        pl.Series("request_ids", [[rid] for rid in engine.request_ids(requests)]), pl.lit("rewrite").alias("kind"),
+        pl.lit("easy").alias("style"), pl.lit(10).alias("n_tokens"),
+    )  # fmt: skip
+    publish_tables(storage, "rewrites_easy", "pt", "high", {"rows.parquet": synthetic}, {"ok": Outcome(True)}, {})
+    mix = build_mix(storage, "demo", recipe(), "pt", "high", tokenizer, run_id="run-123")
+    assert mix.outcome.success
+    return storage, tmp_path / "home" / mix.pointer["prefix"]
+
+
+def test_lineage_of_a_document_a_shard_and_a_drop(materialized):
+    storage, folder = materialized
+    catalog = Catalog(storage)
+    answer = queries.doc(catalog, "d3")
+    assert answer["doc_id"] == "d3" and answer["source"]["drop_id"] == "drop-a" and answer["source"]["source_line"] == 3
+    assert {r["synth_id"] for r in answer["synthetic"]} == {"s3"}, "d3's rewrites (s3; s13 does not exist in 12 rows)"
+    assert answer["shards"] and all(r["mix"] == "demo" for r in answer["shards"])
+    total = catalog.sql("SELECT count(*) FROM shards WHERE doc_id = 'd3'")[1][0][0]
+    assert sum(r["copies"] for r in answer["shards"]) == total
+
+    shard = queries.shard(catalog, str(folder / "shard-00000.parquet"))
+    frame = pl.read_parquet(folder / "shard-00000.parquet")
+    assert shard["mix"] == "demo" and shard["mix_run"] == "run-123" and shard["seed"] == 7
+    assert {r["origin"]: r["tokens"] for r in shard["by_origin"]} == dict(frame.group_by("origin").agg(pl.col("n_tokens").sum()).iter_rows())
+    assert set(shard["drops"]) == set(frame["drop_id"]) and shard["documents"] == frame["doc_id"].n_unique()
+    if (frame["origin"] != "original").any():
+        assert shard["made_by"][0]["prompt_sha"] == "p-easy" and shard["generations"]["generations"] >= 1
+    assert queries.shard(catalog, str(folder / "shard-00000.bin"))["mix"] == "demo", "any format of the shard"
+
+    drop = queries.drop(catalog, "drop-b")
+    assert drop["in_raw_corpus"] == [{"language": "pt", "quality": "high", "documents": 5}]
+    assert drop["synthetic"] == [], "drop-b made no rewrites" and all(r["origin"] == "original" for r in drop["shards"])
+    with pytest.raises(LookupError):
+        queries.doc(catalog, "nope")
+
+
+def test_sql_over_every_view(materialized):
+    storage, _ = materialized
+    catalog = Catalog(storage)
+    for view in ("drops", "quarantine", "documents", "subsets", "generations", "synthetic", "rejects", "shards", "manifests"):
+        catalog.sql(f"SELECT count(*) FROM {view}")
+    cols, rows = catalog.sql("SELECT mix, sum(n_tokens) FROM shards GROUP BY 1")
+    assert cols[0] == "mix" and rows[0][0] == "demo"
+    joined = catalog.sql("SELECT count(*) FROM synthetic y, unnest(y.request_ids) u(rid) JOIN generations g ON g.request_id = u.rid")[1][0][0]
+    assert joined == 12, "every synthetic row resolves to its generation"
