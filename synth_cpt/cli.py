@@ -391,6 +391,30 @@ def cmd_mix(args: argparse.Namespace) -> int:
     return _report_failures(failures)
 
 
+def cmd_evals(args: argparse.Namespace) -> int:
+    """Materialize eval_scores for every partition (or those asked) and print the scores of each set."""
+    from synth_cpt.defs.evals import GROUP
+
+    rows, failures, partitions, root = _materialize_group(args, GROUP, "evals")
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    from synth_cpt.core.layout import EVAL_SCORES
+    from synth_cpt.core.storage import open_storage
+    from synth_cpt.synthesis.outputs import published_table
+
+    storage = open_storage(root)
+    for r in sorted(rows, key=lambda r: r["partition"]):
+        scores = published_table(storage, EVAL_SCORES, *r["partition"].split("|"), "scores.parquet")
+        table = Table(title=f"eval_scores {r['partition']} ({r['dagster/uri']})")
+        cols = ["set", "rows", "tokens", "distinct_2", "compression_ratio", "near_duplicate_rate", "copy_overlap_mean", "heuristic_score_mean"]
+        for col in cols:
+            table.add_column(col, justify="left" if col == "set" else "right")
+        for row in scores.select(cols).to_dicts():
+            table.add_row(*(f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else f"{v:,}" if isinstance(v, int) else str(v)) for v in row.values()))
+        console.print(table)
+        console.print(f"contaminated texts: {r.get('contaminated_texts', 0)}" + (f"; NPM: {r['npm']}" if r.get("npm") else ""))
+    return _report_failures(failures)
+
+
 def _origins(markdown: str) -> str:
     """The tokens_by_origin markdown table of a mix as one line."""
     cells = [line.strip("| ").split(" | ") for line in str(markdown).splitlines()[2:]]
@@ -657,6 +681,10 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("--partition", action="append", help="'pt|high' (repeat; default: every partition)")
     mix.add_argument("--asset", action="append", help="e.g. training_mix_wrap_1to1 (repeat; default: every recipe)")
     mix.set_defaults(func=cmd_mix)
+    ev = sub.add_parser("evals", help="materialize eval_scores per partition: diversity, copying, fidelity, quality, contamination, NPM")
+    ev.add_argument("--partition", action="append", help="'pt|high' (repeat; default: every partition)")
+    ev.add_argument("--asset", action="append", help=argparse.SUPPRESS)
+    ev.set_defaults(func=cmd_evals)
     prm = sub.add_parser("prompts", help="the prompt library: list, show a file, or render what is sent for a real document")
     prm.add_argument("action", choices=["list", "show", "render"])
     prm.add_argument("name", nargs="?", help="prompt name, e.g. medium")

@@ -307,6 +307,15 @@ class MixConfig(_Strict):
         return v
 
 
+class EvalsConfig(_Strict):
+    """What eval_scores reads besides the partition's own outputs."""
+
+    benchmarks: tuple[str, ...] = Field((), description="benchmark files checked for 13-gram contamination (.txt lines, .jsonl text, .parquet text)")
+    lm_eval_results: tuple[str, ...] = Field((), description="lm-evaluation-harness result files of a model trained on a mix: NPM on PoETa V2")
+    max_texts: int = Field(20000, gt=0, description="texts per set scored (a seeded sample beyond it)")
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1)
+
+
 class PipelineConfig(_Strict):
     """The whole pipeline configuration."""
 
@@ -322,6 +331,7 @@ class PipelineConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     mixes: MixConfig = Field(default_factory=MixConfig)
+    evals: EvalsConfig = Field(default_factory=EvalsConfig)
 
     @field_validator("languages")
     @classmethod

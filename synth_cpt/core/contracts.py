@@ -313,3 +313,20 @@ def check_pass_rate(pass_rate: float, minimum: float) -> Outcome:
     gxe = expect()
     frame = pl.DataFrame({"pass_rate": [float(pass_rate)]})
     return run_suite("pass_rate", frame, [gxe.ExpectColumnValuesToBeBetween(column="pass_rate", min_value=minimum, max_value=1.0)])
+
+
+def check_scores(scores: pl.DataFrame) -> Outcome:
+    """One row per set, each with its counts, and ratios where they are ratios."""
+    gxe = expect()
+    narrowed = scores.select("set", "rows", "tokens", "distinct_1", "near_duplicate_rate")
+    return run_suite(
+        "eval_scores",
+        narrowed,
+        [
+            gxe.ExpectColumnValuesToBeUnique(column="set"),
+            gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=0),
+            gxe.ExpectColumnValuesToBeBetween(column="tokens", min_value=0),
+            gxe.ExpectColumnValuesToBeBetween(column="distinct_1", min_value=0, max_value=1),
+            gxe.ExpectColumnValuesToBeBetween(column="near_duplicate_rate", min_value=0, max_value=1),
+        ],
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -86,3 +87,24 @@ def publish_version(storage: Storage, prefix: str, version: str, payload: dict) 
         if old < floor and old not in (version, previous):
             storage.delete_prefix(version_prefix(prefix, old))
     return True
+
+
+@dataclass(frozen=True)
+class Published:
+    """One published partition of a versioned output."""
+
+    asset: str
+    language: str
+    quality: str
+    prefix: str  # the version folder
+
+
+def published_partitions(storage: Storage, asset_prefix: str) -> list[Published]:
+    """Every `<asset>/<language>/<quality>/current.json` of assets whose name starts with `asset_prefix`."""
+    found = []
+    for key in storage.list(""):
+        parts = key.split("/")
+        if len(parts) == 4 and parts[3] == POINTER and parts[0].startswith(asset_prefix):
+            pointer = storage.read_json(key)
+            found.append(Published(parts[0], parts[1], parts[2], pointer["prefix"]))
+    return sorted(found, key=lambda p: (p.asset, p.language, p.quality))

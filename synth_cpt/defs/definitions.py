@@ -16,6 +16,8 @@ from dagster import (
 from synth_cpt.core.config import current_config
 from synth_cpt.core.layout import CRAWL_DROPS, QUALITY_SUBSETS, RAW_CORPUS, TOKENIZER
 from synth_cpt.defs.checks import CHECKS
+from synth_cpt.defs.evals import GROUP as EVALS_GROUP
+from synth_cpt.defs.evals import build_eval_assets
 from synth_cpt.defs.ingest import build_ingest_assets
 from synth_cpt.defs.mix import GROUP as MIX_GROUP
 from synth_cpt.defs.mix import build_mix_assets
@@ -31,6 +33,7 @@ TOKENIZER_JOB = "tokenizer_job"
 SUBSETS_JOB = "quality_subsets_job"
 SYNTHESIS_JOB = "synthesis_job"
 MIX_JOB = "mix_job"
+EVALS_JOB = "evals_job"
 
 
 # Partitioned asset checks are "preview" in Dagster 1.13; we rely on them knowingly.
@@ -50,7 +53,7 @@ automation_sensor = AutomationConditionSensorDefinition(
 
 def build_definitions() -> Definitions:
     config = current_config()
-    assets = [*build_ingest_assets(config), *build_synthesis_assets(config), *build_mix_assets(config)]
+    assets = [*build_ingest_assets(config), *build_synthesis_assets(config), *build_mix_assets(config), *build_eval_assets(config)]
     corpus_parts = corpus_partitions(config)
     jobs = [
         define_asset_job(INGEST_DROP_JOB, AssetSelection.assets(CRAWL_DROPS), partitions_def=crawl_drop_partitions),
@@ -60,6 +63,7 @@ def build_definitions() -> Definitions:
         # every generation asset of a partition: one step, one engine load
         define_asset_job(SYNTHESIS_JOB, AssetSelection.groups(SYNTHESIS_GROUP), partitions_def=corpus_parts),
         define_asset_job(MIX_JOB, AssetSelection.groups(MIX_GROUP), partitions_def=corpus_parts),
+        define_asset_job(EVALS_JOB, AssetSelection.groups(EVALS_GROUP), partitions_def=corpus_parts),
     ]
     return Definitions(
         assets=assets,

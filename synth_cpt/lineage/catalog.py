@@ -20,7 +20,6 @@ downloaded whole and no DuckDB extension is needed.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -41,31 +40,11 @@ from synth_cpt.core.layout import (
     SYNTHETIC_ROWS,
     TRAINING_MIX,
 )
+from synth_cpt.core.publish import published_partitions
 from synth_cpt.core.storage import LocalStorage, Storage
 from synth_cpt.generation.cache import SCHEMA as GENERATION_ROWS
 
 VIEWS = ("drops", "quarantine", "documents", "subsets", "generations", "synthetic", "rejects", "shards", "manifests")
-
-
-@dataclass(frozen=True)
-class Published:
-    """One published partition of a versioned output."""
-
-    asset: str
-    language: str
-    quality: str
-    prefix: str  # the version folder
-
-
-def published_partitions(storage: Storage, asset_prefix: str) -> list[Published]:
-    """Every `<asset>/<language>/<quality>/current.json` of assets whose name starts with `asset_prefix`."""
-    found = []
-    for key in storage.list(""):
-        parts = key.split("/")
-        if len(parts) == 4 and parts[3] == POINTER and parts[0].startswith(asset_prefix):
-            pointer = storage.read_json(key)
-            found.append(Published(parts[0], parts[1], parts[2], pointer["prefix"]))
-    return sorted(found, key=lambda p: (p.asset, p.language, p.quality))
 
 
 class Catalog:
