@@ -34,7 +34,8 @@ def text_sets(storage: Storage, language: str, quality: str) -> dict[str, pl.Dat
     for prefix in (REWRITES, ENTIGRAPH_CORPUS):
         for p in published_partitions(storage, prefix):
             if (p.language, p.quality) == (language, quality):
-                rows = storage.read_parquet(f"{p.prefix}/{SYNTHETIC_ROWS}", columns=["doc_id", "text", *FIDELITY])
+                rows = storage.read_parquet(f"{p.prefix}/{SYNTHETIC_ROWS}")
+                rows = rows.select([c for c in ["doc_id", "text", *FIDELITY] if c in rows.columns])
                 name = "entigraph" if p.asset == ENTIGRAPH_CORPUS else f"rewrite:{p.asset.removeprefix(REWRITES)}"
                 sets[name] = rows
     for p in published_partitions(storage, TRAINING_MIX):
