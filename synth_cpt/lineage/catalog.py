@@ -47,6 +47,10 @@ from synth_cpt.generation.cache import SCHEMA as GENERATION_ROWS
 VIEWS = ("drops", "quarantine", "documents", "subsets", "generations", "synthetic", "rejects", "shards", "manifests")
 
 
+def _quote(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 class Catalog:
     def __init__(self, storage: Storage, con: duckdb.DuckDBPyConnection | None = None) -> None:
         self.storage = storage
@@ -81,12 +85,15 @@ class Catalog:
         if not extra or not self.local:
             self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {source}")
             return
-        # constant columns by file: a small table of (filename, ...) joined in
+        # constant columns per file as a UNION ALL of one branch per file: no join, and a filter on them
+        # (WHERE asset = 'rewrites_easy') prunes whole branches before any file is read
         names = list(extra)
-        rows = [[str(self.storage.path(k)), *(extra[n][i] for n in names)] for i, k in enumerate(keys)]  # type: ignore[attr-defined]
-        self.con.execute(f"CREATE OR REPLACE TABLE _{view}_files (filename VARCHAR, {', '.join(f'{n} VARCHAR' for n in names)})")
-        self.con.executemany(f"INSERT INTO _{view}_files VALUES ({', '.join('?' * (len(names) + 1))})", rows)
-        self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT f.* EXCLUDE (filename), t.* FROM {source} t JOIN _{view}_files f USING (filename)")
+        branches = []
+        for i, key in enumerate(keys):
+            consts = ", ".join(f"{_quote(extra[n][i])} AS {n}" for n in names)
+            path = json.dumps(str(self.storage.path(key)))  # type: ignore[attr-defined]
+            branches.append(f"SELECT *, {consts} FROM read_parquet({path}, filename = true)")
+        self.con.execute(f"CREATE OR REPLACE VIEW {view} AS " + " UNION ALL BY NAME ".join(branches))
 
     def _published(self, asset_prefix: str, file: str) -> tuple[list[str], dict[str, list[str]]]:
         parts = [p for p in published_partitions(self.storage, asset_prefix) if f"{p.prefix}/{file}" in self._key_set]
@@ -125,8 +132,24 @@ class Catalog:
         self._files(keys, "subsets", empty=["doc_id", "drop_id", "language", "quality"])
 
     def _view_generations(self) -> None:
-        keys = sorted(k for k in self._keys if k.startswith(f"{GENERATIONS}/segments/") and k.endswith(".parquet"))
-        self._files(keys, "generations", empty=GENERATION_ROWS)
+        """One branch per scope folder (`segments/<asset>/<language>/<quality>/`), so a query that names
+        the scopes it needs reads only their segments."""
+        prefix = f"{GENERATIONS}/segments/"
+        keys = sorted(k for k in self._keys if k.startswith(prefix) and k.endswith(".parquet"))
+        if not self.local or not keys:
+            self._files(keys, "generations", empty=GENERATION_ROWS)
+            return
+        scopes = sorted({k[len(prefix) :].rsplit("/", 1)[0] for k in keys})
+        branches = []
+        for scope in scopes:
+            parts = scope.split("/")
+            asset, language, quality = (parts + ["", ""])[:3] if len(parts) >= 3 else (scope, "", "")
+            folder = json.dumps(str(self.storage.path(prefix + scope)) + "/*.parquet")  # type: ignore[attr-defined]
+            branches.append(
+                f"SELECT *, {_quote(scope)} AS scope_path, {_quote(asset)} AS asset, {_quote(language)} AS language, "
+                f"{_quote(quality)} AS quality FROM read_parquet({folder}, union_by_name = true)"
+            )
+        self.con.execute("CREATE OR REPLACE VIEW generations AS " + " UNION ALL BY NAME ".join(branches))
 
     def _view_synthetic(self) -> None:
         keys, extra = self._published(REWRITES, SYNTHETIC_ROWS)

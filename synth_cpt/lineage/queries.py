@@ -14,33 +14,48 @@ def _rows(catalog: Catalog, query: str, params: list[Any]) -> list[dict[str, Any
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
+def _asset_of(origin: str) -> str | None:
+    if origin.startswith("rewrite:"):
+        return "rewrites_" + origin.split(":", 1)[1]
+    return "entigraph_corpus" if origin == "entigraph" else None
+
+
+def _in(values: list[str]) -> str:
+    return "(" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + ")" if values else "(NULL)"
+
+
 def shard(catalog: Catalog, path: str) -> dict[str, Any]:
-    """A shard file: its mix, recipe, tokens by origin, and every drop, document, prompt, model and run behind it."""
+    """A shard file: its mix, recipe, tokens by origin, and every drop, document, prompt, model and run behind it.
+
+    The shard is read once into a temporary table; synthetic rows and generations are then looked up
+    only in the assets and scopes its origins name (the catalog prunes the rest unread)."""
     name = Path(path).name.replace(".jsonl.zst", ".parquet").replace(".bin", ".parquet").replace(".idx", ".parquet")
-    folder = str(Path(path).parent)
-    where = "s.shard = ? AND s.filename LIKE ?"
-    params = [name, f"%{Path(folder).name}/{name}"]
-    head = _rows(catalog, f"SELECT DISTINCT mix, language, quality FROM shards s WHERE {where}", params)
+    folder = Path(path).parent.name
+    head = _rows(catalog, "SELECT DISTINCT mix, language, quality, filename FROM shards WHERE shard = ? AND filename LIKE ?",
+                 [name, f"%/{folder}/{name}"])  # fmt: skip
     if not head:
         raise LookupError(f"{path}: not a shard of a published training mix (see `synth-cpt sql \"SELECT DISTINCT filename FROM shards\"`)")
-    mix = head[0]
-    by_origin = _rows(catalog, f"SELECT origin, count(*) AS documents, sum(n_tokens) AS tokens FROM shards s WHERE {where} GROUP BY 1 ORDER BY 1", params)
-    drops = [r["drop_id"] for r in _rows(catalog, f"SELECT DISTINCT drop_id FROM shards s WHERE {where} ORDER BY 1", params)]
-    documents = _rows(catalog, f"SELECT count(DISTINCT doc_id) AS n FROM shards s WHERE {where}", params)[0]["n"]
+    mix = {k: head[0][k] for k in ("mix", "language", "quality")}
+    catalog.con.execute("CREATE OR REPLACE TEMP TABLE this_shard AS SELECT * FROM read_parquet(?)", [head[0]["filename"]])
+    by_origin = _rows(catalog, "SELECT origin, count(*) AS documents, sum(n_tokens) AS tokens FROM this_shard GROUP BY 1 ORDER BY 1", [])
+    drops = [r["drop_id"] for r in _rows(catalog, "SELECT DISTINCT drop_id FROM this_shard ORDER BY 1", [])]
+    documents = _rows(catalog, "SELECT count(DISTINCT doc_id) AS n FROM this_shard", [])[0]["n"]
+    assets = sorted({a for r in by_origin if (a := _asset_of(r["origin"]))})
+    where = f"y.asset IN {_in(assets)} AND y.language = ? AND y.quality = ?"
     made = _rows(
         catalog,
-        f"SELECT y.prompt_sha, y.model_fingerprint, y.asset, count(*) AS rows FROM shards s JOIN synthetic y USING (synth_id) "
+        f"SELECT y.prompt_sha, y.model_fingerprint, y.asset, count(*) AS rows FROM this_shard s JOIN synthetic y USING (synth_id) "
         f"WHERE {where} GROUP BY ALL ORDER BY 3, 1",
-        params,
+        [mix["language"], mix["quality"]],
     )
     manifest = _rows(catalog, "SELECT recipe_sha, seed, uri, tokenizer_sha, run_id AS mix_run FROM manifests WHERE mix = ? AND language = ? AND quality = ?",
                      [mix["mix"], mix["language"], mix["quality"]])  # fmt: skip
     runs = _rows(
         catalog,
+        f"WITH ids AS (SELECT DISTINCT u.rid FROM this_shard s JOIN synthetic y USING (synth_id), unnest(y.request_ids) AS u(rid) WHERE {where}) "
         f"SELECT min(g.created_at) AS first, max(g.created_at) AS last, count(DISTINCT g.request_id) AS generations "
-        f"FROM shards s JOIN synthetic y USING (synth_id), unnest(y.request_ids) AS u(rid) JOIN generations g ON g.request_id = u.rid "
-        f"WHERE {where}",
-        params,
+        f"FROM generations g JOIN ids ON g.request_id = ids.rid WHERE g.asset IN {_in(assets)} AND g.language = ? AND g.quality = ?",
+        [mix["language"], mix["quality"], mix["language"], mix["quality"]],
     )
     return {"shard": path, **mix, **(manifest[0] if manifest else {}), "by_origin": by_origin, "documents": documents,
             "drops": drops, "made_by": made, "generations": runs[0] if runs else {}}  # fmt: skip
