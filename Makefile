@@ -30,12 +30,16 @@ instance: install
 	$(BIN)/dagster instance concurrency set gpu 1 >/dev/null
 
 # The whole graph on the sample corpus with the embedded CPU model: ingest (crawl_drops -> raw_corpus ->
-# tokenizer -> quality_subsets), then every generation asset for every partition (one engine load).
+# tokenizer -> quality_subsets), every generation asset for every partition (one engine load), the
+# training mixes, eval_scores, and one lineage answer.
 demo: instance
 	SYNTH_CPT_CONFIG=$${SYNTH_CPT_CONFIG:-$(DEMO_CONFIG)} $(BIN)/synth-cpt ingest
 	SYNTH_CPT_CONFIG=$${SYNTH_CPT_CONFIG:-$(DEMO_CONFIG)} $(BIN)/synth-cpt synthesize
 	SYNTH_CPT_CONFIG=$${SYNTH_CPT_CONFIG:-$(DEMO_CONFIG)} $(BIN)/synth-cpt mix
 	SYNTH_CPT_CONFIG=$${SYNTH_CPT_CONFIG:-$(DEMO_CONFIG)} $(BIN)/synth-cpt evals
+	SYNTH_CPT_CONFIG=$${SYNTH_CPT_CONFIG:-$(DEMO_CONFIG)} $(BIN)/synth-cpt lineage doc --example
+	@echo "Shards: $(SYNTH_CPT_HOME)/training_mix_<recipe>/<language>/<quality>/current.json -> v/<version>/shard-*.parquet|.jsonl.zst|.bin"
+	@echo "Open the Dagster UI on the same instance: make ui  (http://127.0.0.1:3000)"
 
 test: install
 	$(BIN)/python -m pytest

@@ -605,9 +605,23 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
     from synth_cpt.lineage import queries
 
+    if args.key is None and not args.example:
+        raise SystemExit(f"synth-cpt lineage {args.what}: name the {args.what}, or ask for --example")
     catalog = _catalog(args)
+    key = args.key
+    if key is None:  # --example: a document that has synthetic descendants and is in a shard
+        found = catalog.sql(
+            "SELECT y.doc_id FROM synthetic y JOIN shards s USING (doc_id) GROUP BY 1 ORDER BY count(DISTINCT s.mix) DESC, 1 LIMIT 1"
+            if args.what == "doc" else "SELECT DISTINCT filename FROM shards ORDER BY 1 LIMIT 1"
+            if args.what == "shard" else "SELECT drop_id FROM synthetic GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1"
+        )[1]  # fmt: skip
+        if not found:
+            print(f"synth-cpt lineage {args.what}: nothing published to take an example from", file=sys.stderr)
+            return 2
+        key = found[0][0]
+        print(f"synth-cpt lineage {args.what} {key}")
     try:
-        answer = {"shard": queries.shard, "doc": queries.doc, "drop": queries.drop}[args.what](catalog, args.key)
+        answer = {"shard": queries.shard, "doc": queries.doc, "drop": queries.drop}[args.what](catalog, key)
     except LookupError as exc:
         print(f"synth-cpt lineage: {exc}", file=sys.stderr)
         return 2
@@ -697,7 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     npm_cmd.set_defaults(func=cmd_npm)
     lin = sub.add_parser("lineage", help="lineage answers: a shard's sources, a document's descendants, what a drop made")
     lin.add_argument("what", choices=["shard", "doc", "drop"])
-    lin.add_argument("key", help="shard: a shard file's path; doc: a doc_id (or unique prefix); drop: a drop_id")
+    lin.add_argument("key", nargs="?", help="shard: a shard file's path; doc: a doc_id (or unique prefix); drop: a drop_id")
+    lin.add_argument("--example", action="store_true", help="answer for an example taken from what is published")
     lin.add_argument("--json", action="store_true", help="the answer as JSON")
     lin.set_defaults(func=cmd_lineage)
     sql = sub.add_parser("sql", help="one SQL query over the lineage catalog (DuckDB views over every output)")

@@ -159,9 +159,10 @@ def test_a_bad_prompt_file_is_refused_with_its_name(ingested, tmp_path):
 
 
 @pytest.mark.vllm
-def test_synthesize_through_the_cli_with_the_real_engine(ingested, tmp_path):
-    """`synth-cpt synthesize` for one partition and two assets: one engine load for the run, a summary of
-    what was made and where, outputs published; the second run sends nothing and loads nothing."""
+def test_synthesize_mix_evals_and_lineage_through_the_cli(ingested, tmp_path):
+    """`synth-cpt synthesize` for one partition and two assets (real engine): one engine load for the run, a
+    summary of what was made and where, outputs published; the second run sends nothing and loads nothing.
+    Then `mix`, `evals`, `lineage doc|shard|drop` and `sql` on what was made."""
     base, env, _ = ingested
     config = tmp_path / "one.yaml"
     config.write_text("extends: defaults\nsynthesis: {max_documents: 1, min_pass_rate: 0.0}\n")
@@ -179,3 +180,34 @@ def test_synthesize_through_the_cli_with_the_real_engine(ingested, tmp_path):
     second = _cli(args, env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "requests sent 0," in second.stdout and "engine loads in this process: 0 (" in second.stdout
+
+    # then the mixes, eval_scores and lineage of that partition, through the CLI
+    mixes = tmp_path / "mixes.yaml"
+    mixes.write_text(
+        "extends: defaults\nsynthesis: {max_documents: 1, min_pass_rate: 0.0}\nmixes:\n  recipes:\n"
+        "    originals_repeated: {shard_tokens: 20000, formats: [parquet, tokens]}\n"
+        "    wrap_1to1: {on_shortfall: take_available, formats: [parquet, jsonl.zst]}\n"
+    )
+    part = ["--partition", "pt|high"]
+    mix = _cli(["--config", str(mixes), "mix", *part, "--asset", "training_mix_originals_repeated", "--asset", "training_mix_wrap_1to1"], env)
+    assert mix.returncode == 0, mix.stdout[-3000:] + mix.stderr[-3000:]
+    assert "training_mix_originals_repeated" in mix.stdout and "original " in mix.stdout
+    shards = sorted((home / "training_mix_originals_repeated" / "pt" / "high" / "v").glob("*/shard-*.parquet"))
+    subset_tokens = duckdb.sql(f"select sum(n_tokens) from read_parquet('{home}/quality_subsets/pt/high/part-0.parquet')").fetchone()[0]
+    mixed = duckdb.sql(f"select sum(n_tokens), max(cnt) from (select doc_id, sum(n_tokens) n_tokens, count(*) cnt from read_parquet({[str(p) for p in shards]}) group by 1)").fetchone()
+    assert len(shards) >= 2 and mixed[0] == 4 * subset_tokens and mixed[1] == 4, "the originals, exactly four times"
+    evals = _cli(["--config", str(mixes), "evals", *part], env)
+    assert evals.returncode == 0, evals.stderr[-3000:]
+    assert "mix:originals_repeated" in evals.stdout and "rewrite:medium" in evals.stdout
+    example = _cli(["--config", str(mixes), "lineage", "doc", "--example", "--json"], env)
+    assert example.returncode == 0, example.stderr[-3000:]
+    answer = json.loads(example.stdout.split("\n", 1)[1])
+    assert answer["synthetic"] and answer["shards"] and answer["source"]["drop_id"]
+    on_shard = _cli(["--config", str(mixes), "lineage", "shard", str(shards[0]), "--json"], env)
+    assert on_shard.returncode == 0 and json.loads(on_shard.stdout)["mix"] == "originals_repeated"
+    on_drop = _cli(["--config", str(mixes), "lineage", "drop", answer["source"]["drop_id"], "--json"], env)
+    assert on_drop.returncode == 0 and json.loads(on_drop.stdout)["synthetic"]
+    sql = _cli(["--config", str(mixes), "sql", "SELECT mix, origin, sum(n_tokens) AS tokens FROM shards GROUP BY ALL ORDER BY ALL"], env)
+    assert sql.returncode == 0 and "originals_repeated" in sql.stdout
+    bad = _cli(["--config", str(mixes), "sql", "SELECT nope FROM shards"], env)
+    assert bad.returncode == 2 and "nope" in bad.stderr

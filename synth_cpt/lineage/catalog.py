@@ -11,7 +11,8 @@ downloaded whole and no DuckDB extension is needed.
   documents     raw_corpus, every partition
   subsets       quality_subsets, every partition
   generations   the generation cache, every segment (one row per LLM call)
-  synthetic     rows of every rewrites_<style> and entigraph_corpus partition (+ asset, language, quality)
+  synthetic     rows of every rewrites_<style> and entigraph_corpus partition (+ asset; language and quality
+                are the partition's)
   rejects       rejected generations of the same (+ asset, language, quality)
   shards        rows of every training mix shard (+ mix, language, quality, shard)
   manifests     one row per mix partition: recipe, seed, tokens, drops, prompts, models (JSON), the Dagster run
@@ -92,7 +93,8 @@ class Catalog:
         for i, key in enumerate(keys):
             consts = ", ".join(f"{_quote(extra[n][i])} AS {n}" for n in names)
             path = json.dumps(str(self.storage.path(key)))  # type: ignore[attr-defined]
-            branches.append(f"SELECT *, {consts} FROM read_parquet({path}, filename = true)")
+            own = ", ".join(_quote(n) for n in names)  # a file's own column of the same name gives way to the partition's
+            branches.append(f"SELECT COLUMNS(lambda c: c NOT IN ({own})), {consts} FROM read_parquet({path}, filename = true)")
         self.con.execute(f"CREATE OR REPLACE VIEW {view} AS " + " UNION ALL BY NAME ".join(branches))
 
     def _published(self, asset_prefix: str, file: str) -> tuple[list[str], dict[str, list[str]]]:

@@ -42,20 +42,20 @@ def shard(catalog: Catalog, path: str) -> dict[str, Any]:
     documents = _rows(catalog, "SELECT count(DISTINCT doc_id) AS n FROM this_shard", [])[0]["n"]
     assets = sorted({a for r in by_origin if (a := _asset_of(r["origin"]))})
     where = f"y.asset IN {_in(assets)} AND y.language = ? AND y.quality = ?"
-    made = _rows(
-        catalog,
-        f"SELECT y.prompt_sha, y.model_fingerprint, y.asset, count(*) AS rows FROM this_shard s JOIN synthetic y USING (synth_id) "
-        f"WHERE {where} GROUP BY ALL ORDER BY 3, 1",
+    catalog.con.execute(
+        f"CREATE OR REPLACE TEMP TABLE this_made AS SELECT y.synth_id, y.asset, y.prompt_sha, y.model_fingerprint, y.request_ids "
+        f"FROM synthetic y WHERE {where} AND y.synth_id IN (SELECT synth_id FROM this_shard)",
         [mix["language"], mix["quality"]],
     )
+    made = _rows(catalog, "SELECT prompt_sha, model_fingerprint, asset, count(*) AS rows FROM this_made GROUP BY ALL ORDER BY 3, 1", [])
     manifest = _rows(catalog, "SELECT recipe_sha, seed, uri, tokenizer_sha, run_id AS mix_run FROM manifests WHERE mix = ? AND language = ? AND quality = ?",
                      [mix["mix"], mix["language"], mix["quality"]])  # fmt: skip
     runs = _rows(
         catalog,
-        f"WITH ids AS (SELECT DISTINCT u.rid FROM this_shard s JOIN synthetic y USING (synth_id), unnest(y.request_ids) AS u(rid) WHERE {where}) "
-        f"SELECT min(g.created_at) AS first, max(g.created_at) AS last, count(DISTINCT g.request_id) AS generations "
-        f"FROM generations g JOIN ids ON g.request_id = ids.rid WHERE g.asset IN {_in(assets)} AND g.language = ? AND g.quality = ?",
-        [mix["language"], mix["quality"], mix["language"], mix["quality"]],
+        f"SELECT min(g.created_at) AS first, max(g.created_at) AS last, count(DISTINCT g.request_id) AS generations FROM generations g "
+        f"WHERE g.asset IN {_in(assets)} AND g.language = ? AND g.quality = ? "
+        f"AND g.request_id IN (SELECT DISTINCT u.rid FROM this_made, unnest(request_ids) AS u(rid))",
+        [mix["language"], mix["quality"]],
     )
     return {"shard": path, **mix, **(manifest[0] if manifest else {}), "by_origin": by_origin, "documents": documents,
             "drops": drops, "made_by": made, "generations": runs[0] if runs else {}}  # fmt: skip
