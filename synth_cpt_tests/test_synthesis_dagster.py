@@ -39,7 +39,7 @@ class LLMWithTestDouble(LLM):
 DOUBLE: dict = {}
 
 
-def configure(tmp_path, monkeypatch, seed: int = 1234, **synthesis):
+def configure(tmp_path, monkeypatch, seed: int = 1234, mixes: dict | None = None, **synthesis):
     """Definitions for a config over the small test drop (generation capped to 3 documents). Each
     config is a new file: the process caches a config by its path."""
     cfg = tmp_path / f"pipeline-{len(list(tmp_path.glob('pipeline-*.yaml')))}.yaml"
@@ -52,6 +52,7 @@ def configure(tmp_path, monkeypatch, seed: int = 1234, **synthesis):
                 "subsets": {"default_budget_tokens": 100000},
                 "synthesis": {"max_documents": 3, "min_pass_rate": 0.0, **synthesis},
                 "seeds": {"synthesis": seed},
+                **({"mixes": mixes} if mixes else {}),
             }
         )
     )
@@ -189,3 +190,25 @@ def test_a_new_drop_sends_only_the_new_documents_requests(pipeline, tmp_path):
     assert second["documents"] == 7 and second["sent"] == 2 and second["cache_hits"] == first["sent"]
     assert len(DOUBLE["backend"].sent) - sent_before == 2
     assert second["dagster/row_count"] == first["dagster/row_count"] + 2
+
+
+def test_mix_asset_fails_up_front_on_a_shortfall_and_publishes_when_asked_to_take_what_exists(pipeline, tmp_path):
+    """training_mix_wrap_1to1 through Dagster: with only rewrites_medium made, the default recipe stops
+    before writing with the shortfall in tokens; with take_available it publishes, and says what was short."""
+    _, instance, home, configure = pipeline
+    wrap = {"components": [{"source": "originals"}, {"source": "rewrite", "styles": {"easy": 1, "medium": 1}}], "target_originals": 2}
+    defs = configure(mixes={"recipes": {"wrap_1to1": wrap}})
+    assert synthesize(defs, instance, ["rewrites_medium"]).success
+    mix = next(a for a in defs.assets if AssetKey("training_mix_wrap_1to1") in getattr(a, "keys", ()))
+    failed = materialize([mix], instance=instance, partition_key=PARTITION, resources={"pipeline": PipelineResource()}, raise_on_error=False)
+    assert not failed.success
+    message = next(e.event_specific_data.error.message for e in failed.all_events if e.is_step_failure)
+    assert "nothing was written" in message and "rewrite:easy: needs" in message and "short by" in message
+    assert not (home / "training_mix_wrap_1to1").exists()
+    lenient = configure(mixes={"recipes": {"wrap_1to1": {**wrap, "on_shortfall": "take_available"}}})
+    mix = next(a for a in lenient.assets if AssetKey("training_mix_wrap_1to1") in getattr(a, "keys", ()))
+    done = materialize([mix], instance=instance, partition_key=PARTITION, resources={"pipeline": PipelineResource()})
+    meta = materializations(done)["training_mix_wrap_1to1"]
+    assert meta["shrunk"] and "rewrite:easy" in meta["plan"]["shortfalls"] and "original" in meta["tokens_by_origin"]
+    checks = [e.event_specific_data for e in done.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert [(c.check_name, c.passed) for c in checks] == [("mix_valid", True)]
