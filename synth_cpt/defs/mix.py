@@ -39,16 +39,18 @@ def _upstream(source: str) -> str:
 
 def build_mix_assets(config: PipelineConfig) -> list[AssetsDefinition]:
     parts = corpus_partitions(config)
-    return [_mix(name, recipe, parts) for name, recipe in config.mixes.recipes.items()]
+    # mixes stand on the generation assets: they follow new drops only when those do (synthesis.automation)
+    automation = AutomationCondition.eager() if config.synthesis.automation == "eager" else None
+    return [_mix(name, recipe, parts, automation) for name, recipe in config.mixes.recipes.items()]
 
 
-def _mix(name: str, recipe: MixRecipe, parts: PartitionsDefinition) -> AssetsDefinition:
+def _mix(name: str, recipe: MixRecipe, parts: PartitionsDefinition, automation: AutomationCondition | None) -> AssetsDefinition:
     key = mix_asset(name)
     deps = sorted({_upstream(p.source) for p in recipe.parts()})
 
     @asset(
         name=key, partitions_def=parts, deps=deps, group_name=GROUP, kinds={"parquet"},
-        automation_condition=AutomationCondition.eager(), output_required=False,
+        automation_condition=automation, output_required=False,
         description=f"Training mix '{name}': {recipe.description or 'see the config'}",
         check_specs=[publish_spec(MIX_VALID, key, _VALID, parts)],
     )  # fmt: skip
