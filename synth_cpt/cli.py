@@ -609,9 +609,10 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         raise SystemExit(f"synth-cpt lineage {args.what}: name the {args.what}, or ask for --example")
     catalog = _catalog(args)
     key = args.key
-    if key is None:  # --example: a document that has synthetic descendants and is in a shard
+    if key is None:  # --example: a document in a shard, with the most synthetic descendants (or rejections)
         found = catalog.sql(
-            "SELECT y.doc_id FROM synthetic y JOIN shards s USING (doc_id) GROUP BY 1 ORDER BY count(DISTINCT s.mix) DESC, 1 LIMIT 1"
+            "SELECT s.doc_id FROM shards s LEFT JOIN synthetic y USING (doc_id) LEFT JOIN rejects r USING (doc_id) GROUP BY 1 "
+            "ORDER BY count(DISTINCT y.synth_id) DESC, count(DISTINCT r.asset) DESC, count(DISTINCT s.mix) DESC, 1 LIMIT 1"
             if args.what == "doc" else "SELECT DISTINCT filename FROM shards ORDER BY 1 LIMIT 1"
             if args.what == "shard" else "SELECT drop_id FROM synthetic GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1"
         )[1]  # fmt: skip
