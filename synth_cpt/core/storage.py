@@ -301,7 +301,7 @@ class S3Storage(Storage):
             raise
 
     def list(self, prefix: str) -> list[str]:
-        full = self._key(prefix) + "/"
+        full = self._key(prefix) + "/" if self._key(prefix) else ""  # the bucket's root lists everything
         keys: list[str] = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             for obj in page.get("Contents", []):

@@ -63,44 +63,47 @@ class Catalog:
             getattr(self, f"_view_{view}")()
 
     # -- helpers ------------------------------------------------------------------------------------------
-    def _files(self, keys: list[str], view: str, extra: dict[str, list[str]] | None = None, empty: pa.Schema | list[str] | None = None) -> None:
-        """A view over Parquet files; `extra`: constant columns per file (asset, language, ...)."""
-        if not keys:  # nothing published yet: an empty view with the contract's columns, so queries still bind
-            schema = empty if isinstance(empty, pa.Schema) else pa.schema([(c, pa.string()) for c in (empty or ["doc_id"])])
-            for name in extra or {}:
+    def _source(self, view: str, i: int, keys: list[str]) -> str:
+        """One group of files as a relation: DuckDB's own reader locally; on S3 a pyarrow dataset over the
+        S3 filesystem (ranged reads, no download, no DuckDB extension)."""
+        if self.local:
+            paths = [str(self.storage.path(k)) for k in keys]  # type: ignore[attr-defined]
+            return f"read_parquet({json.dumps(paths)}, union_by_name = true)"
+        import pyarrow.dataset as ds
+
+        dataset = ds.dataset([self.storage.uri(k).removeprefix("s3://") for k in keys], format="parquet",
+                             filesystem=self.storage.filesystem)  # type: ignore[attr-defined]  # fmt: skip
+        name = f"_{view}_{i}"
+        self.con.register(name, dataset)
+        return name
+
+    def _files(self, groups: list[tuple[list[str], dict[str, str]]], view: str, empty: pa.Schema | list[str], extra: tuple[str, ...] = ()) -> None:
+        """A view over groups of Parquet files, each group with constant columns (asset, language, ...): a
+        UNION ALL of one branch per group, so a filter on a constant (WHERE asset = 'rewrites_easy') skips
+        whole groups unread, and no join is needed. A file's own column of a constant's name gives way."""
+        groups = [(keys, consts) for keys, consts in groups if keys]
+        if not groups:  # nothing published yet: an empty view with the contract's columns, so queries still bind
+            schema = empty if isinstance(empty, pa.Schema) else pa.schema([(c, pa.string()) for c in empty])
+            for name in extra:
                 if name not in schema.names:
                     schema = schema.append(pa.field(name, pa.string()))
             self.con.register(f"_{view}_empty", schema.empty_table())
             self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM _{view}_empty")
             return
-        if self.local:
-            paths = [str(self.storage.path(k)) for k in keys]  # type: ignore[attr-defined]
-            source = f"read_parquet({json.dumps(paths)}, union_by_name = true, filename = true)"
-        else:
-            import pyarrow.dataset as ds
-
-            dataset = ds.dataset([self.storage.uri(k).removeprefix("s3://") for k in keys], format="parquet",
-                                 filesystem=self.storage.filesystem())  # type: ignore[attr-defined]  # fmt: skip
-            self.con.register(f"_{view}_arrow", dataset)
-            source = f"_{view}_arrow"
-        if not extra or not self.local:
-            self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {source}")
-            return
-        # constant columns per file as a UNION ALL of one branch per file: no join, and a filter on them
-        # (WHERE asset = 'rewrites_easy') prunes whole branches before any file is read
-        names = list(extra)
         branches = []
-        for i, key in enumerate(keys):
-            consts = ", ".join(f"{_quote(extra[n][i])} AS {n}" for n in names)
-            path = json.dumps(str(self.storage.path(key)))  # type: ignore[attr-defined]
-            own = ", ".join(_quote(n) for n in names)  # a file's own column of the same name gives way to the partition's
-            branches.append(f"SELECT COLUMNS(lambda c: c NOT IN ({own})), {consts} FROM read_parquet({path}, filename = true)")
+        for i, (keys, consts) in enumerate(groups):
+            source = self._source(view, i, keys)
+            if not consts:
+                branches.append(f"SELECT * FROM {source}")
+                continue
+            own = ", ".join(_quote(n) for n in consts)
+            values = ", ".join(f"{_quote(v)} AS {n}" for n, v in consts.items())
+            branches.append(f"SELECT COLUMNS(lambda c: c NOT IN ({own})), {values} FROM {source}")
         self.con.execute(f"CREATE OR REPLACE VIEW {view} AS " + " UNION ALL BY NAME ".join(branches))
 
-    def _published(self, asset_prefix: str, file: str) -> tuple[list[str], dict[str, list[str]]]:
+    def _published(self, asset_prefix: str, file: str) -> list[tuple[list[str], dict[str, str]]]:
         parts = [p for p in published_partitions(self.storage, asset_prefix) if f"{p.prefix}/{file}" in self._key_set]
-        keys = [f"{p.prefix}/{file}" for p in parts]
-        return keys, {"asset": [p.asset for p in parts], "language": [p.language for p in parts], "quality": [p.quality for p in parts]}
+        return [([f"{p.prefix}/{file}"], {"asset": p.asset, "language": p.language, "quality": p.quality}) for p in parts]
 
     @property
     def _key_set(self) -> set[str]:
@@ -120,59 +123,52 @@ class Catalog:
 
     # -- the views ----------------------------------------------------------------------------------------
     def _view_drops(self) -> None:
-        self._files(self._drop_files("docs.parquet"), "drops", empty=["doc_id", "drop_id", "language", "quality"])
+        self._files([(self._drop_files("docs.parquet"), {})], "drops", ["doc_id", "drop_id", "language", "quality"])
 
     def _view_quarantine(self) -> None:
-        self._files(self._drop_files("quarantine.parquet"), "quarantine", empty=QUARANTINE)
+        self._files([(self._drop_files("quarantine.parquet"), {})], "quarantine", QUARANTINE)
 
     def _view_documents(self) -> None:
         keys = sorted(k for k in self._keys if k.startswith(f"{RAW_CORPUS}/") and k.endswith("/part-0.parquet"))
-        self._files(keys, "documents", empty=["doc_id", "drop_id", "source_file", "language", "quality"])
+        self._files([(keys, {})], "documents", ["doc_id", "drop_id", "source_file", "language", "quality"])
 
     def _view_subsets(self) -> None:
         keys = sorted(k for k in self._keys if k.startswith(f"{QUALITY_SUBSETS}/") and k.endswith("/part-0.parquet"))
-        self._files(keys, "subsets", empty=["doc_id", "drop_id", "language", "quality"])
+        self._files([(keys, {})], "subsets", ["doc_id", "drop_id", "language", "quality"])
 
     def _view_generations(self) -> None:
-        """One branch per scope folder (`segments/<asset>/<language>/<quality>/`), so a query that names
+        """One group per scope folder (`segments/<asset>/<language>/<quality>/`), so a query that names
         the scopes it needs reads only their segments."""
         prefix = f"{GENERATIONS}/segments/"
-        keys = sorted(k for k in self._keys if k.startswith(prefix) and k.endswith(".parquet"))
-        if not self.local or not keys:
-            self._files(keys, "generations", empty=GENERATION_ROWS)
-            return
-        scopes = sorted({k[len(prefix) :].rsplit("/", 1)[0] for k in keys})
-        branches = []
-        for scope in scopes:
+        by_scope: dict[str, list[str]] = {}
+        for key in self._keys:
+            if key.startswith(prefix) and key.endswith(".parquet"):
+                by_scope.setdefault(key[len(prefix) :].rsplit("/", 1)[0], []).append(key)
+        groups = []
+        for scope, keys in sorted(by_scope.items()):
             parts = scope.split("/")
-            asset, language, quality = (parts + ["", ""])[:3] if len(parts) >= 3 else (scope, "", "")
-            folder = json.dumps(str(self.storage.path(prefix + scope)) + "/*.parquet")  # type: ignore[attr-defined]
-            branches.append(
-                f"SELECT *, {_quote(scope)} AS scope_path, {_quote(asset)} AS asset, {_quote(language)} AS language, "
-                f"{_quote(quality)} AS quality FROM read_parquet({folder}, union_by_name = true)"
-            )
-        self.con.execute("CREATE OR REPLACE VIEW generations AS " + " UNION ALL BY NAME ".join(branches))
+            asset, language, quality = parts[:3] if len(parts) >= 3 else (scope, "", "")
+            groups.append((sorted(keys), {"scope_path": scope, "asset": asset, "language": language, "quality": quality}))
+        self._files(groups, "generations", GENERATION_ROWS, ("scope_path", "asset", "language", "quality"))
 
     def _view_synthetic(self) -> None:
-        keys, extra = self._published(REWRITES, SYNTHETIC_ROWS)
-        more, more_extra = self._published(ENTIGRAPH_CORPUS, SYNTHETIC_ROWS)
-        self._files(keys + more, "synthetic", {k: extra[k] + more_extra[k] for k in extra}, empty=SYNTHETIC_SCHEMA)
+        groups = self._published(REWRITES, SYNTHETIC_ROWS) + self._published(ENTIGRAPH_CORPUS, SYNTHETIC_ROWS)
+        self._files(groups, "synthetic", SYNTHETIC_SCHEMA, ("asset", "language", "quality"))
 
     def _view_rejects(self) -> None:
-        keys, extra = self._published(REWRITES, SYNTHETIC_REJECTS)
-        more, more_extra = self._published(ENTIGRAPH_CORPUS, SYNTHETIC_REJECTS)
-        self._files(keys + more, "rejects", {k: extra[k] + more_extra[k] for k in extra}, empty=REJECTS_SCHEMA)
+        groups = self._published(REWRITES, SYNTHETIC_REJECTS) + self._published(ENTIGRAPH_CORPUS, SYNTHETIC_REJECTS)
+        self._files(groups, "rejects", REJECTS_SCHEMA, ("asset", "language", "quality"))
 
     def _view_shards(self) -> None:
-        keys, mixes, languages, qualities, shards = [], [], [], [], []
+        """One group per shard file, its mix, partition, shard name and path (`filename`) as constants."""
+        groups = []
         for p in published_partitions(self.storage, TRAINING_MIX):
             for key in sorted(k for k in self._keys if k.startswith(f"{p.prefix}/shard-") and k.endswith(".parquet")):
-                keys.append(key)
-                mixes.append(p.asset.removeprefix(TRAINING_MIX))
-                languages.append(p.language)
-                qualities.append(p.quality)
-                shards.append(key.rsplit("/", 1)[1])
-        self._files(keys, "shards", {"mix": mixes, "language": languages, "quality": qualities, "shard": shards}, empty=MIX_SHARD)
+                path = str(self.storage.path(key)) if self.local else self.storage.uri(key)  # type: ignore[attr-defined]
+                consts = {"mix": p.asset.removeprefix(TRAINING_MIX), "language": p.language, "quality": p.quality,
+                          "shard": key.rsplit("/", 1)[1], "filename": path}  # fmt: skip
+                groups.append(([key], consts))
+        self._files(groups, "shards", MIX_SHARD, ("mix", "language", "quality", "shard", "filename"))
 
     def _view_manifests(self) -> None:
         rows = []

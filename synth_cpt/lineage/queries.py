@@ -36,7 +36,7 @@ def shard(catalog: Catalog, path: str) -> dict[str, Any]:
     if not head:
         raise LookupError(f"{path}: not a shard of a published training mix (see `synth-cpt sql \"SELECT DISTINCT filename FROM shards\"`)")
     mix = {k: head[0][k] for k in ("mix", "language", "quality")}
-    catalog.con.execute("CREATE OR REPLACE TEMP TABLE this_shard AS SELECT * FROM read_parquet(?)", [head[0]["filename"]])
+    catalog.con.execute("CREATE OR REPLACE TEMP TABLE this_shard AS SELECT * FROM shards WHERE filename = ?", [head[0]["filename"]])
     by_origin = _rows(catalog, "SELECT origin, count(*) AS documents, sum(n_tokens) AS tokens FROM this_shard GROUP BY 1 ORDER BY 1", [])
     drops = [r["drop_id"] for r in _rows(catalog, "SELECT DISTINCT drop_id FROM this_shard ORDER BY 1", [])]
     documents = _rows(catalog, "SELECT count(DISTINCT doc_id) AS n FROM this_shard", [])[0]["n"]
