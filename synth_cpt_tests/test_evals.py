@@ -50,8 +50,9 @@ def test_eval_scores_of_a_partition(materialized, tokenizer, tmp_path):  # noqa:
     sets = {r["set"]: r for r in report.scores.to_dicts()}
     assert set(sets) == {"original", "rewrite:easy", "mix:demo"}
     assert sets["original"]["rows"] == 10 and sets["rewrite:easy"]["rows"] == 12
-    assert sets["rewrite:easy"]["tokens"] == sum(tokenizer.count([r for r in storage.read_parquet(
-        storage.read_json("rewrites_easy/pt/high/current.json")["prefix"] + "/rows.parquet")["text"]]))  # fmt: skip
+    published = storage.read_parquet(storage.read_json("rewrites_easy/pt/high/current.json")["prefix"] + "/rows.parquet")
+    assert sets["rewrite:easy"]["tokens"] == published["n_tokens"].sum(), "the rows' own project-tokenizer counts"
+    assert sets["original"]["tokens"] == sum(tokenizer.count(storage.read_parquet("quality_subsets/pt/high/part-0.parquet")["text"].to_list()))
     assert 0 < sets["rewrite:easy"]["copy_overlap_mean"] <= 1 and sets["original"]["copy_overlap_mean"] is None
     assert all(0 <= (r["distinct_1"] or 0) <= 1 for r in sets.values())
     contaminated = report.contamination.to_dicts()
@@ -59,3 +60,11 @@ def test_eval_scores_of_a_partition(materialized, tokenizer, tmp_path):  # noqa:
     assert report.npm["all"] == {"npm": 50.0, "tasks": 1} and len(report.npm["missing"]) == 43
     figures = plots(report)
     assert set(figures) == {"quality_score_by_origin", "diversity_by_set"} and all(v.startswith("![") for v in figures.values())
+
+
+def test_eval_scores_sample_large_sets_but_count_them_whole(materialized, tokenizer):  # noqa: F811
+    storage, _ = materialized
+    config = PipelineConfig.model_validate({"evals": {"max_texts": 5}})
+    sets = {r["set"]: r for r in score_partition(storage, config, "pt", "high", tokenizer.count).scores.to_dicts()}
+    assert sets["rewrite:easy"]["rows"] == 12 and sets["rewrite:easy"]["scored"] <= 5
+    assert sets["mix:demo"]["rows"] > 5 and sets["mix:demo"]["scored"] <= 5

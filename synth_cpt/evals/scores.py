@@ -8,6 +8,7 @@ sample (the row counts and tokens are always of the whole set).
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,25 +26,78 @@ from synth_cpt.text.heuristics import heuristic_scores
 FIDELITY = ["length_ratio", "number_coverage", "entity_coverage", "copy_similarity"]
 
 
-def text_sets(storage: Storage, language: str, quality: str) -> dict[str, pl.DataFrame]:
-    """origin -> its texts (doc_id, text, and the fidelity figures where it has them)."""
-    sets: dict[str, pl.DataFrame] = {}
+@dataclass
+class TextSet:
+    """One set of the partition: its totals (from the `n_tokens` column of every file) and a seeded sample
+    of its rows (whole row groups, so a 10B-token set is never read whole)."""
+
+    rows: int
+    tokens: int
+    sample: pl.DataFrame
+
+
+def _tokens(pf: Any, count: Any) -> int:
+    """A file's tokens: its `n_tokens` column, or (a file without one) its texts counted row group by row group."""
+    if pf.metadata.num_rows == 0:
+        return 0
+    if "n_tokens" in pf.schema_arrow.names:
+        return int(pl.from_arrow(pf.read(columns=["n_tokens"]))["n_tokens"].sum() or 0)
+    return sum(sum(count(pf.read_row_group(g, columns=["text"]).column("text").to_pylist())) for g in range(pf.metadata.num_row_groups))
+
+
+def _sample(storage: Storage, keys: list[str], columns: list[str], limit: int, seed: int, count: Any) -> TextSet:
+    rows = tokens = 0
+    groups: list[tuple[str, int]] = []
+    for key in keys:
+        pf = storage.parquet_file(key)
+        rows += pf.metadata.num_rows
+        tokens += _tokens(pf, count)
+        groups += [(key, g) for g in range(pf.metadata.num_row_groups)]
+    random.Random(seed).shuffle(groups)
+    frames, taken = [], 0
+    for key, g in groups:
+        if taken >= limit:
+            break
+        names = storage.parquet_file(key).schema_arrow.names
+        frame = pl.from_arrow(storage.parquet_file(key).read_row_group(g, columns=[c for c in columns if c in names]))
+        frames.append(frame)
+        taken += frame.height
+    sample = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame(schema={"doc_id": pl.String, "text": pl.String})
+    if sample.height > limit:
+        sample = sample.sample(limit, seed=seed)
+    return TextSet(rows, tokens, sample)
+
+
+def text_sets(storage: Storage, language: str, quality: str, limit: int, seed: int, count: Any) -> dict[str, TextSet]:
+    """origin -> its set: the originals (quality_subsets), each published synthetic asset, each mix."""
+    sets: dict[str, TextSet] = {}
     key = partition_file(QUALITY_SUBSETS, language, quality)
     if storage.exists(key):
-        sets["original"] = storage.read_parquet(key, columns=["doc_id", "text"])
+        sets["original"] = _sample(storage, [key], ["doc_id", "text"], limit, seed, count)
     for prefix in (REWRITES, ENTIGRAPH_CORPUS):
         for p in published_partitions(storage, prefix):
             if (p.language, p.quality) == (language, quality):
-                rows = storage.read_parquet(f"{p.prefix}/{SYNTHETIC_ROWS}")
-                rows = rows.select([c for c in ["doc_id", "text", *FIDELITY] if c in rows.columns])
                 name = "entigraph" if p.asset == ENTIGRAPH_CORPUS else f"rewrite:{p.asset.removeprefix(REWRITES)}"
-                sets[name] = rows
+                sets[name] = _sample(storage, [f"{p.prefix}/{SYNTHETIC_ROWS}"], ["doc_id", "text", *FIDELITY], limit, seed, count)
     for p in published_partitions(storage, TRAINING_MIX):
         if (p.language, p.quality) == (language, quality):
-            shards = [k for k in storage.list(p.prefix) if k.rsplit("/", 1)[1].startswith("shard-") and k.endswith(".parquet")]
-            frames = [storage.read_parquet(k, columns=["doc_id", "text", "origin"]) for k in shards]
-            sets[f"mix:{p.asset.removeprefix(TRAINING_MIX)}"] = pl.concat(frames) if frames else pl.DataFrame(schema={"doc_id": pl.String, "text": pl.String, "origin": pl.String})
+            shards = sorted(k for k in storage.list(p.prefix) if k.rsplit("/", 1)[1].startswith("shard-") and k.endswith(".parquet"))
+            sets[f"mix:{p.asset.removeprefix(TRAINING_MIX)}"] = _sample(storage, shards, ["doc_id", "text", "origin"], limit, seed, count)
     return sets
+
+
+def _sources(storage: Storage, language: str, quality: str, doc_ids: set[str]) -> dict[str, str]:
+    """The subset's texts of `doc_ids` only (a filtered scan, never the whole partition in memory)."""
+    key = partition_file(QUALITY_SUBSETS, language, quality)
+    if not doc_ids or not storage.exists(key):
+        return {}
+    wanted = pl.Series(sorted(doc_ids))
+    found = []
+    pf = storage.parquet_file(key)
+    for g in range(pf.metadata.num_row_groups):
+        frame = pl.from_arrow(pf.read_row_group(g, columns=["doc_id", "text"]))
+        found.append(frame.filter(pl.col("doc_id").is_in(wanted.implode())))
+    return dict(pl.concat(found).iter_rows()) if found else {}
 
 
 def read_benchmark(path: str) -> list[str]:
@@ -70,17 +124,20 @@ class EvalReport:
 
 
 def score_partition(storage: Storage, config: PipelineConfig, language: str, quality: str, count: Any) -> EvalReport:
-    sets = text_sets(storage, language, quality)
-    sources = dict(sets["original"].select("doc_id", "text").iter_rows()) if "original" in sets else {}
+    """Every set of the partition scored side by side. Totals are exact (the rows' project-tokenizer
+    counts); the measures run on each set's sample of at most `evals.max_texts` rows."""
+    sets = text_sets(storage, language, quality, config.evals.max_texts, config.seeds.subsets, count)
+    synthetic_ids = {d for name, t in sets.items() if name not in ("original",) and not name.startswith("mix:") for d in t.sample["doc_id"]}
+    sources = _sources(storage, language, quality, synthetic_ids)
     benchmarks = {path: read_benchmark(path) for path in config.evals.benchmarks}
     rows, hits, hist = [], [], {}
-    for name, frame in sets.items():
-        sample = frame.sample(config.evals.max_texts, seed=config.seeds.subsets) if frame.height > config.evals.max_texts else frame
+    for name, found in sets.items():
+        sample = found.sample
         texts = sample["text"].to_list()
         scores = heuristic_scores(sample["text"]) if texts else pl.Series([], dtype=pl.Float64)
         hist[name] = scores.to_list()
         row: dict[str, Any] = {
-            "set": name, "rows": frame.height, "tokens": sum(count(frame["text"].to_list())) if frame.height else 0,
+            "set": name, "rows": found.rows, "tokens": found.tokens,
             "scored": len(texts), **{f"distinct_{n}": diversity.distinct_n(texts, n) for n in (1, 2, 3, 4)},
             "compression_ratio": diversity.compression_ratio(texts),
             "near_duplicate_rate": diversity.near_duplicate_rate(texts, config.evals.near_duplicate_threshold),
@@ -88,7 +145,7 @@ def score_partition(storage: Storage, config: PipelineConfig, language: str, qua
             "copy_overlap_mean": None,
         }  # fmt: skip
         if name != "original" and not name.startswith("mix:") and sources:
-            overlaps = [diversity.copy_overlap(t, sources.get(d, "")) for d, t in sample.select("doc_id", "text").iter_rows()]
+            overlaps = [diversity.copy_overlap(t, sources[d]) for d, t in sample.select("doc_id", "text").iter_rows() if d in sources]
             overlaps = [o for o in overlaps if o is not None]
             row["copy_overlap_mean"] = sum(overlaps) / len(overlaps) if overlaps else None
         for col in FIDELITY:

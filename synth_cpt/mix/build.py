@@ -102,9 +102,10 @@ def build_mix(
         rows = _gather(frame, picked).with_columns(pl.lit(p.origin).alias("origin"))
         taken.append(rows)
         counts = Counter(picked)
+        once = _gather(frame, list(counts))
         repeats.append(
-            pl.DataFrame({"origin": [p.origin] * len(counts), "doc_id": _gather(frame, list(counts))["doc_id"].to_list(),
-                          "synth_id": _gather(frame, list(counts))["synth_id"].to_list(), "repeats": list(counts.values())},
+            pl.DataFrame({"origin": [p.origin] * len(counts), "doc_id": once["doc_id"].to_list(),
+                          "synth_id": once["synth_id"].to_list(), "repeats": list(counts.values())},
                          schema={"origin": pl.String, "doc_id": pl.String, "synth_id": pl.String, "repeats": pl.Int64})  # fmt: skip
         )
     mixed = pl.concat(taken) if taken else pl.DataFrame()
