@@ -68,7 +68,8 @@ class Catalog:
         S3 filesystem (ranged reads, no download, no DuckDB extension)."""
         if self.local:
             paths = [str(self.storage.path(k)) for k in keys]  # type: ignore[attr-defined]
-            return f"read_parquet({json.dumps(paths)}, union_by_name = true)"
+            listed = ", ".join(_quote(p) for p in paths)  # string literals, quotes escaped
+            return f"read_parquet([{listed}], union_by_name = true)"
         import pyarrow.dataset as ds
 
         dataset = ds.dataset([self.storage.uri(k).removeprefix("s3://") for k in keys], format="parquet",
