@@ -68,3 +68,12 @@ def test_eval_scores_sample_large_sets_but_count_them_whole(materialized, tokeni
     sets = {r["set"]: r for r in score_partition(storage, config, "pt", "high", tokenizer.count).scores.to_dicts()}
     assert sets["rewrite:easy"]["rows"] == 12 and sets["rewrite:easy"]["scored"] <= 5
     assert sets["mix:demo"]["rows"] > 5 and sets["mix:demo"]["scored"] <= 5
+
+
+def test_eval_scores_of_a_partition_with_nothing_published(tmp_path, tokenizer):  # noqa: F811
+    from synth_cpt.core.contracts import check_scores
+    from synth_cpt.core.storage import LocalStorage
+
+    report = score_partition(LocalStorage(tmp_path), PipelineConfig(), "pt", "high", tokenizer.count)
+    assert report.scores.height == 0 and "near_duplicate_rate" in report.scores.columns
+    assert check_scores(report.scores).success

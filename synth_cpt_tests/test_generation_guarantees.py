@@ -418,3 +418,17 @@ def test_on_s3_a_failed_read_is_not_taken_for_a_missing_file(s3_bucket, monkeypa
     assert storage.vanished("generations/segments/s/gone.parquet", OSError("any"))
     with pytest.raises(FileNotFoundError):
         storage.parquet_file("generations/segments/s/gone.parquet")
+
+
+def test_a_check_that_raises_on_a_chain_link_rejects_that_output_not_the_run(tmp_path, monkeypatch):
+    """The follow path judges each output as the cache writer does: a raising check is a rejection."""
+    import synth_cpt.generation.engine as engine_module
+
+    def boom(request, gen):
+        raise RuntimeError("checker broke")
+
+    monkeypatch.setattr(engine_module, "output_rejection", boom)
+    seen = []
+    reqs = make_requests(3)
+    report = _engine(tmp_path).run(reqs, follow=lambda rid, gen: seen.append(gen.rejected) or [])
+    assert report.sent == 3 and seen == ["check failed: RuntimeError: checker broke"] * 3

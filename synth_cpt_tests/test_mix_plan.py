@@ -81,3 +81,14 @@ def test_take_available_gives_all_of_a_short_component_and_keeps_the_others():
     plan = plan_mix(parts, target_tokens=1800, on_shortfall="take_available")
     assert [p.target for p in plan.parts] == [600, 300, 0] and plan.total == 900 and plan.shrunk
     assert plan.shortfalls == {"rewrite:easy": 300, "rewrite:qa": 600}
+
+
+def test_a_recipe_needs_components_and_parquet_shards():
+    from pydantic import ValidationError
+
+    from synth_cpt.core.config import MixComponent, MixRecipe
+
+    with pytest.raises(ValidationError, match="at least 1"):
+        MixRecipe(components=())
+    with pytest.raises(ValidationError, match="formats must include parquet"):
+        MixRecipe(components=(MixComponent(source="originals"),), formats=("tokens",))

@@ -266,7 +266,7 @@ class MixRecipe(_Strict):
     """A training mix: its components and their ratios, the token target, the shards."""
 
     description: str = ""
-    components: tuple[MixComponent, ...]
+    components: tuple[MixComponent, ...] = Field(min_length=1)
     target_tokens: int | None = Field(None, gt=0, description="tokens of the whole mix (per partition)")
     target_originals: float | None = Field(None, gt=0, description="or: this many times the originals' tokens")
     on_shortfall: Literal["fail", "shrink", "take_available"] = Field(
@@ -287,6 +287,8 @@ class MixRecipe(_Strict):
             raise ValueError(f"a source appears twice: {sources}")
         if self.target_originals is not None and "originals" not in sources:
             raise ValueError("target_originals needs an originals component")
+        if "parquet" not in self.formats:
+            raise ValueError("formats must include parquet: the manifest, the lineage catalog and eval_scores read the Parquet shards")
         return self
 
     def parts(self) -> list[MixComponent]:

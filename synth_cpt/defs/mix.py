@@ -64,6 +64,10 @@ def _mix(name: str, recipe: MixRecipe, parts: PartitionsDefinition, automation: 
         except MixShortfall as short:
             raise Failure(str(short), metadata={"plan": MetadataValue.json(short.plan.describe())}) from None
         m = result.manifest
+        if result.superseded_by:
+            context.log.warning(f"{key} {language}|{quality}: a newer run published {result.superseded_by} meanwhile; it stays in force")
+            yield check_result(result.outcome, check_name=MIX_VALID, asset_key=key, superseded_by=result.superseded_by)
+            return
         if result.pointer is None:
             yield check_result(result.outcome, check_name=MIX_VALID, asset_key=key, candidate=MetadataValue.path(result.kept or ""))
             return

@@ -24,6 +24,13 @@ from synth_cpt.evals.npm import load_tasks, npm_of_files
 from synth_cpt.text.heuristics import heuristic_scores
 
 FIDELITY = ["length_ratio", "number_coverage", "entity_coverage", "copy_similarity"]
+# the columns of scores.parquet (a partition with nothing published still has them)
+SCORE_SCHEMA = {
+    "set": pl.String, "rows": pl.Int64, "tokens": pl.Int64, "scored": pl.Int64,
+    **{f"distinct_{n}": pl.Float64 for n in (1, 2, 3, 4)}, "compression_ratio": pl.Float64, "near_duplicate_rate": pl.Float64,
+    "heuristic_score_mean": pl.Float64, "copy_overlap_mean": pl.Float64,
+    **{f"{c}_{q}": pl.Float64 for c in FIDELITY for q in ("p10", "p50", "p90")},
+}  # fmt: skip
 
 
 @dataclass
@@ -162,7 +169,8 @@ def score_partition(storage: Storage, config: PipelineConfig, language: str, qua
         report = npm_of_files(list(config.evals.lm_eval_results))
         npm = {**report.summary(len(load_tasks())), "tasks": [s.__dict__ for s in report.scores]}
     contamination = pl.DataFrame(hits, schema={"set": pl.String, "doc_id": pl.String, "benchmark": pl.String, "benchmark_row": pl.Int64, "ngram": pl.String})
-    return EvalReport(pl.DataFrame(rows, infer_schema_length=None), contamination, npm, hist)
+    scores = pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame(schema=SCORE_SCHEMA)
+    return EvalReport(scores, contamination, npm, hist)
 
 
 def plots(report: EvalReport) -> dict[str, str]:

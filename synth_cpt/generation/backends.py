@@ -336,6 +336,8 @@ class OpenAIBackend(Backend):
                 last, retry_after = str(exc), exc.retry_after
             except ValueError as exc:  # 4xx other than 429: asking again will not help
                 return Generation.failure(p.request_id, str(exc), attempt, time.monotonic() - started)
+            except Exception as exc:  # anything else (a malformed usage block, a bad URL): this request fails, the run goes on
+                return Generation.failure(p.request_id, f"{type(exc).__name__}: {exc}", attempt, time.monotonic() - started)
             finally:
                 self.in_flight[endpoint] -= 1
             if attempt < self.max_attempts:

@@ -209,7 +209,11 @@ class GenerationEngine:
                 report.failed += 1
                 report.failures[gen.request_id] = gen.error or ""
             if follow and not closing:
-                judged = gen if not gen.ok else replace(gen, rejected=output_rejection(p.request, gen))
+                try:
+                    rejected = output_rejection(p.request, gen) if gen.ok else None
+                except Exception as exc:  # as the cache writer does: a check that raises rejects this output, not the run
+                    rejected = f"check failed: {type(exc).__name__}: {exc}"
+                judged = gen if not gen.ok else replace(gen, rejected=rejected)
                 pending.clear()
                 admit(follow(gen.request_id, judged), look_up=False)
                 for q in pending:

@@ -31,8 +31,8 @@ def shard(catalog: Catalog, path: str) -> dict[str, Any]:
     only in the assets and scopes its origins name (the catalog prunes the rest unread)."""
     name = Path(path).name.replace(".jsonl.zst", ".parquet").replace(".bin", ".parquet").replace(".idx", ".parquet")
     folder = Path(path).parent.name
-    head = _rows(catalog, "SELECT DISTINCT mix, language, quality, filename FROM shards WHERE shard = ? AND filename LIKE ?",
-                 [name, f"%/{folder}/{name}"])  # fmt: skip
+    head = _rows(catalog, "SELECT DISTINCT mix, language, quality, filename FROM shards WHERE shard = ? AND ends_with(filename, ?)",
+                 [name, f"/{folder}/{name}"])  # fmt: skip
     if not head:
         raise LookupError(f"{path}: not a shard of a published training mix (see `synth-cpt sql \"SELECT DISTINCT filename FROM shards\"`)")
     mix = {k: head[0][k] for k in ("mix", "language", "quality")}

@@ -67,6 +67,7 @@ class MixResult:
     manifest: dict[str, Any]
     kept: str | None = None  # where a rejected candidate was kept
     missing: list[str] = field(default_factory=list)
+    superseded_by: str | None = None  # a newer run's version was published meanwhile: it stays in force
 
 
 def recipe_sha(recipe: MixRecipe) -> str:
@@ -145,5 +146,7 @@ def build_mix(
     if not outcome.success:
         kept = publish.reject_version(storage, prefix, version)
         return MixResult(plan, None, outcome, manifest, kept, missing)
-    publish.publish_version(storage, prefix, version, {"asset": mix_asset(name), "manifest": MANIFEST, "shards": len(shards)})
+    if not publish.publish_version(storage, prefix, version, {"asset": mix_asset(name), "manifest": MANIFEST, "shards": len(shards)}):
+        newer = publish.published(storage, prefix)
+        return MixResult(plan, None, outcome, manifest, None, missing, superseded_by=newer["version"] if newer else None)
     return MixResult(plan, publish.published(storage, prefix), outcome, manifest, None, missing)
