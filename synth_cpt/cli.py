@@ -307,6 +307,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wide_console(width: int = 160) -> Console:
+    """Stdout tables: the terminal's width, or `width` when piped (Rich would fold them at 80)."""
+    return Console(width=None if sys.stdout.isatty() else width)
+
+
 def _materialize_group(args: argparse.Namespace, group: str, label: str) -> tuple[list[dict], list[str], list[str], str]:
     """Materialize a group's assets (or those asked) for every partition (or those asked), one Dagster run
     per partition in this process: (metadata rows, failed runs, partitions, storage root)."""
@@ -368,7 +373,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     from synth_cpt.defs.synthesis import GROUP
 
     rows, failures, partitions, root = _materialize_group(args, GROUP, "synthesize")
-    _print_synthesis(Console(width=None if sys.stdout.isatty() else 160), rows, root, partitions)
+    _print_synthesis(_wide_console(), rows, root, partitions)
     return _report_failures(failures)
 
 
@@ -377,7 +382,7 @@ def cmd_mix(args: argparse.Namespace) -> int:
     from synth_cpt.defs.mix import GROUP
 
     rows, failures, partitions, root = _materialize_group(args, GROUP, "mix")
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = _wide_console()
     table = Table(title=f"training mixes: tokens by origin, under {root}")
     for col in ("mix", "partition", "rows", "tokens", "by origin (documents / tokens)", "shards", "shrunk", "where"):
         table.add_column(col, overflow="fold")
@@ -396,7 +401,7 @@ def cmd_evals(args: argparse.Namespace) -> int:
     from synth_cpt.defs.evals import GROUP
 
     rows, failures, partitions, root = _materialize_group(args, GROUP, "evals")
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = _wide_console()
     from synth_cpt.core.layout import EVAL_SCORES
     from synth_cpt.core.storage import open_storage
     from synth_cpt.synthesis.outputs import published_table
@@ -554,7 +559,7 @@ def cmd_npm(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"tasks": [s.__dict__ for s in report.scores], **summary}, indent=2))
         return 0
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    console = _wide_console(140)
     table = Table(title=f"PoETa V2 NPM of {', '.join(args.results)} (alias table v{report.alias_version})")
     for col in ("task", "as named in the file", "metric", "raw", "on the table's scale", "NPM", "native"):
         table.add_column(col, justify="right" if col in ("raw", "NPM") else "left")
@@ -629,7 +634,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer, indent=2, default=str))
     else:
-        _print_value(Console(width=None if sys.stdout.isatty() else 160), "", answer)
+        _print_value(_wide_console(), "", answer)
     return 0
 
 
@@ -649,7 +654,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
         table.add_column(col, overflow="fold")
     for row in rows[: args.limit]:
         table.add_row(*(str(v) for v in row))
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = _wide_console()
     console.print(table)
     if len(rows) > args.limit:
         console.print(f"({len(rows):,} rows, {args.limit:,} shown; --limit N)")
