@@ -229,7 +229,7 @@ def test_sampling_itself_never_splits_a_string():
 
 
 def test_cli_generate_input_stop(tmp_path):
-    from synth_cpt.cli import _read_chat_requests
+    from synth_cpt.cli.generation import _read_chat_requests
 
     msgs = [{"role": "user", "content": "hi"}]
     good = tmp_path / "in.jsonl"

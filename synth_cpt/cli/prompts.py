@@ -1,0 +1,104 @@
+"""`synth-cpt prompts`: the prompt library, and exactly what is sent for a real document."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from synth_cpt.core.config import load_config
+
+
+def _find_document(storage, config, doc_id: str):
+    """A document of the quality subsets and its bucket, by doc_id or a unique prefix of it."""
+    import polars as pl
+
+    from synth_cpt.core.layout import QUALITY_SUBSETS, partition_file
+    from synth_cpt.synthesis.rows import SourceDocument
+    from synth_cpt.synthesis.steps import SOURCE_COLUMNS
+
+    found = []
+    for lang in config.languages:
+        for q in config.quality.buckets:
+            key = partition_file(QUALITY_SUBSETS, lang, q)
+            if storage.exists(key):
+                frame = storage.read_parquet(key, columns=SOURCE_COLUMNS).filter(pl.col("doc_id").str.starts_with(doc_id))
+                found += [(d, q) for d in SourceDocument.from_frame(frame)]
+    if len(found) != 1:
+        raise SystemExit(f"synth-cpt prompts render: {len(found)} documents of the quality subsets match --doc {doc_id!r}")
+    return found[0]
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    import json
+
+    from synth_cpt.synthesis.prompts import KINDS, PromptError, list_prompts, load_kind, load_prompt
+
+    try:
+        if args.action == "list":
+            table = Table(title="prompt library (prompts/<kind>/<name>.yaml)")
+            for col in ("kind", "name", "buckets", "chunking", "max_tokens", "prompt_sha", "description"):
+                table.add_column(col, overflow="fold")
+            for kind in KINDS:
+                for name, p in load_kind(kind).items():
+                    c = p.spec.chunking
+                    chunking = f"{c.max_input_tokens} tok by {c.split}" + (", autoregressive" if c.autoregressive else "")
+                    table.add_row(
+                        kind, name, ",".join(p.spec.buckets) or "-", chunking, str(p.spec.output.max_tokens), p.sha[:12], p.spec.description
+                    )
+            Console().print(table)
+            return 0
+        if not args.name:
+            raise SystemExit(f"synth-cpt prompts {args.action}: name a prompt")
+        kind = args.kind or next((k for k in KINDS if args.name in list_prompts(k)), "rewrite")
+        prompt = load_prompt(kind, args.name)
+        if args.action == "show":
+            print(f"# {prompt.path}\n# prompt_sha {prompt.sha}")
+            print(Path(prompt.path).read_text(encoding="utf-8"))
+            return 0
+        # render: exactly the messages and sampling sent for a real document, chunk by chunk
+        if not args.doc:
+            raise SystemExit("synth-cpt prompts render: --doc <doc_id> names the document")
+        from synth_cpt.core.storage import open_storage
+        from synth_cpt.corpus.tokenizer import TokenCounter
+        from synth_cpt.defs.resources import LLM
+        from synth_cpt.synthesis.entigraph import Budget
+        from synth_cpt.synthesis.preview import preview
+
+        config = load_config(args.config) if args.config else load_config()
+        storage = open_storage(config.storage_uri())
+        doc, quality = _find_document(storage, config, args.doc)
+        e = config.synthesis.entigraph
+        needs_cache = kind == "rewrite" and prompt.spec.chunking.autoregressive
+        items = preview(
+            prompt, doc, quality, storage=storage, count=TokenCounter.from_storage(storage).count, seed=config.seeds.synthesis,
+            budget=Budget(e.relations_per_document, e.tokens_per_document, e.triples),
+            relation_prompts={n: load_prompt("entigraph", n) for n in ("pair", "triple")},
+            engine=LLM().engine(storage, config.storage_uri()) if needs_cache else None,
+        )  # fmt: skip
+        for item in items:
+            header = dict(item.header)
+            if item.request is not None:
+                header |= {"sampling": item.request.sampling.as_dict(), "json_schema": item.request.schema}
+            print("=== " + json.dumps(header, ensure_ascii=False))
+            if item.request is None:
+                print(f"(not known yet: {item.note})")
+            for m in item.request.message_dicts() if item.request else []:
+                print(f"--- {m['role']} ---\n{m['content']}")
+            print()
+        return 0
+    except PromptError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    prm = sub.add_parser("prompts", help="the prompt library: list, show a file, or render what is sent for a real document")
+    prm.add_argument("action", choices=["list", "show", "render"])
+    prm.add_argument("name", nargs="?", help="prompt name, e.g. medium")
+    prm.add_argument("--kind", choices=["rewrite", "entigraph", "judge"], help="default: the first kind that has the name")
+    prm.add_argument("--doc", help="render: doc_id (or a unique prefix) of a quality_subsets document")
+    prm.set_defaults(func=cmd_prompts)
