@@ -154,8 +154,10 @@ class VLLMBackend(Backend):
         if p.request.json_schema:
             extra["structured_outputs"] = StructuredOutputsParams(json=p.request.schema)
         return SamplingParams(
-            temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, stop=list(s.stop) or None, seed=p.seed, **extra
-        )
+            temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, stop=list(s.stop) or None, seed=p.seed,
+            repetition_penalty=s.repetition_penalty, min_p=s.min_p, presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty, **extra,
+        )  # fmt: skip
 
     def generate(self, batch: Feed, on_result: OnResult) -> None:
         """Keep up to `max_in_flight` requests in the engine and report each as soon as it finishes.
@@ -277,6 +279,7 @@ class OpenAIBackend(Backend):
         }
         if s.stop:
             body["stop"] = list(s.stop)
+        body.update(s.extras())  # vLLM's server takes repetition_penalty and min_p as extra body fields
         if p.request.json_schema:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": p.request.schema, "strict": True}}
         return body

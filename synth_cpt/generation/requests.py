@@ -2,19 +2,24 @@
 
 `request_id` = SHA-256 of (model fingerprint, messages, sampling parameters, base seed). The seed
 the engine sends is derived from `request_id`, so a request is reproducible on its own and two
-identical asks are the same request wherever they come from.
+identical asks are the same request wherever they come from. Sampling fields added later
+(EXTRA_DEFAULTS) enter it only when set, so ids already cached stay valid.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 Message = dict[str, str]
 MAX_STOP = 16
+# Sampling fields added after ids were first stored, with vLLM's defaults: a request carries them in its
+# id and payload only when it sets them, so the ids already cached on disk stay valid.
+EXTRA_DEFAULTS: dict[str, float] = {"repetition_penalty": 1.0, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 
 def stop_sequences(value: Any) -> tuple[str, ...]:
@@ -44,6 +49,10 @@ class Sampling:
     # Copy-heavy prompts (rewrites) ask for n-gram speculative decoding. Not part of request_id:
     # speculation changes how fast tokens come, not the distribution they are drawn from.
     speculative: bool = False
+    repetition_penalty: float = EXTRA_DEFAULTS["repetition_penalty"]  # > 1 discourages any token already in prompt or output
+    min_p: float = EXTRA_DEFAULTS["min_p"]  # drop tokens less likely than min_p times the most likely one
+    presence_penalty: float = EXTRA_DEFAULTS["presence_penalty"]  # OpenAI semantics, on tokens already generated
+    frequency_penalty: float = EXTRA_DEFAULTS["frequency_penalty"]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", stop_sequences(self.stop))
@@ -86,10 +95,24 @@ class Sampling:
             raise ValueError(f"{prefix}'top_p' must be in (0, 1], got {top_p:g}")
         if max_tokens < 1:
             raise ValueError(f"{prefix}'max_tokens' must be at least 1, got {max_tokens}")
+        # vLLM's own ranges, checked here so a bad value fails at load rather than on every request of a run
+        extras = {key: number(key, float) for key in EXTRA_DEFAULTS}
+        if not (math.isfinite(extras["repetition_penalty"]) and extras["repetition_penalty"] > 0):
+            raise ValueError(f"{prefix}'repetition_penalty' must be a finite number above 0, got {extras['repetition_penalty']:g}")
+        if not 0 <= extras["min_p"] <= 1:
+            raise ValueError(f"{prefix}'min_p' must be in [0, 1], got {extras['min_p']:g}")
+        for key in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= extras[key] <= 2:
+                raise ValueError(f"{prefix}'{key}' must be in [-2, 2], got {extras[key]:g}")
         return cls(
             temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=number("seed", int),
-            speculative=flag("speculative"),
+            speculative=flag("speculative"), **extras,
         )  # fmt: skip
+
+    def extras(self) -> dict[str, float]:
+        """The fields of EXTRA_DEFAULTS this sampling sets to something else: only these go into the id and the
+        OpenAI payload (a server that does not know `repetition_penalty` or `min_p` is not sent them needlessly)."""
+        return {key: getattr(self, key) for key, default in EXTRA_DEFAULTS.items() if getattr(self, key) != default}
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -98,6 +121,7 @@ class Sampling:
             "max_tokens": self.max_tokens,
             "stop": list(self.stop),
             "seed": self.seed,
+            **self.extras(),
         }
 
 
