@@ -10,8 +10,10 @@ with the file and the field named, never in the middle of a run.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +27,7 @@ from synth_cpt.generation.requests import ChatRequest, Sampling
 from synth_cpt.generation.structured import unbounded_parts
 
 PROMPTS_ENV = "SYNTH_CPT_PROMPTS"
+PROMPTS_PACKAGE = "synth_cpt_prompts"  # the top-level prompts/ folder, shipped as a package (pyproject package-dir)
 KINDS = ("rewrite", "entigraph", "judge")
 SOURCE = "source"  # output language: the document's own
 # The variables each kind's templates may use (anything else is a typo caught at load).
@@ -37,7 +40,7 @@ LANGUAGE_NAMES = {
     "pt": "Portuguese", "en": "English", "es": "Spanish", "fr": "French", "de": "German", "it": "Italian",
     "nl": "Dutch", "ca": "Catalan", "gl": "Galician", "ro": "Romanian", "pl": "Polish",
 }  # fmt: skip
-SAMPLING_FIELDS = {"temperature", "top_p", "stop", "speculative"}
+SAMPLING_FIELDS = {"temperature", "top_p", "stop", "speculative", "repetition_penalty", "min_p", "presence_penalty", "frequency_penalty"}
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
 
 
@@ -46,10 +49,28 @@ class PromptError(ValueError):
 
 
 def prompts_dir() -> Path:
-    """$SYNTH_CPT_PROMPTS, else the repository's prompts/ folder (beside the package)."""
+    """$SYNTH_CPT_PROMPTS, else the prompt library installed with synth-cpt. pyproject ships the top-level
+    prompts/ folder as the package `synth_cpt_prompts`, so importlib finds it in the tree for an editable
+    install and in site-packages for a wheel: the same bytes, so the same prompt_sha. A folder named by
+    $SYNTH_CPT_PROMPTS that is not there is an error, never a silent fallback to other prompts."""
     if os.environ.get(PROMPTS_ENV):
-        return Path(os.environ[PROMPTS_ENV])
-    return Path(__file__).resolve().parents[2] / "prompts"
+        path = Path(os.environ[PROMPTS_ENV])
+        if path.is_dir():
+            return path
+        raise PromptError(f"no prompt library: ${PROMPTS_ENV} names {path}, which is not a folder (unset it to use the installed prompts)")
+    spec = importlib.util.find_spec(PROMPTS_PACKAGE)
+    if spec is not None and spec.submodule_search_locations is not None:
+        # absolute paths only: an editable install adds a placeholder entry that is not a folder
+        tried = [Path(p) for p in spec.submodule_search_locations if Path(p).is_absolute()]
+    else:
+        tried = [Path(p, PROMPTS_PACKAGE) for p in sys.path if p and Path(p).is_dir()]
+    for path in tried:
+        if path.is_dir():
+            return path
+    raise PromptError(
+        f"no prompt library: ${PROMPTS_ENV} is not set and the package {PROMPTS_PACKAGE} (the prompts installed with synth-cpt) "
+        f"was not found; tried {', '.join(map(str, tried)) or 'nothing'}. Reinstall synth-cpt or set ${PROMPTS_ENV}"
+    )
 
 
 class _Strict(BaseModel):
