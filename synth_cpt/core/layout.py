@@ -28,6 +28,10 @@ DROP_REGISTRY = f"{CRAWL_DROPS}/_registry"  # where each drop partition's source
 
 TOKENIZER_MODEL = "tokenizer.model"
 TOKENIZER_INFO = "tokenizer.json"
+# a Hugging Face tokenizer keeps its own file names, in a folder of their own: TOKENIZER_INFO took `tokenizer.json` first
+TOKENIZER_HF_MODEL = "huggingface/tokenizer.json"
+TOKENIZER_HF_CONFIG = "huggingface/tokenizer_config.json"  # published only when one sat beside the configured tokenizer.json
+TOKENIZER_MODEL_FILES = {"sentencepiece": TOKENIZER_MODEL, "huggingface": TOKENIZER_HF_MODEL}  # the model file of each kind
 
 
 def partition_file(asset: str, language: str, quality: str) -> str:

@@ -1,26 +1,40 @@
-"""The SentencePiece tokenizer behind every token count: a configured model, or one trained here.
+"""The target tokenizer behind every token count and `.bin` shard: a configured SentencePiece `.model`
+or Hugging Face `tokenizer.json`, or a SentencePiece model trained here.
 
 Why real tokens: budgets and chunk limits cut by character estimates are wrong by 20-40% across
-languages (METHODS.md §7); every count in the pipeline comes from this one model, recorded by hash.
+languages (METHODS.md §7); every count in the pipeline comes from this one tokenizer, recorded by kind
+and hash, so a budget means tokens of the model that will be trained on the mix.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import io
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import sentencepiece as spm
+from tokenizers import Tokenizer
 
 from synth_cpt.core import publish
 from synth_cpt.core.config import PipelineConfig
-from synth_cpt.core.layout import TOKENIZER, TOKENIZER_INFO, TOKENIZER_MODEL, version_prefix
+from synth_cpt.core.layout import TOKENIZER, TOKENIZER_HF_CONFIG, TOKENIZER_INFO, TOKENIZER_MODEL_FILES, version_prefix
 from synth_cpt.core.publish import CandidateRejected
 from synth_cpt.core.storage import Storage
 from synth_cpt.core.validation import Outcome
+
+SENTENCEPIECE = "sentencepiece"
+HUGGINGFACE = "huggingface"
+HF_CONFIG_NAME = "tokenizer_config.json"  # read from beside a configured tokenizer.json, as transformers does
+
+# Fallbacks when neither tokenizer_config.json nor the post-processor names a token, tried in this order.
+EOS_NAMES = ("</s>", "<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<eos>")
+BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -54,25 +68,177 @@ def train_model(texts: list[str], vocab_size: int, seed: int, character_coverage
     return model.getvalue()
 
 
-class TokenCounter:
-    """Counts tokens with one SentencePiece model."""
+class NotATokenizer(ValueError):
+    """A tokenizer file that is neither a SentencePiece model nor a Hugging Face tokenizer.json."""
 
-    def __init__(self, model_bytes: bytes) -> None:
-        self.sha256 = sha256_hex(model_bytes)
-        self.processor = spm.SentencePieceProcessor(model_proto=model_bytes)
+
+def _json_like(data: bytes) -> bool:
+    return data.removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"{"
+
+
+def sniff_kind(data: bytes) -> str:
+    """The kind a file's content claims: a JSON object is a Hugging Face tokenizer.json, anything else is
+    taken for a SentencePiece protobuf. Never raises: loading it (`detect_kind`, `check_model`) says whether
+    it really is one. Parsed, not only its first byte: a protobuf may begin with a newline byte and `{`."""
+    if _json_like(data):
+        try:
+            return HUGGINGFACE if isinstance(json.loads(data.decode("utf-8-sig")), dict) else SENTENCEPIECE
+        except ValueError:  # UnicodeDecodeError is one
+            pass
+    return SENTENCEPIECE
+
+
+def detect_kind(data: bytes, name: str = "the tokenizer file") -> str:
+    """`sentencepiece` or `huggingface`, by content (the suffix of a file says nothing reliable); raises
+    NotATokenizer naming `name` for anything else."""
+    return TokenCounter(data, name=name).kind
+
+
+class _SentencePiece:
+    def __init__(self, model: bytes, name: str) -> None:
+        try:
+            self.processor = spm.SentencePieceProcessor(model_proto=model)
+        except Exception as exc:
+            why = "starts like JSON but does not parse as JSON, and " if _json_like(model) else ""
+            raise NotATokenizer(
+                f"{name} {why}is neither a SentencePiece model (protobuf) nor a Hugging Face tokenizer.json (JSON): {type(exc).__name__}: {exc}"
+            ) from exc
+        if self.processor.get_piece_size() == 0:  # empty bytes load as an empty processor
+            raise NotATokenizer(f"{name} is empty: neither a SentencePiece model nor a Hugging Face tokenizer.json")
+        self.vocab_size = self.processor.get_piece_size()
+        self.bos_id = self.processor.bos_id() if self.processor.bos_id() >= 0 else None
+        self.eos_id = self.processor.eos_id() if self.processor.eos_id() >= 0 else None
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.processor.encode(texts, num_threads=2)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.decode(ids)
+
+
+class _HuggingFace:
+    def __init__(self, model: bytes, config: bytes | None, name: str) -> None:
+        text = model.decode("utf-8-sig")  # sniff_kind parsed it
+        doc = json.loads(text)
+        if "model" not in doc:
+            raise NotATokenizer(f"{name} is JSON without a tokenizer `model`: not a Hugging Face tokenizer.json (a tokenizer_config.json?)")
+        try:
+            self.tokenizer = Tokenizer.from_str(text)
+        except Exception as exc:
+            raise NotATokenizer(f"{name} is JSON but does not load as a Hugging Face tokenizer.json: {exc}") from exc
+        self.tokenizer.no_truncation()  # a count is of the whole text, whatever the file set up for inference
+        self.tokenizer.no_padding()
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise NotATokenizer(f"{name} is a Hugging Face tokenizer.json with an empty vocabulary")
+        self.vocab_size = max(vocab.values()) + 1  # ids may be sparse: the largest decides
+        try:
+            settings = json.loads(config.decode("utf-8-sig")) if config else {}
+        except ValueError as exc:
+            raise NotATokenizer(f"the {HF_CONFIG_NAME} beside {name} is not JSON: {exc}") from exc
+        settings = settings if isinstance(settings, dict) else {}
+        before, after = _post_processor_tokens(doc)
+        self.bos_id = self._special(settings, "bos_token", before, BOS_NAMES, name)
+        self.eos_id = self._special(settings, "eos_token", after, EOS_NAMES, name)
+
+    def _special(self, settings: dict, field: str, framing: str | None, names: tuple[str, ...], name: str) -> int | None:
+        """tokenizer_config.json first (what transformers uses; `null` there means none), then the token the
+        post-processor frames a sequence with, then the first well-known name the vocabulary has."""
+        if field in settings:
+            token = settings[field]
+            token = token.get("content") if isinstance(token, dict) else token
+            if token is None:
+                return None
+            found = self.tokenizer.token_to_id(token)
+            if found is None:
+                raise NotATokenizer(f"{HF_CONFIG_NAME} beside {name} names {field} {token!r}, which the tokenizer does not have")
+            return found
+        for token in (framing, *names):
+            if token is not None and (found := self.tokenizer.token_to_id(token)) is not None:
+                return found
+        return None
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _post_processor_tokens(doc: dict) -> tuple[str | None, str | None]:
+    """The special tokens a tokenizer.json's post-processor puts before and after a single sequence
+    (`<s> $A </s>`, Llama 3's `<|begin_of_text|> $A`), looking into a Sequence of processors."""
+    before = after = None
+    stack: list[Any] = [doc.get("post_processor")]
+    while stack:
+        proc = stack.pop(0)
+        if not isinstance(proc, dict):
+            continue
+        kind = proc.get("type")
+        if kind == "Sequence":
+            stack.extend(proc.get("processors") or [])
+        elif kind in ("RobertaProcessing", "BertProcessing"):
+            before = before or (proc.get("cls") or [None])[0]
+            after = after or (proc.get("sep") or [None])[0]
+        elif kind == "TemplateProcessing":
+            seen_sequence = False
+            for piece in proc.get("single") or []:
+                if "Sequence" in piece:
+                    seen_sequence = True
+                elif "SpecialToken" in piece:
+                    key = piece["SpecialToken"].get("id")
+                    token = ((proc.get("special_tokens") or {}).get(key) or {}).get("tokens", [key])[0]
+                    if not seen_sequence:
+                        before = before or token
+                    else:
+                        after = token  # the last one after the text
+    return before, after
+
+
+class TokenCounter:
+    """The target tokenizer, one interface whatever its kind: `count` for budgets, `encode`/`decode` and
+    `bos_id`/`eos_id` (None when absent) for `.bin` shards, `kind` and `sha256` (of the model file) for
+    lineage. Hugging Face tokenizers count without special tokens (`add_special_tokens=False`): a
+    document's count is its text alone, as for SentencePiece."""
+
+    def __init__(self, model: bytes, tokenizer_config: bytes | None = None, name: str = "the tokenizer file") -> None:
+        """`model`: a SentencePiece model or a tokenizer.json, told apart by content; `tokenizer_config`:
+        the tokenizer_config.json beside a tokenizer.json (its `bos_token`/`eos_token`), if any."""
+        self.sha256 = sha256_hex(model)
+        self.kind = sniff_kind(model)
+        backend = _HuggingFace(model, tokenizer_config, name) if self.kind == HUGGINGFACE else _SentencePiece(model, name)
+        self._backend = backend
+        self.vocab_size: int = backend.vocab_size  # the largest id + 1: what decides uint16 or uint32 shards
+        self.bos_id: int | None = backend.bos_id
+        self.eos_id: int | None = backend.eos_id
 
     @classmethod
     def from_storage(cls, storage: Storage) -> "TokenCounter":
-        return cls(storage.read_bytes(model_key(storage)))
-
-    @property
-    def vocab_size(self) -> int:
-        return self.processor.get_piece_size()
+        """The published tokenizer, of whichever kind (versions published before kinds were SentencePiece)."""
+        pointer = published_tokenizer(storage)
+        model, config = _read_version(storage, pointer["prefix"], pointer["info"])
+        return cls(model, config, name=storage.uri(pointer["prefix"], model_file(pointer["info"])))
 
     def count(self, texts: list[str]) -> list[int]:
-        if not texts:
-            return []
-        return [len(ids) for ids in self.processor.encode(texts, num_threads=2)]
+        return [len(ids) for ids in self.encode(texts)]
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """The ids of each text, without special tokens."""
+        return self._backend.encode(texts) if texts else []
+
+    def decode(self, ids: list[int]) -> str:
+        return self._backend.decode([int(i) for i in ids])
+
+
+def model_file(info: dict) -> str:
+    """The model file of a published version, named after its kind (a version without one is SentencePiece)."""
+    return TOKENIZER_MODEL_FILES[info.get("kind", SENTENCEPIECE)]
+
+
+def _read_version(storage: Storage, prefix: str, info: dict) -> tuple[bytes, bytes | None]:
+    model = storage.read_bytes(f"{prefix}/{model_file(info)}")
+    config = storage.read_bytes(f"{prefix}/{TOKENIZER_HF_CONFIG}") if info.get("tokenizer_config_sha256") else None
+    return model, config
 
 
 def published_tokenizer(storage: Storage) -> dict:
@@ -86,12 +252,13 @@ def published_tokenizer(storage: Storage) -> dict:
 
 
 def model_key(storage: Storage) -> str:
-    return f"{published_tokenizer(storage)['prefix']}/{TOKENIZER_MODEL}"
+    pointer = published_tokenizer(storage)
+    return f"{pointer['prefix']}/{model_file(pointer['info'])}"
 
 
 def load_model_file(path: str, storage: Storage) -> bytes:
-    """A configured `.model` from a local path or from under the storage root (s3:// goes through
-    storage). Not loaded here: whether it is a model is `check_model`'s to say, on the candidate."""
+    """A configured `.model` or `tokenizer.json` from a local path or s3://. Not loaded here: whether it
+    is a tokenizer is `check_model`'s to say, on the candidate."""
     if path.startswith("s3://"):
         from synth_cpt.core.storage import S3Storage
 
@@ -101,6 +268,19 @@ def load_model_file(path: str, storage: Storage) -> bytes:
     if not p.is_file():
         raise FileNotFoundError(f"tokenizer.model_file {path} does not exist")
     return p.read_bytes()
+
+
+def load_tokenizer_config(path: str) -> bytes | None:
+    """The tokenizer_config.json beside a configured tokenizer.json, if there is one: it names the model's
+    `bos_token`/`eos_token` (transformers reads them from there too)."""
+    if path.startswith("s3://"):
+        from synth_cpt.core.storage import S3Storage
+
+        bucket_root = path.rpartition("/")[0]
+        folder = S3Storage(bucket_root)
+        return folder.read_bytes(HF_CONFIG_NAME) if folder.exists(HF_CONFIG_NAME) else None
+    beside = Path(path).expanduser().with_name(HF_CONFIG_NAME)
+    return beside.read_bytes() if beside.is_file() else None
 
 
 def _batches(storage: Storage, keys: list[str], columns: list[str]) -> Iterator[pl.DataFrame]:
@@ -126,26 +306,34 @@ SAMPLE_TEXTS = ["Olá, mundo.", "Hello, world."]  # text of every script the mod
 
 
 def check_model(storage: Storage, prefix: str) -> Outcome:
-    """The candidate as stored in its version folder: the model file loads, tokenizes sample text, and
-    matches the info written beside it (sha256; no more pieces than asked for). Everything is read back
-    and loaded here, so a model that is no model, or one damaged on its way to storage, fails the check."""
-    model = storage.read_bytes(f"{prefix}/{TOKENIZER_MODEL}")
+    """The candidate as stored in its version folder: the model file (of the kind its info records) loads
+    as that kind, tokenizes sample text, and matches the info written beside it (sha256; no more pieces
+    than asked for). Everything is read back and loaded here, so a file that is no tokenizer, or one
+    damaged on its way to storage, fails the check."""
     info = storage.read_json(f"{prefix}/{TOKENIZER_INFO}")
+    model, config = _read_version(storage, prefix, info)
     sha = sha256_hex(model)
     failures = [] if sha == info.get("sha256") else [f"the stored model's sha256 {sha} differs from its info's {info.get('sha256')}"]
+    if config is not None and sha256_hex(config) != info.get("tokenizer_config_sha256"):
+        failures.append(f"the stored {HF_CONFIG_NAME} differs from the one its info records")
+    what = info.get("model_file") or "the trained model"
     try:
-        counter = TokenCounter(model)
-    except Exception as exc:  # not a SentencePiece model at all
-        what = info.get("model_file") or "the trained model"
+        counter = TokenCounter(model, config, name=what)
+    except Exception as exc:  # not a tokenizer at all, or a damaged one
         failures.append(f"model does not load ({what}): {type(exc).__name__}: {exc}")
         return Outcome(False, failures, {"loads": {"success": False}, "sha256": sha})
+    if counter.kind != info.get("kind", SENTENCEPIECE):
+        failures.append(f"the model is {counter.kind}, its info says {info.get('kind')}")
     counts = counter.count(SAMPLE_TEXTS)
     if min(counts) <= 0:
         failures.append("a sample text produced no tokens")
     requested = info.get("requested_vocab_size")
     if requested and counter.vocab_size > requested:
         failures.append(f"vocab_size {counter.vocab_size} is over the {requested} asked for")
-    details = {"loads": {"success": True}, "sha256": sha, "vocab_size": counter.vocab_size, "sample_tokens": counts}
+    details = {
+        "loads": {"success": True}, "kind": counter.kind, "sha256": sha, "vocab_size": counter.vocab_size,
+        "bos_id": counter.bos_id, "eos_id": counter.eos_id, "sample_tokens": counts,
+    }  # fmt: skip
     return Outcome(not failures, failures, details)
 
 
@@ -158,9 +346,12 @@ def build_tokenizer(
     pair a model with another model's info. When another run published a newer version meanwhile, that
     one stays in force: `superseded_by` names it and `uri` is its model."""
     tc = config.tokenizer
+    tokenizer_config = None
     if tc.model_file:
         model = load_model_file(tc.model_file, storage)
         info = {"source": "model_file", "model_file": tc.model_file, "trained_on_documents": 0}
+        if sniff_kind(model) == HUGGINGFACE and (tokenizer_config := load_tokenizer_config(tc.model_file)) is not None:
+            info["tokenizer_config_sha256"] = sha256_hex(tokenizer_config)
     else:
         sample, corpus_documents = training_sample(storage, corpus_files, tc.sample_documents, config.seeds.tokenizer)
         model = train_model(sample["text"].to_list(), tc.vocab_size, config.seeds.tokenizer, tc.character_coverage)
@@ -171,17 +362,21 @@ def build_tokenizer(
             "requested_vocab_size": tc.vocab_size,
             "seed": config.seeds.tokenizer,
         }
+    info["kind"] = sniff_kind(model)  # names the file; check_model says whether it really is one
     info["sha256"] = sha256_hex(model)  # of the bytes made here: the check compares what storage holds
     version = publish.new_version()
     prefix = version_prefix(TOKENIZER, version)
-    storage.write_bytes(f"{prefix}/{TOKENIZER_MODEL}", model)
+    storage.write_bytes(f"{prefix}/{model_file(info)}", model)
+    if tokenizer_config is not None:
+        storage.write_bytes(f"{prefix}/{TOKENIZER_HF_CONFIG}", tokenizer_config)
     storage.write_json(f"{prefix}/{TOKENIZER_INFO}", info)
     outcome = validate(storage, prefix)
     if not outcome.success:
         raise CandidateRejected(outcome, publish.reject_version(storage, TOKENIZER, version), "model_loads")
-    info["vocab_size"] = outcome.details.get("vocab_size")
+    for measured in ("vocab_size", "bos_id", "eos_id"):
+        info[measured] = outcome.details.get(measured)
     publish.publish_version(storage, TOKENIZER, version, {"info": info})
     in_force = published_tokenizer(storage)
     superseded_by = in_force["version"] if in_force["version"] != version else None
-    uri = storage.uri(in_force["prefix"], TOKENIZER_MODEL)
+    uri = storage.uri(in_force["prefix"], model_file(in_force["info"]))
     return {**info, "version": version, "uri": uri, "outcome": outcome, "superseded_by": superseded_by}

@@ -159,10 +159,13 @@ def build_ingest_assets(config: PipelineConfig) -> list[AssetsDefinition]:
         name=TOKENIZER,
         deps=[AssetDep(raw_corpus, partition_mapping=AllPartitionMapping())],
         group_name=GROUP,
-        kinds={"sentencepiece"},
+        kinds={"tokenizer"},
         automation_condition=AutomationCondition.eager(),
         output_required=False,
-        description="The SentencePiece model behind every token count: the configured model file, or one trained on a seeded raw_corpus sample.",
+        description=(
+            "The target tokenizer behind every token count and .bin shard: the configured model file (SentencePiece .model or "
+            "Hugging Face tokenizer.json), or a SentencePiece model trained on a seeded raw_corpus sample."
+        ),
         check_specs=[
             publish_spec("model_loads", TOKENIZER, "the model loads, tokenizes sample text, and its hash and vocabulary match its info.")
         ],
@@ -175,7 +178,7 @@ def build_ingest_assets(config: PipelineConfig) -> list[AssetsDefinition]:
         except CandidateRejected as rejected:
             yield rejected_result(context, rejected)
             return
-        context.log.info(f"tokenizer {info['source']}: vocab {info['vocab_size']}, sha256 {info['sha256'][:12]}")
+        context.log.info(f"tokenizer {info['source']} ({info['kind']}): vocab {info['vocab_size']}, sha256 {info['sha256'][:12]}")
         yield check_result(info["outcome"], check_name="model_loads")
         if info["superseded_by"]:  # the newer run recorded the materialization of what readers see
             context.log.warning(
@@ -186,8 +189,11 @@ def build_ingest_assets(config: PipelineConfig) -> list[AssetsDefinition]:
         yield MaterializeResult(
             metadata={
                 "dagster/uri": info["uri"],
+                "kind": info["kind"],
                 "sha256": info["sha256"],
                 "vocab_size": info["vocab_size"],
+                "bos_id": info["bos_id"] if info["bos_id"] is not None else -1,
+                "eos_id": info["eos_id"] if info["eos_id"] is not None else -1,
                 "source": info["source"],
                 "version": info["version"],
                 "trained_on_documents": info.get("trained_on_documents", 0),

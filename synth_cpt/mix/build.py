@@ -2,7 +2,8 @@
 sharded, validated and published as one version (shards and manifests behind one pointer).
 
 Every component is read from what is published (quality_subsets; the versions in force of
-rewrites_<style> and entigraph_corpus) and its texts are counted with the project tokenizer. The
+rewrites_<style> and entigraph_corpus) and its texts are counted with the target tokenizer (the
+published `tokenizer`, SentencePiece or Hugging Face), whose ids and EOS the `.bin` shards hold. The
 plan is made before anything is written (mix/plan.py), so a mix that cannot be made as asked fails
 with its shortfall in tokens and writes nothing.
 """
@@ -13,7 +14,7 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -32,8 +33,11 @@ from synth_cpt.core.layout import (
 from synth_cpt.core.storage import Storage
 from synth_cpt.core.validation import Outcome
 from synth_cpt.mix.plan import MixPlan, Part, plan_mix, shard_bounds, shuffled, take
-from synth_cpt.mix.shards import write_shard
+from synth_cpt.mix.shards import token_layout, write_shard
 from synth_cpt.synthesis.outputs import published_table
+
+if TYPE_CHECKING:
+    from synth_cpt.corpus.tokenizer import TokenCounter
 
 MANIFEST = "manifest.json"
 REPEATS = "repeats.parquet"
@@ -79,7 +83,7 @@ def _gather(frame: pl.DataFrame, rows: list[int]) -> pl.DataFrame:
 
 
 def build_mix(
-    storage: Storage, name: str, recipe: MixRecipe, language: str, quality: str, tokenizer: Any, run_id: str | None = None
+    storage: Storage, name: str, recipe: MixRecipe, language: str, quality: str, tokenizer: TokenCounter, run_id: str | None = None
 ) -> MixResult:
     """Plan, write, validate, publish (see the module docstring). Raises MixShortfall before writing."""
     parts_cfg = recipe.parts()
@@ -141,6 +145,7 @@ def build_mix(
         "repeats": {"file": REPEATS, "max": int(repeat_table["repeats"].max() or 0) if repeat_table.height else 0,
                     "documents_repeated": int((repeat_table["repeats"] > 1).sum()) if repeat_table.height else 0},
         "shards": shards,
+        **({"token_shards": token_layout(tokenizer)} if "tokens" in recipe.formats else {}),
     }  # fmt: skip
     storage.write_json(f"{folder}/{MANIFEST}", manifest)
     if not outcome.success:

@@ -2,10 +2,16 @@
 
 - Parquet (the default): loadable by `datasets.load_dataset("parquet", data_files=...)`, polars, DuckDB.
 - JSONL.zst: one JSON object per row, zstd-compressed.
-- tokens: the nanoGPT/Megatron memmap layout. `shard-NNNNN.bin` is every row's token ids followed by
-  EOS, as little-endian `uint16` (vocabularies up to 65,535) or `uint32`; `shard-NNNNN.idx` is
-  little-endian `int64`: the offset of each document's first token, then the total length (n + 1
-  values), so document i is `bin[idx[i]:idx[i+1]]`, its EOS included. `numpy.memmap` reads both.
+- tokens: the nanoGPT/Megatron memmap layout, in the ids of the target tokenizer (the published
+  `tokenizer`, SentencePiece or Hugging Face). `shard-NNNNN.bin` is every row as `[BOS] ids EOS`:
+  the text's ids (no special tokens added), then the tokenizer's EOS; BOS comes first iff the
+  tokenizer has a BOS id distinct from its EOS (Llama and Gemma tokenizers and the SentencePiece
+  model trained here have one; Qwen and GPT-2 style ones do not), so one rule gives each model
+  family what it was trained with. Ids are
+  little-endian `uint16` when every id fits (vocab_size <= 65,535) and `uint32` otherwise (Qwen's
+  151k); `shard-NNNNN.idx` is little-endian `int64`: the offset of each document's first token, then
+  the total length (n + 1 values), so document i is `bin[idx[i]:idx[i+1]]`, its BOS and EOS
+  included. `numpy.memmap` reads both; `token_layout` says which dtype and ids a mix used.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -21,18 +27,35 @@ import zstandard
 
 from synth_cpt.core.storage import Storage
 
+if TYPE_CHECKING:
+    from synth_cpt.corpus.tokenizer import TokenCounter
+
 EXTENSIONS = {"parquet": "parquet", "jsonl.zst": "jsonl.zst", "tokens": "bin"}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest dtype that holds every id of a vocabulary of `vocab_size` (largest id + 1)."""
     return np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
+
+
+def document_bos(tokenizer: TokenCounter) -> int | None:
+    """The BOS written before each document: the tokenizer's, when it has one distinct from its EOS."""
+    return tokenizer.bos_id if tokenizer.bos_id is not None and tokenizer.bos_id != tokenizer.eos_id else None
+
+
+def token_layout(tokenizer: TokenCounter) -> dict[str, Any]:
+    """What a reader of `.bin` shards needs to know besides the files (recorded in a mix's manifest)."""
+    return {"tokenizer_kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "dtype": token_dtype(tokenizer.vocab_size).name,
+            "bos_id": document_bos(tokenizer), "eos_id": tokenizer.eos_id}  # fmt: skip
 
 
 def shard_name(index: int, fmt: str) -> str:
     return f"shard-{index:05d}.{EXTENSIONS[fmt]}"
 
 
-def write_shard(storage: Storage, folder: str, index: int, rows: pl.DataFrame, fmt: str, tokenizer: Any | None = None) -> list[str]:
+def write_shard(
+    storage: Storage, folder: str, index: int, rows: pl.DataFrame, fmt: str, tokenizer: TokenCounter | None = None
+) -> list[str]:
     """Write one shard in one format; returns the keys written (atomically, each)."""
     key = f"{folder}/{shard_name(index, fmt)}"
     if fmt == "parquet":
@@ -45,14 +68,19 @@ def write_shard(storage: Storage, folder: str, index: int, rows: pl.DataFrame, f
         return [key]
     if fmt == "tokens":
         if tokenizer is None:
-            raise ValueError("the tokens format needs the project tokenizer")
-        eos = tokenizer.processor.eos_id()
-        if eos < 0:
-            raise ValueError("the tokenizer has no EOS id: the tokens format separates documents with EOS")
-        ids = tokenizer.processor.encode(rows["text"].to_list(), num_threads=2)
-        lengths = np.fromiter((len(d) + 1 for d in ids), dtype=np.int64, count=len(ids))
+            raise ValueError("the tokens format needs the target tokenizer")
+        eos = tokenizer.eos_id
+        if eos is None:
+            raise ValueError(f"the {tokenizer.kind} tokenizer has no EOS id: the tokens format separates documents with EOS")
+        head = [] if (bos := document_bos(tokenizer)) is None else [bos]
+        ids = tokenizer.encode(rows["text"].to_list())
+        lengths = np.fromiter((len(head) + len(d) + 1 for d in ids), dtype=np.int64, count=len(ids))
         index_values = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
-        flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=token_dtype(tokenizer.vocab_size), count=int(lengths.sum()))
+        dtype = token_dtype(tokenizer.vocab_size)
+        flat = np.fromiter((t for doc in ids for t in (*head, *doc, eos)), dtype=np.int64, count=int(lengths.sum()))
+        if flat.size and (flat.min() < 0 or flat.max() > np.iinfo(dtype).max):  # never wrap an id around silently
+            raise ValueError(f"token id {int(flat.max())} does not fit {dtype.name} (vocab_size {tokenizer.vocab_size})")
+        flat = flat.astype(dtype)
         idx_key = key.removesuffix(".bin") + ".idx"
         storage.write_bytes(key, flat.tobytes())
         storage.write_bytes(idx_key, index_values.tobytes())
@@ -61,7 +89,7 @@ def write_shard(storage: Storage, folder: str, index: int, rows: pl.DataFrame, f
 
 
 def read_token_shard(bin_path: str | Path, vocab_size: int) -> list[np.ndarray]:
-    """The documents of a `.bin` shard (memory-mapped), each ending with its EOS."""
+    """The documents of a `.bin` shard (memory-mapped), each with its BOS (if written) and EOS."""
     bin_path = Path(bin_path)
     tokens = np.memmap(bin_path, dtype=token_dtype(vocab_size), mode="r")
     offsets = np.fromfile(bin_path.with_suffix(".idx"), dtype="<i8")
@@ -70,10 +98,20 @@ def read_token_shard(bin_path: str | Path, vocab_size: int) -> list[np.ndarray]:
     return [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
-def decode_token_shard(bin_path: str | Path, tokenizer: Any) -> list[str]:
-    """A tokens shard decoded back to its texts (EOS dropped)."""
-    eos = tokenizer.processor.eos_id()
-    return [tokenizer.processor.decode([int(t) for t in doc if t != eos]) for doc in read_token_shard(bin_path, tokenizer.vocab_size)]
+def decode_token_shard(bin_path: str | Path, tokenizer: TokenCounter) -> list[str]:
+    """A tokens shard decoded back to its texts with the tokenizer that wrote it, of either kind: the
+    framing BOS and final EOS dropped where present (shards written before BOS framing have none), the
+    text's own ids kept as they are."""
+    bos, eos = document_bos(tokenizer), tokenizer.eos_id
+    texts = []
+    for doc in read_token_shard(bin_path, tokenizer.vocab_size):
+        ids = [int(t) for t in doc]
+        if bos is not None and ids[:1] == [bos]:
+            ids = ids[1:]
+        if ids[-1:] == [eos]:
+            ids = ids[:-1]
+        texts.append(tokenizer.decode(ids))
+    return texts
 
 
 def read_jsonl_zst(data: bytes) -> list[dict[str, Any]]:
