@@ -101,7 +101,9 @@ def vllm_session(tmp_path_factory):
     Dagster, with SYNTH_CPT_MODELS pointing at the same converted model) use it instead of loading
     another one."""
     from synth_cpt.defs.resources import LLM
+    from synth_cpt.generation.settings import keep_engines
 
+    keep_engines()  # runs executed in this process share the one engine, as in the CLI
     saved = os.environ.get("SYNTH_CPT_MODELS")
     os.environ["SYNTH_CPT_MODELS"] = str(tmp_path_factory.mktemp("models"))
     root = tmp_path_factory.mktemp("vllm_home")

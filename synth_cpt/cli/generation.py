@@ -51,7 +51,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     config = load_config(args.config) if args.config else load_config()
     requests = _read_chat_requests(args.input)
-    fields = {"backend": args.backend}
+    fields = {"backend": args.backend} if args.backend else {}
     if args.model:
         fields["model"] = args.model
     if args.endpoint:
@@ -62,7 +62,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         fields["model_revision"] = args.model_revision
     if args.speculative:
         fields["speculative"] = args.speculative
-    llm = LLM(**fields)
+    llm = LLM(**{**config.generation_settings().model_dump(), **fields})
     console = Console(stderr=True)
     root = config.storage_uri()
     columns = (
@@ -102,6 +102,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"{report.failed} failed, {report.rejected} rejected, {report.completion_tokens:,} output tokens, {report.tokens_per_s:,.0f} tok/s"
     )
     return 1 if report.failed else 0
+
+
+def print_generator(args: argparse.Namespace) -> None:
+    """Before anything is generated: which model, its fingerprint and which engine the runs will use."""
+    from synth_cpt.generation.settings import LLMSettings
+
+    config = load_config(args.config) if args.config else load_config()
+    console = Console(stderr=True)
+    settings = LLMSettings(**config.generation_settings().model_dump())
+    about = settings.describe(config.storage_uri(), log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    console.print(f"model {about['model']}  fingerprint {about['fingerprint']}  engine: {about['engine']}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the configured model with `vllm serve` on 127.0.0.1 until stopped: every Dagster run of this
+    machine then sends its requests there and loads no model."""
+    from synth_cpt.generation.settings import LLMSettings, ServeError
+
+    config = load_config(args.config) if args.config else load_config()
+    console = Console(stderr=True)
+    settings = LLMSettings(**config.generation_settings().model_dump())
+
+    def ready(record) -> None:
+        console.print(
+            f"serving {record.served_model_name} (revision {record.revision}) at {record.url}, loaded in {record.load_seconds:g} s; "
+            f"vLLM's log: {record.log}. Runs of this machine now send their requests here. Ctrl-C stops it."
+        )
+
+    try:
+        code = settings.serve(config.storage_uri(), port=args.port, timeout_s=args.timeout, log=console.print, on_ready=ready)
+    except ServeError as exc:
+        console.print(f"synth-cpt serve: {exc}")
+        return 2
+    console.print(f"synth-cpt serve: the server stopped ({code})")
+    return 0 if code in (0, -15, 143) else 1
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -144,6 +179,10 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from synth_cpt.defs.synthesis import GROUP
 
+    from synth_cpt.generation.settings import keep_engines
+
+    keep_engines()  # every partition's run in this process uses the one loaded engine
+    print_generator(args)
     rows, failures, partitions, root = materialize_group(args, GROUP, "synthesize")
     _print_synthesis(wide_console(), rows, root, partitions)
     return report_failures(failures)
@@ -189,14 +228,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "input", help='JSONL, one {"messages": [...], "max_tokens": .., "temperature": .., "seed": .., "json_schema": {..}} per line'
     )
     gen.add_argument("--output", help="results as JSONL, in input order (default: stdout)")
-    gen.add_argument("--backend", choices=["vllm", "openai"], default="vllm")
-    gen.add_argument("--model", help="'embedded' (default), a local model folder or a model name")
+    gen.add_argument("--backend", choices=["vllm", "openai"], help="default: the config's generation.backend")
+    gen.add_argument("--model", help="'embedded', a local model folder or a model name (default: the config's generation.model)")
     gen.add_argument("--endpoint", action="append", help="OpenAI-compatible base URL (repeat for a fleet)")
     gen.add_argument("--served-model-name", help="model name the servers expose (openai backend)")
     gen.add_argument("--model-revision", help="which weights stand behind the served name (openai backend; part of the fingerprint)")
     gen.add_argument("--speculative", choices=["auto", "on", "off"], help="n-gram speculative decoding (vllm backend; default auto)")
     gen.add_argument("--scope", default="adhoc", help="where in the cache the results are stored and looked up first (default: adhoc)")
     gen.set_defaults(func=cmd_generate)
+    srv = sub.add_parser("serve", help="serve the configured model with `vllm serve` on 127.0.0.1: every run of this machine uses it")
+    srv.add_argument("--port", type=int, default=8011, help="port on 127.0.0.1 (default 8011)")
+    srv.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the model to load (default 900)")
+    srv.set_defaults(func=cmd_serve)
     cache = sub.add_parser("cache", help="the generation cache: figures, or compact each scope's segments into one")
     cache.add_argument("action", choices=["stats", "compact"])
     cache.add_argument("--scope", help="compact only this scope, e.g. rewrites_easy/pt/high (default: every scope)")

@@ -77,7 +77,7 @@ def cmd_prompts(args: argparse.Namespace) -> int:
             prompt, doc, quality, storage=storage, count=TokenCounter.from_storage(storage).count, seed=config.seeds.synthesis,
             budget=Budget(e.relations_per_document, e.tokens_per_document, e.triples),
             relation_prompts={n: load_prompt("entigraph", n) for n in ("pair", "triple")},
-            engine=LLM().engine(storage, config.storage_uri()) if needs_cache else None,
+            engine=LLM.from_config(config).engine(storage, config.storage_uri()) if needs_cache else None,
         )  # fmt: skip
         for item in items:
             header = dict(item.header)

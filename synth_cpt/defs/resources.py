@@ -37,5 +37,11 @@ class PipelineResource(ConfigurableResource):
 
 
 class LLM(ConfigurableResource, LLMSettings):
-    """Generation settings (see LLMSettings for every field). Defaults run the embedded SmolLM2-135M on the
-    CPU build of vLLM."""
+    """Generation settings (every field is in core.config.GenerationConfig). The Definitions build it from the
+    config's `generation:` section, so every run uses the configured model; the launchpad can override a field
+    per run. Defaults run the embedded SmolLM2-135M on the CPU build of vLLM."""
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig) -> "LLM":
+        """The config's generation section, with SYNTH_CPT_MODEL / SYNTH_CPT_ENDPOINTS applied."""
+        return cls(**config.generation_settings().model_dump())

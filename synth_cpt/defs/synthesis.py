@@ -32,6 +32,7 @@ from synth_cpt.corpus.tokenizer import TokenCounter
 from synth_cpt.defs.checks import check_result, publish_spec, rejected_result
 from synth_cpt.defs.partitions import corpus_partitions, split_corpus_key
 from synth_cpt.defs.resources import LLM, PipelineResource
+from synth_cpt.generation.settings import release_engines
 from synth_cpt.synthesis.entigraph import Budget
 from synth_cpt.synthesis.outputs import publish_tables
 from synth_cpt.synthesis.prompts import PromptError, load_kind, load_prompt
@@ -75,6 +76,7 @@ class EngineLease:
             return {"engine_loads": 0, "engine_load_seconds": 0.0}
         backend = self.engine.backend
         return {
+            "engine": backend.name,
             "engine_loads": backend.loads - self.loads_before,
             "engine_load_seconds": round(backend.load_seconds - self.load_seconds_before, 2),
         }
@@ -176,8 +178,15 @@ def build_synthesis_assets(config: PipelineConfig) -> list[AssetsDefinition]:
         selected = {key.to_user_string() for key in context.selected_asset_keys}
         inputs = partition_inputs(storage, cfg, language, quality, TokenCounter.from_storage(storage).count)
         lease = EngineLease(context, llm, storage, cfg.storage_uri())
-        minimum = cfg.synthesis.min_pass_rate
         context.log.info(f"{language}|{quality}: {len(inputs.documents)} documents of {len(inputs.subset_doc_ids)} in the subset")
+        try:
+            yield from _materialize(context, cfg, storage, inputs, lease, selected, language, quality)
+        finally:
+            if release_engines():  # a step process must be able to exit (see settings.keep_engines)
+                context.log.info("engine closed at the end of the step")
+
+    def _materialize(context, cfg, storage, inputs, lease, selected, language, quality):
+        minimum = cfg.synthesis.min_pass_rate
         graphs_rejected = False
         for asset in (a for a in order if a in selected):
             if asset == ENTIGRAPH_CORPUS and graphs_rejected:

@@ -215,7 +215,19 @@ class VLLMBackend(Backend):
             fill()
 
     def close(self) -> None:
-        self._llm = None
+        """Shut the engine core (its own process) down: a Dagster step process that loaded it can only
+        exit once it is gone (left running, it kept the run STARTED and held its memory)."""
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # already gone, or an engine without a core client: nothing left to stop
+            pass
+        del llm
+        import gc
+
+        gc.collect()
 
 
 class RetryableError(Exception):

