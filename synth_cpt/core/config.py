@@ -173,9 +173,13 @@ class SubsetsConfig(_Strict):
 
 
 class TokenizerConfig(_Strict):
-    """The SentencePiece model used for every token count."""
+    """The target tokenizer behind every token count and `.bin` shard: a configured file, or a SentencePiece model trained here."""
 
-    model_file: str | None = None
+    model_file: str | None = Field(
+        None,
+        description="the target model's tokenizer: a SentencePiece .model or a Hugging Face tokenizer.json (told apart by content; "
+        "a tokenizer_config.json beside it names BOS/EOS), local path or s3://; null trains a SentencePiece model on a raw_corpus sample",
+    )
     vocab_size: int = Field(8000, ge=512, le=1_000_000, description="byte fallback takes 256 pieces")
     sample_documents: int = Field(20_000, gt=0)
     character_coverage: float = Field(0.9995, gt=0.0, le=1.0)
