@@ -79,7 +79,23 @@ def test_a_file_that_is_not_what_its_name_says_is_recorded_not_raised(tmp_path, 
     report, docs, quarantine, manifest = _ingest(tmp_path, name, b"this is plain text, not a compressed file\n" * 20)
     assert docs.height == 0 and report.records == 0
     assert quarantine["reason_code"].to_list() == [Q.UNREADABLE_FILE]
-    assert manifest["complete"] is False and not manifest["accepted"]
+    assert quarantine["reason"][0].startswith("no record could be read from the file: ")
+    assert manifest["complete"] is False and not manifest["accepted"] and manifest["damage_code"] == Q.UNREADABLE_FILE
+    if name != "d.parquet":
+        kind = {"d.jsonl.zst": "zstd", "d.jsonl.gz": "gzip"}[name]
+        assert manifest["damage"].startswith(f"not {kind}-compressed data: "), "said in words, not only the decompressor's"
+
+
+@pytest.mark.parametrize("name", ["d.jsonl.zst", "d.jsonl.gz"])
+def test_an_empty_compressed_file_is_unreadable_but_an_empty_jsonl_is_just_empty(tmp_path, name):
+    report, docs, quarantine, manifest = _ingest(tmp_path, name, b"")
+    assert quarantine["reason_code"].to_list() == [Q.UNREADABLE_FILE] and "the file is empty" in manifest["damage"]
+    assert not manifest["accepted"]
+    report, docs, quarantine, manifest = _ingest(tmp_path / "plain", "d.jsonl", b"")
+    assert quarantine.height == 0 and manifest["complete"] is True and manifest["accepted"] is True
+    nothing = gzip.compress(b"") if name.endswith(".gz") else zstandard.ZstdCompressor().compress(b"")
+    whole = _ingest(tmp_path / "whole", name, nothing)[3]  # a compressed stream of nothing: a drop with no records, not damage
+    assert whole["complete"] is True and whole["records"] == 0
 
 
 def test_a_damaged_parquet_row_group_loses_only_that_group(tmp_path):

@@ -152,3 +152,7 @@ def test_a_file_still_being_written_is_not_taken(tmp_path, isolated_env):
     (drop,) = list_drops(LocalStorage(drops), ("*.jsonl",)).drops
     later = drop.changed_ns + int(3601e9)
     assert plan_drops(LocalStorage(tmp_path / "home"), [drop], 3600, now_ns=later).new == [drop], "taken once settled"
+    plan = plan_drops(LocalStorage(tmp_path / "home"), [drop], 3600, now_ns=drop.changed_ns + int(600e9))
+    assert plan.unsettled == [drop] and plan.settles_in == {drop.key: 3000.0}, "how long until it is settled"
+    early = drop.changed_ns - int(5e9)  # a clock behind the file's: settle 0 still takes it now
+    assert plan_drops(LocalStorage(tmp_path / "home"), [drop], 0, now_ns=early).new == [drop]

@@ -1,18 +1,40 @@
-"""`synth-cpt ingest`: new drops, then every asset the daemon would bring up to date."""
+"""`synth-cpt ingest`: new drops, once settled, then every asset the daemon would bring up to date.
+
+Exit status: 0 all good; 1 a blocking check failed or a run failed (a drop kept out, a file still
+changing after the longest wait); 2 a usage error (arguments, config, a drops location that is not there).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import time
+import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from synth_cpt.cli.common import QUIET_RUN_CONFIG, dagster_instance
-from synth_cpt.core.config import DROPS_ENV, load_config
+from synth_cpt.cli.common import dagster_instance, wide_console
+from synth_cpt.core.config import DROPS_ENV, PipelineConfig, load_config
+from synth_cpt.core.layout import CRAWL_DROPS, QUALITY_SUBSETS, RAW_CORPUS, TOKENIZER, partition_file
+
+if TYPE_CHECKING:  # the pipeline's modules load when a command runs, not when the CLI starts
+    from synth_cpt.core.storage import Storage
+    from synth_cpt.ingest.drops import DropPlan
+    from synth_cpt.ingest.sources import Listing
+
+USAGE = 2
+# Dagster's console logger prints a failed step's stack trace at ERROR: the terminal gets one line per
+# failed run instead (the trace stays in the run's logs in the instance, where the UI shows it)
+SILENT_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+WAIT_LIMIT_SECONDS = 600.0  # waiting for files that keep changing ends here (or at twice --settle, if longer)
 
 
 def ingest_steps(defs, instance, new_drops: list[str]) -> list[tuple[list, str | None]]:
@@ -21,8 +43,6 @@ def ingest_steps(defs, instance, new_drops: list[str]) -> list[tuple[list, str |
     date by itself (it has an automation condition), for every partition. An asset added later joins
     this walk without a CLI change; GPU-bound generation assets stay out unless configured eager."""
     from dagster import AssetKey, AssetSelection, DynamicPartitionsDefinition
-
-    from synth_cpt.core.layout import CRAWL_DROPS
 
     graph = defs.resolve_asset_graph()
     root = AssetKey(CRAWL_DROPS)
@@ -45,33 +65,150 @@ def ingest_steps(defs, instance, new_drops: list[str]) -> list[tuple[list, str |
     return steps
 
 
+def wait_until_settled(
+    location: Storage,
+    storage: Storage,
+    config: PipelineConfig,
+    settle_seconds: float,
+    say: Callable[[str], None],
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[Listing, DropPlan]:
+    """List the drops and plan them (`plan_drops`, the sensor's own answer); while some are still
+    changing (being copied), say which and for how long, sleep until the youngest has settled, and plan
+    again: a file that changed meanwhile is waited for again. Waiting ends after WAIT_LIMIT_SECONDS (or
+    twice `settle_seconds`); what is still changing then stays in `plan.unsettled`, for the next run."""
+    from synth_cpt.ingest.drops import plan_drops
+    from synth_cpt.ingest.sources import list_drops
+
+    limit = max(WAIT_LIMIT_SECONDS, 2 * settle_seconds)
+    started = time.monotonic()
+    while True:
+        listing = list_drops(location, config.drops.patterns, config.drops.recursive)
+        now_ns = time.time_ns()
+        plan = plan_drops(storage, listing.drops, settle_seconds, now_ns=now_ns)
+        if not plan.unsettled:
+            return listing, plan
+        wait = max(plan.settles_in.values())
+        waited = time.monotonic() - started
+        if waited + wait > limit:
+            for drop in plan.unsettled:
+                say(
+                    f"[yellow]not settled[/yellow] {escape(drop.relative_path)}: still changing after {waited:.0f} s of waiting "
+                    f"(at most {limit:.0f} s); left for the next run"
+                )
+            return listing, plan
+        for drop in plan.unsettled:
+            age = (now_ns - drop.changed_ns) / 1e9
+            say(
+                f"[yellow]waiting[/yellow] for {escape(drop.relative_path)}: changed {age:.1f} s ago, "
+                f"settled in {plan.settles_in[drop.key]:.1f} s (--settle {settle_seconds:g})"
+            )
+        sleep(wait + 0.05)
+
+
+def missing_input(asset: str, partition: str | None, storage: Storage, config: PipelineConfig) -> str | None:
+    """Why a step of the ingest assets has nothing to work on, read from what is published, with the
+    functions the asset itself reads it with; None: it has its input, run it. An asset without a rule
+    here runs (unless an asset it depends on was skipped, see `cmd_ingest`)."""
+    from synth_cpt.corpus.tokenizer import published_tokenizer
+    from synth_cpt.ingest.dedup import drop_accepted
+    from synth_cpt.ingest.drops import ingested_drops
+
+    if asset == RAW_CORPUS:
+        lang, quality = str(partition).split("|")
+        if storage.exists(partition_file(RAW_CORPUS, lang, quality)):
+            return None  # published before: it follows the drops, even to empty when every drop is kept out
+        manifests = ingested_drops(storage)
+        if not manifests:
+            return "no drop is published in crawl_drops yet"
+        if not any(drop_accepted(m, config) and m["documents"] > 0 for m in manifests):  # build_raw_corpus's own rule
+            out = sum(not drop_accepted(m, config) for m in manifests)
+            return "no accepted drop with documents in crawl_drops yet" + (f" ({out} kept out by the quarantine_rate check)" if out else "")
+        return None
+    if asset == TOKENIZER:
+        if config.tokenizer.model_file:
+            return None  # a given model: nothing to train on is needed
+        rows = 0
+        for key in storage.list(RAW_CORPUS):  # what the asset trains on
+            if key.endswith(".parquet"):
+                with contextlib.closing(storage.parquet_file(key)) as pf:
+                    rows += pf.metadata.num_rows
+        return None if rows else "no accepted drop in raw_corpus yet: nothing to train it on (or set tokenizer.model_file)"
+    if asset == QUALITY_SUBSETS:
+        lang, quality = str(partition).split("|")
+        if not storage.exists(partition_file(RAW_CORPUS, lang, quality)):
+            return f"raw_corpus {partition} is not published"
+        try:
+            published_tokenizer(storage)
+        except FileNotFoundError:
+            return "tokenizer is not published"
+    return None
+
+
+def failure_line(result) -> str:
+    """The first line of why a run failed: the blocking check that failed, else the step's own error
+    (its innermost cause, not Dagster's wrapper)."""
+    from dagster import DagsterEventType
+
+    for event in result.all_events:
+        if event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
+            check = event.event_specific_data
+            if not check.passed and check.blocking:
+                detail = (check.description or "").strip().splitlines()
+                return f"blocking check {check.check_name} failed" + (f": {detail[0]}" if detail else "")
+    for event in result.all_events:
+        if event.is_step_failure or event.event_type == DagsterEventType.RUN_FAILURE:
+            error = getattr(event.event_specific_data, "error", None)
+            while error is not None and error.cause is not None:
+                error = error.cause
+            if error is not None:
+                return (error.message.strip().splitlines() or ["failed"])[0]
+            return (event.message or "failed").strip().splitlines()[0]
+    return "failed"
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     if args.drops:
         os.environ[DROPS_ENV] = args.drops
     config = load_config(args.config) if args.config else load_config()
     if args.config:
         os.environ["SYNTH_CPT_CONFIG"] = str(Path(args.config).resolve())
+    settle = config.drops.settle_seconds if args.settle is None else args.settle
 
-    from synth_cpt.defs.definitions import build_definitions
-    from synth_cpt.defs.partitions import crawl_drop_partitions
     from synth_cpt.defs.resources import open_location
-    from synth_cpt.ingest.drops import plan_drops, register_drop
+    from synth_cpt.ingest.drops import register_drop
     from synth_cpt.ingest.sources import list_drops
 
     console = Console(stderr=True)
-    instance = dagster_instance()
-    defs = build_definitions()
+
+    def say(line: str) -> None:  # one line, never folded (a terminal folds it; a log keeps it whole)
+        console.print(line, highlight=False, soft_wrap=True)
+
     storage = open_location(config.storage_uri())
     location = config.drops_uri()
-    listing = list_drops(open_location(location), config.drops.patterns, config.drops.recursive)
-    for line in listing.refused:
-        console.print(f"[yellow]refused[/yellow] {line}")
+    try:
+        drops_storage = open_location(location)
+        list_drops(drops_storage, config.drops.patterns, config.drops.recursive)  # a location that is not there is a usage error
+    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
+        say(f"synth-cpt ingest: drops location {escape(location)}: {escape(str(exc))}")
+        return USAGE
 
-    plan = plan_drops(storage, listing.drops, config.drops.settle_seconds)  # the sensor's own answer
-    for drop in plan.unsettled:
-        console.print(
-            f"[yellow]waiting[/yellow] {drop.relative_path}: changed under {config.drops.settle_seconds:g} s ago (still being copied?)"
-        )
+    if not os.environ.get("DAGSTER_HOME"):
+        dagster_instance()  # says how to set it, before any waiting
+    listing, plan = wait_until_settled(drops_storage, storage, config, settle, say)  # before Dagster loads: a wait starts at once
+    for line in listing.refused:
+        say(f"[yellow]refused[/yellow] {escape(line)}")
+
+    from dagster import AssetKey
+
+    from synth_cpt.defs.partitions import crawl_drop_partitions
+
+    instance = dagster_instance()
+    with warnings.catch_warnings():  # partitioned check specs are "preview" in Dagster: known, and not the user's business
+        warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec")
+        from synth_cpt.defs.definitions import build_definitions
+
+        defs = build_definitions()
     todo = plan.new
     for drop in todo:
         register_drop(storage, drop, location)
@@ -79,63 +216,99 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     new_keys = sorted({d.key for d in todo} - known)
     if new_keys:
         instance.add_dynamic_partitions(crawl_drop_partitions.name, new_keys)
-    console.print(
-        f"{len(listing.drops)} drop(s) in {location}: {len(todo)} new or changed, {len(plan.unchanged)} unchanged"
-        + (f", {len(plan.unsettled)} still being written" if plan.unsettled else "")
+    say(
+        f"{len(listing.drops)} drop(s) in {escape(location)}: {len(todo)} new or changed, {len(plan.unchanged)} unchanged"
+        + (f", {len(plan.unsettled)} still being written (left for the next run)" if plan.unsettled else "")
     )
 
-    corpus_keys = [f"{lang}|{q}" for lang in config.languages for q in config.quality.buckets]
+    graph = defs.resolve_asset_graph()
     steps = ingest_steps(defs, instance, [d.key for d in todo])
+    skipped: set[tuple[AssetKey, str | None]] = set()
     failures: list[str] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("materializing", total=len(steps))
         for keys, partition in steps:
-            names = ", ".join(k.to_user_string() for k in keys)
-            progress.update(task, description=f"{names} {partition or ''}".strip())
-            job = defs.resolve_implicit_job_def_def_for_assets(keys)
-            result = job.execute_in_process(
-                instance=instance,
-                partition_key=partition,
-                asset_selection=keys,
-                raise_on_error=False,
-                run_config=QUIET_RUN_CONFIG,
-                tags={"synth_cpt/launched_by": "synth-cpt ingest"},
-            )
-            if not result.success:
-                failures.append(f"{names} {partition or ''} (run {result.run_id})")
+            run: list = []
+            for key in keys:
+                name = key.to_user_string()
+                why = missing_input(name, partition, storage, config)
+                if why is None:  # an asset without its own rule: skipped when an asset it reads was
+                    parents = [(p, part) for p in sorted(graph.get(key).parent_keys, key=str) for part in (partition, None)]
+                    parent = next((pp for pp in parents if pp in skipped), None)
+                    why = f"{_label(parent[0].to_user_string(), parent[1])} was skipped" if parent else None
+                if why is None:
+                    run.append(key)
+                else:
+                    skipped.add((key, partition))
+                    say(f"{_label(name, partition)}: skipped, {escape(why)}")
+            if run:
+                names = _label(", ".join(k.to_user_string() for k in run), partition)
+                progress.update(task, description=names)
+                job = defs.resolve_implicit_job_def_def_for_assets(run)
+                result = job.execute_in_process(
+                    instance=instance,
+                    partition_key=partition,
+                    asset_selection=run,
+                    raise_on_error=False,
+                    run_config=SILENT_RUN_CONFIG,
+                    tags={"synth_cpt/launched_by": "synth-cpt ingest"},
+                )
+                if not result.success:
+                    why = failure_line(result)
+                    kept_out = _kept_out_because(storage, config, str(partition)) if run == [AssetKey(CRAWL_DROPS)] else []
+                    if kept_out and why.startswith("blocking check"):  # the drop's own words, not GX's
+                        why = why.split(":")[0] + ": " + "; ".join(kept_out)
+                    failures.append(f"{names}: {why} (run {result.run_id})")
             progress.advance(task)
+        progress.update(task, description="ingest")
 
-    _print_summary(Console(), storage, config, corpus_keys)
+    _print_summary(wide_console(), storage, config, [f"{lang}|{q}" for lang in config.languages for q in config.quality.buckets])
     if failures:
-        console.print("[red]failed runs (see them in the Dagster UI):[/red]")
+        console.print("[red]failed runs (their logs are in the Dagster UI):[/red]")
         for f in failures:
-            console.print(f"  - {f}")
-        return 1
-    return 0
+            say(f"  - {escape(f)}")
+    ran = {str(p) for keys, p in steps if AssetKey(CRAWL_DROPS) in keys}
+    kept_out = [d.key for d in listing.drops if d.key not in ran and _kept_out_because(storage, config, d.key)]
+    if kept_out:  # ingested before, still kept out: the drop's check has failed and nothing has changed since
+        say(
+            f"[red]kept out by the quarantine_rate check since an earlier run:[/red] {escape(', '.join(kept_out))} (see the crawl drops table)"
+        )
+    return 1 if failures or kept_out or plan.unsettled else 0
 
 
-def _print_summary(console: Console, storage, config, corpus_keys: list[str]) -> None:
+def _kept_out_because(storage: Storage, config: PipelineConfig, drop_id: str) -> list[str]:
+    from synth_cpt.ingest.dedup import drop_kept_out_because
+    from synth_cpt.ingest.drops import published
+
+    pointer = published(storage, drop_id)
+    return drop_kept_out_because(pointer["manifest"], config) if pointer else []
+
+
+def _label(asset: str, partition: str | None) -> str:
+    return f"{asset} {partition}" if partition else asset
+
+
+def _print_summary(console: Console, storage: Storage, config: PipelineConfig, corpus_keys: list[str]) -> None:
     import pyarrow.compute as pc
 
-    from synth_cpt.core.layout import QUALITY_SUBSETS, RAW_CORPUS, partition_file
+    from synth_cpt.ingest.dedup import drop_kept_out_because
     from synth_cpt.ingest.drops import ingested_drops
 
+    manifests = ingested_drops(storage)
+    kept_out = {m["drop_id"]: drop_kept_out_because(m, config) for m in manifests}  # today's limits, as raw_corpus judges
     drops = Table(title="crawl drops")
     drops.add_column("drop", overflow="fold")
     for col in ("records", "documents", "quarantined", "rate", "accepted"):
         drops.add_column(col, justify="right")
+    if any(kept_out.values()):
+        drops.add_column("kept out because", overflow="fold")
     reasons: Counter[str] = Counter()
-    for m in ingested_drops(storage):
+    for m in manifests:
         reasons.update(m["quarantine_by_reason"])
-        drops.add_row(
-            m["drop_id"],
-            f"{m['records']:,}",
-            f"{m['documents']:,}",
-            f"{m['quarantined']:,}",
-            f"{m['quarantine_rate']:.1%}",
-            "yes" if m["accepted"] else "NO",
-        )
+        why = kept_out[m["drop_id"]]
+        cells = [m["drop_id"], f"{m['records']:,}", f"{m['documents']:,}", f"{m['quarantined']:,}", f"{m['quarantine_rate']:.1%}"]
+        drops.add_row(*cells, "NO" if why else "yes", *([escape("; ".join(why))] if any(kept_out.values()) else []))
     console.print(drops)
 
     parts = Table(title="partitions (language|quality)")
@@ -162,7 +335,25 @@ def _print_summary(console: Console, storage, config, corpus_keys: list[str]) ->
     console.print(q)
 
 
+def _seconds(value: str) -> float:
+    seconds = float(value)
+    if not seconds >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds >= 0")
+    return seconds
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    ingest = sub.add_parser("ingest", help="register new drops, then materialize crawl_drops, raw_corpus, tokenizer, quality_subsets")
+    ingest = sub.add_parser(
+        "ingest",
+        help="register new drops (waiting for files still being copied), then materialize crawl_drops, raw_corpus, tokenizer, "
+        "quality_subsets; exit 0 all good, 1 a blocking check or a run failed, 2 usage",
+    )
     ingest.add_argument("--drops", help="drops location: a folder, s3://bucket/prefix (default: the config's drops.location)")
+    ingest.add_argument(
+        "--settle",
+        type=_seconds,
+        metavar="SECONDS",
+        help="wait until each file has not changed for this long (it may still be being copied); 0 takes them now "
+        "(default: the config's drops.settle_seconds)",
+    )
     ingest.set_defaults(func=cmd_ingest)

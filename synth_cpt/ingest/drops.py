@@ -47,7 +47,20 @@ def accepts(quarantine_rate: float, complete: bool, max_quarantine_rate: float, 
     """The one acceptance rule: over the quarantine rate, or damaged (unless partial files are
     accepted), a drop is kept out of raw_corpus (and its blocking check fails) until a good version
     arrives."""
-    return quarantine_rate <= max_quarantine_rate and (complete or accept_partial_files)
+    return not kept_out_because(quarantine_rate, complete, max_quarantine_rate, accept_partial_files)
+
+
+def kept_out_because(
+    quarantine_rate: float, complete: bool, max_quarantine_rate: float, accept_partial_files: bool, damage: str | None = None
+) -> list[str]:
+    """Why `accepts` says no, one sentence per broken rule (empty: accepted), so whoever shows a drop
+    kept out can say what to fix: the damage, or the rate against its limit."""
+    why = []
+    if not (complete or accept_partial_files):
+        why.append(damage or "the file is incomplete")
+    if quarantine_rate > max_quarantine_rate:
+        why.append(f"{quarantine_rate:.1%} of records quarantined, over limits.max_quarantine_rate={max_quarantine_rate:.1%}")
+    return why
 
 
 def published(storage: Storage, drop_id: str) -> dict | None:
@@ -94,6 +107,7 @@ class DropReport:
     max_quarantine_rate: float = 0.0
     complete: bool = True  # False: the file broke off (truncated, corrupt, not what its name says)
     damage: str | None = None  # what broke, where, and how much was read before
+    damage_code: str | None = None  # the reason code of the damage's quarantine row (truncated_file, unreadable_file)
     accept_partial_files: bool = False
     ingested_at: str = ""
     prefix: str = ""  # where the published version's files are
@@ -130,6 +144,7 @@ class DropPlan:
     unchanged: list[DropFile]  # published at this version
     unsettled: list[DropFile]  # local files still changing (being copied): next time
     requested: list[DropFile]  # asked for already (a run may be under way)
+    settles_in: dict[str, float] = field(default_factory=dict)  # unsettled drop key -> seconds until it is settled
 
 
 def plan_drops(
@@ -148,8 +163,9 @@ def plan_drops(
         pointer = published(storage, drop.key)
         if pointer is not None and pointer["manifest"].get("source_version") == drop.version:
             plan.unchanged.append(drop)
-        elif drop.changed_ns and now_ns - drop.changed_ns < settle_seconds * 1e9:
+        elif settle_seconds > 0 and drop.changed_ns and now_ns - drop.changed_ns < settle_seconds * 1e9:  # 0: take it now
             plan.unsettled.append(drop)
+            plan.settles_in[drop.key] = settle_seconds - (now_ns - drop.changed_ns) / 1e9
         elif (requested or {}).get(drop.key) == drop.version:
             plan.requested.append(drop)
         else:
@@ -245,6 +261,8 @@ def ingest_drop(
             if guard.damage is not None:
                 code = TRUNCATED_FILE if "TruncatedStream" in guard.damage or "EOFError" in guard.damage else UNREADABLE_FILE
                 broken = (code, guard.damage, guard.newlines + 1)
+            elif guard.compression and counter.count == 0:  # no compressed stream at all, not even an empty one
+                broken = (UNREADABLE_FILE, f"the file is empty: no {guard.compression}-compressed data", 1)
 
     schema = drop_documents(config)
     with (
@@ -283,17 +301,23 @@ def ingest_drop(
             code, what, where = broken
             read = counter.count if counter is not None else drop.size
             report.complete = False
+            report.damage_code = code
             report.damage = (
                 f"{what} (at line/row {where}; {read:,} of {drop.size:,} stored bytes read; "
                 f"{report.records:,} records before the break kept)"
             )
-            reason = (
-                f"the file is damaged, so records after line/row {where - 1} are missing: {report.damage}. "
-                "Deliver a complete file (or set limits.accept_partial_files to use what was read)."
-            )
+            if report.records == 0 and where <= 1:  # read to zero records: the same row, saying nothing was read
+                reason = f"no record could be read from the file: {report.damage}. Deliver a readable file in the format its name says."
+            else:
+                reason = (
+                    f"the file is damaged, so records after line/row {where - 1} are missing: {report.damage}. "
+                    "Deliver a complete file (or set limits.accept_partial_files to use what was read)."
+                )
             row = {"drop_id": drop.key, "source_file": drop.uri, "source_line": where, "reason_code": code, "reason": reason, "raw": ""}
             q_out.write_table(pa.Table.from_pylist([row], schema=QUARANTINE))
             reasons[code] += 1
+            if len(report.quarantine_sample) < SAMPLE_ROWS:
+                report.quarantine_sample.append({"source_line": where, "reason": reason})
     report.quarantine_by_reason = dict(sorted(reasons.items()))
     report.languages = dict(sorted(languages.items()))
     report.quality_sources = dict(sorted(qsources.items()))

@@ -146,10 +146,12 @@ class GuardedStream(io.RawIOBase):
     with a note instead of an exception, so every record before the break is kept and the break is
     recorded. I/O errors of the storage itself still raise: they are not the file's fault."""
 
-    def __init__(self, inner: IO[bytes]) -> None:
+    def __init__(self, inner: IO[bytes], compression: str | None = None) -> None:
         self.inner = inner
+        self.compression = compression  # "gzip", "zstd" or None (plain)
         self.damage: str | None = None
         self.newlines = 0
+        self.produced = 0  # decompressed bytes handed out
 
     def readable(self) -> bool:
         return True
@@ -164,10 +166,13 @@ class GuardedStream(io.RawIOBase):
             data = read(len(b))
         except DAMAGE as exc:
             self.damage = f"{type(exc).__name__}: {exc}"
+            if not self.produced and _not_compressed(exc):  # the first bytes already fail: it never was this format
+                self.damage = f"not {self.compression}-compressed data: {exc}"
             return 0
         n = len(data)
         b[:n] = data
         self.newlines += data.count(b"\n")
+        self.produced += n
         return n
 
     def close(self) -> None:
@@ -176,14 +181,22 @@ class GuardedStream(io.RawIOBase):
         super().close()
 
 
+def _not_compressed(exc: BaseException) -> bool:
+    """The decompressor's word for "these bytes do not start a stream of mine" (bad magic)."""
+    if isinstance(exc, gzip.BadGzipFile):
+        return str(exc).startswith("Not a gzipped file")
+    return isinstance(exc, zstandard.ZstdError) and "Unknown frame descriptor" in str(exc)
+
+
 def decompressed(raw: IO[bytes], fmt: str) -> tuple[IO[bytes], GuardedStream]:
     """A buffered, decompressing reader for a JSONL drop, and its guard (which says whether and where
     the stream broke)."""
     if fmt == "jsonl.gz":
         inner: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
+        compression: str | None = "gzip"
     elif fmt == "jsonl.zst":
-        inner = ZstdFrames(raw)
+        inner, compression = ZstdFrames(raw), "zstd"
     else:
-        inner = raw
-    guard = GuardedStream(inner)
+        inner, compression = raw, None
+    guard = GuardedStream(inner, compression)
     return io.BufferedReader(guard, buffer_size=1 << 20), guard
