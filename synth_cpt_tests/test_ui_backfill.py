@@ -138,7 +138,19 @@ def _backfill(ui: dict, assets: list[str], partitions: list[str], timeout_s: flo
 def _runs(ui: dict, backfill_id: str):
     from dagster import DagsterInstance, RunsFilter
 
-    with DagsterInstance.from_config(str(ui["dagster_home"])) as instance:
+    saved = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(ui["dagster_home"])  # the instance's dagster.yaml reads it
+    try:
+        return _read_runs(DagsterInstance, RunsFilter, backfill_id)
+    finally:
+        if saved is None:
+            os.environ.pop("DAGSTER_HOME", None)
+        else:
+            os.environ["DAGSTER_HOME"] = saved
+
+
+def _read_runs(DagsterInstance, RunsFilter, backfill_id: str):
+    with DagsterInstance.get() as instance:
         runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
         materialized = {}
         for run in runs:

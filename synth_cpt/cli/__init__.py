@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from synth_cpt.cli import generation, ingest, lineage, outputs, prompts
+from synth_cpt.cli.common import quiet_console
 from synth_cpt.core.config import ConfigError, load_config
 
 
@@ -30,10 +31,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that load Dagster, vLLM or transformers: their warnings and engine logs go to a log file.
+NOISY = {"ingest", "generate", "synthesize", "mix", "evals", "prompts", "serve"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        if args.command not in NOISY:
+            return args.func(args)
+        with quiet_console(args.command):
+            try:
+                return args.func(args)
+            finally:
+                from synth_cpt.generation.settings import release_engines
+
+                release_engines(force=True)  # while its shutdown messages still go to the log
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

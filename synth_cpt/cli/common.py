@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from synth_cpt.core.config import load_config
+from synth_cpt.core.config import ConfigError, load_config
 
 GPU_POOL = "gpu"
-QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# Dagster's console logger prints a failed step's stack trace at ERROR: the CLI prints one line per failed
+# run instead, and the trace stays in the run's logs (the UI).
+QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
 def dagster_instance():
@@ -28,6 +34,74 @@ def dagster_instance():
     if GPU_POOL not in storage.get_concurrency_keys():
         storage.set_concurrency_slots(GPU_POOL, 1)  # one engine per machine (DESIGN.md)
     return instance
+
+
+_TERMINAL: list = [None]  # the terminal's stderr while quiet_console sends fd 2 to a log file
+
+
+def terminal() -> Console:
+    """Where bars, tables and messages of a command go: the terminal, even while its stderr goes to a log."""
+    return Console(file=_TERMINAL[0]) if _TERMINAL[0] is not None else Console(stderr=True)
+
+
+def log_dir() -> Path:
+    """`<storage root>/logs` for a local root, else ~/.cache/synth-cpt/logs."""
+    try:
+        root = load_config().storage_uri()
+    except ConfigError:
+        root = "s3://"  # the command itself reports the config error
+    return Path(root) / "logs" if "://" not in root else Path.home() / ".cache" / "synth-cpt" / "logs"
+
+
+@contextlib.contextmanager
+def quiet_console(command: str) -> Iterator[Path | None]:
+    """vLLM, torch, transformers and Dagster write warnings, engine logs and stack traces to stderr, from this
+    process and from the engine's own processes: they go to a log file, named at the end, and the terminal
+    keeps the command's bars and tables. A stderr that is not the process's own (a test capturing it) is
+    left alone."""
+    try:
+        own = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        own = False
+    if not own or _TERMINAL[0] is not None:
+        yield None
+        return
+    folder = log_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    saved_env = {k: os.environ.get(k) for k in ("VLLM_CONFIGURE_LOGGING",)}
+    os.environ["VLLM_CONFIGURE_LOGGING"] = "0"  # vLLM's loggers then reach the root logger (below), not stdout
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    previous_level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(previous_level, logging.INFO) if previous_level else logging.INFO)
+    logging.captureWarnings(True)
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log_fd, 2)  # the engine's processes inherit it too
+    os.close(log_fd)
+    _TERMINAL[0] = os.fdopen(os.dup(saved_fd), "w", buffering=1)
+    try:
+        yield path
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        _TERMINAL[0].close()
+        _TERMINAL[0] = None
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+        handler.close()
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        Console(stderr=True).print(f"[dim]warnings and engine logs: {path}[/dim]")
 
 
 def wide_console(width: int = 160) -> Console:
@@ -46,7 +120,7 @@ def materialize_group(args: argparse.Namespace, group: str, label: str) -> tuple
 
     from synth_cpt.defs.definitions import build_definitions
 
-    console = Console(stderr=True)
+    console = terminal()
     instance = dagster_instance()
     defs = build_definitions()
     graph = defs.resolve_asset_graph()
@@ -82,7 +156,7 @@ def materialize_group(args: argparse.Namespace, group: str, label: str) -> tuple
 def report_failures(failures: list[str]) -> int:
     if not failures:
         return 0
-    console = Console(stderr=True)
+    console = terminal()
     console.print("[red]failed runs (see them in the Dagster UI):[/red]")
     for f in failures:
         console.print(f"  - {f}")

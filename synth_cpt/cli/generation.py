@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from synth_cpt.cli.common import materialize_group, report_failures, wide_console
+from synth_cpt.cli.common import materialize_group, report_failures, terminal, wide_console
 from synth_cpt.core.config import load_config
 from synth_cpt.core.layout import GENERATIONS
 
@@ -63,7 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.speculative:
         fields["speculative"] = args.speculative
     llm = LLM(**{**config.generation_settings().model_dump(), **fields})
-    console = Console(stderr=True)
+    console = terminal()
     root = config.storage_uri()
     columns = (
         TextColumn("{task.description}"),
@@ -109,7 +109,7 @@ def print_generator(args: argparse.Namespace) -> None:
     from synth_cpt.generation.settings import LLMSettings
 
     config = load_config(args.config) if args.config else load_config()
-    console = Console(stderr=True)
+    console = terminal()
     settings = LLMSettings(**config.generation_settings().model_dump())
     about = settings.describe(config.storage_uri(), log=lambda m: console.print(f"[dim]{m}[/dim]"))
     console.print(f"model {about['model']}  fingerprint {about['fingerprint']}  engine: {about['engine']}")
@@ -121,7 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from synth_cpt.generation.settings import LLMSettings, ServeError
 
     config = load_config(args.config) if args.config else load_config()
-    console = Console(stderr=True)
+    console = terminal()
     settings = LLMSettings(**config.generation_settings().model_dump())
 
     def ready(record) -> None:
@@ -178,7 +178,6 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     Dagster run per partition, all sharing one loaded engine."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from synth_cpt.defs.synthesis import GROUP
-
     from synth_cpt.generation.settings import keep_engines
 
     keep_engines()  # every partition's run in this process uses the one loaded engine

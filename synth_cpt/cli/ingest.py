@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from synth_cpt.cli.common import dagster_instance, wide_console
+from synth_cpt.cli.common import dagster_instance, terminal, wide_console
 from synth_cpt.core.config import DROPS_ENV, PipelineConfig, load_config
 from synth_cpt.core.layout import CRAWL_DROPS, QUALITY_SUBSETS, RAW_CORPUS, TOKENIZER, partition_file
 
@@ -179,7 +179,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from synth_cpt.ingest.drops import register_drop
     from synth_cpt.ingest.sources import list_drops
 
-    console = Console(stderr=True)
+    console = terminal()
 
     def say(line: str) -> None:  # one line, never folded (a terminal folds it; a log keeps it whole)
         console.print(line, highlight=False, soft_wrap=True)

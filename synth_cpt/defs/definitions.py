@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-
 from dagster import (
     AssetSelection,
     AutomationConditionSensorDefinition,
     DefaultSensorStatus,
     Definitions,
-    PreviewWarning,
     define_asset_job,
 )
 
@@ -34,10 +31,6 @@ SUBSETS_JOB = "quality_subsets_job"
 SYNTHESIS_JOB = "synthesis_job"
 MIX_JOB = "mix_job"
 EVALS_JOB = "evals_job"
-
-
-# Partitioned asset checks are "preview" in Dagster 1.13; we rely on them knowingly.
-warnings.filterwarnings("ignore", category=PreviewWarning, message=".*partitions_def on an AssetCheckSpec.*")
 
 
 # Declarative automation (eager downstream of a new drop), on by default when the daemon runs.

@@ -44,9 +44,9 @@ def keep_engines(keep: bool = True) -> None:
     _KEEP_ENGINES[0] = keep
 
 
-def release_engines() -> int:
-    """Close this process's shared engines unless it keeps them; returns how many were closed."""
-    if _KEEP_ENGINES[0]:
+def release_engines(force: bool = False) -> int:
+    """Close this process's shared engines unless it keeps them (or `force`); returns how many were closed."""
+    if _KEEP_ENGINES[0] and not force:
         return 0
     closed = 0
     for key in list(_BACKENDS):
