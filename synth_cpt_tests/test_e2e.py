@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -171,12 +172,21 @@ def test_synthesize_mix_evals_and_lineage_through_the_cli(ingested, tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "rewrites_medium" in first.stdout and "entity_graphs" in first.stdout and "pt|high" in first.stdout
     assert "engine loads in this process: 1 (" in first.stdout
+    # the model and its fingerprint are printed before anything is generated, and are the ones the rows carry
+    announced = re.search(r"model (\S+@sha256:[0-9a-f]{64})\s+fingerprint ([0-9a-f]{16})\s+engine: vLLM in this process", first.stderr)
+    assert announced, first.stderr[-3000:]
+    # a quiet console: vLLM's and Dagster's logs and warnings go to the log file named on the last line
+    log_file = Path(re.search(r"warnings and engine logs: (\S+\.log)", first.stderr.replace("\n", "")).group(1))
+    assert "EngineCore" in log_file.read_text(), "the engine's own processes write to the log file too"
+    assert not re.search(r"^\(EngineCore|^INFO|^WARNING|\bwarnings\.warn\(|Traceback", first.stderr, re.M), first.stderr[-3000:]
     sent = int(first.stdout.split("requests sent ", 1)[1].split(",", 1)[0].replace(",", ""))
     assert sent >= 2, first.stdout  # one rewrite chunk and one entity chunk at least
     home = base / "home"
     for asset in ("rewrites_medium", "entity_graphs"):
         pointer = json.loads((home / asset / "pt" / "high" / "current.json").read_text())
         assert pointer["files"] and all((home / pointer["prefix"] / f).is_file() for f in pointer["files"])
+    generated = duckdb.sql(f"select distinct model, model_fingerprint from read_parquet('{home}/generations/segments/**/*.parquet')").fetchall()
+    assert generated == [announced.groups()], generated
     second = _cli(args, env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "requests sent 0," in second.stdout and "engine loads in this process: 0 (" in second.stdout
