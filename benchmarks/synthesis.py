@@ -44,6 +44,7 @@ def main() -> None:
     from synth_cpt.corpus.tokenizer import TokenCounter
     from synth_cpt.defs.definitions import build_definitions
     from synth_cpt.defs.resources import LLM, PipelineResource
+    from synth_cpt.defs.synthesis import chunking_counter
     from synth_cpt.generation.cache import GenerationCache
     from synth_cpt.generation.engine import GenerationEngine
     from synth_cpt.synthesis.prompts import load_prompt
@@ -55,15 +56,16 @@ def main() -> None:
     cfg = load_config()
     storage = LocalStorage(work / "home")
     counter = TokenCounter.from_storage(storage)
-    inputs = partition_inputs(storage, cfg, language, quality, counter.count)
+    llm = LLM()
+    chunker, _ = chunking_counter(llm, str(work / "home"), counter, print)  # the asset's: the generator's tokenizer
+    inputs = partition_inputs(storage, cfg, language, quality, counter.count, chunker.count)
     prompt = load_prompt("rewrite", "medium")
     requests = [  # what rewrites_medium asks: every chunk of every document (the style is not autoregressive)
         prompt.request(d.language, seed=cfg.seeds.synthesis, text=c.text, context="", title=d.title or "")
         for d in inputs.documents
-        for c in document_chunks(prompt, d, counter.count)
+        for c in document_chunks(prompt, d, chunker.count)
     ]
 
-    llm = LLM()
     model_path, identity = llm.resolve_model(str(work / "home"))
     backend = llm.shared_backend(model_path)
     backend.prepare([])  # load once, outside both timings

@@ -35,6 +35,10 @@ class LLMWithTestDouble(LLM):
     def engine(self, storage, storage_root, log=None, progress=None):
         return GenerationEngine(DOUBLE["backend"], GenerationCache(storage), model="test-double", model_fingerprint="fp-double", log=log)
 
+    def generator_tokenizer_file(self, storage_root, log=None):
+        """The double serves no model folder: without generation.tokenizer the target tokenizer chunks."""
+        return super().generator_tokenizer_file(storage_root, log) if self.tokenizer else None
+
 
 DOUBLE: dict = {}
 
@@ -111,6 +115,7 @@ def test_generation_assets_publish_rows_with_lineage_and_rerun_sends_nothing(pip
     assert "not routed" not in json.dumps(meta["rewrites_medium"]) and meta["rewrites_medium"]["sent"] > 0
     assert "does not route" in meta["rewrites_distill"]["not_routed"] or "applies to buckets" in meta["rewrites_distill"]["not_routed"]
     assert meta["rewrites_distill"]["dagster/row_count"] == 0
+    assert {m["chunking_tokenizer"]["tokenizer"] for m in meta.values()} == {"target"}  # the double names no generator tokenizer
     evals = [e.event_specific_data for e in first.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     assert {(ev.asset_key.to_user_string(), ev.check_name) for ev in evals} == {(a, c) for a in wanted for c in ("rows_valid", "pass_rate")}
     assert all(ev.passed for ev in evals)

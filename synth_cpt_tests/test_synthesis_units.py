@@ -316,7 +316,7 @@ def test_rewrite_rows_carry_lineage_and_rerun_sends_nothing(tmp_path, counter):
     docs = [doc(1, PT_TEXT), doc(2, " ".join([PT_TEXT] * 3))]
     backend = DeterministicTestBackend(reply=lambda p: "Texto reescrito com cuidado sobre o " + p.request.messages[-1][1][-40:])
     engine = engine_with(tmp_path, backend)
-    result = rewrite_documents(engine, prompt, docs, count=counter.count, gate=gate(counter), scope="rewrites_medium/pt/high")
+    result = rewrite_documents(engine, prompt, docs, prompt_count=counter.count, gate=gate(counter), scope="rewrites_medium/pt/high")
     rows, rejects = result.frames()
     assert rows.height + rejects.height == 2
     long_doc = [r for r in rows.to_dicts() + rejects.to_dicts() if r["doc_id"] == "d002"][0]
@@ -325,7 +325,7 @@ def test_rewrite_rows_carry_lineage_and_rerun_sends_nothing(tmp_path, counter):
     assert set(cached["request_id"].to_list()) == {rid for ids in rows["request_ids"].to_list() for rid in ids}
     assert set(rows["prompt_sha"].to_list()) <= {prompt.sha} and set(rows["model_fingerprint"].to_list()) <= {"fp-double"}
     sent = len(backend.sent)
-    again = rewrite_documents(engine, prompt, docs, count=counter.count, gate=gate(counter), scope="rewrites_medium/pt/high")
+    again = rewrite_documents(engine, prompt, docs, prompt_count=counter.count, gate=gate(counter), scope="rewrites_medium/pt/high")
     assert len(backend.sent) == sent and again.batch.metadata()["sent"] == 0
     assert again.frames()[0].equals(rows)
 
@@ -339,7 +339,7 @@ def test_a_failed_chunk_rejects_the_whole_document(tmp_path, counter):
         for c in chunk_document(long_doc.text, prompt.spec.chunking.max_input_tokens, counter.count, "sentences", "pt")
     ]
     engine.backend.fail_ids = {requests[1].request_id("fp-double")}
-    result = rewrite_documents(engine, prompt, [long_doc], count=counter.count, gate=gate(counter), scope="s")
+    result = rewrite_documents(engine, prompt, [long_doc], prompt_count=counter.count, gate=gate(counter), scope="s")
     rows, rejects = result.frames()
     assert rows.height == 0 and rejects["reason_code"].to_list() == [fid.FAILED] and rejects["chunk_index"].to_list() == [1]
 
@@ -365,7 +365,7 @@ def test_autoregressive_chains_carry_context_and_advance_together(tmp_path, coun
     engine = engine_with(tmp_path, backend)
     docs = [doc(i, " ".join(f"Documento {i}, parte {k}. {PT_TEXT}" for k in range(n))) for i, n in ((1, 2), (2, 1), (3, 3))]
     chunks = {d.doc_id: chunk_document(d.text, 40, counter.count, "sentences", "pt") for d in docs}
-    result = rewrite_documents(engine, prompt, docs, count=counter.count, gate=gate(counter), scope="s")
+    result = rewrite_documents(engine, prompt, docs, prompt_count=counter.count, gate=gate(counter), scope="s")
     rows, _ = result.frames()
     assert rows.height == 3 and len(backend.batches) == 1, "every chain in one engine run"
     # chunk k is sent only after chunk k-1 is back, and with no barrier between positions: at every step
@@ -398,10 +398,10 @@ def test_preview_renders_exactly_what_is_sent(tmp_path, counter):
     backend = DeterministicTestBackend(reply=lambda p: "R[" + p.request.messages[-1][1][-12:] + "]")
     engine = engine_with(tmp_path, backend)
     document = doc(1, " ".join(f"Documento 1, parte {k}. {PT_TEXT}" for k in range(3)))
-    kwargs = dict(storage=engine.cache.storage, count=counter.count, seed=7, budget=Budget(4), relation_prompts={}, engine=engine)
+    kwargs = dict(storage=engine.cache.storage, prompt_count=counter.count, seed=7, budget=Budget(4), relation_prompts={}, engine=engine)
     before = preview(prompt, document, "high", **kwargs)
     assert len(before) >= 3 and before[0].request is not None and all(i.request is None and i.note for i in before[1:])
-    rewrite_documents(engine, prompt, [document], count=counter.count, gate=gate(counter), scope="rewrites_chain/pt/high", seed=7)
+    rewrite_documents(engine, prompt, [document], prompt_count=counter.count, gate=gate(counter), scope="rewrites_chain/pt/high", seed=7)
     after = preview(prompt, document, "high", **kwargs)
     assert [engine.request_ids([i.request])[0] for i in after] == backend.sent
     assert "ANTES: R[" in after[1].request.messages[-1][1]
@@ -415,13 +415,13 @@ def test_an_interrupted_chain_resumes_from_the_cache(tmp_path, counter):
     document = doc(1, " ".join(f"Documento 1, parte {k}. {PT_TEXT}" for k in range(2)))
     n = len(chunk_document(document.text, 40, counter.count, "sentences", "pt"))
     probe = DeterministicTestBackend(reply=reply)
-    rewrite_documents(engine_with(tmp_path / "probe", probe), prompt, [document], count=counter.count, gate=gate(counter), scope="s")
+    rewrite_documents(engine_with(tmp_path / "probe", probe), prompt, [document], prompt_count=counter.count, gate=gate(counter), scope="s")
     third = probe.sent[2]  # the id of chunk 2, which depends on chunks 0 and 1
     failing = DeterministicTestBackend(reply=reply, fail_ids={third})
-    first = rewrite_documents(engine_with(tmp_path, failing), prompt, [document], count=counter.count, gate=gate(counter), scope="s")
+    first = rewrite_documents(engine_with(tmp_path, failing), prompt, [document], prompt_count=counter.count, gate=gate(counter), scope="s")
     assert first.frames()[0].height == 0 and first.rejects[0]["reason_code"] == fid.FAILED and len(failing.sent) == 3
     again = DeterministicTestBackend(reply=reply)
-    second = rewrite_documents(engine_with(tmp_path, again), prompt, [document], count=counter.count, gate=gate(counter), scope="s")
+    second = rewrite_documents(engine_with(tmp_path, again), prompt, [document], prompt_count=counter.count, gate=gate(counter), scope="s")
     assert second.frames()[0].height == 1 and again.sent == probe.sent[2:] and len(probe.sent) == n
     assert second.batch.metadata()["cache_hits"] == 2
 
@@ -469,13 +469,13 @@ def test_entity_graphs_and_corpus_with_the_double(tmp_path, counter):
 
     engine = engine_with(tmp_path, DeterministicTestBackend(reply=reply))
     docs = [doc(1, SOURCE), doc(2, SOURCE + " Outra frase sobre Lisboa.")]
-    graphs = extract_entity_graphs(engine, prompts["entities"], docs, count=counter.count, scope="eg", seed=3)
+    graphs = extract_entity_graphs(engine, prompts["entities"], docs, prompt_count=counter.count, scope="eg", seed=3)
     assert graphs.summaries.height == 2
     assert graphs.entities.filter(graphs.entities["doc_id"] == "d001")["entity"].to_list() == ["Cabral", "Lisboa", "Brasil"]
     budget = Budget(relations=4)
     result, figures = relation_corpus(
         engine, prompts["pair"], prompts["triple"], prompts["entities"].sha, docs, graphs.summaries, graphs.entities,
-        count=counter.count, gate=gate(counter), scope="ec", seed=3, budget=budget,
+        prompt_count=counter.count, gate=gate(counter), scope="ec", seed=3, budget=budget,
     )  # fmt: skip
     assert figures.pairs_possible == 6 and figures.triples_possible == 2
     assert figures.pairs_planned == 6 and figures.triples_planned == 2  # 3 pairs + 1 triple per document
@@ -516,7 +516,7 @@ def test_optional_judge_gates_rewrites_that_passed_the_rules(tmp_path, counter, 
         return "Cabral chegou em 1500 ao Brasil, com 13 navios vindos de Lisboa, em março daquele ano."
 
     engine = engine_with(tmp_path, DeterministicTestBackend(reply=reply))
-    result = rewrite_documents(engine, prompt, [doc(1, SOURCE)], count=counter.count, gate=gate(counter), scope="s", judge=judge)
+    result = rewrite_documents(engine, prompt, [doc(1, SOURCE)], prompt_count=counter.count, gate=gate(counter), scope="s", judge=judge)
     rows, rejects = result.frames()
     if code is None:
         assert rows.height == 1 and rows["judge_request_id"][0] is not None
@@ -533,7 +533,7 @@ def test_rows_valid_requires_every_generation_in_the_cache(tmp_path, counter):
     from synth_cpt.synthesis.steps import _resolves
 
     engine = engine_with(tmp_path, DeterministicTestBackend(reply=lambda p: " ".join(reversed(PT_TEXT.split()))))
-    result = rewrite_documents(engine, load_prompt("rewrite", "medium"), [doc(1, PT_TEXT)], count=counter.count, gate=gate(counter), scope="s")
+    result = rewrite_documents(engine, load_prompt("rewrite", "medium"), [doc(1, PT_TEXT)], prompt_count=counter.count, gate=gate(counter), scope="s")
     rows, _ = result.frames()
     assert rows.height == 1
     good = _resolves(Outcome(True), engine, "s", rows)

@@ -62,9 +62,11 @@ def cmd_prompts(args: argparse.Namespace) -> int:
         # render: exactly the messages and sampling sent for a real document, chunk by chunk
         if not args.doc:
             raise SystemExit("synth-cpt prompts render: --doc <doc_id> names the document")
+        from synth_cpt.cli.common import terminal
         from synth_cpt.core.storage import open_storage
         from synth_cpt.corpus.tokenizer import TokenCounter
         from synth_cpt.defs.resources import LLM
+        from synth_cpt.defs.synthesis import chunking_counter
         from synth_cpt.synthesis.entigraph import Budget
         from synth_cpt.synthesis.preview import preview
 
@@ -73,11 +75,17 @@ def cmd_prompts(args: argparse.Namespace) -> int:
         doc, quality = _find_document(storage, config, args.doc)
         e = config.synthesis.entigraph
         needs_cache = kind == "rewrite" and prompt.spec.chunking.autoregressive
+        llm = LLM.from_config(config)
+        console = terminal()
+        # the assets' own choice of counter: a chunk shown is a chunk sent
+        prompt_counter, _ = chunking_counter(
+            llm, config.storage_uri(), TokenCounter.from_storage(storage), log=lambda m: console.print(m, markup=False, highlight=False)
+        )
         items = preview(
-            prompt, doc, quality, storage=storage, count=TokenCounter.from_storage(storage).count, seed=config.seeds.synthesis,
+            prompt, doc, quality, storage=storage, prompt_count=prompt_counter.count, seed=config.seeds.synthesis,
             budget=Budget(e.relations_per_document, e.tokens_per_document, e.triples),
             relation_prompts={n: load_prompt("entigraph", n) for n in ("pair", "triple")},
-            engine=LLM.from_config(config).engine(storage, config.storage_uri()) if needs_cache else None,
+            engine=llm.engine(storage, config.storage_uri()) if needs_cache else None,
         )  # fmt: skip
         for item in items:
             header = dict(item.header)

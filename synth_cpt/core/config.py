@@ -291,6 +291,12 @@ class GenerationConfig(BaseModel):
         "digest). The fingerprint is served model name + model_revision and the servers' weights are not visible from here: "
         "set a new revision when the weights behind a name change, or their cached answers are reused.",
     )
+    tokenizer: str | None = Field(
+        None,
+        description="a tokenizer.json of the served model, for chunking (prompts' max_input_tokens and context_tokens are the "
+        "generator's tokens). Default: none: the vllm backend uses its model folder's tokenizer.json, the openai backend the "
+        "target tokenizer; when set, it overrides the folder's. Rows, budgets and mixes are always counted by the target tokenizer.",
+    )
     api_key_env: str = Field("OPENAI_API_KEY", description="name of the environment variable holding the key (never the key)")
     concurrency: int = Field(32, ge=1, description="requests in flight (openai backend and a `synth-cpt serve`)")
     timeout_s: float = Field(120.0, gt=0)

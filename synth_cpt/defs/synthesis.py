@@ -8,9 +8,16 @@ is also shared by every later step in the same process (`LLMSettings.shared_back
 `synth-cpt synthesize`, which runs all partitions in one process, loads the model once in total.
 The `gpu` pool (one slot, `make instance`) keeps two runs from holding two engines on one machine.
 Assets stay separately materializable and each keeps its own checks, metadata and lineage.
+
+Two tokenizers (DESIGN.md "Configuration and tokenizers"): the generator's cuts what is sent (chunks,
+autoregressive context), the target's counts what is kept (rows' n_tokens, `tokens`, the gate's length
+rules). `chunking_counter` picks the generator's; each asset records it as `chunking_tokenizer`.
 """
 
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from dagster import (
     AssetExecutionContext,
@@ -32,7 +39,7 @@ from synth_cpt.corpus.tokenizer import TokenCounter
 from synth_cpt.defs.checks import check_result, publish_spec, rejected_result
 from synth_cpt.defs.partitions import corpus_partitions, split_corpus_key
 from synth_cpt.defs.resources import LLM, PipelineResource
-from synth_cpt.generation.settings import release_engines
+from synth_cpt.generation.settings import LLMSettings, release_engines
 from synth_cpt.synthesis.entigraph import Budget
 from synth_cpt.synthesis.outputs import publish_tables
 from synth_cpt.synthesis.prompts import PromptError, load_kind, load_prompt
@@ -53,6 +60,23 @@ GROUP = "synthesis"
 ENTIGRAPH_PROMPTS = ("entities", "pair", "triple")
 _ROWS = "every row has a synth_id, leads to a subset document and to its generations, names its prompt and model, has text in the partition's language."
 _PASS = "accepted / (accepted + rejected) is at least synthesis.min_pass_rate."
+
+
+def chunking_counter(
+    llm: LLMSettings, storage_root: str, target: TokenCounter, log: Callable[[str], None]
+) -> tuple[TokenCounter, dict[str, Any]]:
+    """The counter that cuts chunks and context (the generator's tokenizer, else the target's) and what to
+    record about it. The assets and `synth-cpt prompts render` both call this, so a preview chunks as a run does."""
+    path = llm.generator_tokenizer_file(storage_root, log=log)
+    if path is None:
+        log(
+            f"chunks are cut by the target tokenizer ({target.kind}, sha256 {target.sha256[:12]}): the generator's tokenizer "
+            "is not known (set generation.tokenizer to the served model's tokenizer.json)"
+        )
+        return target, {"tokenizer": "target", "kind": target.kind, "sha256": target.sha256}
+    counter = TokenCounter(Path(path).read_bytes(), name=str(path))
+    log(f"chunks are cut by the generator's tokenizer {path} ({counter.kind}, sha256 {counter.sha256[:12]}); rows by the target's")
+    return counter, {"tokenizer": "generator", "kind": counter.kind, "sha256": counter.sha256, "file": str(path)}
 
 
 class EngineLease:
@@ -176,16 +200,18 @@ def build_synthesis_assets(config: PipelineConfig) -> list[AssetsDefinition]:
         cfg, storage = pipeline.load(), pipeline.storage()
         language, quality = split_corpus_key(context.partition_key)
         selected = {key.to_user_string() for key in context.selected_asset_keys}
-        inputs = partition_inputs(storage, cfg, language, quality, TokenCounter.from_storage(storage).count)
+        target = TokenCounter.from_storage(storage)
+        prompt_counter, chunking = chunking_counter(llm, cfg.storage_uri(), target, context.log.info)
+        inputs = partition_inputs(storage, cfg, language, quality, target.count, prompt_counter.count)
         lease = EngineLease(context, llm, storage, cfg.storage_uri())
         context.log.info(f"{language}|{quality}: {len(inputs.documents)} documents of {len(inputs.subset_doc_ids)} in the subset")
         try:
-            yield from _materialize(context, cfg, storage, inputs, lease, selected, language, quality)
+            yield from _materialize(context, cfg, storage, inputs, lease, selected, language, quality, chunking)
         finally:
             if release_engines():  # a step process must be able to exit (see settings.keep_engines)
                 context.log.info("engine closed at the end of the step")
 
-    def _materialize(context, cfg, storage, inputs, lease, selected, language, quality):
+    def _materialize(context, cfg, storage, inputs, lease, selected, language, quality, chunking):
         minimum = cfg.synthesis.min_pass_rate
         graphs_rejected = False
         for asset in (a for a in order if a in selected):
@@ -206,6 +232,7 @@ def build_synthesis_assets(config: PipelineConfig) -> list[AssetsDefinition]:
                     step = empty_step(reason, minimum, empty)
                 else:
                     step = rewrite_step(lease.get(), inputs, prompt, judge, asset, minimum)
+            step.metadata["chunking_tokenizer"] = chunking
             published = yield from _publish(context, storage, asset, language, quality, step, lease)
             graphs_rejected = graphs_rejected or (asset == ENTITY_GRAPHS and not published)
 

@@ -103,6 +103,22 @@ class LLMSettings(GenerationConfig):
             path, label = snapshot, self.model  # vLLM loads the very snapshot that was hashed
         return str(path), f"{label}@sha256:{model_identity(path, log=log)['digest']}"
 
+    def generator_tokenizer_file(self, storage_root: str, log: Callable[[str], None] | None = None) -> Path | None:
+        """The generator's tokenizer.json, which chunking counts with so a chunk fits the prompt limits of the model
+        that reads it: `tokenizer` when set, else (vllm) the one in the folder `resolve_model` loads. None when
+        there is none (openai without `tokenizer`, a model known only by name): the target tokenizer chunks then.
+        A path only: loading it is the caller's (generation does not depend on corpus)."""
+        if self.tokenizer:
+            path = Path(self.tokenizer).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"generation.tokenizer {self.tokenizer} does not exist")
+            return path
+        if self.backend != "vllm":
+            return None
+        folder = Path(self.resolve_model(storage_root, log=log)[0])
+        found = folder / "tokenizer.json"
+        return found if found.is_file() else None
+
     def served_identity(self) -> str:
         """What the `model` column says for the openai backend: served name, and revision when one is set."""
         name = self.served_model_name or self.model
@@ -138,7 +154,7 @@ class LLMSettings(GenerationConfig):
         every run of the process, e.g. `synth-cpt synthesize` over all partitions) reuses its loaded
         engine instead of loading the model again."""
         key = json.dumps(
-            [model_ref, self.model_dump(exclude={"cache_root", "cache_prefix", "flush_every", "flush_seconds"})], sort_keys=True
+            [model_ref, self.model_dump(exclude={"cache_root", "cache_prefix", "flush_every", "flush_seconds", "tokenizer"})], sort_keys=True
         )
         backend = _BACKENDS.get(key)
         if backend is None:

@@ -1,10 +1,12 @@
-"""Documents cut into pieces a prompt can take, by real token counts (the project tokenizer).
+"""Documents cut into pieces a prompt can take, by real token counts of the generator's tokenizer.
 
 WRAP found that inputs much longer than ~300 tokens lose information when rewritten, and Nemotron-CC
 cuts on line breaks to each prompt's input limit; so a document becomes consecutive chunks that each
 fit `max_input_tokens`, cut on sentence (or line) boundaries, and that concatenate back to exactly
 the document. A single sentence longer than the limit is cut on whitespace, never mid-word unless a
-word alone is over the limit.
+word alone is over the limit. Every `count` here bounds what is sent, so callers pass the generator's
+counter (`prompt_count`; the target tokenizer's when the generator's is not known), never the one rows
+are counted with.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Literal
 
 from synth_cpt.text.sentences import line_spans, sentence_spans
 
-Count = Callable[[list[str]], list[int]]  # TokenCounter.count
+Count = Callable[[list[str]], list[int]]  # a TokenCounter's count: one token count per text
 _SPACE = re.compile(r"\s+")
 
 
@@ -26,7 +28,7 @@ class Chunk:
     start: int  # character offsets into the document
     end: int
     text: str
-    n_tokens: int
+    n_tokens: int  # by the counter that chunked (the generator's)
 
 
 def _longest_fit(text: str, pos: int, cuts: list[int], limit: int, count: Count) -> int | None:

@@ -5,6 +5,8 @@ chunks' summaries are joined and their entity lists merged (normalized, deduplic
 form kept). Steps 2-3 enumerate every pair, then every triple, of a document's entities, shuffle each
 list with a seed of (run seed, doc_id) so a document's plan does not depend on the others, and
 generate relation texts up to a per-document budget. The corpus is the summaries plus the relations.
+Documents are chunked by the generator's tokenizer (`prompt_count`: it bounds what is sent); every
+row's `n_tokens` is the target tokenizer's (`gate.count`: it counts data).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from synth_cpt.core.contracts import ENTITIES, ENTITY_SUMMARIES
 from synth_cpt.generation.engine import GenerationEngine
 from synth_cpt.generation.requests import ChatRequest
 from synth_cpt.generation.structured import parse_json_output
-from synth_cpt.synthesis.chunking import Chunk
+from synth_cpt.synthesis.chunking import Chunk, Count
 from synth_cpt.synthesis.fidelity import FAILED, GateContext, check_document, clean_piece
 from synth_cpt.synthesis.prompts import Prompt
 from synth_cpt.synthesis.rewrite import document_chunks, lineage
@@ -79,9 +81,10 @@ class EntityGraphs:
     result: SynthesisResult
 
 
-def entity_requests(prompt: Prompt, doc: SourceDocument, *, count: Any, seed: int) -> list[tuple[Chunk, ChatRequest]]:
-    """Step 1's request for each chunk of `doc`."""
-    return [(ch, prompt.request(doc.language, seed=seed, text=ch.text, title=doc.title or "")) for ch in document_chunks(prompt, doc, count)]
+def entity_requests(prompt: Prompt, doc: SourceDocument, *, prompt_count: Count, seed: int) -> list[tuple[Chunk, ChatRequest]]:
+    """Step 1's request for each chunk of `doc` (chunked by the generator's tokenizer)."""
+    chunks = document_chunks(prompt, doc, prompt_count)
+    return [(ch, prompt.request(doc.language, seed=seed, text=ch.text, title=doc.title or "")) for ch in chunks]
 
 
 def extract_entity_graphs(
@@ -89,7 +92,7 @@ def extract_entity_graphs(
     prompt: Prompt,
     documents: list[SourceDocument],
     *,
-    count: Any,
+    prompt_count: Count,
     scope: str,
     seed: int = 0,
     max_entities: int = 24,
@@ -97,7 +100,7 @@ def extract_entity_graphs(
     """Step 1 for every document; a document with a failed or unreadable chunk is rejected whole."""
     result = SynthesisResult()
     spec = prompt.spec
-    plans = [(doc, entity_requests(prompt, doc, count=count, seed=seed)) for doc in documents]
+    plans = [(doc, entity_requests(prompt, doc, prompt_count=prompt_count, seed=seed)) for doc in documents]
     plans = [(doc, asks) for doc, asks in plans if asks]
     requests = [req for _, asks in plans for _, req in asks]
     ids = iter(engine.request_ids(requests))
@@ -224,13 +227,13 @@ class RelationJob:
 
 
 def relation_jobs(
-    doc: SourceDocument, names: list[str], pair_prompt: Prompt, triple_prompt: Prompt, *, count: Any, seed: int, budget: Budget
+    doc: SourceDocument, names: list[str], pair_prompt: Prompt, triple_prompt: Prompt, *, prompt_count: Count, seed: int, budget: Budget
 ) -> list[RelationJob]:
     """The exact relation requests of one document: its budgeted plan, each combination asked about
     the chunk that mentions most of its entities (what `relation_corpus` sends and `prompts render` shows)."""
     limit = budget.per_document(max(pair_prompt.spec.output.max_tokens, triple_prompt.spec.output.max_tokens))
     plan = relation_plan(names, doc.doc_id, seed, limit, budget.triples)
-    chunks = document_chunks(pair_prompt, doc, count)
+    chunks = document_chunks(pair_prompt, doc, prompt_count)
     jobs = []
     for combo in plan:
         prompt = pair_prompt if len(combo) == 2 else triple_prompt
@@ -249,13 +252,14 @@ def relation_corpus(
     summaries: pl.DataFrame,
     entities: pl.DataFrame,
     *,
-    count: Any,
+    prompt_count: Count,
     gate: GateContext,
     scope: str,
     seed: int,
     budget: Budget,
 ) -> tuple[SynthesisResult, RelationFigures]:
-    """The EntiGraph corpus of a partition: every summary, and the budgeted relation texts."""
+    """The EntiGraph corpus of a partition: every summary, and the budgeted relation texts. Relations are
+    asked about chunks cut by `prompt_count` (the generator's); every row is counted by `gate.count` (the target's)."""
     result = SynthesisResult()
     figures = RelationFigures()
     docs = {d.doc_id: d for d in documents}
@@ -271,14 +275,14 @@ def relation_corpus(
                     "doc_id": doc.doc_id, "drop_id": doc.drop_id, "source_file": doc.source_file, "source_line": doc.source_line,
                     "request_ids": row["request_ids"], "prompt_sha": entities_prompt_sha, "model": row["model"],
                     "model_fingerprint": row["model_fingerprint"], "chunk_starts": None, "entities": names, "text": row["summary"],
-                    "language": doc.language, "n_tokens": count([row["summary"]])[0], "source_tokens": None, "length_ratio": None,
+                    "language": doc.language, "n_tokens": gate.count([row["summary"]])[0], "source_tokens": None, "length_ratio": None,
                     "number_coverage": None, "entity_coverage": None, "copy_similarity": None, "judge_request_id": None,
                 }
             )  # fmt: skip
         n = len(names)
         figures.pairs_possible += math.comb(n, 2)
         figures.triples_possible += math.comb(n, 3) if budget.triples else 0
-        doc_jobs = relation_jobs(doc, names, pair_prompt, triple_prompt, count=count, seed=seed, budget=budget)
+        doc_jobs = relation_jobs(doc, names, pair_prompt, triple_prompt, prompt_count=prompt_count, seed=seed, budget=budget)
         if names:
             figures.documents += 1
         figures.per_document[doc.doc_id] = len(doc_jobs)

@@ -218,7 +218,10 @@ Identify = Callable[[list[str]], tuple[list[str], list[float]]]
 
 @dataclass(frozen=True)
 class GateContext:
-    """What the document-level rules need besides the texts: token counts and language id."""
+    """What the document-level rules need besides the texts: token counts and language id. `count` is the
+    target tokenizer's: min_tokens, max_total_tokens and length_ratio measure the output as training data
+    (the generator's own limit is the request's max_tokens, which the engine enforces), and the figures
+    become the row's n_tokens and source_tokens."""
 
     count: Callable[[list[str]], list[int]]
     identify: Identify

@@ -78,10 +78,10 @@ class _Strict(BaseModel):
 
 
 class ChunkingSpec(_Strict):
-    max_input_tokens: int = Field(300, ge=16, description="tokens of source text per request (project tokenizer)")
+    max_input_tokens: int = Field(300, ge=16, description="tokens of source text per request (the generator's tokenizer)")
     split: Literal["sentences", "lines"] = "sentences"
     autoregressive: bool = Field(False, description="chunk k's request carries the rewritten chunks before it (Kimi K2)")
-    context_tokens: int = Field(0, ge=0, description="budget of preceding rewritten text carried when autoregressive")
+    context_tokens: int = Field(0, ge=0, description="preceding rewritten text carried when autoregressive (generator's tokens)")
 
     @model_validator(mode="after")
     def _context(self) -> ChunkingSpec:

@@ -5,6 +5,9 @@ rejected, the whole document is rejected (never silently shortened). With `autor
 (Kimi K2), chunk k's request carries the rewritten chunks before it, so it can only be asked once
 chunk k-1 is back: every document's chain runs in one engine run, each next chunk sent the moment
 the one before it returns, so the engine is kept full with all the chains' next chunks.
+
+Two counters: `prompt_count` (the generator's tokenizer) cuts chunks and the carried context, which
+bound what is sent; the gate's `count` (the target tokenizer) measures the output, which is data.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 from synth_cpt.generation.engine import GenerationEngine
 from synth_cpt.generation.requests import ChatRequest, Generation
 from synth_cpt.generation.structured import parse_json_output
-from synth_cpt.synthesis.chunking import Chunk, chunk_document, join_outputs, tail_within
+from synth_cpt.synthesis.chunking import Chunk, Count, chunk_document, join_outputs, tail_within
 from synth_cpt.synthesis.fidelity import FAILED, JUDGE, GateContext, Verdict, check_document, clean_piece
 from synth_cpt.synthesis.prompts import Prompt
 from synth_cpt.synthesis.rows import Answer, SourceDocument, SynthesisResult, cached_answers, synth_id
@@ -43,13 +46,16 @@ def lineage(doc: SourceDocument, prompt: Prompt, engine: GenerationEngine, reque
     }  # fmt: skip
 
 
-def document_chunks(prompt: Prompt, doc: SourceDocument, count: Any) -> list[Chunk]:
+def document_chunks(prompt: Prompt, doc: SourceDocument, prompt_count: Count) -> list[Chunk]:
+    """`doc` cut to the prompt's `max_input_tokens`, counted by the generator's tokenizer (what it bounds is the request)."""
     c = prompt.spec.chunking
-    return chunk_document(doc.text, c.max_input_tokens, count, c.split, doc.language)
+    return chunk_document(doc.text, c.max_input_tokens, prompt_count, c.split, doc.language)
 
 
-def chunk_request(prompt: Prompt, chain: Chain, k: int, seed: int, count: Any) -> ChatRequest:
-    context = tail_within(chain.outputs[:k], prompt.spec.chunking.context_tokens, count) if prompt.spec.chunking.autoregressive else ""
+def chunk_request(prompt: Prompt, chain: Chain, k: int, seed: int, prompt_count: Count) -> ChatRequest:
+    """Chunk k's request; an autoregressive one carries the rewritten chunks before it, up to `context_tokens` of the generator's."""
+    chunking = prompt.spec.chunking
+    context = tail_within(chain.outputs[:k], chunking.context_tokens, prompt_count) if chunking.autoregressive else ""
     return prompt.request(chain.doc.language, seed=seed, text=chain.chunks[k].text, context=context, title=chain.doc.title or "")
 
 
@@ -73,7 +79,7 @@ def _take(chain: Chain, k: int, answer: Answer | None, prompt: Prompt, result: S
 
 
 def run_chains(
-    engine: GenerationEngine, prompt: Prompt, chains: list[Chain], count: Any, seed: int, scope: str, result: SynthesisResult
+    engine: GenerationEngine, prompt: Prompt, chains: list[Chain], prompt_count: Count, seed: int, scope: str, result: SynthesisResult
 ) -> None:
     """Kimi K2's chunk-wise autoregressive rewriting of every document at once: each chain's chunk k is
     asked the moment its chunk k-1 is back (`follow`), so no chain waits for the slowest of the others
@@ -83,7 +89,7 @@ def run_chains(
     known: dict[str, Answer | None] = {}
 
     def ask(c: Chain, k: int) -> list[ChatRequest]:
-        request = chunk_request(prompt, c, k, seed, count)
+        request = chunk_request(prompt, c, k, seed, prompt_count)
         rid = engine.request_ids([request])[0]
         c.request_ids.append(rid)
         if rid in known:  # the same link of another chain is already back (identical chunk and context)
@@ -113,22 +119,23 @@ def rewrite_documents(
     prompt: Prompt,
     documents: list[SourceDocument],
     *,
-    count: Any,
+    prompt_count: Count,
     gate: GateContext,
     scope: str,
     seed: int = 0,
     judge: Prompt | None = None,
 ) -> SynthesisResult:
-    """Every document rewritten in `prompt`'s style, or rejected with the reason of the rule it broke."""
+    """Every document rewritten in `prompt`'s style, or rejected with the reason of the rule it broke.
+    `prompt_count` (the generator's tokenizer) cuts what is sent; `gate.count` (the target's) counts the rows."""
     result = SynthesisResult()
     spec = prompt.spec
-    chains = [Chain(doc, document_chunks(prompt, doc, count), [], []) for doc in documents]
+    chains = [Chain(doc, document_chunks(prompt, doc, prompt_count), [], []) for doc in documents]
     chains = [c for c in chains if c.chunks]
     result.chunks = sum(len(c.chunks) for c in chains)
     if spec.chunking.autoregressive:
-        run_chains(engine, prompt, chains, count, seed, scope, result)
+        run_chains(engine, prompt, chains, prompt_count, seed, scope, result)
     else:
-        requests = [chunk_request(prompt, c, k, seed, count) for c in chains for k in range(len(c.chunks))]
+        requests = [chunk_request(prompt, c, k, seed, prompt_count) for c in chains for k in range(len(c.chunks))]
         ids = iter(engine.request_ids(requests))
         for c in chains:
             c.request_ids = [next(ids) for _ in c.chunks]
@@ -168,19 +175,19 @@ def rewrite_documents(
 
 
 def preview_requests(
-    engine: GenerationEngine, prompt: Prompt, doc: SourceDocument, *, count: Any, scope: str, seed: int = 0
+    engine: GenerationEngine, prompt: Prompt, doc: SourceDocument, *, prompt_count: Count, scope: str, seed: int = 0
 ) -> list[tuple[Chunk, ChatRequest | None]]:
     """The exact request of each chunk of `doc`, as `rewrite_documents` would send it, sending nothing.
     With autoregressive chunking chunk k carries the cleaned outputs of the chunks before it: they are
     read from the cache, and where one is not there yet (or was rejected) the later requests cannot be
     known and are None."""
-    chain = Chain(doc, document_chunks(prompt, doc, count), [], [])
+    chain = Chain(doc, document_chunks(prompt, doc, prompt_count), [], [])
     out: list[tuple[Chunk, ChatRequest | None]] = []
     for k, chunk in enumerate(chain.chunks):
         if chain.failed:
             out.append((chunk, None))
             continue
-        request = chunk_request(prompt, chain, k, seed, count)
+        request = chunk_request(prompt, chain, k, seed, prompt_count)
         out.append((chunk, request))
         if prompt.spec.chunking.autoregressive and k + 1 < len(chain.chunks):
             rid = engine.request_ids([request])[0]

@@ -5,7 +5,6 @@ CLI and the benchmark call the same ones.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +26,7 @@ from synth_cpt.core.metadata import sample_markdown
 from synth_cpt.core.storage import Storage
 from synth_cpt.core.validation import Outcome, merge
 from synth_cpt.generation.engine import GenerationEngine
+from synth_cpt.synthesis.chunking import Count
 from synth_cpt.synthesis.entigraph import Budget, extract_entity_graphs, relation_corpus
 from synth_cpt.synthesis.fidelity import GateContext
 from synth_cpt.synthesis.outputs import published_table
@@ -43,25 +43,32 @@ SOURCE_COLUMNS = ["doc_id", "text", "language", "drop_id", "source_file", "sourc
 @dataclass
 class PartitionInputs:
     """What every generation step of a partition reads: its documents (the subset, capped), the
-    subset's doc_ids (for lineage checks), the token counter and the gate's tools."""
+    subset's doc_ids (for lineage checks), the two token counters and the gate's tools. `count` is the
+    target tokenizer's (rows' n_tokens, `tokens` metadata, the gate's length rules: data); `prompt_count`
+    is the generator's (chunks and carried context: what is sent)."""
 
     language: str
     quality: str
     documents: list[SourceDocument]
     subset_doc_ids: list[str]
-    count: Callable[[list[str]], list[int]]
+    count: Count
+    prompt_count: Count
     gate: GateContext
     seed: int
 
 
-def partition_inputs(storage: Storage, config: PipelineConfig, language: str, quality: str, count: Any) -> PartitionInputs:
+def partition_inputs(
+    storage: Storage, config: PipelineConfig, language: str, quality: str, count: Count, prompt_count: Count | None = None
+) -> PartitionInputs:
+    """The partition's inputs; without `prompt_count` (the generator's tokenizer is not known) the target counter chunks too."""
     frame = storage.read_parquet(partition_file(QUALITY_SUBSETS, language, quality), columns=SOURCE_COLUMNS)
     cap = config.synthesis.max_documents
     chosen = frame.head(cap) if cap is not None else frame  # the subset's own order: best score first
     gate = GateContext(count=count, identify=identify, min_language_confidence=config.synthesis.min_language_confidence)
     return PartitionInputs(
-        language, quality, SourceDocument.from_frame(chosen), frame["doc_id"].to_list(), count, gate, config.seeds.synthesis
-    )
+        language, quality, SourceDocument.from_frame(chosen), frame["doc_id"].to_list(), count, prompt_count or count, gate,
+        config.seeds.synthesis,
+    )  # fmt: skip
 
 
 @dataclass
@@ -119,7 +126,7 @@ def rewrite_step(
 ) -> StepOutput:
     scope = generation_scope(asset, inputs.language, inputs.quality)
     result = rewrite_documents(
-        engine, prompt, inputs.documents, count=inputs.count, gate=inputs.gate, scope=scope, seed=inputs.seed, judge=judge
+        engine, prompt, inputs.documents, prompt_count=inputs.prompt_count, gate=inputs.gate, scope=scope, seed=inputs.seed, judge=judge
     )
     rows, rejects = result.frames()
     rates = result.pass_rates()
@@ -145,7 +152,7 @@ def entity_graphs_step(
 ) -> StepOutput:
     scope = generation_scope(ENTITY_GRAPHS, inputs.language, inputs.quality)
     graphs = extract_entity_graphs(
-        engine, prompt, inputs.documents, count=inputs.count, scope=scope, seed=inputs.seed, max_entities=max_entities
+        engine, prompt, inputs.documents, prompt_count=inputs.prompt_count, scope=scope, seed=inputs.seed, max_entities=max_entities
     )
     _, rejects = graphs.result.frames()
     rates = graphs.result.pass_rates(accepted=graphs.summaries.height)
@@ -191,8 +198,8 @@ def entigraph_corpus_step(
     pair, triple = prompts["pair"], prompts["triple"]
     scope = generation_scope(asset, inputs.language, inputs.quality)
     result, figures = relation_corpus(
-        engine, pair, triple, prompts["entities"].sha, inputs.documents, summaries, entities, count=inputs.count,
-        gate=inputs.gate, scope=scope, seed=inputs.seed, budget=budget,
+        engine, pair, triple, prompts["entities"].sha, inputs.documents, summaries, entities,
+        prompt_count=inputs.prompt_count, gate=inputs.gate, scope=scope, seed=inputs.seed, budget=budget,
     )  # fmt: skip
     rows, rejects = result.frames()
     rates = result.pass_rates()
