@@ -44,6 +44,11 @@ def terminal() -> Console:
     return Console(file=_TERMINAL[0]) if _TERMINAL[0] is not None else Console(stderr=True)
 
 
+def say(message: str) -> None:
+    """One message on the terminal, as written: no markup, no wrapping (errors of commands whose stderr is a log)."""
+    terminal().print(message, markup=False, highlight=False, soft_wrap=True)
+
+
 def log_dir() -> Path:
     """`<storage root>/logs` for a local root, else ~/.cache/synth-cpt/logs."""
     try:

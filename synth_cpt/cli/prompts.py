@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from synth_cpt.cli.common import say, terminal
 from synth_cpt.core.config import load_config
 
 
@@ -62,7 +62,6 @@ def cmd_prompts(args: argparse.Namespace) -> int:
         # render: exactly the messages and sampling sent for a real document, chunk by chunk
         if not args.doc:
             raise SystemExit("synth-cpt prompts render: --doc <doc_id> names the document")
-        from synth_cpt.cli.common import terminal
         from synth_cpt.core.storage import open_storage
         from synth_cpt.corpus.tokenizer import TokenCounter
         from synth_cpt.defs.resources import LLM
@@ -99,7 +98,7 @@ def cmd_prompts(args: argparse.Namespace) -> int:
             print()
         return 0
     except PromptError as exc:
-        print(exc, file=sys.stderr)
+        say(str(exc))
         return 2
 
 
