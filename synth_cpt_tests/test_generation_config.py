@@ -98,7 +98,9 @@ def test_serve_command_carries_the_engine_arguments():
     assert "--no-enforce-eager" not in " ".join(serve_command("/m", "M", LLMSettings(enforce_eager=False).engine_args(), 1))
 
 
-class _Health(BaseHTTPRequestHandler):
+class HealthOnlyServerDouble(BaseHTTPRequestHandler):
+    """Test double of a model server: answers /health and nothing else."""
+
     def do_GET(self):  # noqa: N802
         self.send_response(200 if self.path == "/health" else 404)
         self.end_headers()
@@ -110,7 +112,7 @@ class _Health(BaseHTTPRequestHandler):
 def test_find_server_takes_a_ready_healthy_server_and_nothing_else(tmp_path):
     import os
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), HealthOnlyServerDouble)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
     try:

@@ -97,18 +97,20 @@ def ui(tmp_path_factory):
         env=env, cwd=base, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/graphql"
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            if httpx.post(url, json={"query": "{ version }"}, timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert dev.poll() is None and time.monotonic() < deadline, (base / "dagster_dev.log").read_text()[-3000:]
-        time.sleep(2)
-    yield {"url": url, "env": env, "base": base, "dagster_home": dagster_home}
-    _stop(dev)
-    log.close()
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if httpx.post(url, json={"query": "{ version }"}, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert dev.poll() is None and time.monotonic() < deadline, (base / "dagster_dev.log").read_text()[-3000:]
+            time.sleep(2)
+        yield {"url": url, "env": env, "base": base, "dagster_home": dagster_home}
+    finally:
+        _stop(dev)
+        log.close()
 
 
 def _graphql(url: str, query: str, variables: dict) -> dict:

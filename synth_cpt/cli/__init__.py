@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command not in NOISY:
             return args.func(args)
-        with quiet_console(args.command):
+        with quiet_console(args.command, args.config):
             try:
                 return args.func(args)
             finally:

@@ -27,7 +27,8 @@ def dagster_instance():
 
     home = os.environ.get("DAGSTER_HOME")
     if not home:
-        raise SystemExit("synth-cpt: set DAGSTER_HOME to the Dagster instance folder (`make instance` prepares .dagster_home)")
+        say("synth-cpt: set DAGSTER_HOME to the Dagster instance folder (`make instance` prepares .dagster_home)")
+        raise SystemExit(2)
     Path(home).mkdir(parents=True, exist_ok=True)
     instance = DagsterInstance.get()
     storage = instance.event_log_storage
@@ -49,17 +50,17 @@ def say(message: str) -> None:
     terminal().print(message, markup=False, highlight=False, soft_wrap=True)
 
 
-def log_dir() -> Path:
+def log_dir(config_path: str | None = None) -> Path:
     """`<storage root>/logs` for a local root, else ~/.cache/synth-cpt/logs."""
     try:
-        root = load_config().storage_uri()
+        root = load_config(config_path).storage_uri()
     except ConfigError:
         root = "s3://"  # the command itself reports the config error
     return Path(root) / "logs" if "://" not in root else Path.home() / ".cache" / "synth-cpt" / "logs"
 
 
 @contextlib.contextmanager
-def quiet_console(command: str) -> Iterator[Path | None]:
+def quiet_console(command: str, config_path: str | None = None) -> Iterator[Path | None]:
     """vLLM, torch, transformers and Dagster write warnings, engine logs and stack traces to stderr, from this
     process and from the engine's own processes: they go to a log file, named at the end, and the terminal
     keeps the command's bars and tables. A stderr that is not the process's own (a test capturing it) is
@@ -71,7 +72,7 @@ def quiet_console(command: str) -> Iterator[Path | None]:
     if not own or _TERMINAL[0] is not None:
         yield None
         return
-    folder = log_dir()
+    folder = log_dir(config_path)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     saved_env = {k: os.environ.get(k) for k in ("VLLM_CONFIGURE_LOGGING",)}

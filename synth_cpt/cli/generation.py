@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -64,6 +65,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         fields["speculative"] = args.speculative
     llm = LLM(**{**config.generation_settings().model_dump(), **fields})
     console = terminal()
+    about = llm.describe(config.storage_uri(), log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    console.print(f"model {about['model']}  fingerprint {about['fingerprint']}  engine: {about['engine']}")
     root = config.storage_uri()
     columns = (
         TextColumn("{task.description}"),
@@ -125,6 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = LLMSettings(**config.generation_settings().model_dump())
 
     def ready(record) -> None:
+        if args.ready_file:
+            Path(args.ready_file).write_text(record.url)
         console.print(
             f"serving {record.served_model_name} (revision {record.revision}) at {record.url}, loaded in {record.load_seconds:g} s; "
             f"vLLM's log: {record.log}. Runs of this machine now send their requests here. Ctrl-C stops it."
@@ -238,6 +243,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser("serve", help="serve the configured model with `vllm serve` on 127.0.0.1: every run of this machine uses it")
     srv.add_argument("--port", type=int, default=8011, help="port on 127.0.0.1 (default 8011)")
     srv.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the model to load (default 900)")
+    srv.add_argument("--ready-file", help="written (with the server's URL) once the model answers: `make ui` waits for it")
     srv.set_defaults(func=cmd_serve)
     cache = sub.add_parser("cache", help="the generation cache: figures, or compact each scope's segments into one")
     cache.add_argument("action", choices=["stats", "compact"])

@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from synth_cpt.cli.common import dagster_instance, terminal, wide_console
+from synth_cpt.cli.common import QUIET_RUN_CONFIG, dagster_instance, terminal, wide_console
 from synth_cpt.core.config import DROPS_ENV, PipelineConfig, load_config
 from synth_cpt.core.layout import CRAWL_DROPS, QUALITY_SUBSETS, RAW_CORPUS, TOKENIZER, partition_file
 
@@ -31,9 +31,6 @@ if TYPE_CHECKING:  # the pipeline's modules load when a command runs, not when t
     from synth_cpt.ingest.sources import Listing
 
 USAGE = 2
-# Dagster's console logger prints a failed step's stack trace at ERROR: the terminal gets one line per
-# failed run instead (the trace stays in the run's logs in the instance, where the UI shows it)
-SILENT_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 WAIT_LIMIT_SECONDS = 600.0  # waiting for files that keep changing ends here (or at twice --settle, if longer)
 
 
@@ -251,7 +248,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                     partition_key=partition,
                     asset_selection=run,
                     raise_on_error=False,
-                    run_config=SILENT_RUN_CONFIG,
+                    run_config=QUIET_RUN_CONFIG,
                     tags={"synth_cpt/launched_by": "synth-cpt ingest"},
                 )
                 if not result.success:
@@ -337,7 +334,7 @@ def _print_summary(console: Console, storage: Storage, config: PipelineConfig, c
 
 def _seconds(value: str) -> float:
     seconds = float(value)
-    if not seconds >= 0:  # also refuses nan
+    if not 0 <= seconds < float("inf"):  # also refuses nan and inf
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds >= 0")
     return seconds
 

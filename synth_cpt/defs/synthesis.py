@@ -100,6 +100,8 @@ class EngineLease:
             return {"engine_loads": 0, "engine_load_seconds": 0.0}
         backend = self.engine.backend
         return {
+            "model": self.engine.model,
+            "model_fingerprint": self.engine.fingerprint,
             "engine": backend.name,
             "engine_loads": backend.loads - self.loads_before,
             "engine_load_seconds": round(backend.load_seconds - self.load_seconds_before, 2),

@@ -120,6 +120,7 @@ class VLLMBackend(Backend):
     @property
     def llm(self) -> Any:
         if self._llm is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: a name must be in the local cache
             from vllm import LLM
 
             started = time.monotonic()
@@ -222,8 +223,10 @@ class VLLMBackend(Backend):
             return
         try:
             llm.llm_engine.engine_core.shutdown()
-        except Exception:  # already gone, or an engine without a core client: nothing left to stop
-            pass
+        except Exception as exc:  # already gone, or an engine without a core client; said, since a live core keeps the process up
+            import logging
+
+            logging.getLogger(__name__).warning(f"closing the vLLM engine: {type(exc).__name__}: {exc}")
         del llm
         import gc
 

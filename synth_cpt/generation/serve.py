@@ -43,7 +43,6 @@ class ServerRecord:
     state: str
     log: str
     load_seconds: float | None = None
-    loads: int = 0
     vllm_version: str = ""
 
     def healthy(self, timeout_s: float = 2.0) -> bool:
@@ -77,7 +76,7 @@ def _write_record(path: Path, record: ServerRecord) -> None:
     os.replace(tmp, path)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -94,7 +93,7 @@ def find_server(directory: Path, fingerprint: str, wait_s: float = 900.0, log: C
     told = False
     while True:
         record = read_record(path)
-        if record is None or not _alive(record.pid):
+        if record is None or not process_alive(record.pid):
             return None
         if record.state == READY and record.healthy():
             return record
@@ -148,7 +147,8 @@ def run_server(
 ) -> int:
     """Start the server, publish its record once healthy, wait for it; the record goes when it stops."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "VLLM_CONFIGURE_LOGGING": "1"}
+    # nothing is downloaded: a model name must already be in the local Hugging Face cache
+    env = {**os.environ, "VLLM_CONFIGURE_LOGGING": "1", "HF_HUB_OFFLINE": "1"}
     started = time.monotonic()
     with open(record.log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
@@ -172,7 +172,7 @@ def run_server(
                 proc.wait(60)
                 return 1
             time.sleep(1.0)
-        record = ServerRecord(**{**asdict(record), "state": READY, "load_seconds": round(time.monotonic() - started, 1), "loads": 1})
+        record = ServerRecord(**{**asdict(record), "state": READY, "load_seconds": round(time.monotonic() - started, 1)})
         _write_record(path, record)
         if on_ready:
             on_ready(record)

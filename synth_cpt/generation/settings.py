@@ -19,11 +19,13 @@ from synth_cpt.generation.identity import model_identity
 from synth_cpt.generation.serve import (
     DEFAULT_PORT,
     HOST,
+    READY,
     STARTING,
     ServedBackend,
     ServerRecord,
     find_server,
     port_free,
+    process_alive,
     read_record,
     record_path,
     run_server,
@@ -223,8 +225,8 @@ class LLMSettings(GenerationConfig):
         directory.mkdir(parents=True, exist_ok=True)
         path = record_path(directory, fingerprint)
         running = read_record(path)
-        if running is not None and running.healthy():
-            raise ServeError(f"already served at {running.url} (pid {running.pid}); stop that one first")
+        if running is not None and process_alive(running.pid):
+            raise ServeError(f"already {'served' if running.state == READY else 'loading'} at {running.url} (pid {running.pid}); stop that one first")
         if not port_free(port):
             raise ServeError(f"port {port} on {HOST} is taken: choose another with --port")
         name, _, revision = identity.partition("@")
@@ -232,7 +234,7 @@ class LLMSettings(GenerationConfig):
         if self.speculative == "on":
             args["speculative_config"] = self.speculative_config()
         record = ServerRecord(
-            url=f"http://{HOST}:{port}/v1", served_model_name=name, revision=revision or "unknown", fingerprint=fingerprint,
+            url=f"http://{HOST}:{port}/v1", served_model_name=name, revision=revision or "name only (not hashed: not a local folder)", fingerprint=fingerprint,
             pid=0, state=STARTING, log=str(directory / f"{fingerprint}.log"), vllm_version=_vllm_version(),
         )  # fmt: skip
         return run_server(serve_command(model_ref, name, args, port), record, path, timeout_s, log, on_ready)
