@@ -10,6 +10,7 @@ the real embedded engine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -57,7 +58,7 @@ def _bin(name: str) -> str:
 
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: what `dagster dev` and `synth-cpt serve` shut down cleanly on
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
@@ -138,21 +139,9 @@ def _backfill(ui: dict, assets: list[str], partitions: list[str], timeout_s: flo
 
 
 def _runs(ui: dict, backfill_id: str):
-    from dagster import DagsterInstance, RunsFilter
+    from dagster import RunsFilter
 
-    saved = os.environ.get("DAGSTER_HOME")
-    os.environ["DAGSTER_HOME"] = str(ui["dagster_home"])  # the instance's dagster.yaml reads it
-    try:
-        return _read_runs(DagsterInstance, RunsFilter, backfill_id)
-    finally:
-        if saved is None:
-            os.environ.pop("DAGSTER_HOME", None)
-        else:
-            os.environ["DAGSTER_HOME"] = saved
-
-
-def _read_runs(DagsterInstance, RunsFilter, backfill_id: str):
-    with DagsterInstance.get() as instance:
+    with _instance(ui) as instance:
         runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
         materialized = {}
         for run in runs:
@@ -160,6 +149,33 @@ def _read_runs(DagsterInstance, RunsFilter, backfill_id: str):
                 m = record.event_log_entry.asset_materialization
                 materialized[(m.asset_key.to_user_string(), m.partition)] = {k: v.value for k, v in m.metadata.items()}
         return [(r.run_id, r.status.value) for r in runs], materialized
+
+
+@contextlib.contextmanager
+def _instance(ui: dict):
+    """The test's instance, opened from this process (its dagster.yaml reads DAGSTER_HOME)."""
+    from dagster import DagsterInstance
+
+    saved = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(ui["dagster_home"])
+    try:
+        with DagsterInstance.get() as instance:
+            yield instance
+    finally:
+        if saved is None:
+            os.environ.pop("DAGSTER_HOME", None)
+        else:
+            os.environ["DAGSTER_HOME"] = saved
+
+
+def _most_at_once(ui: dict, backfill_id: str) -> int:
+    """How many of the backfill's runs were in progress at the same moment."""
+    from dagster import RunsFilter
+
+    with _instance(ui) as instance:
+        records = instance.get_run_records(RunsFilter(tags={"dagster/backfill": backfill_id}))
+    spans = [(r.start_time, r.end_time) for r in records if r.start_time and r.end_time]
+    return max((sum(1 for s, e in spans if s <= start < e) for start, _ in spans), default=0)
 
 
 def _materialization_type():
@@ -199,6 +215,8 @@ def test_a_backfill_of_every_generation_asset_over_all_partitions_loads_the_mode
             time.sleep(2)
             found = sorted(servers.glob("*.json")) if servers.is_dir() else []
             record = json.loads(found[0].read_text()) if found else None
+        with _instance(ui) as instance:  # the server holds the engine: the partitions' runs may feed it at once (README)
+            instance.event_log_storage.set_concurrency_slots("gpu", len(PARTITIONS))
         backfill_id, status = _backfill(ui, assets, PARTITIONS, timeout_s=1800)
         runs, materialized = _runs(ui, backfill_id)
         assert status.startswith("COMPLETED") and len(runs) == len(PARTITIONS), (status, runs)
@@ -210,7 +228,12 @@ def test_a_backfill_of_every_generation_asset_over_all_partitions_loads_the_mode
         assert server.poll() is None, "the server served the whole backfill"
         loads = Path(record["log"]).read_text().count("Loading weights took")
         assert loads == 1, f"model loads in the server's log: {loads}"
-        print(f"backfill {backfill_id}: {len(runs)} runs, {len(materialized)} materializations, model loads: server {loads} + runs 0")
+        together = _most_at_once(ui, backfill_id)
+        assert together >= 2, "the partitions' runs fed the one server at the same time"
+        print(
+            f"backfill {backfill_id}: {len(runs)} runs ({together} at once), {len(materialized)} materializations, "
+            f"model loads: server {loads} + runs 0"
+        )
     finally:
         _stop(server)
         serve_log.close()
