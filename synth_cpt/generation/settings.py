@@ -180,10 +180,11 @@ class LLMSettings(GenerationConfig):
             if log and not self.model_revision:
                 log(f"openai backend without model_revision: cached answers are keyed by the served name {label!r} only")
             backend = self.shared_backend(model_ref)
+            fingerprint = self.model_fingerprint(identity)
         else:
             model_ref, identity = self.resolve_model(storage_root, log=log)
             label = identity
-            record = self.running_server(storage_root, self.model_fingerprint(identity), log=log)
+            record = self.running_server(storage_root, fingerprint := self.model_fingerprint(identity), log=log)
             if record is None:
                 backend = self.shared_backend(model_ref)
             else:
@@ -194,7 +195,7 @@ class LLMSettings(GenerationConfig):
         cache_storage = open_storage(self.cache_root) if self.cache_root else storage
         return GenerationEngine(
             backend, GenerationCache(cache_storage, self.cache_prefix),
-            model=label, model_fingerprint=self.model_fingerprint(identity),
+            model=label, model_fingerprint=fingerprint,
             flush_every=self.flush_every, flush_seconds=self.flush_seconds, log=log, progress=progress,
         )  # fmt: skip
 
