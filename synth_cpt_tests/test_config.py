@@ -73,12 +73,12 @@ def test_an_overlay_holds_only_what_it_changes(isolated_env, tmp_path):
     assert set(demo.mixes.recipes) == set(defaults.mixes.recipes) == {"originals_repeated", "rewrites_1to3", "wrap_1to1", "entigraph"}
     assert demo.mixes.recipes["wrap_1to1"].on_shortfall == "take_available" and defaults.mixes.recipes["wrap_1to1"].on_shortfall == "fail"
     base = tmp_path / "base.yaml"
-    base.write_text("extends: defaults\nlanguages: [pt]\nsynthesis: {max_documents: 7, entigraph: {triples: false}}\n")
+    base.write_text("extends: defaults\nlanguages: [pt]\nsynthesis: {max_documents: 7, entigraph: {triples_per_document: 0}}\n")
     top = tmp_path / "top.yaml"
     top.write_text("extends: base.yaml\nsynthesis: {entigraph: {max_entities: 5}}\n")
     cfg = load_config(top)
     assert cfg.languages == ("pt",) and cfg.synthesis.max_documents == 7
-    assert (cfg.synthesis.entigraph.triples, cfg.synthesis.entigraph.max_entities) == (False, 5)
+    assert (cfg.synthesis.entigraph.triples_per_document, cfg.synthesis.entigraph.max_entities) == (0, 5)
     loop = tmp_path / "loop.yaml"
     loop.write_text("extends: loop.yaml\n")
     with pytest.raises(ConfigError, match="makes a loop"):

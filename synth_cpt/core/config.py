@@ -139,6 +139,12 @@ class QualityConfig(_Strict):
     """How a document's quality score is made and which bucket it falls in (METHODS.md §1)."""
 
     combine: Literal["max", "mean", "min"] = "max"
+    method: Literal["thresholds", "percentiles"] = Field(
+        "thresholds",
+        description="thresholds: buckets bound the combined score (METHODS §1) | percentiles: Nemotron-CC (METHODS §3), each score "
+        "cut at its token-weighted percentiles 5..95 (the `quality_cutpoints` asset) into 0-19, bucket bounds on the max of those",
+    )
+    percentile_sample: int = Field(100_000, gt=0, description="percentiles: documents sampled (seeded) to compute the cut points")
     scores: tuple[str, ...] = ("edu", "stem")
     fallback: Literal["heuristic", "quarantine"] = "heuristic"
     buckets: dict[str, BucketBounds] = Field(default_factory=lambda: {"high": BucketBounds(gt=2.5), "low": BucketBounds(ge=0.5, le=2.0)})
@@ -187,33 +193,40 @@ class TokenizerConfig(_Strict):
 
 class SeedsConfig(_Strict):
     subsets: int = 1234
+    quality: int = 1234
     tokenizer: int = 1234
     synthesis: int = 1234
 
 
 # Shipped routings of rewrite styles to quality buckets. `study` (the Portuguese study, METHODS §1):
 # each prompt file's own `buckets` (the four WRAP styles on both). `nemotron` (METHODS §3): low and
-# medium quality get the Wikipedia-style rephrase, high quality the four Nemotron-CC prompts.
+# medium quality get the Wikipedia-style rephrase, high quality the four Nemotron-CC prompts (the shipped
+# nemotron.yaml also buckets by percentiles, bucket > 11 high).
 PROFILES: dict[str, dict[str, tuple[str, ...]] | None] = {
     "study": None,
     "nemotron": {"low": ("medium",), "high": ("diverse_qa", "distill", "extract_knowledge", "knowledge_list")},
+    # REWIRE (METHODS §9): documents a filter would discard are rewritten after reasoning about their purpose
+    "rewire": {"low": ("guided",)},
+    # Kimi K2 (METHODS §4): faithful chunk-wise autoregressive rephrasing, each chunk verified by the judge
+    "k2": {"high": ("faithful",), "low": ("faithful",)},
 }
 
 
 class EntigraphConfig(_Strict):
-    """EntiGraph budgets (METHODS §5): pairs grow as n^2 and triples as n^3, so the budget per
-    document is the main cost knob."""
+    """EntiGraph budgets (METHODS §5): every entity pair of a document is written (the paper enumerates
+    them all), then triples, shuffled with the synthesis seed, up to the budget. Pairs grow as n^2 and
+    triples as n^3, so `max_entities` and the triples' budget are the cost knobs."""
 
-    max_entities: int = Field(24, ge=2, le=200, description="entities kept per document (after merging chunks)")
-    relations_per_document: int | None = Field(8, ge=0, description="relation texts per document (pairs first, then triples)")
-    tokens_per_document: int | None = Field(None, ge=1, description="or an output-token budget per document")
-    triples: bool = True
+    max_entities: int | None = Field(None, ge=2, description="entities kept per document after merging its chunks; null: every one the model lists (the paper)")
+    triples_per_document: int | None = Field(8, ge=0, description="triples written per document after all its pairs (0: none; null: every triple)")
+    tokens_per_document: int | None = Field(None, ge=1, description="or an output-token budget per document for the triples")
+    max_attempts: int = Field(3, ge=1, le=20, description="step 1 is asked again, with a new attempt index in its request id, until its JSON parses")
 
 
 class SynthesisConfig(_Strict):
     """Which styles run where, and the gates on what they make."""
 
-    profile: Literal["study", "nemotron"] = "study"
+    profile: Literal["study", "nemotron", "rewire", "k2"] = "study"
     routing: dict[str, tuple[str, ...]] | None = Field(
         None, description="quality bucket -> rewrite styles; replaces the profile (a style not listed is not run there)"
     )
@@ -254,7 +267,7 @@ class GenerationConfig(BaseModel):
     )
     # vllm engine arguments
     dtype: str = "bfloat16"
-    max_model_len: int | None = Field(2048, gt=0, description="context of the engine; null: the model's own (its config.json)")
+    max_model_len: int | None = Field(4096, gt=0, description="context of the engine; null: the model's own (its config.json)")
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="on the CPU build: the share of host memory for the KV cache")
     enable_prefix_caching: bool = True

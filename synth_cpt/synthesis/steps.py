@@ -148,12 +148,13 @@ def rewrite_step(
 
 
 def entity_graphs_step(
-    engine: GenerationEngine, inputs: PartitionInputs, prompt: Prompt, max_entities: int, minimum_pass_rate: float
+    engine: GenerationEngine, inputs: PartitionInputs, prompt: Prompt, max_entities: int | None, minimum_pass_rate: float, max_attempts: int = 1
 ) -> StepOutput:
     scope = generation_scope(ENTITY_GRAPHS, inputs.language, inputs.quality)
     graphs = extract_entity_graphs(
-        engine, prompt, inputs.documents, prompt_count=inputs.prompt_count, scope=scope, seed=inputs.seed, max_entities=max_entities
-    )
+        engine, prompt, inputs.documents, prompt_count=inputs.prompt_count, scope=scope, seed=inputs.seed, max_entities=max_entities,
+        max_attempts=max_attempts,
+    )  # fmt: skip
     _, rejects = graphs.result.frames()
     rates = graphs.result.pass_rates(accepted=graphs.summaries.height)
     per_doc = graphs.entities.group_by("doc_id").len()
