@@ -67,7 +67,7 @@ def test_an_overlay_holds_only_what_it_changes(isolated_env, tmp_path):
     """`extends` merges a file over the shipped defaults (or another file): the demo profile is one."""
     demo = load_config(str(__import__("synth_cpt").__path__[0]) + "/defaults/demo.yaml")
     defaults = load_config()
-    assert (demo.synthesis.max_documents, demo.synthesis.min_pass_rate) == (3, 0.0)
+    assert (demo.synthesis.max_documents, demo.synthesis.min_pass_rate) == (2, 0.0)
     assert (defaults.synthesis.max_documents, defaults.synthesis.min_pass_rate) == (None, 0.5)
     assert demo.model_dump(exclude={"synthesis", "mixes"}) == defaults.model_dump(exclude={"synthesis", "mixes"})
     assert set(demo.mixes.recipes) == set(defaults.mixes.recipes) == {"originals_repeated", "rewrites_1to3", "wrap_1to1", "entigraph"}
