@@ -74,38 +74,49 @@ def cmd_evals(args: argparse.Namespace) -> int:
 
 
 def cmd_npm(args: argparse.Namespace) -> int:
-    """NPM of lm-eval result files on PoETa V2: per task, then All / Native / Translated, then every
-    task that was not counted and why."""
+    """NPM of lm-eval result files on PoETa V2: per task, then All / Native / Translated (each with the tasks it
+    misses), then every task that was not counted and why, and every value that contradicts its declared scale."""
     import json
 
-    from synth_cpt.evals.npm import load_tasks, npm_of_files
+    from synth_cpt.evals.npm import npm_of_files, parse_pairs, parse_scales, read_alias_file
 
     try:
-        report = npm_of_files(args.results)
+        aliases = {}
+        for path in args.aliases or []:
+            aliases.update(read_alias_file(path))
+        aliases.update(parse_pairs(args.alias or [], "--alias"))
+        report = npm_of_files(args.results, extra_aliases=aliases, scales=parse_scales(args.scale or []))
     except (OSError, ValueError) as exc:
         print(f"synth-cpt npm: {exc}", file=sys.stderr)
         return 2
-    summary = report.summary(len(load_tasks()))
+    summary = report.summary()
     if args.json:
         print(json.dumps({"tasks": [s.__dict__ for s in report.scores], **summary}, indent=2))
         return 0
     console = wide_console(140)
     table = Table(title=f"PoETa V2 NPM of {', '.join(args.results)} (alias table v{report.alias_version})")
-    for col in ("task", "as named in the file", "metric", "raw", "on the table's scale", "NPM", "native"):
+    for col in ("task", "as named in the file", "metric", "raw", "written on", "on the table's scale", "NPM", "native"):
         table.add_column(col, justify="right" if col in ("raw", "NPM") else "left")
     for s in sorted(report.scores, key=lambda s: s.task):
         table.add_row(
-            s.task, s.source_name, s.metric, f"{s.raw:g}", f"{s.value:g} {s.scaled}".strip(), f"{s.npm:.2f}", "yes" if s.native else ""
-        )
+            s.task, s.source_name, s.metric, f"{s.raw:g}", f"{s.raw_scale} ({s.scale_from})", f"{s.value:g} {s.scaled}".strip(),
+            f"{s.npm:.2f}", "yes" if s.native else "",
+        )  # fmt: skip
     console.print(table)
     for part in ("all", "native", "translated"):
-        value = summary[part]["npm"]
-        console.print(f"NPM {part}: {'n/a' if value is None else f'{value:.2f}'} over {summary[part]['tasks']} tasks")
-    console.print(f"tasks counted: {len(report.scores)} of {summary['tasks_in_table']}")
-    for label, items in (("missing from the results", report.missing), ("no usable value (NaN or absent metric)", report.nan),
-                         ("unmatched names (not in the alias table)", report.unmatched), ("duplicates", report.duplicates)):  # fmt: skip
+        p = summary[part]
+        value = "n/a" if p["npm"] is None else f"{p['npm']:.2f}"
+        console.print(f"NPM {part}: {value} over {p['tasks']} of {p['of']} tasks ({p['missing']} missing)")
+    unmatched = [f"{n} (did you mean {report.suggestions[n]}? --alias {n}={report.suggestions[n]})" if n in report.suggestions else n
+                 for n in report.unmatched]  # fmt: skip
+    for label, items in (("missing from the results", report.missing), ("no usable value", report.nan),
+                         ("unmatched names (not in the alias table)", unmatched), ("duplicates", report.duplicates),
+                         ("aliases given", [f"{k}={v}" for k, v in report.aliases_given.items()]),
+                         ("scales given", [f"{k}={v}" for k, v in report.scales_given.items()])):  # fmt: skip
         if items:
-            console.print(f"{label} ({len(items)}): " + ", ".join(items))
+            console.print(f"{label} ({len(items)}): " + ", ".join(items), soft_wrap=True)  # one line: copy a suggested --alias whole
+    for line in report.warnings:
+        console.print(f"warning: {line}", soft_wrap=True)
     return 0
 
 
@@ -121,4 +132,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     npm_cmd = sub.add_parser("npm", help="NPM on PoETa V2 of lm-evaluation-harness result files (per task, All, Native, Translated)")
     npm_cmd.add_argument("results", nargs="+", help="lm-eval results JSON (several files of one run are merged)")
     npm_cmd.add_argument("--json", action="store_true", help="print the scores and what was not counted as JSON")
+    npm_cmd.add_argument("--scale", action="append", metavar="[TASK=]0-1|0-100",
+                         help="the scale the file's values are written on, for one task or (without TASK=) every task; overrides the "
+                         "alias table (repeat)")  # fmt: skip
+    npm_cmd.add_argument("--alias", action="append", metavar="OLD=NEW", help="count result name OLD as table task NEW (repeat)")
+    npm_cmd.add_argument("--aliases", action="append", metavar="FILE", help="a YAML mapping of result name to table task (repeat)")
     npm_cmd.set_defaults(func=cmd_npm)

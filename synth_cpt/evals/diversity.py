@@ -2,9 +2,10 @@
 
 - distinct-n: distinct word n-grams / all word n-grams, n = 1..4 (over the whole set);
 - compression ratio: raw bytes / zstd bytes of the set (repetitive text compresses more);
-- near-duplicate rate: the share of texts that have a near twin (MinHash over word 5-gram shingles,
-  LSH at Jaccard >= 0.8). A style's fixed template is stripped first (METHODS §9): every QA rewrite
-  opens with "Pergunta:" and every list with bullets, which would make unrelated documents twins;
+- near-duplicate rate: the share of texts that have at least one other text of the set whose estimated
+  Jaccard similarity (MinHash over word 5-gram shingles) is >= the threshold (0.8 by default); both
+  texts of a near-identical pair count. A style's fixed template is stripped first (METHODS §9): every QA
+  rewrite opens with "Pergunta:" and every list with bullets, which would make unrelated documents twins;
 - copying: the share of a text's word n-grams that are also in its source document;
 - contamination: 13-gram overlap with benchmark texts, with the matching rows listed.
 """
@@ -19,9 +20,7 @@ from datasketch import MinHash, MinHashLSH
 
 _WORD = re.compile(r"\w+", re.U)
 # labels and bullets that a style puts on every output (question/answer markers, list bullets, numbering)
-_TEMPLATE = re.compile(
-    r"^\s*(?:[-*•]+|\d+[.)]|(?:question|answer|pergunta|resposta|q|a|p|r)\s*\d*\s*[:.)])\s*", re.I | re.M
-)
+_TEMPLATE = re.compile(r"^\s*(?:[-*•]+|\d+[.)]|(?:question|answer|pergunta|resposta|q|a|p|r)\s*\d*\s*[:.)])\s*", re.I | re.M)
 
 
 def words(text: str) -> list[str]:
@@ -61,18 +60,39 @@ def _minhash(text: str, num_perm: int, seed: int) -> MinHash:
 
 
 def near_duplicates(texts: list[str], threshold: float = 0.8, num_perm: int = 128, seed: int = 1) -> list[int]:
-    """Indices of texts that have a near twin earlier in the list (Jaccard of shingles >= threshold)."""
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    twins = []
-    for i, text in enumerate(texts):
-        m = _minhash(text, num_perm, seed)
-        if lsh.query(m):
-            twins.append(i)
-        lsh.insert(str(i), m)
-    return twins
+    """Indices (ascending) of the texts that have at least one other text with estimated Jaccard >= threshold
+    (the share of equal MinHash values over shingles of the template-stripped text).
+
+    LSH only proposes candidates, so its bands are chosen to miss none: a pair at or above the threshold
+    differs in at most `num_perm - need` hash values, and with more bands than that, one band is equal
+    (pigeonhole). Every candidate is then checked against the threshold itself."""
+    need = next(k for k in range(num_perm + 1) if k / num_perm >= threshold)  # equal hash values a twin has
+    bands = min(num_perm, num_perm - need + 1)
+    lsh = MinHashLSH(num_perm=num_perm, params=(bands, num_perm // bands))
+    hashes = [_minhash(text, num_perm, seed) for text in texts]
+    for i, m in enumerate(hashes):
+        lsh.insert(i, m)
+    twins: set[int] = set()
+    for i, m in enumerate(hashes):
+        if i in twins:
+            continue
+        for j in lsh.query(m):
+            if j != i and m.jaccard(hashes[j]) >= threshold:
+                twins.update((i, j))
+                break
+    return sorted(twins)
+
+
+def near_duplicate_meaning(threshold: float) -> str:
+    """What `near_duplicate_rate` measures, in the words reports show next to it."""
+    return (
+        f"share of a set's texts that have at least one other text with estimated Jaccard >= {threshold:g} "
+        "(MinHash of word 5-grams, after strip_template)"
+    )
 
 
 def near_duplicate_rate(texts: list[str], threshold: float = 0.8) -> float | None:
+    """The share of texts with a near twin in the set (see `near_duplicates`); None for no texts."""
     return len(near_duplicates(texts, threshold)) / len(texts) if texts else None
 
 

@@ -20,7 +20,7 @@ from synth_cpt.core.layout import ENTIGRAPH_CORPUS, QUALITY_SUBSETS, REWRITES, S
 from synth_cpt.core.publish import published_partitions
 from synth_cpt.core.storage import Storage
 from synth_cpt.evals import diversity
-from synth_cpt.evals.npm import load_tasks, npm_of_files
+from synth_cpt.evals.npm import npm_of_files
 from synth_cpt.text.heuristics import heuristic_scores
 
 FIDELITY = ["length_ratio", "number_coverage", "entity_coverage", "copy_similarity"]
@@ -117,7 +117,9 @@ def read_benchmark(path: str) -> list[str]:
         for line in p.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 obj = json.loads(line)
-                out.append(obj["text"] if isinstance(obj, dict) and "text" in obj else " ".join(v for v in obj.values() if isinstance(v, str)))
+                out.append(
+                    obj["text"] if isinstance(obj, dict) and "text" in obj else " ".join(v for v in obj.values() if isinstance(v, str))
+                )
         return out
     return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -167,8 +169,10 @@ def score_partition(storage: Storage, config: PipelineConfig, language: str, qua
     npm = None
     if config.evals.lm_eval_results:
         report = npm_of_files(list(config.evals.lm_eval_results))
-        npm = {**report.summary(len(load_tasks())), "tasks": [s.__dict__ for s in report.scores]}
-    contamination = pl.DataFrame(hits, schema={"set": pl.String, "doc_id": pl.String, "benchmark": pl.String, "benchmark_row": pl.Int64, "ngram": pl.String})
+        npm = {**report.summary(), "tasks": [s.__dict__ for s in report.scores]}
+    contamination = pl.DataFrame(
+        hits, schema={"set": pl.String, "doc_id": pl.String, "benchmark": pl.String, "benchmark_row": pl.Int64, "ngram": pl.String}
+    )
     scores = pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame(schema=SCORE_SCHEMA)
     return EvalReport(scores, contamination, npm, hist)
 
