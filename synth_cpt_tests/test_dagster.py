@@ -91,9 +91,21 @@ def test_checks_run_with_their_assets_and_block_on_bad_data(tmp_path, monkeypatc
         evals = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
         names = {(ev.asset_key.to_user_string(), ev.check_name): ev.passed for ev in evals}
         assert names == {("quality_subsets", "documents_valid"): True, ("quality_subsets", "tokens_within_budget"): True}
+        # the exact subset, from the inputs: the six pt documents (all edu > 2.5: high) by score descending,
+        # the longest prefix whose tokens (the published tokenizer's) fit the 200-token budget
+        from synth_cpt.core.storage import LocalStorage
+        from synth_cpt.corpus.tokenizer import TokenCounter
+
+        counter = TokenCounter.from_storage(LocalStorage(tmp_path / "home"))
+        by_score = [f"{PT_TEXT} {i}" for i in range(5, -1, -1)]
+        counts = counter.count(by_score)
+        fitting = 0
+        while fitting < len(counts) and sum(counts[: fitting + 1]) <= 200:
+            fitting += 1
+        assert 0 < fitting < 6, "the budget cuts the six documents"
         subset = tmp_path / "home/quality_subsets/pt/high/part-0.parquet"
-        tokens, rows = duckdb.sql(f"select sum(n_tokens), count(*) from read_parquet('{subset}')").fetchall()[0]
-        assert 0 < tokens <= 200 and rows >= 1
+        got = duckdb.sql(f"select text, n_tokens from read_parquet('{subset}')").fetchall()
+        assert got == list(zip(by_score[:fitting], counts[:fitting], strict=True))
 
         # a bad candidate (a bucket filter that lets everything through) is validated before it is
         # published: the step fails, readers keep the previous file, the candidate is kept, downstream waits
@@ -138,3 +150,126 @@ def test_blocking_quarantine_check_stops_a_bad_drop(tmp_path, monkeypatch):
         assert evals["documents_valid"].passed is True
         pointer = json.loads((tmp_path / "home/crawl_drops/bad.jsonl/current.json").read_text())
         assert pointer["manifest"]["accepted"] is False
+
+
+def test_thresholds_profile_has_no_cutpoints_asset(tmp_path, monkeypatch):
+    defs = _setup(tmp_path, monkeypatch)
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert "raw_corpus" in keys and "quality_cutpoints" not in keys
+
+
+def _nemotron(tmp_path, monkeypatch, drops):
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "extends": str(REPO / "synth_cpt/defaults/nemotron.yaml"),
+                "storage_root": str(tmp_path / "home"),
+                "drops": {"location": str(drops)},
+                "quality": {"percentile_sample": 150},  # fewer than the sample corpus' documents: the sample is a sample
+            }
+        )
+    )
+    monkeypatch.setenv("SYNTH_CPT_CONFIG", str(cfg))
+    monkeypatch.delenv("SYNTH_CPT_HOME", raising=False)
+    monkeypatch.delenv("SYNTH_CPT_DROPS", raising=False)
+    from synth_cpt.defs.definitions import build_definitions
+
+    return build_definitions()
+
+
+def _expected_values(home, cuts: dict) -> dict[str, dict[str, float | None]]:
+    """Each language's documents (earliest occurrence) and their bucket value, recomputed from the cut points."""
+    import numpy as np
+    import polars as pl
+
+    files = sorted(home.glob("crawl_drops/*/v/*/docs.parquet"))
+    docs = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed").sort(["drop_id", "source_line"])
+    docs = docs.unique("doc_id", keep="first", maintain_order=True)
+    out: dict[str, dict[str, float | None]] = {}
+    for language, payload in cuts.items():
+        table, values = payload["scores"], {}
+        for row in docs.filter(pl.col("language") == language).iter_rows(named=True):
+            fields = [
+                int(np.digitize(row[f"score_{s}"], table[s]["cutpoints"]))
+                for s in ("edu", "stem")
+                if row[f"score_{s}"] is not None and table[s]["cutpoints"] is not None
+            ]
+            heuristic = table["heuristic"]["cutpoints"]
+            value = max(fields) if fields else (int(np.digitize(row["score_heuristic"], heuristic)) if heuristic else None)
+            values[row["doc_id"]] = value
+        out[language] = values
+    return out
+
+
+def test_nemotron_profile_buckets_by_published_cut_points(tmp_path, monkeypatch):
+    from .conftest import SAMPLE_DROPS
+
+    drops = tmp_path / "drops"
+    shutil.copytree(SAMPLE_DROPS, drops)
+    defs = _nemotron(tmp_path, monkeypatch, drops)
+    home = tmp_path / "home"
+    with DagsterInstance.ephemeral() as instance:
+        names = sorted(p.name for p in drops.iterdir())
+        instance.add_dynamic_partitions("crawl_drops", names)
+        result = evaluate_automation_conditions(defs=defs, instance=instance)
+        for name in names:
+            assert defs.resolve_job_def("ingest_drop_job").execute_in_process(instance=instance, partition_key=name).success
+        result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+        assert result.get_num_requested(AssetKey("quality_cutpoints")) == 2
+        assert result.get_num_requested(AssetKey("raw_corpus")) == 0, "raw_corpus waits for the cut points"
+
+        cut_runs = {
+            lang: defs.resolve_job_def("quality_cutpoints_job").execute_in_process(instance=instance, partition_key=lang)
+            for lang in ("pt", "en")
+        }
+        assert all(r.success for r in cut_runs.values())
+        cuts = {lang: json.loads((home / f"quality_cutpoints/{lang}/cutpoints.json").read_text()) for lang in ("pt", "en")}
+        for lang, run in cut_runs.items():
+            meta = run.asset_materializations_for_node("quality_cutpoints")[0].metadata
+            assert meta["cutpoints_sha256"].value == cuts[lang]["sha256"]
+            assert meta["sampled_documents"].value == 150
+            assert meta["weight"].value == "characters"
+            assert meta["drops_read"].value == names
+        assert [len(cuts["pt"]["scores"]["edu"]["cutpoints"]), len(cuts["pt"]["scores"]["heuristic"]["cutpoints"])] == [19, 19]
+
+        for key in ("pt|high", "pt|low", "en|high", "en|low"):
+            run = defs.resolve_job_def("corpus_job").execute_in_process(instance=instance, partition_key=key)
+            assert run.success
+            lang = key.split("|")[0]
+            assert run.asset_materializations_for_node("raw_corpus")[0].metadata["quality_cutpoints_sha256"].value == cuts[lang]["sha256"]
+
+        expected = _expected_values(home, cuts)
+        for lang in ("pt", "en"):
+            high = {d: float(v) for d, v in expected[lang].items() if v is not None and v > 11}
+            low = {d: float(v) for d, v in expected[lang].items() if v is not None and v <= 11}
+            assert high and low, "the sample corpus fills both buckets"
+            for quality, want in (("high", high), ("low", low)):
+                got = duckdb.sql(
+                    f"select doc_id, quality_score from read_parquet('{home}/raw_corpus/{lang}/{quality}/part-0.parquet')"
+                ).fetchall()
+                assert dict(got) == want, f"{lang}|{quality}"
+
+        # rerun: same seed, same drops, same cut points; the history says unchanged
+        before = (home / "quality_cutpoints/pt/cutpoints.json").read_bytes()
+        again = defs.resolve_job_def("quality_cutpoints_job").execute_in_process(instance=instance, partition_key="pt")
+        assert (home / "quality_cutpoints/pt/cutpoints.json").read_bytes() == before
+        assert again.asset_materializations_for_node("quality_cutpoints")[0].metadata["changed"].value is False
+
+        # a new drop of long, top-scored documents moves the edu cut points: a new version, visible in the metadata
+        write_jsonl(drops / "2026-11-05_pt_new.jsonl", [{"text": f"{PT_TEXT * 20} {i}", "edu": 4.99, "language": "pt"} for i in range(60)])
+        instance.add_dynamic_partitions("crawl_drops", ["2026-11-05_pt_new.jsonl"])
+        assert (
+            defs.resolve_job_def("ingest_drop_job").execute_in_process(instance=instance, partition_key="2026-11-05_pt_new.jsonl").success
+        )
+        moved = defs.resolve_job_def("quality_cutpoints_job").execute_in_process(instance=instance, partition_key="pt")
+        meta = moved.asset_materializations_for_node("quality_cutpoints")[0].metadata
+        new = json.loads((home / "quality_cutpoints/pt/cutpoints.json").read_text())
+        assert meta["changed"].value is True
+        assert (meta["previous_sha256"].value, meta["cutpoints_sha256"].value) == (cuts["pt"]["sha256"], new["sha256"])
+        assert meta["drops_read"].value == sorted([*names, "2026-11-05_pt_new.jsonl"])
+        assert new["scores"]["edu"]["cutpoints"] != cuts["pt"]["scores"]["edu"]["cutpoints"]
+        history = instance.fetch_materializations(AssetKey("quality_cutpoints"), limit=10).records
+        assert [r.asset_materialization.metadata["cutpoints_sha256"].value for r in history if r.partition_key == "pt"] == [
+            new["sha256"], cuts["pt"]["sha256"], cuts["pt"]["sha256"],
+        ]  # fmt: skip

@@ -142,9 +142,12 @@ class QualityConfig(_Strict):
     method: Literal["thresholds", "percentiles"] = Field(
         "thresholds",
         description="thresholds: buckets bound the combined score (METHODS §1) | percentiles: Nemotron-CC (METHODS §3), each score "
-        "cut at its token-weighted percentiles 5..95 (the `quality_cutpoints` asset) into 0-19, bucket bounds on the max of those",
+        "cut at its token-weighted percentiles 5..95 (the `quality_cutpoints` asset, per language) into 0-19; raw_corpus stores the max "
+        "of those as quality_score (the raw scores stay in score_*) and the bucket bounds apply to it, e.g. high: {gt: 11}",
     )
-    percentile_sample: int = Field(100_000, gt=0, description="percentiles: documents sampled (seeded) to compute the cut points")
+    percentile_sample: int = Field(
+        100_000, gt=0, description="percentiles: documents of a language sampled with seeds.quality to compute its cut points"
+    )
     scores: tuple[str, ...] = ("edu", "stem")
     fallback: Literal["heuristic", "quarantine"] = "heuristic"
     buckets: dict[str, BucketBounds] = Field(default_factory=lambda: {"high": BucketBounds(gt=2.5), "low": BucketBounds(ge=0.5, le=2.0)})

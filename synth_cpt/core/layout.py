@@ -15,6 +15,7 @@ CRAWL_DROPS = "crawl_drops"
 RAW_CORPUS = "raw_corpus"
 TOKENIZER = "tokenizer"
 QUALITY_SUBSETS = "quality_subsets"
+QUALITY_CUTPOINTS = "quality_cutpoints"  # quality.method percentiles only (METHODS §3)
 ENTITY_GRAPHS = "entity_graphs"
 ENTIGRAPH_CORPUS = "entigraph_corpus"
 REWRITES = "rewrites_"  # + style: one asset per prompts/rewrite/<style>.yaml
@@ -37,6 +38,11 @@ TOKENIZER_MODEL_FILES = {"sentencepiece": TOKENIZER_MODEL, "huggingface": TOKENI
 def partition_file(asset: str, language: str, quality: str) -> str:
     """The one file of a `language|quality` partition of a corpus-shaped asset."""
     return f"{asset}/{language}/{quality}/part-0.parquet"
+
+
+def cutpoints_file(language: str) -> str:
+    """The cut points of a language's quality scores (`quality_cutpoints`, one file per language)."""
+    return f"{QUALITY_CUTPOINTS}/{language}/cutpoints.json"
 
 
 def rewrite_asset(style: str) -> str:

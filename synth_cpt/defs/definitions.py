@@ -11,14 +11,14 @@ from dagster import (
 )
 
 from synth_cpt.core.config import current_config
-from synth_cpt.core.layout import CRAWL_DROPS, QUALITY_SUBSETS, RAW_CORPUS, TOKENIZER
+from synth_cpt.core.layout import CRAWL_DROPS, QUALITY_CUTPOINTS, QUALITY_SUBSETS, RAW_CORPUS, TOKENIZER
 from synth_cpt.defs.checks import CHECKS
 from synth_cpt.defs.evals import GROUP as EVALS_GROUP
 from synth_cpt.defs.evals import build_eval_assets
 from synth_cpt.defs.ingest import build_ingest_assets
 from synth_cpt.defs.mix import GROUP as MIX_GROUP
 from synth_cpt.defs.mix import build_mix_assets
-from synth_cpt.defs.partitions import corpus_partitions, crawl_drop_partitions
+from synth_cpt.defs.partitions import corpus_partitions, crawl_drop_partitions, language_partitions
 from synth_cpt.defs.resources import LLM, PipelineResource
 from synth_cpt.defs.sensors import crawl_drop_sensor
 from synth_cpt.defs.synthesis import GROUP as SYNTHESIS_GROUP
@@ -26,6 +26,7 @@ from synth_cpt.defs.synthesis import build_synthesis_assets
 
 INGEST_DROP_JOB = "ingest_drop_job"
 CORPUS_JOB = "corpus_job"
+CUTPOINTS_JOB = "quality_cutpoints_job"  # quality.method percentiles only
 TOKENIZER_JOB = "tokenizer_job"
 SUBSETS_JOB = "quality_subsets_job"
 SYNTHESIS_JOB = "synthesis_job"
@@ -58,6 +59,8 @@ def build_definitions() -> Definitions:
         define_asset_job(MIX_JOB, AssetSelection.groups(MIX_GROUP), partitions_def=corpus_parts),
         define_asset_job(EVALS_JOB, AssetSelection.groups(EVALS_GROUP), partitions_def=corpus_parts),
     ]
+    if config.quality.method == "percentiles":
+        jobs.append(define_asset_job(CUTPOINTS_JOB, AssetSelection.assets(QUALITY_CUTPOINTS), partitions_def=language_partitions(config)))
     return Definitions(
         assets=assets,
         asset_checks=CHECKS,

@@ -1,4 +1,7 @@
-"""Ingest assets: crawl_drops -> raw_corpus -> tokenizer -> quality_subsets.
+"""Ingest assets: crawl_drops -> [quality_cutpoints] -> raw_corpus -> tokenizer -> quality_subsets.
+
+`quality_cutpoints` exists only with `quality.method: percentiles` (Nemotron-CC, METHODS §3): with
+thresholds there is nothing to compute, so the asset is not in the graph.
 
 Thin on purpose: each asset calls a plain function that computes a candidate, validates it (the
 asset's `check_specs`), and publishes it only on success; the asset yields the check results and a
@@ -10,16 +13,19 @@ from dagster import (
     AssetDep,
     AssetExecutionContext,
     AssetsDefinition,
+    AssetSelection,
     AutomationCondition,
+    DataVersion,
     MaterializeResult,
     MetadataValue,
     MultiPartitionsDefinition,
+    MultiToSingleDimensionPartitionMapping,
     asset,
 )
 
 from synth_cpt.core.config import PipelineConfig
 from synth_cpt.core.contracts import check_budget, check_corpus_file, check_drop_version
-from synth_cpt.core.layout import CRAWL_DROPS, QUALITY_SUBSETS, RAW_CORPUS, TOKENIZER, partition_file
+from synth_cpt.core.layout import CRAWL_DROPS, QUALITY_CUTPOINTS, QUALITY_SUBSETS, RAW_CORPUS, TOKENIZER, cutpoints_file, partition_file
 from synth_cpt.core.metadata import sample_markdown, summarize
 from synth_cpt.core.plots import histogram_markdown
 from synth_cpt.core.progress import RateLogger
@@ -27,9 +33,10 @@ from synth_cpt.core.publish import CandidateRejected, keep_rejected
 from synth_cpt.corpus.subsets import select_budgeted_file
 from synth_cpt.corpus.tokenizer import TokenCounter, build_tokenizer, check_model
 from synth_cpt.defs.checks import check_result, publish_spec, rejected_result
-from synth_cpt.defs.partitions import corpus_partitions, crawl_drop_partitions, split_corpus_key
+from synth_cpt.defs.partitions import LANGUAGE, corpus_partitions, crawl_drop_partitions, language_partitions, split_corpus_key
 from synth_cpt.defs.resources import PipelineResource, open_location
-from synth_cpt.ingest.dedup import build_raw_corpus
+from synth_cpt.ingest.cutpoints import build_cutpoints, cutpoints_markdown
+from synth_cpt.ingest.dedup import VALUES, build_raw_corpus
 from synth_cpt.ingest.drops import ingest_drop, resolve_drop
 
 GROUP = "ingest"
@@ -37,7 +44,7 @@ DOCUMENTS_VALID = "documents_valid"
 
 
 def build_ingest_assets(config: PipelineConfig) -> list[AssetsDefinition]:
-    """The four ingest assets for the partitions this config defines."""
+    """The ingest assets for the partitions this config defines (quality_cutpoints with percentiles only)."""
     corpus_parts: MultiPartitionsDefinition = corpus_partitions(config)
     marks = config.quality.marks()
 
@@ -112,14 +119,72 @@ def build_ingest_assets(config: PipelineConfig) -> list[AssetsDefinition]:
             }
         )
 
+    language_parts = language_partitions(config)
+
+    @asset(
+        name=QUALITY_CUTPOINTS,
+        partitions_def=language_parts,
+        deps=[AssetDep(crawl_drops, partition_mapping=AllPartitionMapping())],
+        group_name=GROUP,
+        kinds={"json"},
+        automation_condition=AutomationCondition.eager().without(~AutomationCondition.any_deps_missing()),
+        output_required=False,
+        description="Nemotron-CC (METHODS §3): the 19 token-weighted percentile cut points (5..95) of each quality score of a "
+        "language, on a seeded sample of its accepted drops; raw_corpus buckets by the max of the 0-19 values they give.",
+        check_specs=[
+            publish_spec(
+                "cutpoints_valid", QUALITY_CUTPOINTS, "each score has no cut points or 19 finite non-decreasing ones.", language_parts
+            )
+        ],
+    )
+    def quality_cutpoints(context: AssetExecutionContext, pipeline: PipelineResource):
+        cfg, storage = pipeline.load(), pipeline.storage()
+        language = context.partition_key
+        try:
+            report = build_cutpoints(storage, cfg, language)
+        except CandidateRejected as rejected:
+            yield rejected_result(context, rejected)
+            return
+        payload = report.payload
+        yield check_result(report.outcome, check_name="cutpoints_valid")
+        changed = report.previous_sha256 != payload["sha256"]
+        context.log.info(f"{language}: cut points {payload['sha256'][:12]} ({'changed' if changed else 'unchanged'}) from {report.drops}")
+        yield MaterializeResult(
+            data_version=DataVersion(payload["sha256"]),  # raw_corpus goes stale when a cut point moves
+            metadata={
+                "dagster/uri": storage.uri(cutpoints_file(language)),
+                "cutpoints": MetadataValue.md(cutpoints_markdown(payload)),
+                "cutpoints_sha256": payload["sha256"],
+                "previous_sha256": report.previous_sha256 or "",
+                "changed": changed,
+                "weight": payload["weight"],
+                "tokenizer_sha256": payload["tokenizer_sha256"] or "",
+                "seed": payload["seed"],
+                "sample_limit": payload["sample_limit"],
+                "sampled_documents": payload["sampled_documents"],
+                "documents_per_score": MetadataValue.json({k: v["documents"] for k, v in payload["scores"].items()}),
+                "drops_read": MetadataValue.json(report.drops),
+            },
+        )
+
+    percentiles = config.quality.method == "percentiles"
+    raw_deps = [AssetDep(crawl_drops, partition_mapping=AllPartitionMapping())]
+    # eager, except that a drop that failed to ingest must not hold every other drop back
+    raw_automation = AutomationCondition.eager().without(~AutomationCondition.any_deps_missing())
+    if percentiles:
+        raw_deps.append(
+            AssetDep(quality_cutpoints, partition_mapping=MultiToSingleDimensionPartitionMapping(partition_dimension_name=LANGUAGE))
+        )
+        # raw_corpus follows its cut points (which follow the drops), never the drops ahead of them
+        raw_automation = AutomationCondition.eager().ignore(AssetSelection.assets(CRAWL_DROPS))
+
     @asset(
         name=RAW_CORPUS,
         partitions_def=corpus_parts,
-        deps=[AssetDep(crawl_drops, partition_mapping=AllPartitionMapping())],
+        deps=raw_deps,
         group_name=GROUP,
         kinds={"parquet", "duckdb"},
-        # eager, except that a drop that failed to ingest must not hold every other drop back
-        automation_condition=AutomationCondition.eager().without(~AutomationCondition.any_deps_missing()),
+        automation_condition=raw_automation,
         output_required=False,
         description="All accepted drops of a language, exact-deduplicated by doc_id (earliest drop wins), in one quality bucket.",
         check_specs=[publish_spec(DOCUMENTS_VALID, RAW_CORPUS, _DOCUMENTS, corpus_parts)],
@@ -136,6 +201,21 @@ def build_ingest_assets(config: PipelineConfig) -> list[AssetsDefinition]:
             context.log.warning(f"drops kept out by their blocking check: {stats.rejected_drops}")
         summary = stats.summary
         yield check_result(stats.outcome, check_name=DOCUMENTS_VALID, documents=stats.documents)
+        if stats.cutpoints is not None:  # which cut points made the buckets, and what the values look like
+            bucketing = {
+                "quality_cutpoints_sha256": stats.cutpoints.sha256,
+                "quality_histogram": MetadataValue.md(
+                    histogram_markdown(
+                        stats.value_histogram, f"{language}|{quality}: bucket value", "max percentile bucket (0-19)", marks, 0.0, VALUES
+                    )
+                ),
+            }
+        else:
+            bucketing = {
+                "quality_histogram": MetadataValue.md(
+                    histogram_markdown(summary.histogram, f"{language}|{quality}: quality score", "score (0-5)", marks)
+                )
+            }
         yield MaterializeResult(
             metadata={
                 "dagster/row_count": stats.documents,
@@ -149,9 +229,7 @@ def build_ingest_assets(config: PipelineConfig) -> list[AssetsDefinition]:
                 "contributing_drops": MetadataValue.json(summary.drops),
                 "rejected_drops": MetadataValue.json(stats.rejected_drops),
                 "sample_documents": MetadataValue.md(sample_markdown(summary.sample)),
-                "quality_histogram": MetadataValue.md(
-                    histogram_markdown(summary.histogram, f"{language}|{quality}: quality score", "score (0-5)", marks)
-                ),
+                **bucketing,
             },
         )
 
@@ -259,7 +337,7 @@ def build_ingest_assets(config: PipelineConfig) -> list[AssetsDefinition]:
             },
         )
 
-    return [crawl_drops, raw_corpus, tokenizer, quality_subsets]
+    return [crawl_drops, *([quality_cutpoints] if percentiles else []), raw_corpus, tokenizer, quality_subsets]
 
 
 _DOCUMENTS = "contract columns, non-empty text, unique doc_id, language equals the partition's, quality score inside the bucket."

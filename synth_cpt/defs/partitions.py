@@ -24,6 +24,11 @@ def corpus_partitions(config: PipelineConfig) -> MultiPartitionsDefinition:
     )
 
 
+def language_partitions(config: PipelineConfig) -> StaticPartitionsDefinition:
+    """One partition per language (`quality_cutpoints`); raw_corpus maps its `language` dimension onto it."""
+    return StaticPartitionsDefinition(list(config.languages))
+
+
 def corpus_key(language: str, quality: str) -> MultiPartitionKey:
     return MultiPartitionKey({LANGUAGE: language, QUALITY: quality})
 

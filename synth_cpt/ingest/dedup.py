@@ -11,6 +11,9 @@ whole (ranged reads of the columns needed, on S3 too):
 1. **Winners**, over narrow columns only (doc_id, drop_id, source_line, language, quality_score):
    DuckDB picks each doc_id's first occurrence under a memory limit, spilling to a temporary folder
    when the corpus outgrows it. The figures (documents, duplicates, in no bucket) come from here.
+   With `quality.method: percentiles` (METHODS §3), `quality_score` is the document's bucket value
+   0-19 from the language's published `quality_cutpoints` (`ingest.cutpoints`), in both passes: the
+   bucket bounds apply to it unchanged, and the raw scores stay in the `score_*` columns.
 2. **Documents**: the winners inside the bucket, in (drop_id, source_line) order, are read back row
    group by row group (only row groups holding one) by two threads, while a third compresses the
    previous row group of the candidate file.
@@ -38,9 +41,11 @@ from synth_cpt.core import contracts
 from synth_cpt.core.config import BucketBounds, PipelineConfig
 from synth_cpt.core.layout import RAW_CORPUS, partition_file
 from synth_cpt.core.metadata import DocumentSummary, summarize
+from synth_cpt.core.plots import histogram_counts
 from synth_cpt.core.publish import CandidateRejected, keep_rejected
 from synth_cpt.core.storage import Storage
 from synth_cpt.core.validation import Outcome
+from synth_cpt.ingest.cutpoints import Cutpoints, published_cutpoints
 from synth_cpt.ingest.drops import ingested_drops, kept_out_because
 from synth_cpt.ingest.quarantine import TRUNCATED_FILE, UNREADABLE_FILE
 
@@ -56,6 +61,7 @@ NARROW_BATCH_ROWS = 64 * 1024  # rows per narrow read
 FLUSH_BYTES = 32 * 1024 * 1024  # documents buffered before a row group of the candidate is written
 READERS = 2  # threads reading and selecting row groups while the candidate is written
 READ_AHEAD = 4  # row groups read ahead
+VALUES = 20  # percentiles: bucket values 0-19
 ORDER = "ORDER BY drop_id NULLS FIRST, source_line NULLS FIRST, pos"  # the rule's order: nulls first, as polars sorts
 
 
@@ -71,6 +77,8 @@ class CorpusStats:
     in_no_bucket: int = 0
     rejected_drops: list[str] = field(default_factory=list)
     summary: DocumentSummary = field(default_factory=DocumentSummary)  # of what was published
+    cutpoints: Cutpoints | None = None  # quality.method percentiles: the cut points the buckets were made with
+    value_histogram: list[int] = field(default_factory=list)  # percentiles: documents per bucket value 0-19
     outcome: Outcome | None = None  # the validation of what was published
 
 
@@ -114,8 +122,9 @@ class _Docs:
     Files are opened one at a time (and each reader thread holds one): a corpus of thousands of drops
     must not hold thousands of open files (EMFILE) or S3 connections."""
 
-    def __init__(self, storage: Storage, prefixes: list[str]) -> None:
+    def __init__(self, storage: Storage, prefixes: list[str], cutpoints: Cutpoints | None = None) -> None:
         self.storage = storage
+        self.cutpoints = cutpoints  # given: quality_score is replaced by the bucket value 0-19
         self.keys = [f"{p}/docs.parquet" for p in prefixes]
         # thread id -> (file, its reader): a reader must not be shared between threads
         self._current: dict[int, tuple[int, pq.ParquetFile]] = {}
@@ -157,7 +166,10 @@ class _Docs:
                 present = set(pf.schema_arrow.names)
                 if "language" not in present:
                     continue  # missing is null: never the language
-                columns = [c for c in ("doc_id", "drop_id", "source_line", "quality_score", "language") if c in present]
+                wanted = ["doc_id", "drop_id", "source_line", "quality_score", "language"]
+                if self.cutpoints is not None:
+                    wanted += [c for c in present if c.startswith("score_")]
+                columns = [c for c in wanted if c in present]
                 pos = self.file_start[f]
                 for batch in pf.iter_batches(batch_size=NARROW_BATCH_ROWS, columns=columns, use_threads=True):
                     n = batch.num_rows
@@ -167,6 +179,8 @@ class _Docs:
                     arrays = [
                         batch.column(fld.name).cast(fld.type) if fld.name in present else pa.nulls(n, fld.type) for fld in list(NARROW)[:-1]
                     ]
+                    if self.cutpoints is not None:
+                        arrays[NARROW.get_field_index("quality_score")] = self.cutpoints.bucket_values(batch)
                     out = pa.RecordBatch.from_arrays([*arrays, positions], schema=NARROW).filter(keep)
                     counted[0] += out.num_rows
                     if out.num_rows:
@@ -180,6 +194,10 @@ class _Docs:
         table = pf.read_row_group(g, columns=[c for c in schema.names if c in present], use_threads=False)
         table = table.take(pa.array(rows))  # in output order, wherever a file put them
         n = table.num_rows
+        if self.cutpoints is not None:
+            table = table.drop_columns([c for c in ("quality_score",) if c in table.column_names])
+            table = table.append_column("quality_score", self.cutpoints.bucket_values(table))
+            present = present | {"quality_score"}
         return pa.Table.from_arrays(
             [
                 pa.repeat(pa.scalar(quality, fld.type), n)
@@ -284,8 +302,11 @@ def build_raw_corpus(
     """Write the `raw_corpus` partition and return what went into it.
 
     With `validate`, the candidate file is checked before it replaces the published one; a failure
-    raises CandidateRejected and readers keep the previous version."""
+    raises CandidateRejected and readers keep the previous version. With `quality.method: percentiles`
+    the language's published cut points decide the bucket (FileNotFoundError until they are published)."""
     stats = CorpusStats(language, quality)
+    if config.quality.method == "percentiles":
+        stats.cutpoints = published_cutpoints(storage, language)
     manifests = ingested_drops(storage)
     stats.rejected_drops = [m["drop_id"] for m in manifests if not drop_accepted(m, config)]
     accepted = [m["prefix"] for m in manifests if drop_accepted(m, config) and m["documents"] > 0]
@@ -297,7 +318,7 @@ def build_raw_corpus(
             with (
                 tempfile.TemporaryDirectory(prefix="synth-cpt-dedup-") as spill,
                 connect(spill) as con,
-                contextlib.closing(_Docs(storage, accepted)) as docs,
+                contextlib.closing(_Docs(storage, accepted, stats.cutpoints)) as docs,
             ):
                 counts = _select_winners(con, docs, language, config)
                 _write_documents(con, docs, bounds, quality, schema, tmp)
@@ -306,6 +327,9 @@ def build_raw_corpus(
             counts = {"n": 0, "unique": 0, "no_bucket": 0}
         # figures of what was written come from the output itself
         stats.summary = summarize(str(tmp), SAMPLE_COLUMNS)
+        if stats.cutpoints is not None:
+            values = pl.read_parquet(tmp, columns=["quality_score"])["quality_score"]
+            stats.value_histogram = histogram_counts(values, bins=VALUES, lo=0.0, hi=float(VALUES))
         if validate is not None:
             stats.outcome = validate(str(tmp))
             if not stats.outcome.success:
