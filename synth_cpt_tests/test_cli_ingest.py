@@ -129,3 +129,14 @@ def test_waiting_has_an_end(tmp_path, monkeypatch):
     _, plan = ingest.wait_until_settled(LocalStorage(tmp_path / "drops"), LocalStorage(tmp_path / "home"), cfg, 0.3, said.append, sleep)
     assert [d.relative_path for d in plan.unsettled] == ["d.jsonl"] and not plan.new
     assert "still changing after" in said[-1] and "left for the next run" in said[-1]
+
+
+def test_quality_cutpoints_wait_for_a_published_drop(tmp_path):
+    """With percentile bucketing and no drop yet, the cut points are skipped with the reason, not published empty."""
+    from synth_cpt.cli.ingest import missing_input
+    from synth_cpt.core.config import load_config
+    from synth_cpt.core.layout import QUALITY_CUTPOINTS
+
+    config = load_config(str(REPO / "synth_cpt/defaults/nemotron.yaml"))
+    storage = LocalStorage(tmp_path / "home")
+    assert missing_input(QUALITY_CUTPOINTS, "pt", storage, config) == "no drop is published in crawl_drops yet"

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from synth_cpt.cli.common import QUIET_RUN_CONFIG, dagster_instance, terminal, wide_console
 from synth_cpt.core.config import DROPS_ENV, PipelineConfig, load_config
-from synth_cpt.core.layout import CRAWL_DROPS, QUALITY_SUBSETS, RAW_CORPUS, TOKENIZER, partition_file
+from synth_cpt.core.layout import CRAWL_DROPS, QUALITY_CUTPOINTS, QUALITY_SUBSETS, RAW_CORPUS, TOKENIZER, partition_file
 
 if TYPE_CHECKING:  # the pipeline's modules load when a command runs, not when the CLI starts
     from synth_cpt.core.storage import Storage
@@ -122,6 +122,8 @@ def missing_input(asset: str, partition: str | None, storage: Storage, config: P
             out = sum(not drop_accepted(m, config) for m in manifests)
             return "no accepted drop with documents in crawl_drops yet" + (f" ({out} kept out by the quarantine_rate check)" if out else "")
         return None
+    if asset == QUALITY_CUTPOINTS:
+        return None if ingested_drops(storage) else "no drop is published in crawl_drops yet"
     if asset == TOKENIZER:
         if config.tokenizer.model_file:
             return None  # a given model: nothing to train on is needed
