@@ -4,12 +4,13 @@ import polars as pl
 import pytest
 
 from synth_cpt.core.layout import partition_file
+from synth_cpt.core.publish import published
 from synth_cpt.core.validation import Outcome
 from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.engine import GenerationEngine
 from synth_cpt.generation.requests import ChatRequest, Sampling
 from synth_cpt.lineage import queries
-from synth_cpt.lineage.catalog import Catalog
+from synth_cpt.lineage.catalog import VIEWS, Catalog
 from synth_cpt.mix.build import build_mix
 from synth_cpt.synthesis.outputs import publish_tables
 
@@ -23,8 +24,12 @@ def materialized(tmp_path, tokenizer):  # noqa: F811
     # raw_corpus with the drop lines, and generations the synthetic rows point at
     storage.write_parquet(
         partition_file("raw_corpus", "pt", "high"),
-        originals.with_columns(pl.lit("pt").alias("language"), pl.lit("high").alias("quality"),
-                               pl.lit("a.jsonl").alias("source_file"), pl.int_range(0, 10).alias("source_line")),  # fmt: skip
+        originals.with_columns(
+            pl.lit("pt").alias("language"),
+            pl.lit("high").alias("quality"),
+            pl.lit("a.jsonl").alias("source_file"),
+            pl.int_range(0, 10).alias("source_line"),
+        ),  # fmt: skip
     )
     engine = GenerationEngine(DeterministicTestBackend(), GenerationCache(storage), model="double", model_fingerprint="fp")
     requests = [ChatRequest.chat([{"role": "user", "content": f"r{i}"}], Sampling(max_tokens=8)) for i in range(rows.height)]
@@ -48,19 +53,35 @@ def test_lineage_of_a_document_a_shard_and_a_drop(materialized):
     assert answer["shards"] and all(r["mix"] == "demo" for r in answer["shards"])
     total = catalog.sql("SELECT count(*) FROM shards WHERE doc_id = 'd3'")[1][0][0]
     assert sum(r["copies"] for r in answer["shards"]) == total
+    every = [(r["mix"], r["version"], r["current"], r["shard"], r["origin"], r["copies"]) for r in answer["shards_of_every_version"]]
+    assert every == [(r["mix"], folder.name, True, r["shard"], r["origin"], r["copies"]) for r in answer["shards"]], (
+        "one version, the current"
+    )
 
-    shard = queries.shard(catalog, str(folder / "shard-00000.parquet"))
-    frame = pl.read_parquet(folder / "shard-00000.parquet")
-    assert shard["mix"] == "demo" and shard["mix_run"] == "run-123" and shard["seed"] == 7
-    assert {r["origin"]: r["tokens"] for r in shard["by_origin"]} == dict(frame.group_by("origin").agg(pl.col("n_tokens").sum()).iter_rows())
+    # a shard that holds rewrites, so the trace through synthetic rows and generations is tested
+    name = next(p.name for p in sorted(folder.glob("shard-*.parquet")) if (pl.read_parquet(p)["origin"] != "original").any())
+    shard = queries.shard(catalog, str(folder / name))
+    frame = pl.read_parquet(folder / name)
+    rewrites = frame.filter(pl.col("origin") == "rewrite:easy")
+    assert shard["mix"] == "demo" and shard["mix_run"] == "run-123" and shard["seed"] == 7 and shard["is_current"] is True
+    assert shard["version"] == shard["current_version"] == folder.name
+    assert {r["origin"]: r["tokens"] for r in shard["by_origin"]} == dict(
+        frame.group_by("origin").agg(pl.col("n_tokens").sum()).iter_rows()
+    )
     assert set(shard["drops"]) == set(frame["drop_id"]) and shard["documents"] == frame["doc_id"].n_unique()
-    if (frame["origin"] != "original").any():
-        assert shard["made_by"][0]["prompt_sha"] == "p-easy" and shard["generations"]["generations"] >= 1
-    assert queries.shard(catalog, str(folder / "shard-00000.bin"))["mix"] == "demo", "any format of the shard"
+    version = published(storage, "rewrites_easy/pt/high")["version"]
+    assert shard["made_by"] == [{"prompt_sha": "p-easy", "model_fingerprint": "fp", "asset": "rewrites_easy", "version": version,
+                                 "rows": rewrites["synth_id"].n_unique()}]  # fmt: skip
+    assert shard["generations"]["generations"] == rewrites["synth_id"].n_unique(), "one generation per rewrite row"
+    bin_answer = queries.shard(catalog, str(folder / name.replace(".parquet", ".bin")))
+    assert {**bin_answer, "shard": None} == {**shard, "shard": None}, "any format of the shard gets the same answer"
 
     drop = queries.drop(catalog, "drop-b")
     assert drop["in_raw_corpus"] == [{"language": "pt", "quality": "high", "documents": 5}]
-    assert drop["synthetic"] == [], "drop-b made no rewrites" and all(r["origin"] == "original" for r in drop["shards"])
+    assert drop["synthetic"] == [], "drop-b made no rewrites"
+    everything = pl.concat([pl.read_parquet(p) for p in sorted(folder.glob("shard-*.parquet"))]).filter(pl.col("drop_id") == "drop-b")
+    assert everything.height > 0 and [(r["origin"], r["rows"]) for r in drop["shards"]] == [("original", everything.height)]
+    assert sum(r["tokens"] for r in drop["shards"]) == everything["n_tokens"].sum()
     with pytest.raises(LookupError):
         queries.doc(catalog, "nope")
 
@@ -68,11 +89,17 @@ def test_lineage_of_a_document_a_shard_and_a_drop(materialized):
 def test_sql_over_every_view(materialized):
     storage, _ = materialized
     catalog = Catalog(storage)
-    for view in ("drops", "quarantine", "documents", "subsets", "generations", "synthetic", "rejects", "shards", "manifests"):
-        catalog.sql(f"SELECT count(*) FROM {view}")
+    manifest = storage.read_json(f"{published(storage, 'training_mix_demo/pt/high')['prefix']}/manifest.json")
+    counts = {"drops": 0, "quarantine": 0, "documents": 10, "subsets": 10, "generations": 12, "synthetic": 12, "rejects": 0,
+              "shards": manifest["documents"], "manifests": 1, "mix_versions": 1, "all_shards": manifest["documents"], "all_synthetic": 24,  # corpus() published a first version
+              "pinned_subsets": 10}  # fmt: skip
+    assert set(counts) == set(VIEWS)
+    assert {view: catalog.sql(f"SELECT count(*) FROM {view}")[1][0][0] for view in VIEWS} == counts
     cols, rows = catalog.sql("SELECT mix, sum(n_tokens) FROM shards GROUP BY 1")
-    assert cols[0] == "mix" and rows[0][0] == "demo"
-    joined = catalog.sql("SELECT count(*) FROM synthetic y, unnest(y.request_ids) u(rid) JOIN generations g ON g.request_id = u.rid")[1][0][0]
+    assert cols[0] == "mix" and rows == [("demo", manifest["tokens"])]
+    joined = catalog.sql("SELECT count(*) FROM synthetic y, unnest(y.request_ids) u(rid) JOIN generations g ON g.request_id = u.rid")[1][0][
+        0
+    ]
     assert joined == 12, "every synthetic row resolves to its generation"
 
 
@@ -90,4 +117,7 @@ def test_the_catalog_reads_s3_the_same_way(materialized, s3_bucket, tmp_path):
     assert queries.drop(remote, "drop-b") == queries.drop(here, "drop-b")
     shard_key = next(k for k in local.list("") if k.endswith("shard-00000.parquet"))
     answer = queries.shard(remote, f"s3://{bucket}/home/{shard_key}")
-    assert answer["mix"] == "demo" and answer["by_origin"] == queries.shard(here, str(local.path(shard_key)))["by_origin"]
+    local_answer = queries.shard(here, str(local.path(shard_key)))
+    different = {"shard", "uri"}  # where the files are
+    assert {k: v for k, v in answer.items() if k not in different} == {k: v for k, v in local_answer.items() if k not in different}
+    assert answer["uri"] == f"s3://{bucket}/home/{shard_key.rsplit('/', 1)[0]}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from synth_cpt.cli import generation, ingest, lineage, outputs, prompts
+from synth_cpt.cli import gc, generation, ingest, lineage, outputs, prompts
 from synth_cpt.cli.common import quiet_console
 from synth_cpt.core.config import ConfigError, load_config
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synth-cpt", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="pipeline YAML (default: $SYNTH_CPT_CONFIG or the shipped defaults)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for domain in (ingest, generation, outputs, prompts, lineage):
+    for domain in (ingest, generation, outputs, prompts, lineage, gc):
         domain.register(sub)
     cfg = sub.add_parser("config", help="validate the pipeline config and print it with every default filled in")
     cfg.set_defaults(func=cmd_config)

@@ -54,7 +54,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             "SELECT s.doc_id FROM shards s LEFT JOIN synthetic y USING (doc_id) LEFT JOIN rejects r USING (doc_id) GROUP BY 1 "
             "ORDER BY count(DISTINCT y.synth_id) DESC, count(DISTINCT r.asset) DESC, count(DISTINCT s.mix) DESC, 1 LIMIT 1"
             if args.what == "doc" else "SELECT DISTINCT filename FROM shards ORDER BY 1 LIMIT 1"
-            if args.what == "shard" else "SELECT drop_id FROM synthetic GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1"
+            if args.what == "shard" else "SELECT prompt_sha FROM synthetic WHERE prompt_sha IS NOT NULL GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1"
+            if args.what == "prompt" else "SELECT drop_id FROM synthetic GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1"
         )[1]  # fmt: skip
         if not found:
             print(f"synth-cpt lineage {args.what}: nothing published to take an example from", file=sys.stderr)
@@ -62,7 +63,12 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         key = found[0][0]
         print(f"synth-cpt lineage {args.what} {key}")
     try:
-        answer = {"shard": queries.shard, "doc": queries.doc, "drop": queries.drop}[args.what](catalog, key)
+        if args.what == "prompt":
+            answer = queries.prompt(catalog, key)
+        elif args.what in ("shard", "doc"):
+            answer = {"shard": queries.shard, "doc": queries.doc}[args.what](catalog, key, prompts=args.prompt)
+        else:
+            answer = queries.drop(catalog, key)
     except LookupError as exc:
         print(f"synth-cpt lineage: {exc}", file=sys.stderr)
         return 2
@@ -75,7 +81,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 def cmd_sql(args: argparse.Namespace) -> int:
     """One SQL query over the catalog's views (drops, quarantine, documents, subsets, generations,
-    synthetic, rejects, shards, manifests)."""
+    synthetic, rejects, shards, manifests; every retained version: mix_versions, all_shards, all_synthetic,
+    pinned_subsets)."""
     import duckdb
 
     catalog = _catalog(args)
@@ -97,9 +104,16 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    lin = sub.add_parser("lineage", help="lineage answers: a shard's sources, a document's descendants, what a drop made")
-    lin.add_argument("what", choices=["shard", "doc", "drop"])
-    lin.add_argument("key", nargs="?", help="shard: a shard file's path; doc: a doc_id (or unique prefix); drop: a drop_id")
+    lin = sub.add_parser(
+        "lineage",
+        help="lineage answers: a shard's sources (any retained mix version), a document's descendants, what a drop made, a prompt's text",
+    )
+    lin.add_argument("what", choices=["shard", "doc", "drop", "prompt"])
+    lin.add_argument(
+        "key", nargs="?",
+        help="shard: a shard file's path (of any retained version); doc: a doc_id (or unique prefix); drop: a drop_id; prompt: a prompt_sha (or unique prefix)",
+    )  # fmt: skip
+    lin.add_argument("--prompt", action="store_true", help="shard, doc: also print the exact text of every prompt file behind it")
     lin.add_argument("--example", action="store_true", help="answer for an example taken from what is published")
     lin.add_argument("--json", action="store_true", help="the answer as JSON")
     lin.set_defaults(func=cmd_lineage)

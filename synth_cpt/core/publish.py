@@ -5,6 +5,13 @@ its suite passed (`Storage.writing`). An output of several files (a drop's docum
 manifest; the tokenizer's model and info) is written into a fresh version folder and made visible by
 one pointer file written last: a crash at any point leaves the previous version whole. A candidate
 that failed validation is kept under `_rejected/` for inspection, out of every reader's way.
+
+Why published versions are never deleted here: people audit what they trained on months and several
+re-mixes later, so every version that was ever published stays until the user removes it with an
+explicit policy (`synth-cpt gc`, core/retention.py). Each publish leaves a marker
+`<prefix>/_published/<version>.json` (written before the pointer), so a version folder without one
+is known never to have been published: a crashed or superseded candidate, removed once older than
+CANDIDATE_GRACE.
 """
 
 from __future__ import annotations
@@ -22,6 +29,19 @@ from synth_cpt.core.storage import Storage, utc_stamp
 LEGACY = "legacy"  # the version name of an output written before versioned publishing (files beside the pointer)
 # a version folder younger than this may be another run's candidate still being written: cleanup leaves it
 CANDIDATE_GRACE = timedelta(hours=6)
+PUBLISHED_LOG = "_published"  # <prefix>/_published/<version>.json: this version was published once (belongs in core/layout.py)
+
+
+def published_marker(prefix: str, version: str) -> str:
+    return f"{prefix}/{PUBLISHED_LOG}/{version}.json"
+
+
+def version_stamp(version: str) -> datetime | None:
+    """When a version was made (its name starts with a `utc_stamp`), or None for a name that does not."""
+    try:
+        return datetime.strptime(version[:21], "%Y%m%dT%H%M%S%f").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
 
 
 class CandidateRejected(Exception):
@@ -69,22 +89,47 @@ def published(storage: Storage, prefix: str, legacy_file: str | None = None) -> 
     return None
 
 
+def _under(storage: Storage, folder: str, keys: list[str] | None) -> list[str]:
+    return storage.list(folder) if keys is None else [k for k in keys if k.startswith(f"{folder}/")]
+
+
+def version_folders(storage: Storage, prefix: str, keys: list[str] | None = None) -> list[str]:
+    """Every version folder under `prefix/v/` (published, retained, candidates), sorted (= by time).
+    `keys`: a listing already made (of the root or `prefix`), to list nothing again."""
+    base = f"{prefix}/v/"
+    return sorted({k[len(base) :].split("/", 1)[0] for k in _under(storage, f"{prefix}/v", keys) if "/" in k[len(base) :]})
+
+
+def published_versions(storage: Storage, prefix: str, keys: list[str] | None = None) -> list[str]:
+    """The versions of `prefix` that were published and are still stored (the current one included),
+    oldest first: every version a reader, an audit or `synth-cpt lineage` may ask about."""
+    logged = {k.rsplit("/", 1)[1].removesuffix(".json") for k in _under(storage, f"{prefix}/{PUBLISHED_LOG}", keys)}
+    current = published(storage, prefix)
+    if current is not None and current["version"] != LEGACY:
+        logged.add(current["version"])
+    return [v for v in version_folders(storage, prefix, keys) if v in logged]
+
+
 def publish_version(storage: Storage, prefix: str, version: str, payload: dict) -> bool:
-    """Make `version` the one readers see (one atomic write of the pointer), then delete versions older
-    than the previous one and than CANDIDATE_GRACE. Returns False when a newer version was published
-    meanwhile (two runs of one output): that one stays in force, and the caller must say so."""
+    """Make `version` the one readers see (a marker, then one atomic write of the pointer). Published
+    versions are kept (see the module docstring); only never-published folders older than
+    CANDIDATE_GRACE go. Returns False when a newer version was published meanwhile (two runs of one
+    output): that one stays in force, and the caller must say so."""
     current = published(storage, prefix)
     previous = current["version"] if current and current["version"] != LEGACY else None
     if previous is not None and previous > version:
         return False
+    published_before = storage.list(f"{prefix}/{PUBLISHED_LOG}")
+    if previous is not None and not published_before:  # published before markers existed: the one before was published too
+        storage.write_json(published_marker(prefix, previous), {"version": previous, "recorded": utc_stamp()})
+    storage.write_json(published_marker(prefix, version), {"version": version, "published_at": utc_stamp()})
     storage.write_json(f"{prefix}/{POINTER}", {**payload, "version": version, "prefix": version_prefix(prefix, version)})
-    # keep the new and the previously published version (a reader may be on it); older ones and
-    # crashed candidates go; newer ones, and any started within the grace (names sort by time), may be
-    # another run's candidate still being written and are left alone
-    floor = min(previous or version, utc_stamp(datetime.now(timezone.utc) - CANDIDATE_GRACE))
-    versions = {k.split("/v/", 1)[1].split("/", 1)[0] for k in storage.list(f"{prefix}/v")}
-    for old in sorted(versions):
-        if old < floor and old not in (version, previous):
+    # a folder never published and older than the grace is a crashed or superseded candidate; younger
+    # ones (names sort by time) may be another run's candidate still being written and are left alone
+    floor = utc_stamp(datetime.now(timezone.utc) - CANDIDATE_GRACE)
+    logged = {k.rsplit("/", 1)[1].removesuffix(".json") for k in storage.list(f"{prefix}/{PUBLISHED_LOG}")}
+    for old in version_folders(storage, prefix):
+        if old < floor and old not in logged and old not in (version, previous):
             storage.delete_prefix(version_prefix(prefix, old))
     return True
 

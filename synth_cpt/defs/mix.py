@@ -84,6 +84,8 @@ def _mix(name: str, recipe: MixRecipe, parts: PartitionsDefinition, automation: 
                 "drops": MetadataValue.json(m["drops"]), "prompt_shas": MetadataValue.json(m["prompt_shas"]),
                 "model_fingerprints": MetadataValue.json(m["model_fingerprints"]), "repeats": MetadataValue.json(m["repeats"]),
                 "missing_components": MetadataValue.json(m["missing_components"]),
+                "inputs": MetadataValue.json(m["inputs"]),  # the exact input versions this mix version pinned
+                **({"tokens_in_files": m["tokens_in_files"]} if "tokens_in_files" in m else {}),
             },
         )  # fmt: skip
 

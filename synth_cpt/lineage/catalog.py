@@ -1,8 +1,11 @@
 """The lineage catalog: one DuckDB connection with a view over every output, so any lineage question is
 one SQL query (`synth-cpt sql`), and the common ones are functions (`synth-cpt lineage ...`).
 
-Views read only what readers see: for versioned outputs the version each `current.json` points at
-(drops, synthesis, mixes), never a candidate or an older version. Local files are read by DuckDB
+The views of the first list read only what readers see: for versioned outputs the version each
+`current.json` points at (drops, synthesis, mixes), never a candidate. The `all_*` views and
+`mix_versions` read every version still retained (published once, not yet removed by `synth-cpt gc`),
+each row naming its `version` and whether it is `current`, so a shard of a mix re-made since is still
+explained through the exact inputs its version pinned. Local files are read by DuckDB
 itself; on S3 the same files are registered as pyarrow datasets over the S3 filesystem, so nothing is
 downloaded whole and no DuckDB extension is needed.
 
@@ -16,6 +19,11 @@ downloaded whole and no DuckDB extension is needed.
   rejects       rejected generations of the same (+ asset, language, quality)
   shards        rows of every training mix shard (+ mix, language, quality, shard)
   manifests     one row per mix partition: recipe, seed, tokens, drops, prompts, models (JSON), the Dagster run
+  mix_versions  one row per retained mix version (+ version, current, prefix, inputs: the pinned inputs as JSON)
+  all_shards    rows of every retained mix version's shards (+ mix, language, quality, version, current, shard, filename)
+  all_synthetic rows of every retained version of rewrites_<style> and entigraph_corpus (+ asset, language, quality,
+                version, current, prefix: the version folder a mix pins)
+  pinned_subsets  quality_subsets partitions as mixes read them, kept by content (+ pin: the key, language, quality)
 """
 
 from __future__ import annotations
@@ -41,15 +49,21 @@ from synth_cpt.core.layout import (
     SYNTHETIC_ROWS,
     TRAINING_MIX,
 )
-from synth_cpt.core.publish import published_partitions
+from synth_cpt.core.publish import LEGACY, published, published_partitions, published_versions
+from synth_cpt.core.retention import SNAPSHOTS, mix_pins, versioned_outputs
 from synth_cpt.core.storage import LocalStorage, Storage
 from synth_cpt.generation.cache import SCHEMA as GENERATION_ROWS
 
-VIEWS = ("drops", "quarantine", "documents", "subsets", "generations", "synthetic", "rejects", "shards", "manifests")
+VIEWS = ("drops", "quarantine", "documents", "subsets", "generations", "synthetic", "rejects", "shards", "manifests",
+         "mix_versions", "all_shards", "all_synthetic", "pinned_subsets")  # fmt: skip
 
 
 def _quote(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
+
+
+def _literal(value: str | bool) -> str:
+    return ("TRUE" if value else "FALSE") if isinstance(value, bool) else _quote(value)
 
 
 class Catalog:
@@ -78,7 +92,9 @@ class Catalog:
         self.con.register(name, dataset)
         return name
 
-    def _files(self, groups: list[tuple[list[str], dict[str, str]]], view: str, empty: pa.Schema | list[str], extra: tuple[str, ...] = ()) -> None:
+    def _files(
+        self, groups: list[tuple[list[str], dict[str, Any]]], view: str, empty: pa.Schema | list[str], extra: tuple[str, ...] = ()
+    ) -> None:
         """A view over groups of Parquet files, each group with constant columns (asset, language, ...): a
         UNION ALL of one branch per group, so a filter on a constant (WHERE asset = 'rewrites_easy') skips
         whole groups unread, and no join is needed. A file's own column of a constant's name gives way."""
@@ -87,7 +103,7 @@ class Catalog:
             schema = empty if isinstance(empty, pa.Schema) else pa.schema([(c, pa.string()) for c in empty])
             for name in extra:
                 if name not in schema.names:
-                    schema = schema.append(pa.field(name, pa.string()))
+                    schema = schema.append(pa.field(name, pa.bool_() if name == "current" else pa.string()))
             self.con.register(f"_{view}_empty", schema.empty_table())
             self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM _{view}_empty")
             return
@@ -98,7 +114,7 @@ class Catalog:
                 branches.append(f"SELECT * FROM {source}")
                 continue
             own = ", ".join(_quote(n) for n in consts)
-            values = ", ".join(f"{_quote(v)} AS {n}" for n, v in consts.items())
+            values = ", ".join(f"{_literal(v)} AS {n}" for n, v in consts.items())
             branches.append(f"SELECT COLUMNS(lambda c: c NOT IN ({own})), {values} FROM {source}")
         self.con.execute(f"CREATE OR REPLACE VIEW {view} AS " + " UNION ALL BY NAME ".join(branches))
 
@@ -185,6 +201,73 @@ class Catalog:
         )
         if rows:
             self.con.executemany("INSERT INTO manifests VALUES (" + ", ".join("?" * 15) + ")", rows)
+
+    def _retained(self, asset_prefix: str) -> list[tuple[str, str, str, str, str, bool]]:
+        """(asset, language, quality, partition prefix, version, current) of every retained version of the
+        `language|quality` partitions of assets whose name starts with `asset_prefix`, oldest first."""
+        found = []
+        for prefix in versioned_outputs(self.storage, self._keys):
+            parts = prefix.split("/")
+            if len(parts) != 3 or not parts[0].startswith(asset_prefix):
+                continue
+            pointer = published(self.storage, prefix)
+            current = pointer["version"] if pointer and pointer["version"] != LEGACY else None
+            for version in published_versions(self.storage, prefix, self._keys):
+                found.append((parts[0], parts[1], parts[2], prefix, version, version == current))
+        return found
+
+    def _view_mix_versions(self) -> None:
+        rows = []
+        for asset, language, quality, prefix, version, current in self._retained(TRAINING_MIX):
+            folder = f"{prefix}/v/{version}"
+            if f"{folder}/manifest.json" not in self._key_set:
+                continue
+            m = self.storage.read_json(f"{folder}/manifest.json")
+            inputs = mix_pins(self.storage, prefix, version)
+            rows.append([asset.removeprefix(TRAINING_MIX), language, quality, version, current, folder, self.storage.uri(folder),
+                         m["recipe_sha"], m["seed"], m["tokens"], m["documents"], len(m["shards"]), json.dumps(m["by_origin"]),
+                         json.dumps(m["drops"]), json.dumps(m["prompt_shas"]), json.dumps(m["model_fingerprints"]), m["tokenizer_sha"],
+                         m.get("run_id"), None if inputs is None else json.dumps(inputs)])  # fmt: skip
+        self.con.execute(
+            "CREATE OR REPLACE TABLE mix_versions (mix VARCHAR, language VARCHAR, quality VARCHAR, version VARCHAR, current BOOLEAN, "
+            "prefix VARCHAR, uri VARCHAR, recipe_sha VARCHAR, seed BIGINT, tokens BIGINT, documents BIGINT, shards BIGINT, by_origin JSON, "
+            "drops JSON, prompt_shas JSON, model_fingerprints JSON, tokenizer_sha VARCHAR, run_id VARCHAR, inputs JSON)"
+        )
+        if rows:
+            self.con.executemany("INSERT INTO mix_versions VALUES (" + ", ".join("?" * 19) + ")", rows)
+
+    def _view_all_shards(self) -> None:
+        groups = []
+        for asset, language, quality, prefix, version, current in self._retained(TRAINING_MIX):
+            folder = f"{prefix}/v/{version}/"
+            for key in sorted(k for k in self._keys if k.startswith(f"{folder}shard-") and k.endswith(".parquet")):
+                path = str(self.storage.path(key)) if self.local else self.storage.uri(key)  # type: ignore[attr-defined]
+                consts = {"mix": asset.removeprefix(TRAINING_MIX), "language": language, "quality": quality, "version": version,
+                          "current": current, "shard": key.rsplit("/", 1)[1], "filename": path}  # fmt: skip
+                groups.append(([key], consts))
+        self._files(groups, "all_shards", MIX_SHARD, ("mix", "language", "quality", "version", "current", "shard", "filename"))
+
+    def _view_all_synthetic(self) -> None:
+        groups = []
+        for asset, language, quality, prefix, version, current in self._retained(REWRITES) + self._retained(ENTIGRAPH_CORPUS):
+            key = f"{prefix}/v/{version}/{SYNTHETIC_ROWS}"
+            if key in self._key_set:
+                consts = {"asset": asset, "language": language, "quality": quality, "version": version, "current": current,
+                          "prefix": f"{prefix}/v/{version}"}  # fmt: skip
+                groups.append(([key], consts))
+        self._files(groups, "all_synthetic", SYNTHETIC_SCHEMA, ("asset", "language", "quality", "version", "current", "prefix"))
+
+    def _view_pinned_subsets(self) -> None:
+        groups = []
+        for key in self._keys:
+            parts = key.split("/")
+            if len(parts) == 5 and parts[0] == QUALITY_SUBSETS and parts[3] == SNAPSHOTS and key.endswith(".parquet"):
+                groups.append(([key], {"pin": key, "language": parts[1], "quality": parts[2]}))
+        self._files(groups, "pinned_subsets", ["doc_id", "drop_id", "language", "quality"], ("pin",))
+
+    def columns(self, view: str) -> set[str]:
+        """The columns a view has (a column some producers add, e.g. drop_version, may be absent)."""
+        return {r[0] for r in self.con.execute(f"DESCRIBE {view}").fetchall()}
 
     # -- queries ------------------------------------------------------------------------------------------
     def sql(self, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:

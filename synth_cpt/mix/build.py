@@ -6,11 +6,18 @@ rewrites_<style> and entigraph_corpus) and its texts are counted with the target
 published `tokenizer`, SentencePiece or Hugging Face), whose ids and EOS the `.bin` shards hold. The
 plan is made before anything is written (mix/plan.py), so a mix that cannot be made as asked fails
 with its shortfall in tokens and writes nothing.
+
+A mix version pins the exact inputs it read (`inputs` in its manifest, written first as `inputs.json`):
+each synthesis component's published version folder, the tokenizer's version, the drop versions its
+rows name (when rows carry `drop_version`), and the subset partition by content (a one-file output: its
+bytes as read are kept once under `quality_subsets/<l>/<q>/pinned/<sha256>.parquet`). `synth-cpt gc`
+never removes a pinned input while the mix version stays, so a shard stays explainable.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,23 +32,29 @@ from synth_cpt.core.layout import (
     ENTIGRAPH_CORPUS,
     QUALITY_SUBSETS,
     SYNTHETIC_ROWS,
+    TOKENIZER,
+    drop_prefix,
     mix_asset,
     partition_file,
     partition_prefix,
     rewrite_asset,
+    version_prefix,
 )
+from synth_cpt.core.retention import INPUTS, snapshot_key
 from synth_cpt.core.storage import Storage
 from synth_cpt.core.validation import Outcome
 from synth_cpt.mix.plan import MixPlan, Part, plan_mix, shard_bounds, shuffled, take
 from synth_cpt.mix.shards import token_layout, write_shard
-from synth_cpt.synthesis.outputs import published_table
 
 if TYPE_CHECKING:
     from synth_cpt.corpus.tokenizer import TokenCounter
 
 MANIFEST = "manifest.json"
 REPEATS = "repeats.parquet"
-_SYNTH_COLUMNS = ["synth_id", "doc_id", "drop_id", "text", "prompt_sha", "model_fingerprint"]
+_SYNTH_COLUMNS = ["synth_id", "doc_id", "drop_id", "drop_version", "text", "prompt_sha", "model_fingerprint"]
+DROP_VERSION = "drop_version"  # the drop version a row came from, where its producer records it (null otherwise)
+TOKEN_COUNTS = ("tokens: the documents' own tokens (sum of n_tokens, text ids only); tokens_in_file: the ids a .bin shard holds, "
+                "every document framed as [BOS] ids EOS (see token_shards)")  # fmt: skip
 
 
 def origin_of(source: str) -> str:
@@ -49,18 +62,64 @@ def origin_of(source: str) -> str:
     return "original" if source == "originals" else source
 
 
-def component_rows(storage: Storage, origin: str, language: str, quality: str) -> pl.DataFrame | None:
-    """What a component can draw from, or None when its asset partition was never published."""
+@dataclass
+class Component:
+    """What a component can draw from, and the exact input it was read from (its pin)."""
+
+    frame: pl.DataFrame
+    pin: dict[str, Any]
+    snapshot: bytes | None = None  # a one-file input's bytes as read, kept under the pin's key once the mix is planned
+
+
+def _with_lineage_columns(frame: pl.DataFrame) -> pl.DataFrame:
+    missing = [pl.lit(None, pl.String).alias(c) for c in _SYNTH_COLUMNS if c not in frame.columns]
+    return frame.with_columns(missing).select(_SYNTH_COLUMNS).with_columns(pl.col(DROP_VERSION).cast(pl.String))
+
+
+def component_rows(storage: Storage, origin: str, language: str, quality: str) -> Component | None:
+    """A component's rows read once from what is published (None when its partition never was), and its pin."""
     if origin == "original":
         key = partition_file(QUALITY_SUBSETS, language, quality)
         if not storage.exists(key):
             return None
-        frame = storage.read_parquet(key, columns=["doc_id", "drop_id", "text"])
-        return frame.with_columns(pl.lit(None, pl.String).alias("synth_id"), pl.lit(None, pl.String).alias("prompt_sha"),
-                                  pl.lit(None, pl.String).alias("model_fingerprint")).select(_SYNTH_COLUMNS)  # fmt: skip
+        data = storage.read_bytes(key)  # read once: the pin is exactly what the mix read
+        sha = hashlib.sha256(data).hexdigest()
+        names = pl.read_parquet_schema(io.BytesIO(data))
+        frame = pl.read_parquet(io.BytesIO(data), columns=[c for c in ("doc_id", "drop_id", DROP_VERSION, "text") if c in names])
+        pin = {"component": origin, "asset": QUALITY_SUBSETS, "prefix": snapshot_key(partition_prefix(QUALITY_SUBSETS, language, quality), sha),
+               "source": key, "sha256": sha}  # fmt: skip
+        return Component(_with_lineage_columns(frame), pin, data)
     asset = ENTIGRAPH_CORPUS if origin == "entigraph" else rewrite_asset(origin.split(":", 1)[1])
-    frame = published_table(storage, asset, language, quality, SYNTHETIC_ROWS)
-    return None if frame is None else frame.select(_SYNTH_COLUMNS)
+    pointer = publish.published(storage, partition_prefix(asset, language, quality))
+    if pointer is None:
+        return None
+    key = f"{pointer['prefix']}/{SYNTHETIC_ROWS}"
+    with storage.local_path(key) as path:
+        names = pl.read_parquet_schema(path)
+        frame = pl.read_parquet(path, columns=[c for c in _SYNTH_COLUMNS if c in names])
+    return Component(
+        _with_lineage_columns(frame), {"component": origin, "asset": asset, "prefix": pointer["prefix"], "version": pointer["version"]}
+    )
+
+
+def _tokenizer_pin(storage: Storage, tokenizer: TokenCounter) -> list[dict[str, Any]]:
+    """The published tokenizer version, when it is the one the mix counted with."""
+    from synth_cpt.corpus.tokenizer import published_tokenizer
+
+    try:
+        pointer = published_tokenizer(storage)
+    except FileNotFoundError:
+        return []
+    if pointer["version"] == publish.LEGACY or pointer["info"].get("sha256") != tokenizer.sha256:
+        return []
+    return [{"asset": TOKENIZER, "prefix": pointer["prefix"], "version": pointer["version"]}]
+
+
+def _drop_pins(mixed: pl.DataFrame) -> list[dict[str, Any]]:
+    if not mixed.height or DROP_VERSION not in mixed.columns:
+        return []
+    pairs = mixed.select("drop_id", DROP_VERSION).drop_nulls().unique().sort("drop_id", DROP_VERSION)
+    return [{"asset": "crawl_drops", "drop_id": d, "prefix": version_prefix(drop_prefix(d), v), "version": v} for d, v in pairs.iter_rows()]
 
 
 @dataclass
@@ -88,13 +147,16 @@ def build_mix(
     """Plan, write, validate, publish (see the module docstring). Raises MixShortfall before writing."""
     parts_cfg = recipe.parts()
     frames: dict[str, pl.DataFrame] = {}
+    components: dict[str, Component] = {}
     missing: list[str] = []
     for part in parts_cfg:
         origin = origin_of(part.source)
-        frame = component_rows(storage, origin, language, quality)
-        if frame is None:
+        component = component_rows(storage, origin, language, quality)
+        if component is None:
             missing.append(origin)
             frame = pl.DataFrame(schema={c: pl.String for c in _SYNTH_COLUMNS})
+        else:
+            components[origin], frame = component, component.frame
         frames[origin] = frame.with_columns(pl.Series("n_tokens", tokenizer.count(frame["text"].to_list()), dtype=pl.Int64))
     parts = [Part(origin_of(p.source), p.ratio, p.max_epochs, int(frames[origin_of(p.source)]["n_tokens"].sum() or 0)) for p in parts_cfg]
     plan = plan_mix(parts, target_tokens=recipe.target_tokens, target_originals=recipe.target_originals, on_shortfall=recipe.on_shortfall)
@@ -109,9 +171,15 @@ def build_mix(
         counts = Counter(picked)
         once = _gather(frame, list(counts))
         repeats.append(
-            pl.DataFrame({"origin": [p.origin] * len(counts), "doc_id": once["doc_id"].to_list(),
-                          "synth_id": once["synth_id"].to_list(), "repeats": list(counts.values())},
-                         schema={"origin": pl.String, "doc_id": pl.String, "synth_id": pl.String, "repeats": pl.Int64})  # fmt: skip
+            pl.DataFrame(
+                {
+                    "origin": [p.origin] * len(counts),
+                    "doc_id": once["doc_id"].to_list(),
+                    "synth_id": once["synth_id"].to_list(),
+                    "repeats": list(counts.values()),
+                },
+                schema={"origin": pl.String, "doc_id": pl.String, "synth_id": pl.String, "repeats": pl.Int64},
+            )  # fmt: skip
         )
     mixed = pl.concat(taken) if taken else pl.DataFrame()
     mixed = _gather(mixed, shuffled(mixed.height, recipe.seed)) if mixed.height else mixed
@@ -122,22 +190,33 @@ def build_mix(
     prefix = partition_prefix(mix_asset(name), language, quality)
     version = publish.new_version()
     folder = publish.version_prefix(prefix, version)
+    # pins first (gc reads them from a mix still being built), then the snapshots they name
+    inputs = [c.pin for c in components.values()] + _tokenizer_pin(storage, tokenizer) + _drop_pins(mixed)
+    storage.write_json(f"{folder}/{INPUTS}", inputs)
+    for c in components.values():
+        if c.snapshot is not None and not storage.exists(c.pin["prefix"]):
+            storage.write_bytes(c.pin["prefix"], c.snapshot)
+        c.snapshot = None
     shards = []
     for i, (a, b) in enumerate(shard_bounds(rows["n_tokens"].to_list(), recipe.shard_tokens)):
         shard = rows[a:b]
-        files = [key.rsplit("/", 1)[1] for fmt in recipe.formats for key in write_shard(storage, folder, i, shard, fmt, tokenizer)]
+        written = [write_shard(storage, folder, i, shard, fmt, tokenizer) for fmt in recipe.formats]
         by_origin = shard.group_by("origin").agg(pl.len().alias("documents"), pl.col("n_tokens").sum().alias("tokens")).sort("origin")
-        shards.append({"shard": i, "files": files, "documents": shard.height, "tokens": int(shard["n_tokens"].sum() or 0),
+        in_file = [w.tokens_in_file for w in written if w.tokens_in_file is not None]
+        shards.append({"shard": i, "files": [k.rsplit("/", 1)[1] for w in written for k in w.keys], "documents": shard.height,
+                       "tokens": int(shard["n_tokens"].sum() or 0), **({"tokens_in_file": in_file[0]} if in_file else {}),
                        "by_origin": {r["origin"]: {"documents": r["documents"], "tokens": r["tokens"]} for r in by_origin.to_dicts()}})  # fmt: skip
     repeat_table = pl.concat(repeats) if repeats else pl.DataFrame()
     storage.write_parquet(f"{folder}/{REPEATS}", repeat_table)
     synthetic = mixed.filter(pl.col("origin") != "original") if mixed.height else mixed
     by_origin = rows.group_by("origin").agg(pl.len().alias("documents"), pl.col("n_tokens").sum().alias("tokens")).sort("origin")
     manifest = {
-        "recipe": name, "recipe_sha": recipe_sha(recipe), "seed": recipe.seed, "language": language, "quality": quality, "run_id": run_id,
+        "recipe": name, "version": version, "recipe_sha": recipe_sha(recipe), "seed": recipe.seed, "language": language, "quality": quality, "run_id": run_id,
         "tokenizer_sha": tokenizer.sha256, "formats": list(recipe.formats), "shard_tokens": recipe.shard_tokens,
         "plan": plan.describe(), "missing_components": missing,
-        "documents": rows.height, "tokens": int(rows["n_tokens"].sum() or 0),
+        "documents": rows.height, "tokens": int(rows["n_tokens"].sum() or 0), "token_counts": TOKEN_COUNTS,
+        **({"tokens_in_files": sum(e["tokens_in_file"] for e in shards)} if "tokens" in recipe.formats else {}),
+        "inputs": inputs,
         "by_origin": {r["origin"]: {"documents": r["documents"], "tokens": r["tokens"]} for r in by_origin.to_dicts()},
         "drops": sorted(set(mixed["drop_id"].drop_nulls().to_list())) if mixed.height else [],
         "prompt_shas": sorted(set(synthetic["prompt_sha"].drop_nulls().to_list())) if synthetic.height else [],

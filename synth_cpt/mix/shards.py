@@ -12,12 +12,15 @@
   151k); `shard-NNNNN.idx` is little-endian `int64`: the offset of each document's first token, then
   the total length (n + 1 values), so document i is `bin[idx[i]:idx[i+1]]`, its BOS and EOS
   included. `numpy.memmap` reads both; `token_layout` says which dtype and ids a mix used.
+  A document's `n_tokens` counts its text's ids only; what a `.bin` holds is `tokens_in_file` (every id
+  written, BOS and EOS included), which is what a manifest states for it.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,19 +56,27 @@ def shard_name(index: int, fmt: str) -> str:
     return f"shard-{index:05d}.{EXTENSIONS[fmt]}"
 
 
+@dataclass(frozen=True)
+class WrittenShard:
+    """The keys one shard format was written to, and for `.bin` the ids it holds (BOS and EOS included)."""
+
+    keys: list[str] = field(default_factory=list)
+    tokens_in_file: int | None = None
+
+
 def write_shard(
     storage: Storage, folder: str, index: int, rows: pl.DataFrame, fmt: str, tokenizer: TokenCounter | None = None
-) -> list[str]:
-    """Write one shard in one format; returns the keys written (atomically, each)."""
+) -> WrittenShard:
+    """Write one shard in one format (each file atomically)."""
     key = f"{folder}/{shard_name(index, fmt)}"
     if fmt == "parquet":
         storage.write_parquet(key, rows)
-        return [key]
+        return WrittenShard([key])
     if fmt == "jsonl.zst":
         buffer = io.BytesIO()
         rows.write_ndjson(buffer)
         storage.write_bytes(key, zstandard.ZstdCompressor(level=3).compress(buffer.getvalue()))
-        return [key]
+        return WrittenShard([key])
     if fmt == "tokens":
         if tokenizer is None:
             raise ValueError("the tokens format needs the target tokenizer")
@@ -84,7 +95,7 @@ def write_shard(
         idx_key = key.removesuffix(".bin") + ".idx"
         storage.write_bytes(key, flat.tobytes())
         storage.write_bytes(idx_key, index_values.tobytes())
-        return [key, idx_key]
+        return WrittenShard([key, idx_key], int(flat.size))
     raise ValueError(f"unknown shard format {fmt!r}")
 
 

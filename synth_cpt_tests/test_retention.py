@@ -1,0 +1,244 @@
+"""Lineage that outlives re-runs: published versions are kept until `synth-cpt gc` removes them under an
+explicit policy, a mix version pins the exact inputs it read, and a shard of an old mix version is
+still traced through those inputs; prompt files are archived by their SHA."""
+
+import hashlib
+import json
+from datetime import datetime, timedelta, timezone
+
+import polars as pl
+import pytest
+import yaml
+
+from synth_cpt.cli import main
+from synth_cpt.core.layout import partition_file, version_prefix
+from synth_cpt.core.publish import publish_version, published, published_versions
+from synth_cpt.core.retention import INPUTS, Policy, collect, plan_gc
+from synth_cpt.core.storage import LocalStorage, utc_stamp
+from synth_cpt.core.validation import Outcome
+from synth_cpt.generation.prompt_archive import archive_prompt, archived_prompt, prompt_key
+from synth_cpt.lineage import queries
+from synth_cpt.lineage.catalog import Catalog
+from synth_cpt.mix.build import MANIFEST, build_mix
+from synth_cpt.synthesis.outputs import publish_tables
+
+from .conftest import PT_TEXT
+from .test_mix_build import recipe, tokenizer  # noqa: F401  (fixture)
+
+PROMPTS = {g: f"name: easy\nkind: rewrite\ndescription: generation {g}\nuser: 'Reescreva: {{{{ text }}}}'\n" for g in range(3)}
+SHAS = {g: hashlib.sha256(text.encode()).hexdigest() for g, text in PROMPTS.items()}
+
+
+def _subset(storage, with_drop_version=False):
+    frame = pl.DataFrame(
+        {
+            "doc_id": [f"d{i}" for i in range(10)],
+            "drop_id": ["drop-a"] * 5 + ["drop-b"] * 5,
+            "text": [f"Documento {i}. " + PT_TEXT[: 60 + 20 * i] for i in range(10)],
+            "language": ["pt"] * 10,
+            "quality": ["high"] * 10,
+        }  # fmt: skip
+    )
+    if with_drop_version:
+        frame = frame.with_columns(
+            pl.when(pl.col("drop_id") == "drop-a").then(pl.lit("va1")).otherwise(pl.lit("vb1")).alias("drop_version")
+        )
+    storage.write_parquet(partition_file("quality_subsets", "pt", "high"), frame)
+
+
+def _rewrites(storage, generation, with_drop_version=False):
+    """One generation of rewrites_easy: its rows name the prompt file of that generation."""
+    rows = pl.DataFrame(
+        {
+            "synth_id": [f"g{generation}-s{i}" for i in range(12)],
+            "doc_id": [f"d{i % 10}" for i in range(12)],
+            "drop_id": ["drop-a"] * 12,
+            "text": [f"Reescrita {generation}.{i}: " + PT_TEXT[: 100 + 10 * i] for i in range(12)],
+            "prompt_sha": [SHAS[generation]] * 12,
+            "model_fingerprint": [f"fp{generation}"] * 12,
+            "request_ids": [[f"r{generation}-{i}"] for i in range(12)],
+        }  # fmt: skip
+    )
+    if with_drop_version:
+        rows = rows.with_columns(pl.lit(f"va{generation}").alias("drop_version"))
+    return publish_tables(storage, "rewrites_easy", "pt", "high", {"rows.parquet": rows}, {"ok": Outcome(True)}, {})
+
+
+def _three_generations(tmp_path, tokenizer, with_drop_version=False):  # noqa: F811
+    """Three rounds of (re-)synthesis, each followed by a re-mix: mix versions m0 < m1 < m2."""
+    storage = LocalStorage(tmp_path / "home")
+    _subset(storage, with_drop_version)
+    rewrites, mixes = [], []
+    for g in range(3):
+        rewrites.append(_rewrites(storage, g, with_drop_version)["prefix"])
+        archive_prompt(storage, SHAS[g], PROMPTS[g])
+        result = build_mix(storage, "demo", recipe(), "pt", "high", tokenizer, run_id=f"run-{g}")
+        assert result.outcome.success, result.outcome.failures
+        mixes.append(result.pointer["prefix"])
+    return storage, rewrites, mixes
+
+
+def test_publishing_keeps_every_published_version_and_drops_only_old_candidates(tmp_path):
+    storage = LocalStorage(tmp_path)
+    old = [f"2000010{d}T000000000000-0000000{d}" for d in (1, 2, 3)]
+    crashed = "20000101T120000000000-deadbeef"  # never published, long past the grace
+    storage.write_bytes(f"{version_prefix('out', crashed)}/rows.parquet", b"x")
+    for v in old:  # each written, then published
+        storage.write_bytes(f"{version_prefix('out', v)}/rows.parquet", b"x")
+        assert publish_version(storage, "out", v, {})
+    assert published_versions(storage, "out") == old, "the first version outlives two re-publishes"
+    assert not storage.list(version_prefix("out", crashed)), "a never-published folder past the grace goes"
+    assert published(storage, "out")["version"] == old[-1]
+
+
+def test_a_mix_version_pins_the_exact_versions_of_its_inputs(tmp_path, tokenizer):  # noqa: F811
+    storage, rewrites, mixes = _three_generations(tmp_path, tokenizer)
+    for g, mix in enumerate(mixes):
+        manifest = storage.read_json(f"{mix}/{MANIFEST}")
+        assert storage.read_json(f"{mix}/{INPUTS}") == manifest["inputs"], "pins written first, and kept in the manifest"
+        by = {i["component"]: i for i in manifest["inputs"]}
+        assert by["rewrite:easy"]["prefix"] == rewrites[g] and by["rewrite:easy"]["version"] == rewrites[g].rsplit("/", 1)[1]
+        subset = (tmp_path / "home" / partition_file("quality_subsets", "pt", "high")).read_bytes()
+        assert by["original"]["sha256"] == hashlib.sha256(subset).hexdigest()
+        assert storage.read_bytes(by["original"]["prefix"]) == subset, "the subset as read, kept by content"
+    assert published_versions(storage, "rewrites_easy/pt/high") == [r.rsplit("/", 1)[1] for r in rewrites]
+
+
+def test_lineage_of_a_shard_of_an_old_mix_version(tmp_path, tokenizer):  # noqa: F811
+    storage, rewrites, mixes = _three_generations(tmp_path, tokenizer)
+    catalog = Catalog(storage)
+    first = tmp_path / "home" / mixes[0]
+    answer = queries.shard(catalog, str(first / "shard-00000.bin"), prompts=True)
+    frame = pl.read_parquet(first / "shard-00000.parquet")
+    assert answer["version"] == mixes[0].rsplit("/", 1)[1] and answer["current_version"] == mixes[2].rsplit("/", 1)[1]
+    assert answer["is_current"] is False and answer["mix_run"] == "run-0"
+    assert answer["traced_through"] == "the input versions this mix version pinned"
+    synthetic = frame.filter(pl.col("origin") == "rewrite:easy")
+    assert synthetic.height > 0
+    assert answer["made_by"] == [{"prompt_sha": SHAS[0], "model_fingerprint": "fp0", "asset": "rewrites_easy",
+                                  "version": rewrites[0].rsplit("/", 1)[1], "rows": synthetic["synth_id"].n_unique()}]  # fmt: skip
+    assert answer["prompts"] == [{"prompt_sha": SHAS[0], "source": "prompt archive", "text": PROMPTS[0]}]
+    assert {r["origin"]: r["tokens"] for r in answer["by_origin"]} == dict(
+        frame.group_by("origin").agg(pl.col("n_tokens").sum()).iter_rows()
+    )
+    current = queries.shard(catalog, str(tmp_path / "home" / mixes[2] / "shard-00000.parquet"))
+    assert current["is_current"] is True and [r["prompt_sha"] for r in current["made_by"]] == [SHAS[2]]
+    versions = catalog.sql("SELECT version, current FROM mix_versions ORDER BY version")[1]
+    assert versions == [(m.rsplit("/", 1)[1], i == 2) for i, m in enumerate(mixes)]
+    assert queries.prompt(catalog, SHAS[1][:10])["text"] == PROMPTS[1], "a unique prefix of a SHA rows name"
+
+
+def test_rows_that_carry_their_drop_version_pin_it_and_lineage_names_it(tmp_path, tokenizer):  # noqa: F811
+    storage, rewrites, mixes = _three_generations(tmp_path, tokenizer, with_drop_version=True)
+    pins = {(i["drop_id"], i["version"]) for i in storage.read_json(f"{mixes[0]}/{MANIFEST}")["inputs"] if i["asset"] == "crawl_drops"}
+    frame = pl.read_parquet(tmp_path / "home" / mixes[0] / "shard-00000.parquet")
+    expected = {("drop-a", "va0")} if (frame["origin"] == "rewrite:easy").any() else set()
+    originals = frame.filter(pl.col("origin") == "original")
+    expected |= {(d, "va1" if d == "drop-a" else "vb1") for d in originals["drop_id"]}
+    assert {(d, v) for d, v in pins} >= expected
+    answer = queries.shard(Catalog(storage), str(tmp_path / "home" / mixes[0] / "shard-00000.parquet"))
+    counted = {}
+    for row in frame.iter_rows(named=True):
+        version = "va0" if row["origin"] == "rewrite:easy" else ("va1" if row["drop_id"] == "drop-a" else "vb1")
+        counted[(row["drop_id"], version)] = counted.get((row["drop_id"], version), 0) + 1
+    assert {(r["drop_id"], r["drop_version"]): r["rows"] for r in answer["drop_versions"]} == counted
+
+
+def test_gc_keeps_pinned_inputs_until_their_mixes_go(tmp_path, tokenizer):  # noqa: F811
+    storage, rewrites, mixes = _three_generations(tmp_path, tokenizer)
+    later = datetime.now(timezone.utc) + timedelta(hours=7)  # past the grace: the superseded versions may go
+    only_rewrites = plan_gc(storage, Policy(keep_last=1), only=("rewrites_",), now=later)
+    assert only_rewrites.remove == [] and [p for p, _ in only_rewrites.pinned] == rewrites[:2]
+    assert only_rewrites.pinned[0][1] == [mixes[0]]
+    plan = plan_gc(storage, Policy(keep_last=1), now=later)
+    assert sorted(r.key for r in plan.remove) == sorted(mixes[:2] + rewrites[:2])
+    files = [p for m in mixes[:2] + rewrites[:2] for p in (tmp_path / "home" / m).rglob("*") if p.is_file()]
+    assert plan.files == len(files) and plan.bytes == sum(p.stat().st_size for p in files)
+    assert collect(storage, plan) == []
+    assert published_versions(storage, "training_mix_demo/pt/high") == [mixes[2].rsplit("/", 1)[1]]
+    assert published_versions(storage, "rewrites_easy/pt/high") == [rewrites[2].rsplit("/", 1)[1]]
+    catalog = Catalog(storage)
+    assert queries.shard(catalog, str(tmp_path / "home" / mixes[2] / "shard-00000.parquet"))["made_by"][0]["prompt_sha"] == SHAS[2]
+    with pytest.raises(LookupError, match="not a shard of a retained training mix version"):
+        queries.shard(catalog, str(tmp_path / "home" / mixes[0] / "shard-00000.parquet"))
+    subset_pin = storage.read_json(f"{mixes[2]}/{INPUTS}")[0]["prefix"]
+    assert storage.exists(subset_pin), "the snapshot the retained mix pins stays"
+
+
+def test_gc_right_after_a_remix_keeps_the_version_a_reader_may_be_on(tmp_path, tokenizer):  # noqa: F811
+    storage, rewrites, mixes = _three_generations(tmp_path, tokenizer)
+    plan = plan_gc(storage, Policy(keep_last=1))
+    assert sorted(r.key for r in plan.remove) == [rewrites[0], mixes[0]]
+
+
+def test_gc_older_than_and_keep_last_together(tmp_path):
+    storage = LocalStorage(tmp_path)
+    made = datetime.now(timezone.utc)
+    versions = [f"{utc_stamp(made - timedelta(days=d))}-000000{d:02d}" for d in (19, 15, 10, 5, 1)]
+    for v in versions:
+        storage.write_bytes(f"{version_prefix('out', v)}/a.bin", b"12345")
+        publish_version(storage, "out", v, {})
+    now = made + timedelta(hours=7)  # the current was published longer ago than the grace
+    plan = plan_gc(storage, Policy(keep_last=2, older_than=timedelta(days=12)), now=now)
+    assert [r.version for r in plan.remove] == versions[:2], "beyond the newest 2 and made over 12 days ago"
+    assert [r.why for r in plan.remove] == ["beyond the newest 2 and older than 12 days"] * 2
+    assert [r.version for r in plan_gc(storage, Policy(older_than=timedelta(days=3)), now=now).remove] == versions[:4], "not the current"
+    right_away = plan_gc(storage, Policy(older_than=timedelta(days=3)))
+    assert [r.version for r in right_away.remove] == versions[:3] and right_away.superseded_lately == [version_prefix("out", versions[3])]
+    with pytest.raises(ValueError, match="name a policy"):
+        Policy()
+
+
+def _cli_home(tmp_path):
+    storage = LocalStorage(tmp_path / "home")
+    versions = [f"2000010{d}T000000000000-0000000{d}" for d in (1, 2, 3)]
+    for v in versions:
+        storage.write_bytes(f"{version_prefix('rewrites_easy/pt/high', v)}/rows.parquet", b"1234567")
+        publish_version(storage, "rewrites_easy/pt/high", v, {})
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"storage_root": str(tmp_path / "home"), "drops": {"location": str(tmp_path / "drops")}}))
+    return storage, versions, str(config)
+
+
+def test_the_gc_command(tmp_path, isolated_env, capsys):
+    storage, versions, config = _cli_home(tmp_path)
+    assert main(["--config", config, "gc"]) == 2, "no policy: nothing is removed by default"
+    assert "name a policy" in capsys.readouterr().err
+    assert main(["--config", config, "gc", "--keep-last", "1", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "would free 1 version(s) and 0 snapshot(s): 1 files, 7 B (7 bytes) (dry run: nothing removed)" in err
+    assert f"kept rewrites_easy/pt/high/v/{versions[1]}: superseded less than 6:00:00 ago, a reader may still be on it" in err
+    assert published_versions(storage, "rewrites_easy/pt/high") == versions
+    assert main(["--config", config, "gc", "--keep-last", "1"]) == 0
+    assert "freed 1 version(s) and 0 snapshot(s): 1 files, 7 B (7 bytes)\n" in capsys.readouterr().err
+    assert published_versions(storage, "rewrites_easy/pt/high") == versions[1:]
+    assert not storage.list("rewrites_easy/pt/high/_published/" + versions[0]), "its marker went with it"
+
+
+def test_the_prompt_archive_is_content_addressed_and_written_once(tmp_path, isolated_env, capsys):
+    storage = LocalStorage(tmp_path / "home")
+    assert archive_prompt(storage, SHAS[0], PROMPTS[0]) is True
+    key = prompt_key(SHAS[0])
+    assert key == f"generations/prompts/{SHAS[0]}.yaml" and storage.read_bytes(key) == PROMPTS[0].encode()
+    assert archive_prompt(storage, SHAS[0], PROMPTS[0].encode()) is False, "idempotent"
+    with pytest.raises(ValueError, match="the file changed since it was loaded"):
+        archive_prompt(storage, SHAS[1], PROMPTS[0])
+    with pytest.raises(ValueError, match="not a prompt SHA"):
+        archived_prompt(storage, "../../etc/passwd")
+    assert archived_prompt(storage, SHAS[0]) == PROMPTS[0] and archived_prompt(storage, SHAS[1]) is None
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"storage_root": str(tmp_path / "home"), "drops": {"location": str(tmp_path / "drops")}}))
+    assert main(["--config", str(config), "lineage", "prompt", SHAS[0], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"prompt_sha": SHAS[0], "source": "prompt archive", "text": PROMPTS[0]}
+
+
+def test_gc_names_what_it_could_not_remove_and_exits_1(tmp_path, isolated_env, capsys, monkeypatch):
+    storage, versions, config = _cli_home(tmp_path)
+
+    def refuse(self, prefix):
+        raise PermissionError("read-only bucket")
+
+    monkeypatch.setattr(LocalStorage, "delete_prefix", refuse)
+    assert main(["--config", config, "gc", "--keep-last", "1"]) == 1
+    assert f"not removed: rewrites_easy/pt/high/v/{versions[0]}: PermissionError: read-only bucket" in capsys.readouterr().err
+    assert published_versions(storage, "rewrites_easy/pt/high") == versions, "its marker stays while its files do"
