@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from synth_cpt.cli import main
-from synth_cpt.core.layout import partition_file, version_prefix
+from synth_cpt.core.layout import INPUTS, partition_file, version_prefix
 from synth_cpt.core.publish import publish_version, published, published_versions
-from synth_cpt.core.retention import INPUTS, Policy, collect, plan_gc
+from synth_cpt.core.retention import Policy, collect, plan_gc
 from synth_cpt.core.storage import LocalStorage, utc_stamp
 from synth_cpt.core.validation import Outcome
 from synth_cpt.generation.prompt_archive import archive_prompt, archived_prompt, prompt_key

@@ -102,3 +102,19 @@ def drop_key(relative_path: str) -> str:
         digest = hashlib.sha256(relative_path.encode("utf-8")).hexdigest()[:8]
         cleaned = f"{cleaned[:110]}-{digest}"
     return cleaned
+
+
+# Retention (core/retention.py): what keeps published versions and the inputs of mixes explainable.
+PUBLISHED_LOG = "_published"  # <prefix>/_published/<version>.json: this version was published once
+INPUTS = "inputs.json"  # a mix version's pins, written before anything it pins is touched
+SNAPSHOTS = "pinned"  # <asset>/<language>/<quality>/pinned/<sha256>.parquet: a one-file input as a mix read it
+PROMPTS = "prompts"  # <cache root>/prompts/<sha>.yaml: every prompt file that made a row, by its SHA-256
+
+
+def published_marker(prefix: str, version: str) -> str:
+    return f"{prefix}/{PUBLISHED_LOG}/{version}.json"
+
+
+def snapshot_key(partition_prefix: str, sha256: str) -> str:
+    """Where the bytes of a one-file partition (e.g. quality_subsets) are kept once a mix pinned them."""
+    return f"{partition_prefix}/{SNAPSHOTS}/{sha256}.parquet"

@@ -23,17 +23,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from synth_cpt.core.layout import POINTER, REJECTED, rejected_key, version_prefix
+from synth_cpt.core.layout import POINTER, PUBLISHED_LOG, REJECTED, published_marker, rejected_key, version_prefix
 from synth_cpt.core.storage import Storage, utc_stamp
 
 LEGACY = "legacy"  # the version name of an output written before versioned publishing (files beside the pointer)
 # a version folder younger than this may be another run's candidate still being written: cleanup leaves it
 CANDIDATE_GRACE = timedelta(hours=6)
-PUBLISHED_LOG = "_published"  # <prefix>/_published/<version>.json: this version was published once (belongs in core/layout.py)
-
-
-def published_marker(prefix: str, version: str) -> str:
-    return f"{prefix}/{PUBLISHED_LOG}/{version}.json"
 
 
 def version_stamp(version: str) -> datetime | None:

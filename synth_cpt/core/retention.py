@@ -16,25 +16,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from synth_cpt.core.layout import POINTER, REJECTED, TRAINING_MIX, version_prefix
+from synth_cpt.core.layout import INPUTS, POINTER, REJECTED, SNAPSHOTS, TRAINING_MIX, published_marker, version_prefix
 from synth_cpt.core.publish import (
     CANDIDATE_GRACE,
     LEGACY,
     published,
-    published_marker,
     published_versions,
     version_folders,
     version_stamp,
 )
 from synth_cpt.core.storage import Storage
-
-INPUTS = "inputs.json"  # a mix version's pins, written before anything it pins is touched (belongs in core/layout.py)
-SNAPSHOTS = "pinned"  # <asset>/<language>/<quality>/pinned/<sha256>.parquet: a one-file input as a mix read it
-
-
-def snapshot_key(partition_prefix: str, sha256: str) -> str:
-    """Where the bytes of a one-file partition (e.g. quality_subsets) are kept once a mix pinned them."""
-    return f"{partition_prefix}/{SNAPSHOTS}/{sha256}.parquet"
 
 
 @dataclass(frozen=True)

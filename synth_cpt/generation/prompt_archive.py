@@ -11,10 +11,9 @@ from __future__ import annotations
 import hashlib
 import re
 
-from synth_cpt.core.layout import GENERATIONS
+from synth_cpt.core.layout import GENERATIONS, PROMPTS
 from synth_cpt.core.storage import Storage
 
-PROMPTS = "prompts"  # under the cache root (belongs in core/layout.py)
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -5,9 +5,9 @@ documents), `quarantine.parquet` (rejected records with reasons) and `manifest.j
 version, completeness, acceptance). Readers never list versions: they read the pointer
 `crawl_drops/<drop_id>/current.json`, written last in one atomic write, which names the published
 version and carries its manifest. So a crash mid-ingest, or a replaced drop being re-ingested, leaves
-the previous version whole and in force: documents and manifest always belong together. The
-published version and the one before it are kept; older ones are removed on publish, once older than
-`publish.CANDIDATE_GRACE` (a younger one may be another run's candidate, still being written).
+the previous version whole and in force: documents and manifest always belong together. Published
+versions are kept until `synth-cpt gc` removes them (never one a retained mix pins); a candidate
+that was never published is removed once older than `publish.CANDIDATE_GRACE`.
 
 The registry entry (`crawl_drops/_registry/<drop_id>.json`) remembers where a drop came from, so any
 run (sensor, CLI, UI) can rematerialize it.

@@ -45,12 +45,13 @@ from synth_cpt.core.layout import (
     QUALITY_SUBSETS,
     RAW_CORPUS,
     REWRITES,
+    SNAPSHOTS,
     SYNTHETIC_REJECTS,
     SYNTHETIC_ROWS,
     TRAINING_MIX,
 )
 from synth_cpt.core.publish import LEGACY, published, published_partitions, published_versions
-from synth_cpt.core.retention import SNAPSHOTS, mix_pins, versioned_outputs
+from synth_cpt.core.retention import mix_pins, versioned_outputs
 from synth_cpt.core.storage import LocalStorage, Storage
 from synth_cpt.generation.cache import SCHEMA as GENERATION_ROWS
 

@@ -30,6 +30,7 @@ from synth_cpt.core.config import MixRecipe
 from synth_cpt.core.contracts import MIX_SHARD, check_mix
 from synth_cpt.core.layout import (
     ENTIGRAPH_CORPUS,
+    INPUTS,
     QUALITY_SUBSETS,
     SYNTHETIC_ROWS,
     TOKENIZER,
@@ -38,9 +39,9 @@ from synth_cpt.core.layout import (
     partition_file,
     partition_prefix,
     rewrite_asset,
+    snapshot_key,
     version_prefix,
 )
-from synth_cpt.core.retention import INPUTS, snapshot_key
 from synth_cpt.core.storage import Storage
 from synth_cpt.core.validation import Outcome
 from synth_cpt.mix.plan import MixPlan, Part, plan_mix, shard_bounds, shuffled, take
