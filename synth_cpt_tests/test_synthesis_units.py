@@ -194,16 +194,30 @@ def test_chunks_cut_on_sentence_boundaries(counter):
 def test_outputs_rejoin_in_order_with_the_sources_breaks(counter):
     text = "Primeira parte aqui.\n\nSegunda parte aqui.\nTerceira parte."
     chunks = chunk_document(text, 16, counter.count, "lines", "pt")
-    joined = join_outputs(chunks, [f"<{i}>" for i in range(len(chunks))])
-    assert joined.index("<0>") < joined.index("<1>") < joined.index(f"<{len(chunks) - 1}>")
-    assert "\n" in joined
+    assert [c.text for c in chunks] == ["Primeira parte aqui.\n\n", "Segunda parte aqui.\n", "Terceira parte."]
+    assert join_outputs(chunks, ["<0>", " <1> ", "<2>\n"]) == "<0>\n\n<1>\n<2>"
 
 
 def test_context_tail_respects_its_budget(counter):
     texts = [f"Parte {i} com algumas palavras a mais." for i in range(10)]
-    tail = tail_within(texts, 30, counter.count)
-    assert tail.endswith(texts[-1]) and counter.count([tail])[0] <= 30 + 3
+    for budget in range(1, 80):
+        tail = tail_within(texts, budget, counter.count)
+        assert counter.count([tail])[0] <= budget
+        if counter.count([texts[-1]])[0] <= budget:
+            assert tail.endswith(texts[-1])
     assert tail_within(texts, 0, counter.count) == ""
+
+
+def test_context_tail_counts_the_blank_lines_between_texts():
+    """Counts are not additive across a join: three texts of 3 tokens each fit a budget of 10 one by one
+    (9), but joined with two newlines they are 13 tokens; the tail keeps the two newest (8)."""
+
+    def words_and_newlines(texts):
+        return [len(t.split()) + t.count("\n") for t in texts]
+
+    texts = ["um dois tres", "quatro cinco seis", "sete oito nove"]
+    tail = tail_within(texts, 10, words_and_newlines)
+    assert tail == "quatro cinco seis\n\nsete oito nove" and words_and_newlines([tail]) == [8]
 
 
 # -- fidelity rules ----------------------------------------------------------------------------------
@@ -286,43 +300,89 @@ def test_document_rules_portuguese(counter, output, spec, identify, code):
     ident = (lambda texts: ([identify[0]] * len(texts), [identify[1]] * len(texts))) if identify else never_identified
     verdict = fid.check_document(SOURCE, output, "pt", OutputSpec(**spec), gate(counter, ident))
     assert verdict.reason_code == code, verdict.reason
-    assert verdict.figures["source_tokens"] > 0
+    assert verdict.figures["source_tokens"] == counter.count([SOURCE])[0]
+    assert verdict.figures["n_tokens"] == counter.count([output])[0]
 
 
 def test_coverage_matches_whole_numbers_and_words():
-    assert fid.coverage({"5", "15"}, fid.numbers("Custou 1500 reais.")) == 0.0
-    assert fid.coverage({"1500"}, fid.numbers("Em 1.500 navios.")) == 1.0
+    assert fid.coverage(fid.numbers("Foram 5 ou 15.", "pt"), fid.numbers("Custou 1500 reais.", "pt")) == 0.0
+    assert fid.coverage(fid.numbers("Foram 1500 navios.", "pt"), fid.numbers("Em 1.500 navios.", "pt")) == 1.0
+    assert fid.coverage(fid.numbers("Mede 3,5 metros.", "pt"), fid.numbers("Mede 35 metros.", "pt")) == 0.0
+    assert fid.coverage(fid.numbers("Mede 3,5 metros.", "pt"), fid.numbers("São 3,50 metros.", "pt")) == 1.0
+    assert fid.coverage(fid.numbers("It is 1.5 m.", "en"), fid.numbers("It is 15 m.", "en")) == 0.0
     assert fid.coverage({"ana"}, "Comeu uma banana.") == 0.0
     assert fid.coverage({"ana", "sao paulo"}, "A Ana foi a São Paulo.") == 1.0
 
 
 def test_too_long_is_its_own_reason(counter):
-    verdict = fid.check_document(SOURCE, SOURCE.replace("navios", "barcos"), "pt", OutputSpec(min_tokens=0, max_total_tokens=5), gate(counter))
+    verdict = fid.check_document(
+        SOURCE, SOURCE.replace("navios", "barcos"), "pt", OutputSpec(min_tokens=0, max_total_tokens=5), gate(counter)
+    )
     assert verdict.reason_code == fid.TOO_LONG, verdict.reason
 
 
-def test_entity_and_number_extraction():
-    assert fid.numbers("Custou 1.500 reais em 2024, ou 3,5%.") == {"1500", "2024", "35"}
+@pytest.mark.parametrize(
+    ("text", "language", "values"),
+    [
+        ("Custou 1.500 reais em 2024, ou 3,5%.", "pt", {"1500", "2024", "3.5"}),
+        ("Mede 3,5 m; custa 1.234,5 reais; pesa 1.234 kg.", "pt", {"3.5", "1234.5", "1234"}),
+        ("Custou R$ 3,50.", "pt", {"3.5"}),
+        ("Em 1500, 13 navios.", "pt", {"1500", "13"}),
+        ("Versão 1.5 e 1.2345.", "pt", {"1", "5", "2345"}),  # a dot that is no thousands group ends the number
+        ("It is 3.5 m and costs 1,234.5 dollars, 1,234 in all.", "en", {"3.5", "1234.5", "1234"}),
+        ("A 3,5 split.", "en", {"3", "5"}),
+    ],
+)
+def test_numbers_are_read_by_the_language_of_the_text(text, language, values):
+    from decimal import Decimal
+
+    assert fid.numbers(text, language) == {Decimal(v) for v in values}
+
+
+def test_number_coverage_reads_the_documents_language(counter):
+    """A Portuguese source with "3,5" is covered by a rewrite that says "3,5" (not by one that says "35")."""
+    source = "O tubo mede 3,5 metros e custa 1.234 reais na loja do centro da cidade."
+    spec = OutputSpec(min_number_coverage=1.0, length_ratio=None, max_copy_similarity=None, min_tokens=0)
+    kept = fid.check_document(source, "Na loja do centro, o tubo de 3,5 metros sai por 1234 reais.", "pt", spec, gate(counter))
+    assert kept.ok and kept.figures["number_coverage"] == 1.0
+    lost = fid.check_document(source, "Na loja do centro, o tubo de 35 metros sai por 1234 reais.", "pt", spec, gate(counter))
+    assert lost.reason_code == fid.NUMBERS and lost.figures["number_coverage"] == 0.5
+
+
+def test_entity_extraction():
     names = fid.named_entities("Ontem o Pedro foi a São Paulo. Depois voltou ao Rio de Janeiro com a Ana.")
-    assert {"pedro", "sao paulo", "rio de janeiro", "ana"} <= names and "ontem" not in names
+    assert names == {"pedro", "sao paulo", "rio de janeiro", "ana"}
 
 
 # -- rewriting with the test double --------------------------------------------------------------------
 
 
+def reversed_chunk(p) -> str:
+    """The test double's rewrite: the words of the chunk (after "Texto:") in reverse order, so its length
+    is the source's and no 4-gram is copied; a chunk that asks for it ("RECUSE") gets a refusal."""
+    chunk = p.request.messages[-1][1].split("Texto:", 1)[1]
+    return "Desculpe, não posso reescrever este texto." if "RECUSE" in chunk else " ".join(reversed(chunk.split()))
+
+
 def test_rewrite_rows_carry_lineage_and_rerun_sends_nothing(tmp_path, counter):
     prompt = load_prompt("rewrite", "medium")
-    docs = [doc(1, PT_TEXT), doc(2, " ".join([PT_TEXT] * 3))]
-    backend = DeterministicTestBackend(reply=lambda p: "Texto reescrito com cuidado sobre o " + p.request.messages[-1][1][-40:])
+    docs = [doc(1, PT_TEXT), doc(2, " ".join([PT_TEXT] * 3)), doc(3, "RECUSE. " + PT_TEXT)]
+    backend = DeterministicTestBackend(reply=reversed_chunk)
     engine = engine_with(tmp_path, backend)
     result = rewrite_documents(engine, prompt, docs, prompt_count=counter.count, gate=gate(counter), scope="rewrites_medium/pt/high")
     rows, rejects = result.frames()
-    assert rows.height + rejects.height == 2
-    long_doc = [r for r in rows.to_dicts() + rejects.to_dicts() if r["doc_id"] == "d002"][0]
-    assert len(long_doc["request_ids"]) > 1  # chunked
-    cached = engine.cache.finished([rid for ids in rows["request_ids"].to_list() for rid in ids])
-    assert set(cached["request_id"].to_list()) == {rid for ids in rows["request_ids"].to_list() for rid in ids}
-    assert set(rows["prompt_sha"].to_list()) <= {prompt.sha} and set(rows["model_fingerprint"].to_list()) <= {"fp-double"}
+    assert sorted(rows["doc_id"].to_list()) == ["d001", "d002"]
+    assert rejects.select("doc_id", "reason_code").rows() == [("d003", fid.REFUSAL)]
+    n_chunks = {d.doc_id: len(chunk_document(d.text, 300, counter.count, "sentences", "pt")) for d in docs}
+    assert n_chunks["d002"] == 2  # chunked
+    for row in rows.to_dicts():
+        assert len(row["request_ids"]) == len(row["chunk_starts"]) == row["chunks"] == row["chunks_kept"] == n_chunks[row["doc_id"]]
+        assert row["n_tokens"] == counter.count([row["text"]])[0]
+        assert row["judge_request_ids"] is None
+    all_ids = [rid for ids in rows["request_ids"].to_list() for rid in ids]
+    cached = engine.cache.finished(all_ids)
+    assert sorted(cached["request_id"].to_list()) == sorted(all_ids) and len(all_ids) == 3
+    assert rows["prompt_sha"].to_list() == [prompt.sha] * 2 and rows["model_fingerprint"].to_list() == ["fp-double"] * 2
     sent = len(backend.sent)
     again = rewrite_documents(engine, prompt, docs, prompt_count=counter.count, gate=gate(counter), scope="rewrites_medium/pt/high")
     assert len(backend.sent) == sent and again.batch.metadata()["sent"] == 0
@@ -399,7 +459,11 @@ def test_preview_renders_exactly_what_is_sent(tmp_path, counter):
     document = doc(1, " ".join(f"Documento 1, parte {k}. {PT_TEXT}" for k in range(3)))
     kwargs = dict(storage=engine.cache.storage, prompt_count=counter.count, seed=7, budget=Budget(4), relation_prompts={}, engine=engine)
     before = preview(prompt, document, "high", **kwargs)
-    assert len(before) >= 3 and before[0].request is not None and all(i.request is None and i.note for i in before[1:])
+    assert (
+        len(before) == len(chunk_document(document.text, 40, counter.count, "sentences", "pt")) >= 3
+        and before[0].request is not None
+        and all(i.request is None and i.note for i in before[1:])
+    )
     rewrite_documents(engine, prompt, [document], prompt_count=counter.count, gate=gate(counter), scope="rewrites_chain/pt/high", seed=7)
     after = preview(prompt, document, "high", **kwargs)
     assert [engine.request_ids([i.request])[0] for i in after] == backend.sent
@@ -458,8 +522,8 @@ def test_optional_judge_gates_rewrites_that_passed_the_rules(tmp_path, counter, 
     result = rewrite_documents(engine, prompt, [doc(1, SOURCE)], prompt_count=counter.count, gate=gate(counter), scope="s", judge=judge)
     rows, rejects = result.frames()
     if code is None:
-        assert rows.height == 1 and rows["judge_request_id"][0] is not None
-        assert engine.cache.finished([rows["judge_request_id"][0]]).height == 1
+        assert rows.height == 1 and len(rows["judge_request_ids"][0]) == 1
+        assert engine.cache.finished(rows["judge_request_ids"][0].to_list()).height == 1
     else:
         assert rows.height == 0 and rejects["reason_code"].to_list() == [code]
         assert len(rejects["request_ids"][0]) == 2  # the rewrite's generation and the judge's
@@ -472,7 +536,9 @@ def test_rows_valid_requires_every_generation_in_the_cache(tmp_path, counter):
     from synth_cpt.synthesis.steps import _resolves
 
     engine = engine_with(tmp_path, DeterministicTestBackend(reply=lambda p: " ".join(reversed(PT_TEXT.split()))))
-    result = rewrite_documents(engine, load_prompt("rewrite", "medium"), [doc(1, PT_TEXT)], prompt_count=counter.count, gate=gate(counter), scope="s")
+    result = rewrite_documents(
+        engine, load_prompt("rewrite", "medium"), [doc(1, PT_TEXT)], prompt_count=counter.count, gate=gate(counter), scope="s"
+    )
     rows, _ = result.frames()
     assert rows.height == 1
     good = _resolves(Outcome(True), engine, "s", rows)

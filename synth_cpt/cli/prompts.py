@@ -32,6 +32,53 @@ def _find_document(storage, config, doc_id: str):
     return found[0]
 
 
+def _template_counter(config):
+    """The generator's tokenizer as the assets pick it (`chunking_counter`), else the target's, else UTF-8 bytes."""
+    from synth_cpt.core.storage import open_storage
+    from synth_cpt.corpus.tokenizer import TokenCounter
+    from synth_cpt.defs.resources import LLM
+    from synth_cpt.synthesis.fit import utf8_bytes
+
+    llm = LLM.from_config(config)
+    path = llm.generator_tokenizer_file(config.storage_uri())
+    if path is not None:
+        return TokenCounter(Path(path).read_bytes(), name=str(path)).count, f"the generator's tokenizer {path}"
+    try:
+        return TokenCounter.from_storage(open_storage(config.storage_uri())).count, "the target tokenizer (the generator's is not known)"
+    except FileNotFoundError:
+        return utf8_bytes, "UTF-8 bytes (neither the generator's nor the target tokenizer is at hand)"
+
+
+def _check(config) -> int:
+    """`prompts check`: the largest request of every routed prompt against the engine's context, as a table;
+    exit 2 naming the prompts that cannot fit."""
+    from synth_cpt.synthesis.fit import CHAT_TEMPLATE_TOKENS, engine_context, request_sizes
+    from synth_cpt.synthesis.prompts import judge_for, load_kind, load_prompt
+    from synth_cpt.synthesis.routing import check_library, check_routing, routed
+
+    styles = load_kind("rewrite")
+    check_routing(config.synthesis, styles)
+    entigraph = list(load_kind("entigraph").values())
+    judge = load_prompt("judge", "fidelity") if config.synthesis.judge else None
+    count, counted_by = _template_counter(config)
+    context_size, source = engine_context(config.generation_settings(), config.storage_uri())
+    running = [s for s in styles.values() if routed(config.synthesis, s)]
+    judges = {s.name: j for s in running if (j := judge_for(s, judge)) is not None}
+    table = Table(title=f"largest request per routed prompt (templates counted by {counted_by}); engine context: {context_size} ({source})")
+    for col in ("prompt", "template", "chat template", "input", "context", "output", "total", "fits"):
+        table.add_column(col, overflow="fold")
+    for size in request_sizes(running, entigraph, judges, config.languages, count):
+        name = size.prompt.id + (f" (judging {size.judged.name})" if size.judged else "")
+        fits = "-" if context_size is None else "yes" if size.total <= context_size else "NO"
+        table.add_row(
+            name, str(size.template), str(CHAT_TEMPLATE_TOKENS), str(size.input), str(size.context), str(size.output), str(size.total), fits
+        )
+    Console().print(table)
+    for note in check_library(config, [*styles.values(), *entigraph, *([judge] if judge else [])], count):
+        say(note)
+    return 0
+
+
 def cmd_prompts(args: argparse.Namespace) -> int:
     import json
 
@@ -51,6 +98,8 @@ def cmd_prompts(args: argparse.Namespace) -> int:
                     )
             Console().print(table)
             return 0
+        if args.action == "check":
+            return _check(load_config(args.config) if args.config else load_config())
         if not args.name:
             raise SystemExit(f"synth-cpt prompts {args.action}: name a prompt")
         kind = args.kind or next((k for k in KINDS if args.name in list_prompts(k)), "rewrite")
@@ -82,7 +131,7 @@ def cmd_prompts(args: argparse.Namespace) -> int:
         )
         items = preview(
             prompt, doc, quality, storage=storage, prompt_count=prompt_counter.count, seed=config.seeds.synthesis,
-            budget=Budget(e.relations_per_document, e.tokens_per_document, e.triples),
+            budget=Budget(e.triples_per_document, e.tokens_per_document),
             relation_prompts={n: load_prompt("entigraph", n) for n in ("pair", "triple")},
             engine=llm.engine(storage, config.storage_uri()) if needs_cache else None,
         )  # fmt: skip
@@ -103,8 +152,11 @@ def cmd_prompts(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    prm = sub.add_parser("prompts", help="the prompt library: list, show a file, or render what is sent for a real document")
-    prm.add_argument("action", choices=["list", "show", "render"])
+    prm = sub.add_parser(
+        "prompts",
+        help="the prompt library: list, show a file, render what is sent for a real document, or check that every request fits the engine",
+    )
+    prm.add_argument("action", choices=["list", "show", "render", "check"])
     prm.add_argument("name", nargs="?", help="prompt name, e.g. medium")
     prm.add_argument("--kind", choices=["rewrite", "entigraph", "judge"], help="default: the first kind that has the name")
     prm.add_argument("--doc", help="render: doc_id (or a unique prefix) of a quality_subsets document")

@@ -7,6 +7,7 @@ whole texts need not go there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import polars as pl
@@ -92,12 +93,17 @@ SYNTHETIC = pa.schema(
         ("number_coverage", pa.float64()),
         ("entity_coverage", pa.float64()),
         ("copy_similarity", pa.float64()),
-        ("judge_request_id", pa.string()),
+        ("judge_request_ids", pa.list_(pa.string())),  # the judge's verdicts, one per kept chunk (null: not judged)
+        ("chunks", pa.int64()),  # chunks the document was cut into (rewrites)
+        ("chunks_kept", pa.int64()),  # of them, those whose output is in `text` (fewer only with on_failed_chunk: drop_chunk)
     ]
 )
 SYNTHETIC_REJECTS = pa.schema(
-    [*_LINEAGE, ("chunk_index", pa.int64()), ("reason_code", pa.string()), ("reason", pa.string()), ("text", pa.string())]
-)
+    [
+        *_LINEAGE, ("chunk_index", pa.int64()), ("reason_code", pa.string()), ("reason", pa.string()), ("text", pa.string()),
+        ("chunk_dropped", pa.bool_()),  # true: only this chunk was dropped, the rest of its document kept (drop_chunk)
+    ]
+)  # fmt: skip
 # entity_graphs: one summary row per document, and its entities one per row
 ENTITY_SUMMARIES = pa.schema(
     [
@@ -235,13 +241,32 @@ def synthetic_suite(language: str, doc_ids: list[str]) -> list[Any]:
     ]
 
 
-def check_synthetic(frame: pl.DataFrame, language: str, doc_ids: list[str]) -> Outcome:
+def check_token_counts(frame: pl.DataFrame, count: Callable[[list[str]], list[int]]) -> Outcome:
+    """Every row's `n_tokens` is the target tokenizer's count of its `text`: budgets and mixes add these up."""
+    if "n_tokens" not in frame.columns or "text" not in frame.columns:
+        return Outcome(False, ["rows: n_tokens or text missing"], {})
+    counted = pl.Series("counted", count(frame["text"].to_list()) if frame.height else [], dtype=pl.Int64)
+    wrong = frame.select("synth_id", "n_tokens").with_columns(counted).filter(pl.col("n_tokens").ne_missing(pl.col("counted")))
+    failures = [
+        f"{wrong.height} rows' n_tokens differ from the target tokenizer's count of their text, e.g. "
+        + ", ".join(f"{r['synth_id']} ({r['n_tokens']} != {r['counted']})" for r in wrong.head(5).to_dicts())
+    ] if wrong.height else []  # fmt: skip
+    details = {"n_tokens_match_text": {"success": not wrong.height, "rows": frame.height, "wrong": wrong["synth_id"].to_list()[:20]}}
+    return Outcome(not wrong.height, failures, details)
+
+
+def check_synthetic(frame: pl.DataFrame, language: str, doc_ids: list[str], *, count: Callable[[list[str]], list[int]]) -> Outcome:
+    """The synthetic suite, the exact columns, and every row's n_tokens against `count` (the target tokenizer's)."""
     narrowed = frame.select(
         "synth_id", "doc_id", "prompt_sha", "model_fingerprint", "language",
         pl.col("request_ids").list.len().alias("n_requests"), pl.col("text").str.len_chars().alias("text_chars"),
     )  # fmt: skip
     return merge(
-        {"schema": _exact_columns(frame, SYNTHETIC, "rows"), "rows": run_suite("synthetic", narrowed, synthetic_suite(language, doc_ids))}
+        {
+            "schema": _exact_columns(frame, SYNTHETIC, "rows"),
+            "rows": run_suite("synthetic", narrowed, synthetic_suite(language, doc_ids)),
+            "tokens": check_token_counts(frame, count),
+        }
     )
 
 
@@ -304,7 +329,9 @@ def check_mix(rows: pl.DataFrame, origins: list[str], planned: dict[str, tuple[i
         ],
     )
     got = dict(rows.group_by("origin").agg(pl.col("n_tokens").sum()).iter_rows()) if rows.height else {}
-    off = {o: (got.get(o, 0), t) for o, (t, largest) in planned.items() if not (t - max(largest, 1) < got.get(o, 0) <= t or got.get(o, 0) == t)}
+    off = {
+        o: (got.get(o, 0), t) for o, (t, largest) in planned.items() if not (t - max(largest, 1) < got.get(o, 0) <= t or got.get(o, 0) == t)
+    }
     tokens = Outcome(not off, [f"tokens of {o}: {g:,}, target {t:,}" for o, (g, t) in off.items()], {"tokens_by_origin": got})
     return merge({"schema": _exact_columns(rows, MIX_SHARD, "mix rows"), "rows": suite, "tokens": tokens})
 

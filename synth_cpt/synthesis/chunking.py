@@ -116,16 +116,15 @@ def tail_within(texts: list[str], budget: int, count: Count) -> str:
     the newest back, then, if even the newest does not fit, its last sentences that do."""
     if budget <= 0 or not texts:
         return ""
-    sizes = count(texts)
-    kept: list[str] = []
-    used = 0
-    for text, n in zip(reversed(texts), reversed(sizes), strict=True):
-        if used + n > budget:
+    kept = ""
+    for text in reversed(texts):
+        # counted joined, as it is sent: counts are not additive across the blank lines between texts
+        candidate = f"{text}\n\n{kept}" if kept else text
+        if count([candidate])[0] > budget:
             break
-        kept.append(text)
-        used += n
+        kept = candidate
     if kept:
-        return "\n\n".join(reversed(kept))
+        return kept
     newest = texts[-1]
     spans = sentence_spans(newest)
     for a, _b in spans:

@@ -12,6 +12,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 # Reason codes, in the order the rules run (the first failing one is the row's reason).
@@ -30,6 +31,7 @@ ENTITIES = "entity_coverage"
 COPY = "copy"
 JUDGE = "judge_unfaithful"
 FAILED = "generation_failed"  # a request of the document failed (error or unusable output): rejected whole
+NO_CHUNK_KEPT = "no_chunk_kept"  # on_failed_chunk: drop_chunk dropped every chunk of the document
 
 # Lead-ins of an assistant before the text it was asked for, in the languages we ship. A lead-in is
 # stripped only when it has one of three forms, so that text which merely opens with the same word
@@ -77,7 +79,12 @@ _REFUSAL_RE = re.compile(
 _QA_Q = re.compile(r"^\s*(?:[-*\d.)\s]*)(?:question|pergunta|q|p)\s*\d*\s*[:.)]", re.I | re.M)
 _QA_A = re.compile(r"^\s*(?:[-*\d.)\s]*)(?:answer|resposta|a|r)\s*\d*\s*[:.)]", re.I | re.M)
 _LIST_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S", re.M)
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+# Numbers by the conventions of their language: a decimal comma and thousands dots ("1.234,5") in the
+# languages that write them so, a decimal point and thousands commas ("1,234.5") otherwise. A separator
+# that does not fit the language's grouping ends the number ("1.5" in Portuguese is 1 and 5).
+DECIMAL_COMMA = frozenset({"pt", "es", "fr", "de", "it", "nl", "ca", "gl", "ro", "pl"})
+_NUMBER_COMMA = re.compile(r"(?<!\d)(?:\d{1,3}(?:\.\d{3}(?!\d))+|\d+)(?:,\d+)?")
+_NUMBER_POINT = re.compile(r"(?<!\d)(?:\d{1,3}(?:,\d{3}(?!\d))+|\d+)(?:\.\d+)?")
 _WORD = re.compile(r"\w+", re.U)
 _CAPITALIZED = re.compile(r"(?<![\w.])([A-ZÀ-Þ][\w-]*(?:\s+(?:d[aeo]s?|of|de)?\s*[A-ZÀ-Þ][\w-]*)*)", re.U)
 
@@ -123,9 +130,15 @@ def has_shape(text: str, shape: str) -> bool:
     return True
 
 
-def numbers(text: str) -> set[str]:
-    """The numbers of a text, as digit strings (so "1.500" and "1,500" match "1500")."""
-    return {re.sub(r"[.,]", "", n) for n in _NUMBER.findall(text)}
+def numbers(text: str, language: str) -> set[Decimal]:
+    """The numbers of a text by value, read by its language's conventions: in Portuguese "3,5" is 3.5 and
+    "1.234" is 1234, in English "3.5" is 3.5 and "1,234" is 1234; so "3,50" matches "3,5", and "3,5" never
+    matches "35"."""
+    if language in DECIMAL_COMMA:
+        pattern, thousands, decimal = _NUMBER_COMMA, ".", ","
+    else:
+        pattern, thousands, decimal = _NUMBER_POINT, ",", "."
+    return {Decimal(n.replace(thousands, "").replace(decimal, ".")) for n in pattern.findall(text)}
 
 
 def _fold(text: str) -> str:
@@ -146,7 +159,7 @@ def named_entities(text: str) -> set[str]:
     return found
 
 
-def coverage(source: set[str], found: set[str] | str) -> float | None:
+def coverage(source: set[Any], found: set[Any] | str) -> float | None:
     """Share of `source` items found in the output (None when the source has none): `found` is the
     output's own set (numbers: "15" is not covered by "1500"), or its text, searched for each item
     as whole words after folding ("Ana" is not found in "banana")."""
@@ -228,12 +241,15 @@ class GateContext:
     min_language_confidence: float = 0.5
 
 
-def check_document(source: str, output_text: str, expected_language: str, output: Any, ctx: GateContext) -> Verdict:
-    """The document-level rules over a whole (re-joined) output; figures are kept for the row."""
+def check_document(
+    source: str, output_text: str, expected_language: str, output: Any, ctx: GateContext, source_language: str | None = None
+) -> Verdict:
+    """The document-level rules over a whole (re-joined) output; figures are kept for the row. Numbers are
+    read by each text's language (`source_language`, default the output's)."""
     verdict = Verdict(output_text)
     src_tokens, out_tokens = ctx.count([source, output_text])
     ratio = out_tokens / src_tokens if src_tokens else 0.0
-    num_cov = coverage(numbers(source), numbers(output_text))
+    num_cov = coverage(numbers(source, source_language or expected_language), numbers(output_text, expected_language))
     ent_cov = coverage(named_entities(source), output_text)
     similarity = copy_similarity(source, output_text)
     languages, scores = ctx.identify([output_text])

@@ -82,9 +82,18 @@ class ChunkingSpec(_Strict):
     split: Literal["sentences", "lines"] = "sentences"
     autoregressive: bool = Field(False, description="chunk k's request carries the rewritten chunks before it (Kimi K2)")
     context_tokens: int = Field(0, ge=0, description="preceding rewritten text carried when autoregressive (generator's tokens)")
+    on_failed_chunk: Literal["reject_document", "drop_chunk"] = Field(
+        "reject_document",
+        description="a chunk whose request failed or whose output was rejected: reject the whole document, or drop that chunk "
+        "and re-join the others (Nemotron-CC segments); a document with no chunk kept is rejected",
+    )
 
     @model_validator(mode="after")
     def _context(self) -> ChunkingSpec:
+        if self.autoregressive and self.on_failed_chunk == "drop_chunk":
+            raise ValueError(
+                "autoregressive chunking cannot drop chunks (on_failed_chunk: drop_chunk): each chunk's request carries the ones before it"
+            )
         if self.autoregressive and self.context_tokens == 0:
             raise ValueError("autoregressive chunking needs context_tokens > 0")
         if not self.autoregressive and self.context_tokens:
@@ -148,6 +157,15 @@ class PromptFile(_Strict):
     chunking: ChunkingSpec = Field(default_factory=ChunkingSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    judge: bool = Field(
+        False, description="the LLM judge (prompts/judge/fidelity.yaml) verifies this style even when synthesis.judge is off"
+    )
+
+    @model_validator(mode="after")
+    def _judge(self) -> PromptFile:
+        if self.judge and self.kind != "rewrite":
+            raise ValueError("judge: true is only for rewrite styles")
+        return self
 
     @field_validator("sampling")
     @classmethod
@@ -269,6 +287,17 @@ def load_prompt(kind: str, name: str, root: Path | None = None) -> Prompt:
 
 def list_prompts(kind: str, root: Path | None = None) -> list[str]:
     return sorted(p.stem for p in ((root or prompts_dir()) / kind).glob("*.yaml"))
+
+
+JUDGE = "fidelity"
+
+
+def judge_for(style: Prompt, configured: Prompt | None) -> Prompt | None:
+    """The judge that verifies `style`'s rewrites: the configured one (synthesis.judge), else, for a style
+    whose file says `judge: true`, prompts/judge/fidelity.yaml of the style's own library; else none."""
+    if configured is not None or not style.spec.judge:
+        return configured
+    return load_prompt("judge", JUDGE, Path(style.path).parents[1])
 
 
 def load_kind(kind: str, root: Path | None = None) -> dict[str, Prompt]:

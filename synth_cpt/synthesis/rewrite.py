@@ -1,7 +1,9 @@
 """Rewriting documents in one style: chunk by real tokens, ask the engine, re-join, gate.
 
 A document is rewritten chunk by chunk and its outputs re-joined in order; if any chunk fails or is
-rejected, the whole document is rejected (never silently shortened). With `autoregressive: true`
+rejected, the whole document is rejected (never silently shortened), unless the style's
+`chunking.on_failed_chunk` is `drop_chunk` (Nemotron-CC segments): then that chunk is dropped, with a
+reject row of its own, the kept chunks are re-joined, and the row records `chunks` and `chunks_kept`. With `autoregressive: true`
 (Kimi K2), chunk k's request carries the rewritten chunks before it, so it can only be asked once
 chunk k-1 is back: every document's chain runs in one engine run, each next chunk sent the moment
 the one before it returns, so the engine is kept full with all the chains' next chunks.
@@ -13,15 +15,15 @@ bound what is sent; the gate's `count` (the target tokenizer) measures the outpu
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from synth_cpt.generation.engine import GenerationEngine
 from synth_cpt.generation.requests import ChatRequest, Generation
 from synth_cpt.generation.structured import parse_json_output
 from synth_cpt.synthesis.chunking import Chunk, Count, chunk_document, join_outputs, tail_within
-from synth_cpt.synthesis.fidelity import FAILED, JUDGE, GateContext, Verdict, check_document, clean_piece
-from synth_cpt.synthesis.prompts import Prompt
+from synth_cpt.synthesis.fidelity import FAILED, JUDGE, NO_CHUNK_KEPT, SHAPE, GateContext, Verdict, check_document, clean_piece, has_shape
+from synth_cpt.synthesis.prompts import Prompt, judge_for
 from synth_cpt.synthesis.rows import Answer, SourceDocument, SynthesisResult, cached_answers, synth_id
 
 KIND = "rewrite"
@@ -33,9 +35,13 @@ class Chain:
 
     doc: SourceDocument
     chunks: list[Chunk]
-    request_ids: list[str]
-    outputs: list[str]
+    request_ids: list[str]  # one per chunk asked, in order
+    outputs: list[str]  # cleaned outputs of the kept chunks, in order
     failed: bool = False
+    kept: list[int] = field(default_factory=list)  # indices of the chunks whose output is in `outputs`
+
+    def kept_request_ids(self) -> list[str]:
+        return [self.request_ids[k] for k in self.kept]
 
 
 def lineage(doc: SourceDocument, prompt: Prompt, engine: GenerationEngine, request_ids: list[str], kind: str = KIND) -> dict[str, Any]:
@@ -60,22 +66,30 @@ def chunk_request(prompt: Prompt, chain: Chain, k: int, seed: int, prompt_count:
 
 
 def _take(chain: Chain, k: int, answer: Answer | None, prompt: Prompt, result: SynthesisResult, engine: GenerationEngine) -> None:
-    """Record chunk k's answer in its chain, or reject the whole document with the chunk's reason."""
-    base = lineage(chain.doc, prompt, engine, chain.request_ids)
+    """Record chunk k's answer in its chain; a failed or rejected chunk rejects the whole document, or, with
+    `on_failed_chunk: drop_chunk`, is dropped alone (its reject row names only its own request)."""
+    drop = prompt.spec.chunking.on_failed_chunk == "drop_chunk"
+    output = prompt.spec.output
+
+    def fail(code: str, reason: str, text: str | None) -> None:
+        if drop:
+            base = lineage(chain.doc, prompt, engine, chain.request_ids[k : k + 1])
+            result.reject(base, code, f"chunk {k} dropped, the document keeps its other chunks: {reason}", text, k, dropped=True)
+        else:
+            chain.failed = True
+            result.reject(lineage(chain.doc, prompt, engine, chain.request_ids), code, reason, text, k)
+
     if answer is None:
-        chain.failed = True
-        result.reject(base, FAILED, "the request failed (error recorded in the cache; retried on the next materialization)", None, k)
-        return
+        return fail(FAILED, "the request failed (error recorded in the cache; retried on the next materialization)", None)
     if answer.unusable:
-        chain.failed = True
-        result.reject(base, FAILED, f"unusable output: {answer.unusable}", answer.text, k)
-        return
-    piece = clean_piece(answer.text, answer.finish_reason, prompt.spec.output)
+        return fail(FAILED, f"unusable output: {answer.unusable}", answer.text)
+    piece = clean_piece(answer.text, answer.finish_reason, output)
     if not piece.ok:
-        chain.failed = True
-        result.reject(base, piece.reason_code or FAILED, f"chunk {k}: {piece.reason}", answer.text, k)
-        return
+        return fail(piece.reason_code or FAILED, f"chunk {k}: {piece.reason}", answer.text)
+    if drop and not has_shape(piece.text, output.shape):  # Nemotron-CC drops a segment without the expected shape
+        return fail(SHAPE, f"chunk {k}: does not have the required {output.shape} shape", answer.text)
     chain.outputs.append(piece.text)
+    chain.kept.append(k)
 
 
 def run_chains(
@@ -126,7 +140,9 @@ def rewrite_documents(
     judge: Prompt | None = None,
 ) -> SynthesisResult:
     """Every document rewritten in `prompt`'s style, or rejected with the reason of the rule it broke.
-    `prompt_count` (the generator's tokenizer) cuts what is sent; `gate.count` (the target's) counts the rows."""
+    `prompt_count` (the generator's tokenizer) cuts what is sent; `gate.count` (the target's) counts the rows.
+    `judge`: the configured judge; a style whose file says `judge: true` is judged even without one."""
+    judge = judge_for(prompt, judge)
     result = SynthesisResult()
     spec = prompt.spec
     chains = [Chain(doc, document_chunks(prompt, doc, prompt_count), [], []) for doc in documents]
@@ -149,26 +165,39 @@ def rewrite_documents(
     for c in chains:
         if c.failed:
             continue
-        joined = join_outputs(c.chunks, c.outputs)
-        verdict = check_document(c.doc.text, joined, prompt.output_language(c.doc.language), spec.output, gate)
+        if not c.kept:
+            result.reject(
+                lineage(c.doc, prompt, engine, c.request_ids), NO_CHUNK_KEPT, f"every one of its {len(c.chunks)} chunks was dropped"
+            )
+            continue
+        kept = [c.chunks[k] for k in c.kept]
+        # the rules compare the output with the source it was made from: the kept chunks (all of them: the document)
+        source = c.doc.text if len(kept) == len(c.chunks) else "".join(ch.text for ch in kept)
+        joined = join_outputs(kept, c.outputs)
+        verdict = check_document(source, joined, prompt.output_language(c.doc.language), spec.output, gate, source_language=c.doc.language)
         if verdict.ok:
             passed.append((c, verdict))
         else:
-            result.reject(lineage(c.doc, prompt, engine, c.request_ids), verdict.reason_code or FAILED, verdict.reason, joined)
+            result.reject(lineage(c.doc, prompt, engine, c.kept_request_ids()), verdict.reason_code or FAILED, verdict.reason, joined)
     judged = judge_rewrites(engine, prompt, judge, passed, scope, seed, result) if judge else {c.doc.doc_id: None for c, _ in passed}
     for c, verdict in passed:
         if c.doc.doc_id not in judged:
             continue
-        text = f"{c.doc.text.rstrip()}\n\n{verdict.text}" if spec.output.keep_source else verdict.text
+        text, n_tokens = verdict.text, verdict.figures["n_tokens"]
+        if spec.output.keep_source:  # the row is the original followed by the output: count what is stored
+            text = f"{c.doc.text.rstrip()}\n\n{verdict.text}"
+            n_tokens = gate.count([text])[0]
+        request_ids = c.kept_request_ids()
         result.accept(
             {
-                "synth_id": synth_id(KIND, prompt.name, c.doc.doc_id, c.request_ids),
-                **lineage(c.doc, prompt, engine, c.request_ids),
-                "chunk_starts": [ch.start for ch in c.chunks], "entities": None, "text": text,
-                "language": prompt.output_language(c.doc.language), "n_tokens": verdict.figures["n_tokens"],
+                "synth_id": synth_id(KIND, prompt.name, c.doc.doc_id, request_ids),
+                **lineage(c.doc, prompt, engine, request_ids),
+                "chunk_starts": [c.chunks[k].start for k in c.kept], "entities": None, "text": text,
+                "language": prompt.output_language(c.doc.language), "n_tokens": n_tokens,
                 "source_tokens": verdict.figures["source_tokens"], "length_ratio": verdict.figures["length_ratio"],
                 "number_coverage": verdict.figures["number_coverage"], "entity_coverage": verdict.figures["entity_coverage"],
-                "copy_similarity": verdict.figures["copy_similarity"], "judge_request_id": judged[c.doc.doc_id],
+                "copy_similarity": verdict.figures["copy_similarity"], "judge_request_ids": judged[c.doc.doc_id],
+                "chunks": len(c.chunks), "chunks_kept": len(c.kept),
             }
         )  # fmt: skip
     return result
@@ -204,24 +233,44 @@ def judge_rewrites(
     scope: str,
     seed: int,
     result: SynthesisResult,
-) -> dict[str, str | None]:
-    """K2's fidelity verification by an LLM judge: doc_id -> the judge's request_id, for the rewrites it
-    calls faithful; the others are rejected (unfaithful, or the verdict could not be read)."""
-    requests = [judge.request(c.doc.language, seed=seed, source=c.doc.text, rewrite=v.text) for c, v in passed]
-    ids = engine.request_ids(requests)
-    answers = result.batch.ask(engine, requests, scope)
-    kept: dict[str, str | None] = {}
-    for (c, v), rid in zip(passed, ids, strict=True):
-        base = lineage(c.doc, prompt, engine, [*c.request_ids, rid])
-        answer = answers.get(rid)
-        if answer is None or answer.unusable:
-            result.reject(base, FAILED, f"the judge gave no usable verdict: {answer.unusable if answer else 'request failed'}", v.text)
+) -> dict[str, list[str]]:
+    """K2's fidelity verification by an LLM judge, chunk by chunk: each kept source chunk against its
+    cleaned rewritten chunk (what the rewrite was asked to keep, and a request the engine can hold).
+    Returns doc_id -> the judge's request_ids in chunk order, for the documents whose every chunk it
+    calls faithful; the others are rejected (unfaithful, or a verdict could not be read) once each,
+    naming the first such chunk."""
+    asks = [
+        (c, k, judge.request(c.doc.language, seed=seed, source=c.chunks[k].text, rewrite=out))
+        for c, _ in passed
+        for k, out in zip(c.kept, c.outputs, strict=True)
+    ]
+    ids = engine.request_ids([r for _, _, r in asks])
+    answers = result.batch.ask(engine, [r for _, _, r in asks], scope)
+    by_doc: dict[str, list[tuple[int, str]]] = {}
+    for (c, k, _), rid in zip(asks, ids, strict=True):
+        by_doc.setdefault(c.doc.doc_id, []).append((k, rid))
+    kept: dict[str, list[str]] = {}
+    for c, v in passed:
+        verdicts = by_doc[c.doc.doc_id]
+        judge_ids = [rid for _, rid in verdicts]
+        base = lineage(c.doc, prompt, engine, [*c.kept_request_ids(), *judge_ids])
+        problems = [(k, problem) for k, rid in verdicts if (problem := _judged(answers.get(rid), judge)) is not None]
+        if not problems:
+            kept[c.doc.doc_id] = judge_ids
             continue
-        value, problem = parse_json_output(answer.text, judge.spec.json_schema)
-        if problem or not isinstance(value, dict):
-            result.reject(base, FAILED, f"the judge's verdict is unreadable: {problem}", v.text)
-        elif value.get("verdict") != "faithful":
-            result.reject(base, JUDGE, f"judge: {json.dumps(value, ensure_ascii=False)[:300]}", v.text)
-        else:
-            kept[c.doc.doc_id] = rid
+        k, (code, reason) = problems[0]
+        more = f" ({len(problems)} of {len(verdicts)} chunks)" if len(problems) > 1 else ""
+        result.reject(base, code, f"chunk {k}{more}: {reason}", v.text, k)
     return kept
+
+
+def _judged(answer: Answer | None, judge: Prompt) -> tuple[str, str] | None:
+    """None when the judge calls the chunk faithful; else (reason code, reason)."""
+    if answer is None or answer.unusable:
+        return FAILED, f"the judge gave no usable verdict: {answer.unusable if answer else 'request failed'}"
+    value, problem = parse_json_output(answer.text, judge.spec.json_schema)
+    if problem or not isinstance(value, dict):
+        return FAILED, f"the judge's verdict is unreadable: {problem}"
+    if value.get("verdict") != "faithful":
+        return JUDGE, f"judge: {json.dumps(value, ensure_ascii=False)[:300]}"
+    return None

@@ -104,10 +104,15 @@ class SynthesisResult:
     def accept(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
 
-    def reject(self, base: dict[str, Any], code: str, reason: str, text: str | None = None, chunk_index: int | None = None) -> None:
+    def reject(
+        self, base: dict[str, Any], code: str, reason: str, text: str | None = None, chunk_index: int | None = None, dropped: bool = False
+    ) -> None:
+        """A rejected candidate; `dropped`: only chunk `chunk_index` was dropped and the rest of its document kept
+        (it is recorded, but is not a candidate of the pass rate: its document is)."""
         self.rejects.append(
-            {**base, "reason_code": code, "reason": reason, "text": (text or "")[:REJECT_TEXT_CHARS], "chunk_index": chunk_index}
-        )
+            {**base, "reason_code": code, "reason": reason, "text": (text or "")[:REJECT_TEXT_CHARS], "chunk_index": chunk_index,
+             "chunk_dropped": dropped}
+        )  # fmt: skip
 
     def frames(self) -> tuple[pl.DataFrame, pl.DataFrame]:
         rows = table(self.rows, SYNTHETIC).sort("synth_id")
@@ -118,12 +123,15 @@ class SynthesisResult:
         """Accepted share and the rejections by reason (what a person tunes a style by). `accepted`:
         when the accepted outputs are not `rows` (entity graphs write their own tables)."""
         kept = len(self.rows) if accepted is None else accepted
-        total = kept + len(self.rejects)
-        by_reason = Counter(r["reason_code"] for r in self.rejects)
+        rejected = [r for r in self.rejects if not r.get("chunk_dropped")]
+        total = kept + len(rejected)
+        by_reason = Counter(r["reason_code"] for r in rejected)
+        dropped = Counter(r["reason_code"] for r in self.rejects if r.get("chunk_dropped"))
         return {
             "candidates": total,
             "accepted": kept,
             "pass_rate": round(kept / total, 4) if total else 1.0,
             "rejected_by_reason": dict(sorted(by_reason.items())),
             "rejected_share_by_reason": {k: round(v / total, 4) for k, v in sorted(by_reason.items())},
+            "dropped_chunks_by_reason": dict(sorted(dropped.items())),
         }

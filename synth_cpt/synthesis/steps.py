@@ -30,7 +30,7 @@ from synth_cpt.synthesis.chunking import Count
 from synth_cpt.synthesis.entigraph import Budget, extract_entity_graphs, relation_corpus
 from synth_cpt.synthesis.fidelity import GateContext
 from synth_cpt.synthesis.outputs import published_table
-from synth_cpt.synthesis.prompts import Prompt
+from synth_cpt.synthesis.prompts import Prompt, judge_for
 from synth_cpt.synthesis.rewrite import rewrite_documents
 from synth_cpt.synthesis.rows import SourceDocument, SynthesisResult
 from synth_cpt.text.langid import identify
@@ -96,6 +96,7 @@ def _common(result: SynthesisResult, prompts: list[Prompt], engine: GenerationEn
         "candidates": rates["candidates"],
         "rejected_by_reason": rates["rejected_by_reason"],
         "rejected_share_by_reason": rates["rejected_share_by_reason"],
+        "dropped_chunks_by_reason": rates["dropped_chunks_by_reason"],
         "prompt_sha": {p.id: p.sha for p in prompts},
         "model": engine.model if engine else None,
         "model_fingerprint": engine.fingerprint if engine else None,
@@ -107,8 +108,8 @@ def _resolves(outcome: Outcome, engine: GenerationEngine, scope: str, *frames: p
     ids: list[str] = []
     for frame in frames:
         ids += frame["request_ids"].explode().drop_nulls().to_list()
-        if "judge_request_id" in frame.columns:
-            ids += frame["judge_request_id"].drop_nulls().to_list()
+        if "judge_request_ids" in frame.columns:
+            ids += frame["judge_request_ids"].explode().drop_nulls().to_list()
     return merge({"rows": outcome, "lineage": check_generations(ids, engine.cache.finished_ids(set(ids), scope) if ids else set())})
 
 
@@ -124,6 +125,9 @@ def empty_step(reason: str, minimum_pass_rate: float, tables: dict[str, pl.DataF
 def rewrite_step(
     engine: GenerationEngine, inputs: PartitionInputs, prompt: Prompt, judge: Prompt | None, asset: str, minimum_pass_rate: float
 ) -> StepOutput:
+    """One style on one partition. `judge`: the configured judge (synthesis.judge); a style whose file says
+    `judge: true` is judged without it (`judge_for`)."""
+    judge = judge_for(prompt, judge)
     scope = generation_scope(asset, inputs.language, inputs.quality)
     result = rewrite_documents(
         engine, prompt, inputs.documents, prompt_count=inputs.prompt_count, gate=inputs.gate, scope=scope, seed=inputs.seed, judge=judge
@@ -133,7 +137,7 @@ def rewrite_step(
     return StepOutput(
         tables={SYNTHETIC_ROWS: rows, SYNTHETIC_REJECTS: rejects},
         outcomes={
-            ROWS_VALID: _resolves(check_synthetic(rows, inputs.language, inputs.subset_doc_ids), engine, scope, rows),
+            ROWS_VALID: _resolves(check_synthetic(rows, inputs.language, inputs.subset_doc_ids, count=inputs.count), engine, scope, rows),
             PASS_RATE: check_pass_rate(rates["pass_rate"], minimum_pass_rate),
         },
         metadata={
@@ -148,7 +152,12 @@ def rewrite_step(
 
 
 def entity_graphs_step(
-    engine: GenerationEngine, inputs: PartitionInputs, prompt: Prompt, max_entities: int | None, minimum_pass_rate: float, max_attempts: int = 1
+    engine: GenerationEngine,
+    inputs: PartitionInputs,
+    prompt: Prompt,
+    max_entities: int | None,
+    minimum_pass_rate: float,
+    max_attempts: int = 1,
 ) -> StepOutput:
     scope = generation_scope(ENTITY_GRAPHS, inputs.language, inputs.quality)
     graphs = extract_entity_graphs(
@@ -161,7 +170,9 @@ def entity_graphs_step(
     return StepOutput(
         tables={SUMMARIES: graphs.summaries, ENTITY_ROWS: graphs.entities, SYNTHETIC_REJECTS: rejects},
         outcomes={
-            ROWS_VALID: _resolves(check_entity_graphs(graphs.summaries, graphs.entities, inputs.subset_doc_ids), engine, scope, graphs.summaries),
+            ROWS_VALID: _resolves(
+                check_entity_graphs(graphs.summaries, graphs.entities, inputs.subset_doc_ids), engine, scope, graphs.summaries
+            ),
             PASS_RATE: check_pass_rate(rates["pass_rate"], minimum_pass_rate),
         },
         metadata={
@@ -208,7 +219,7 @@ def entigraph_corpus_step(
     return StepOutput(
         tables={SYNTHETIC_ROWS: rows, SYNTHETIC_REJECTS: rejects},
         outcomes={
-            ROWS_VALID: _resolves(check_synthetic(rows, inputs.language, inputs.subset_doc_ids), engine, scope, rows),
+            ROWS_VALID: _resolves(check_synthetic(rows, inputs.language, inputs.subset_doc_ids, count=inputs.count), engine, scope, rows),
             PASS_RATE: check_pass_rate(rates["pass_rate"], minimum_pass_rate),
         },
         metadata={
