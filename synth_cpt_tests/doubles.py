@@ -32,9 +32,21 @@ class DeterministicTestBackend(Backend):
         self.reply = reply
         self.sent: list[str] = []
         self.batches: list[list[str]] = []
+        self.prepared: list[Prepared] = []  # every request handed to `prepare`, as the engine hands them
+        self.loads = 0  # "model loads": the first batch after creation or `close` loads, as VLLMBackend does
+        self.loaded = False
 
     def version(self) -> str:
         return "1"
+
+    def prepare(self, batch: list[Prepared] | None = None) -> None:
+        self.prepared += batch or []
+        if not self.loaded:
+            self.loaded = True
+            self.loads += 1
+
+    def close(self) -> None:
+        self.loaded = False
 
     def generate(self, batch: Iterable[Prepared], on_result: OnResult) -> None:
         """One at a time, in feed order (requests pushed by `on_result` are taken after the others)."""
@@ -67,6 +79,23 @@ class DeterministicTestBackend(Backend):
         else:
             text = f"answer {digest} to {p.request.messages[-1][1][:30]}"
         return Generation(p.request_id, text, "stop", len(p.request.rendered()) // 4, 7, 1, 0.001)
+
+
+class FlakyJsonTestBackend(DeterministicTestBackend):
+    """Answers a structured request with text that is not JSON the first `bad_times` times its conversation
+    is asked (whatever the request id: a retry asks the same conversation), then as the deterministic double."""
+
+    def __init__(self, bad_times: int = 1, **kw) -> None:
+        super().__init__(**kw)
+        self.bad_times = bad_times
+        self.asked: dict[str, int] = {}
+
+    def answer(self, p: Prepared) -> Generation:
+        if p.request.json_schema:
+            seen = self.asked[p.request.rendered()] = self.asked.get(p.request.rendered(), 0) + 1
+            if seen <= self.bad_times:
+                return Generation(p.request_id, "Here are the entities: Cabral, Lisboa", "stop", 10, 7, 1, 0.001)
+        return super().answer(p)
 
 
 class SteppingTestBackend(DeterministicTestBackend):

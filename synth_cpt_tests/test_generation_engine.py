@@ -188,8 +188,10 @@ def test_structured_output_repair_or_reject(text, ok):
         assert reason and value is None
 
 
-def test_structured_requests_are_checked(tmp_path):
-    engine, _ = _engine(tmp_path)
+def test_structured_requests_reach_the_backend_with_their_schema_and_a_nonconforming_answer_is_rejected(tmp_path):
+    """What the engine guarantees about guided decoding: the schema is handed to the backend with the
+    request (vLLM's structured_outputs, the server's response_format are built from it), and an answer
+    that does not follow it is recorded as rejected with the reason, never kept as usable."""
     schema = {
         "type": "object",
         "properties": {
@@ -199,11 +201,40 @@ def test_structured_requests_are_checked(tmp_path):
         "required": ["summary"],
         "additionalProperties": False,
     }
-    req = ChatRequest.chat([{"role": "user", "content": "json please"}], json_schema=schema)
-    report = engine.run([req])
-    assert report.succeeded == 1 and report.rejected == 0
-    row = engine.results([req]).row(0, named=True)
-    assert json.loads(row["text"])["summary"].startswith("summary")
+    good = ChatRequest.chat([{"role": "user", "content": "json please"}], json_schema=schema)
+    extra = ChatRequest.chat([{"role": "user", "content": "json with an extra field"}], json_schema=schema)
+    prose = ChatRequest.chat([{"role": "user", "content": "json, answered in prose"}], json_schema=schema)
+    answers = {
+        "json please": json.dumps({"summary": "s", "entities": ["a"]}),
+        "json with an extra field": json.dumps({"summary": "s", "other": 1}),
+        "json, answered in prose": "The summary is s.",
+    }
+    backend = DeterministicTestBackend(reply=lambda p: answers[p.request.messages[-1][1]])
+    engine, _ = _engine(tmp_path, backend)
+    report = engine.run([good, extra, prose])
+    assert [p.request.schema for p in backend.prepared] == [schema] * 3
+    assert (report.succeeded, report.rejected) == (3, 2)
+    ids = engine.request_ids([good, extra, prose])
+    rows = {r["request_id"]: r for r in engine.cache.finished(ids).iter_rows(named=True)}
+    assert rows[ids[0]]["rejected"] is None
+    assert rows[ids[1]]["rejected"] == "schema violation at (root): Additional properties are not allowed ('other' was unexpected)"
+    assert rows[ids[2]]["rejected"] == "invalid JSON: Expecting value at char 0"
+    assert report.rejections == {ids[1]: rows[ids[1]]["rejected"], ids[2]: rows[ids[2]]["rejected"]}
+
+
+def test_a_retry_attempt_is_a_new_request_id_and_a_first_attempt_keeps_the_old_one():
+    """`attempt` (EntiGraph step 1 asks again until its JSON parses) enters the id only when > 0, so the ids
+    already in caches stay valid; each attempt gets its own id and so its own seed."""
+    import hashlib
+    from dataclasses import replace
+
+    req = make_requests(1)[0]
+    old_payload = {"model_fingerprint": "fp", "messages": req.message_dicts(), "sampling": req.sampling.as_dict(), "json_schema": None}
+    old_id = hashlib.sha256(json.dumps(old_payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+    assert req.attempt == 0 and req.request_id("fp") == old_id
+    ids = [replace(req, attempt=k).request_id("fp") for k in range(3)]
+    assert ids[0] == old_id and len(set(ids)) == 3
+    assert len({derived_seed(rid) for rid in ids}) == 3
 
 
 def test_resource_fingerprint_and_cache_root(tmp_path):

@@ -30,7 +30,8 @@ def swapped_words(prepared) -> str:
 
 
 class LLMWithTestDouble(LLM):
-    """The LLM resource with the test double behind it (tests only)."""
+    """The LLM resource with the test double behind it (tests only). The double counts a "load" the first
+    time it is handed requests, as VLLMBackend does, so the assets' `engine_loads` figure is measured."""
 
     def engine(self, storage, storage_root, log=None, progress=None):
         return GenerationEngine(DOUBLE["backend"], GenerationCache(storage), model="test-double", model_fingerprint="fp-double", log=log)
@@ -113,9 +114,21 @@ def test_generation_assets_publish_rows_with_lineage_and_rerun_sends_nothing(pip
     meta = materializations(first)
     assert set(meta) == set(wanted)
     assert "not routed" not in json.dumps(meta["rewrites_medium"]) and meta["rewrites_medium"]["sent"] > 0
-    assert "does not route" in meta["rewrites_distill"]["not_routed"] or "applies to buckets" in meta["rewrites_distill"]["not_routed"]
+    assert meta["rewrites_distill"]["not_routed"] == "style 'distill' applies to buckets [] (its prompt file), not 'high'"
     assert meta["rewrites_distill"]["dagster/row_count"] == 0
     assert {m["chunking_tokenizer"]["tokenizer"] for m in meta.values()} == {"target"}  # the double names no generator tokenizer
+    # one load for the whole run, shared by the three assets that generate; the unrouted one (first) needed no engine
+    assert DOUBLE["backend"].loads == 1
+    assert {a: meta[a]["engine_loads"] for a in wanted} == {
+        "rewrites_distill": 0,
+        "rewrites_medium": 1,
+        "entity_graphs": 1,
+        "entigraph_corpus": 1,
+    }
+    assert {a: meta[a]["speculation"] for a in wanted} == {
+        "rewrites_distill": "off (no engine was needed)",
+        **dict.fromkeys(["rewrites_medium", "entity_graphs", "entigraph_corpus"], "off (not an in-process vLLM engine)"),
+    }
     evals = [e.event_specific_data for e in first.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     assert {(ev.asset_key.to_user_string(), ev.check_name) for ev in evals} == {(a, c) for a in wanted for c in ("rows_valid", "pass_rate")}
     assert all(ev.passed for ev in evals)
@@ -137,13 +150,18 @@ def test_generation_assets_publish_rows_with_lineage_and_rerun_sends_nothing(pip
         f"select kind, count(*) from read_parquet('{home}/entigraph_corpus/pt/high/v/*/rows.parquet') group by kind"
     ).fetchall()
     assert dict(corpus)["entigraph_summary"] == 3
-    assert meta["entigraph_corpus"]["pairs_planned"] >= 1 and "per document" in meta["entigraph_corpus"]["budget"]
+    # the double lists two entities per document: one pair each, no triple possible
+    figures = {k: meta["entigraph_corpus"][k] for k in ("pairs_possible", "pairs_planned", "triples_possible", "triples_planned")}
+    assert figures == {"pairs_possible": 3, "pairs_planned": 3, "triples_possible": 0, "triples_planned": 0}
+    assert meta["entigraph_corpus"]["pairs_written"] == dict(corpus)["entigraph_pair"] == 3
+    assert meta["entigraph_corpus"]["budget"] == "every pair, then triples: triples_per_document 8 per document"
 
     # a second materialization sends zero requests and publishes the same rows
     sent = len(DOUBLE["backend"].sent)
     second = materializations(synthesize(defs, instance, wanted))
     assert len(DOUBLE["backend"].sent) == sent
     assert all(second[a].get("sent", 0) == 0 for a in wanted)
+    assert all(second[a]["engine_loads"] == 0 for a in wanted) and DOUBLE["backend"].loads == 1, "a run with nothing to send loads nothing"
     assert second["rewrites_medium"]["dagster/row_count"] == meta["rewrites_medium"]["dagster/row_count"]
 
 
@@ -205,7 +223,9 @@ def test_mix_asset_fails_up_front_on_a_shortfall_and_publishes_when_asked_to_tak
     defs = configure(mixes={"recipes": {"wrap_1to1": wrap}})
     assert synthesize(defs, instance, ["rewrites_medium"]).success
     mix = next(a for a in defs.assets if AssetKey("training_mix_wrap_1to1") in getattr(a, "keys", ()))
-    failed = materialize([mix], instance=instance, partition_key=PARTITION, resources={"pipeline": PipelineResource()}, raise_on_error=False)
+    failed = materialize(
+        [mix], instance=instance, partition_key=PARTITION, resources={"pipeline": PipelineResource()}, raise_on_error=False
+    )
     assert not failed.success
     message = next(e.event_specific_data.error.message for e in failed.all_events if e.is_step_failure)
     assert "nothing was written" in message and "rewrite:easy: needs" in message and "short by" in message

@@ -95,9 +95,10 @@ class EngineLease:
             self.load_seconds_before = self.engine.backend.load_seconds
         return self.engine
 
-    def figures(self) -> dict[str, float]:
+    def figures(self) -> dict[str, float | int | str]:
+        """Loads caused by this step, and whether its engine speculates (`speculation`: on|off, with why)."""
         if self.engine is None:
-            return {"engine_loads": 0, "engine_load_seconds": 0.0}
+            return {"engine_loads": 0, "engine_load_seconds": 0.0, "speculation": "off (no engine was needed)"}
         backend = self.engine.backend
         return {
             "model": self.engine.model,
@@ -105,6 +106,7 @@ class EngineLease:
             "engine": backend.name,
             "engine_loads": backend.loads - self.loads_before,
             "engine_load_seconds": round(backend.load_seconds - self.load_seconds_before, 2),
+            "speculation": self.engine.speculation(),
         }
 
 
@@ -221,10 +223,11 @@ def build_synthesis_assets(config: PipelineConfig) -> list[AssetsDefinition]:
                 context.log.error("entigraph_corpus not run: this run's entity_graphs failed a blocking check")
                 continue
             if asset == ENTITY_GRAPHS:
-                step = entity_graphs_step(lease.get(), inputs, entigraph["entities"], cfg.synthesis.entigraph.max_entities, minimum)
+                e = cfg.synthesis.entigraph
+                step = entity_graphs_step(lease.get(), inputs, entigraph["entities"], e.max_entities, minimum, max_attempts=e.max_attempts)
             elif asset == ENTIGRAPH_CORPUS:
                 e = cfg.synthesis.entigraph
-                budget = Budget(e.relations_per_document, e.tokens_per_document, e.triples)
+                budget = Budget(e.triples_per_document, e.tokens_per_document)
                 step = entigraph_corpus_step(lease.get(), storage, inputs, entigraph, budget, asset, minimum)
             else:
                 prompt = styles[asset.removeprefix(rewrite_asset(""))]

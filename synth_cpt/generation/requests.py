@@ -3,7 +3,7 @@
 `request_id` = SHA-256 of (model fingerprint, messages, sampling parameters, base seed). The seed
 the engine sends is derived from `request_id`, so a request is reproducible on its own and two
 identical asks are the same request wherever they come from. Sampling fields added later
-(EXTRA_DEFAULTS) enter it only when set, so ids already cached stay valid.
+(EXTRA_DEFAULTS) and a retry's `attempt` enter it only when set, so ids already cached stay valid.
 """
 
 from __future__ import annotations
@@ -20,6 +20,21 @@ MAX_STOP = 16
 # Sampling fields added after ids were first stored, with vLLM's defaults: a request carries them in its
 # id and payload only when it sets them, so the ids already cached on disk stay valid.
 EXTRA_DEFAULTS: dict[str, float] = {"repetition_penalty": 1.0, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+# When a request asks for n-gram speculative decoding (with `generation.speculative: auto`): only when decoded
+# greedily (temperature 0), whatever the temperature, or never. true and false are the old spellings.
+SPECULATIVE = ("greedy-only", "always", "never")
+SPECULATIVE_OLD = {True: "greedy-only", False: "never"}
+
+
+def speculative_mode(value: Any) -> str:
+    """`speculative` as one of SPECULATIVE (true -> greedy-only, false -> never)."""
+    if isinstance(value, bool):
+        return SPECULATIVE_OLD[value]
+    if value in SPECULATIVE:
+        return value
+    raise ValueError(
+        f"'speculative' must be greedy-only, always or never (true and false, the old spellings, mean greedy-only and never), got {_short(value)}"
+    )
 
 
 def stop_sequences(value: Any) -> tuple[str, ...]:
@@ -46,9 +61,9 @@ class Sampling:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int = 0  # base seed; the engine sends one derived from request_id
-    # Copy-heavy prompts (rewrites) ask for n-gram speculative decoding. Not part of request_id:
-    # speculation changes how fast tokens come, not the distribution they are drawn from.
-    speculative: bool = False
+    # Copy-heavy prompts (rewrites) ask for n-gram speculative decoding: greedy-only | always | never (see
+    # SPECULATIVE). Not part of request_id: speculation changes how fast tokens come, not the distribution.
+    speculative: str = "never"
     repetition_penalty: float = EXTRA_DEFAULTS["repetition_penalty"]  # > 1 discourages any token already in prompt or output
     min_p: float = EXTRA_DEFAULTS["min_p"]  # drop tokens less likely than min_p times the most likely one
     presence_penalty: float = EXTRA_DEFAULTS["presence_penalty"]  # OpenAI semantics, on tokens already generated
@@ -56,6 +71,7 @@ class Sampling:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", stop_sequences(self.stop))
+        object.__setattr__(self, "speculative", speculative_mode(self.speculative))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, where: str = "") -> Sampling:
@@ -78,14 +94,9 @@ class Sampling:
             except (TypeError, ValueError):
                 raise ValueError(f"{prefix}'{key}' must be {'an integer' if kind is int else 'a number'}, got {_short(value)}") from None
 
-        def flag(key: str) -> bool:
-            value = d.get(key, getattr(cls, key))
-            if not isinstance(value, bool):
-                raise ValueError(f"{prefix}'{key}' must be true or false, got {_short(value)}")
-            return value
-
         try:
             stop = stop_sequences(d.get("stop"))
+            speculative = speculative_mode(d.get("speculative", cls.speculative))
         except ValueError as exc:
             raise ValueError(f"{prefix}{exc}") from None
         temperature, top_p, max_tokens = number("temperature", float), number("top_p", float), number("max_tokens", int)
@@ -106,7 +117,7 @@ class Sampling:
                 raise ValueError(f"{prefix}'{key}' must be in [-2, 2], got {extras[key]:g}")
         return cls(
             temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=number("seed", int),
-            speculative=flag("speculative"), **extras,
+            speculative=speculative, **extras,
         )  # fmt: skip
 
     def extras(self) -> dict[str, float]:
@@ -132,6 +143,9 @@ class ChatRequest:
     prompt_name: str = ""
     prompt_sha: str = ""
     json_schema: str | None = None  # JSON text of a schema the output must follow
+    # A retry of an answer that could not be used (EntiGraph step 1 until its JSON parses): a new request id,
+    # so a new seed and a new cache row. Part of the id only when > 0, so first attempts keep their ids.
+    attempt: int = 0
 
     @classmethod
     def chat(cls, messages: list[Message], sampling: Sampling | None = None, **kw: Any) -> "ChatRequest":
@@ -161,6 +175,8 @@ class ChatRequest:
             "sampling": self.sampling.as_dict(),
             "json_schema": self.json_schema,
         }
+        if self.attempt:
+            payload["attempt"] = self.attempt
         return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 

@@ -1,23 +1,25 @@
 """EntiGraph (METHODS §5): a summary and entities per document, then texts on how its entities relate.
 
-Step 1 asks, per chunk of a document, for JSON `{"summary", "entities"}` under a bounded schema; the
-chunks' summaries are joined and their entity lists merged (normalized, deduplicated, first surface
-form kept). Steps 2-3 enumerate every pair, then every triple, of a document's entities, shuffle each
-list with a seed of (run seed, doc_id) so a document's plan does not depend on the others, and
-generate relation texts up to a per-document budget. The corpus is the summaries plus the relations.
-Documents are chunked by the generator's tokenizer (`prompt_count`: it bounds what is sent); every
-row's `n_tokens` is the target tokenizer's (`gate.count`: it counts data).
+Step 1 asks, per chunk of a document, for JSON `{"summary", "entities"}` under a bounded schema; an
+answer that does not parse is asked again (a new `attempt` in its request id) up to `max_attempts`,
+as the paper retries until it parses. The chunks' summaries are joined and their entity lists merged
+(normalized, deduplicated, first surface form kept; capped only when `max_entities` is set). Steps
+2-3, as published: every unordered pair of a document's entities is written, then its triples,
+enumerated and shuffled with a seed of (run seed, doc_id) so a document's plan does not depend on the
+others, up to the triple budget. Each relation request carries the document: the whole of it when it
+fits the prompt's `max_input_tokens`, else its summary and the passages that mention the entities.
+The corpus is the summaries plus the relations. What is sent is bounded by the generator's tokenizer
+(`prompt_count`); every row's `n_tokens` is the target tokenizer's (`gate.count`: it counts data).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 import re
 import unicodedata
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import polars as pl
@@ -26,7 +28,7 @@ from synth_cpt.core.contracts import ENTITIES, ENTITY_SUMMARIES
 from synth_cpt.generation.engine import GenerationEngine
 from synth_cpt.generation.requests import ChatRequest
 from synth_cpt.generation.structured import parse_json_output
-from synth_cpt.synthesis.chunking import Chunk, Count
+from synth_cpt.synthesis.chunking import Chunk, Count, chunk_document
 from synth_cpt.synthesis.fidelity import FAILED, GateContext, check_document, clean_piece
 from synth_cpt.synthesis.prompts import Prompt
 from synth_cpt.synthesis.rewrite import document_chunks, lineage
@@ -37,6 +39,8 @@ PAIR = "entigraph_pair"
 TRIPLE = "entigraph_triple"
 ENTITY_STEP = "entities"
 MAX_ENTITY_CHARS = 80
+PASSAGES = 4  # a long document is cut into passages of a quarter of what is left after its summary
+GAP = "\n\n[...]\n\n"  # between two passages that are not adjacent in the document
 _EDGE = re.compile(r"^[\W_]+|[\W_]+$", re.U)
 
 
@@ -58,8 +62,8 @@ def entity_key(name: str) -> str:
     return "".join(c for c in folded if not unicodedata.combining(c))
 
 
-def merge_entities(lists: list[list[Any]], limit: int) -> list[str]:
-    """Chunk lists merged in order, normalized and deduplicated by key, at most `limit`."""
+def merge_entities(lists: list[list[Any]], limit: int | None = None) -> list[str]:
+    """Chunk lists merged in order, normalized and deduplicated by key; at most `limit` (None: all, the paper)."""
     seen: set[str] = set()
     merged: list[str] = []
     for items in lists:
@@ -69,7 +73,7 @@ def merge_entities(lists: list[list[Any]], limit: int) -> list[str]:
                 continue
             seen.add(entity_key(name))
             merged.append(name)
-            if len(merged) >= limit:
+            if limit is not None and len(merged) >= limit:
                 return merged
     return merged
 
@@ -79,12 +83,33 @@ class EntityGraphs:
     summaries: pl.DataFrame
     entities: pl.DataFrame
     result: SynthesisResult
+    attempts: dict[str, int] = field(default_factory=dict)  # doc_id -> most attempts one of its chunks took
+
+    def metadata(self) -> dict[str, int]:
+        """How hard step 1 had to retry: documents that needed more than one attempt, and the extra requests."""
+        return {
+            "documents_retried": sum(n > 1 for n in self.attempts.values()),
+            "attempts_max": max(self.attempts.values(), default=0),
+        }
 
 
 def entity_requests(prompt: Prompt, doc: SourceDocument, *, prompt_count: Count, seed: int) -> list[tuple[Chunk, ChatRequest]]:
-    """Step 1's request for each chunk of `doc` (chunked by the generator's tokenizer)."""
+    """Step 1's first request for each chunk of `doc` (chunked by the generator's tokenizer); a retry is
+    the same request with `attempt` > 0 (a new request id, so a new seed)."""
     chunks = document_chunks(prompt, doc, prompt_count)
     return [(ch, prompt.request(doc.language, seed=seed, text=ch.text, title=doc.title or "")) for ch in chunks]
+
+
+@dataclass
+class _Ask:
+    """One chunk of step 1 across its attempts."""
+
+    request: ChatRequest
+    ids: list[str] = field(default_factory=list)  # every attempt's request id, in order
+    value: dict[str, Any] | None = None
+    problem: str | None = None
+    text: str | None = None
+    failed: bool = False  # the engine recorded a failure: asked again on the next materialization, not here
 
 
 def extract_entity_graphs(
@@ -95,46 +120,65 @@ def extract_entity_graphs(
     prompt_count: Count,
     scope: str,
     seed: int = 0,
-    max_entities: int = 24,
+    max_entities: int | None = None,
+    max_attempts: int = 3,
 ) -> EntityGraphs:
-    """Step 1 for every document; a document with a failed or unreadable chunk is rejected whole."""
+    """Step 1 for every document. An answer that is not JSON of the schema is asked again with the next
+    attempt index, up to `max_attempts` (every attempt is cached, so a rerun sends nothing already
+    answered); a document with a chunk that failed or never parsed is rejected whole."""
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
     result = SynthesisResult()
     spec = prompt.spec
-    plans = [(doc, entity_requests(prompt, doc, prompt_count=prompt_count, seed=seed)) for doc in documents]
+    plans = [(doc, [_Ask(req) for _, req in entity_requests(prompt, doc, prompt_count=prompt_count, seed=seed)]) for doc in documents]
     plans = [(doc, asks) for doc, asks in plans if asks]
-    requests = [req for _, asks in plans for _, req in asks]
-    ids = iter(engine.request_ids(requests))
-    answers = result.batch.ask(engine, requests, scope)
+    doomed: set[str] = set()
+    pending = [(doc, ask) for doc, asks in plans for ask in asks]
+    for attempt in range(max_attempts):
+        pending = [(doc, ask) for doc, ask in pending if doc.doc_id not in doomed]
+        if not pending:
+            break
+        requests = [replace(ask.request, attempt=attempt) for _, ask in pending]
+        answers = result.batch.ask(engine, requests, scope)
+        retry = []
+        for (doc, ask), rid in zip(pending, engine.request_ids(requests), strict=True):
+            ask.ids.append(rid)
+            answer = answers.get(rid)
+            if answer is None:
+                ask.failed, ask.problem, ask.text = True, "the request failed (retried on the next materialization)", None
+                doomed.add(doc.doc_id)
+                continue
+            value, problem = (None, answer.unusable) if answer.unusable else parse_json_output(answer.text, spec.json_schema)
+            ask.value, ask.problem, ask.text = value, problem, answer.text
+            if problem:
+                retry.append((doc, ask))
+        pending = retry
     summaries: list[dict[str, Any]] = []
     entity_rows: list[dict[str, Any]] = []
-    for doc, chunks in plans:
-        rids = [next(ids) for _ in chunks]
-        base = lineage(doc, prompt, engine, rids, kind=ENTITY_STEP)
-        parsed: list[dict[str, Any]] = []
-        for k, rid in enumerate(rids):
-            answer = answers.get(rid)
-            if answer is None or answer.unusable:
-                why = answer.unusable if answer else "the request failed (retried on the next materialization)"
-                result.reject(base, FAILED, f"chunk {k}: {why}", answer.text if answer else None, k)
-                break
-            value, problem = parse_json_output(answer.text, spec.json_schema)
-            if problem:
-                result.reject(base, FAILED, f"chunk {k}: {problem}", answer.text, k)
-                break
-            parsed.append(value)
-        else:
-            names = merge_entities([p.get("entities", []) for p in parsed], max_entities)
-            summary = " ".join(" ".join(str(p.get("summary", "")).split()) for p in parsed).strip()
-            summaries.append(
-                {
-                    "doc_id": doc.doc_id, "drop_id": doc.drop_id, "source_file": doc.source_file, "source_line": doc.source_line,
-                    "language": doc.language, "summary": summary, "n_entities": len(names), "request_ids": rids,
-                    "prompt_sha": prompt.sha, "model": engine.model, "model_fingerprint": engine.fingerprint,
-                }
-            )  # fmt: skip
-            entity_rows += [{"doc_id": doc.doc_id, "entity": name, "position": i} for i, name in enumerate(names)]
+    attempts: dict[str, int] = {}
+    for doc, asks in plans:
+        attempts[doc.doc_id] = max(len(a.ids) for a in asks)
+        bad = next(((k, a) for k, a in enumerate(asks) if a.problem), None)
+        if bad is not None:
+            k, ask = bad
+            tried = "" if ask.failed else f" (after {len(ask.ids)} attempt{'s' * (len(ask.ids) > 1)})"
+            base = lineage(doc, prompt, engine, [rid for a in asks for rid in a.ids], kind=ENTITY_STEP)
+            result.reject(base, FAILED, f"chunk {k}: {ask.problem}{tried}", ask.text, k)
+            continue
+        rids = [a.ids[-1] for a in asks]  # the answers the graph is made from
+        parsed = [a.value or {} for a in asks]
+        names = merge_entities([p.get("entities", []) for p in parsed], max_entities)
+        summary = " ".join(" ".join(str(p.get("summary", "")).split()) for p in parsed).strip()
+        summaries.append(
+            {
+                "doc_id": doc.doc_id, "drop_id": doc.drop_id, "source_file": doc.source_file, "source_line": doc.source_line,
+                "language": doc.language, "summary": summary, "n_entities": len(names), "request_ids": rids,
+                "attempts": attempts[doc.doc_id], "prompt_sha": prompt.sha, "model": engine.model, "model_fingerprint": engine.fingerprint,
+            }
+        )  # fmt: skip
+        entity_rows += [{"doc_id": doc.doc_id, "entity": name, "position": i} for i, name in enumerate(names)]
     return EntityGraphs(
-        table(summaries, ENTITY_SUMMARIES).sort("doc_id"), table(entity_rows, ENTITIES).sort(["doc_id", "position"]), result
+        table(summaries, ENTITY_SUMMARIES).sort("doc_id"), table(entity_rows, ENTITIES).sort(["doc_id", "position"]), result, attempts
     )
 
 
@@ -143,39 +187,61 @@ def extract_entity_graphs(
 
 @dataclass(frozen=True)
 class Budget:
-    """How many relation texts a document may get: a count, or output tokens (divided by the relation
-    prompt's `max_tokens`, the most one text can cost)."""
+    """How many triples a document gets after all its pairs (the paper writes every pair): a count
+    (`triples_per_document`; 0 none, None no count), and/or output tokens (`tokens_per_document`,
+    divided by the triple prompt's `max_tokens`, the most one text can cost). Both None: every triple."""
 
-    relations: int | None = 8
+    triples: int | None = 8
     tokens: int | None = None
-    triples: bool = True
 
-    def per_document(self, max_tokens: int) -> int | None:
-        limits = [v for v in (self.relations, self.tokens // max_tokens if self.tokens is not None else None) if v is not None]
+    def triples_limit(self, max_tokens: int) -> int | None:
+        """Triples per document (None: all of them)."""
+        limits = [v for v in (self.triples, self.tokens // max_tokens if self.tokens is not None else None) if v is not None]
         return min(limits) if limits else None
 
     def arithmetic(self, max_tokens: int) -> str:
         parts = []
-        if self.relations is not None:
-            parts.append(f"relations {self.relations}")
+        if self.triples is not None:
+            parts.append(f"triples_per_document {self.triples}")
         if self.tokens is not None:
-            parts.append(f"tokens {self.tokens:,} // max_tokens {max_tokens} = {self.tokens // max_tokens}")
-        limit = self.per_document(max_tokens)
-        return f"min({', '.join(parts)}) = {limit} per document" if parts else "unlimited"
+            parts.append(f"tokens_per_document {self.tokens:,} // max_tokens {max_tokens} = {self.tokens // max_tokens}")
+        if not parts:
+            return "every pair and every triple per document (no triple budget)"
+        limit = self.triples_limit(max_tokens)
+        rule = f"min({', '.join(parts)}) = {limit}" if len(parts) > 1 else parts[0]
+        return f"every pair, then triples: {rule} per document"
 
 
-def relation_plan(entities: list[str], doc_id: str, seed: int, limit: int | None, triples: bool = True) -> list[tuple[str, ...]]:
-    """Pairs first, then triples, each list shuffled with (seed, doc_id), cut at `limit`. Triples are
-    enumerated only when the pairs do not fill the budget (they grow as n^3)."""
+def _nth_combination(n: int, r: int, index: int) -> tuple[int, ...]:
+    """The `index`-th r-combination of range(n) in lexicographic order (itertools' order)."""
+    c = math.comb(n, r)
+    if not 0 <= index < c:
+        raise IndexError(index)
+    out: list[int] = []
+    i = 0
+    while r:
+        c, n, r = c * r // n, n - 1, r - 1
+        while index >= c:
+            index -= c
+            c, n = c * (n - r) // n, n - 1
+            i += 1
+        out.append(i)
+        i += 1
+    return tuple(out)
+
+
+def relation_plan(entities: list[str], doc_id: str, seed: int, triples: int | None) -> list[tuple[str, ...]]:
+    """Every pair, shuffled; then triples, up to `triples` (None: all). The triples are a seeded shuffle
+    of their enumeration cut at the budget: drawn as indices into it (`random.sample`), so the n^3 list is
+    never built when the budget is small. Seeded by (seed, doc_id): a plan depends on its document only."""
     rng = random.Random(f"{seed}:{doc_id}")
-    pairs = list(itertools.combinations(entities, 2))
+    n = len(entities)
+    pairs = [(entities[a], entities[b]) for a, b in (_nth_combination(n, 2, i) for i in range(math.comb(n, 2)))]
     rng.shuffle(pairs)
-    plan: list[tuple[str, ...]] = pairs[:limit] if limit is not None else pairs
-    if triples and (limit is None or len(plan) < limit):
-        trios = list(itertools.combinations(entities, 3))
-        rng.shuffle(trios)
-        plan += trios[: None if limit is None else limit - len(plan)]
-    return plan
+    total = math.comb(n, 3)
+    picks = rng.sample(range(total), total if triples is None else min(triples, total))
+    trios = [tuple(entities[i] for i in _nth_combination(n, 3, k)) for k in picks]
+    return [*pairs, *trios]
 
 
 @dataclass
@@ -185,22 +251,26 @@ class RelationFigures:
     triples_possible: int = 0
     pairs_planned: int = 0
     triples_planned: int = 0
+    pairs_written: int = 0
+    triples_written: int = 0
+    with_whole_document: int = 0  # relation requests that carried the whole document
+    with_passages: int = 0  # ... its summary and passages (the document was over the prompt's input limit)
+    budget: str = ""
     per_document: dict[str, int] = field(default_factory=dict)
 
-    def metadata(self) -> dict[str, int]:
+    def metadata(self) -> dict[str, int | str]:
         return {
             "documents_with_entities": self.documents,
             "pairs_possible": self.pairs_possible,
             "triples_possible": self.triples_possible,
             "pairs_planned": self.pairs_planned,
             "triples_planned": self.triples_planned,
+            "pairs_written": self.pairs_written,
+            "triples_written": self.triples_written,
+            "relations_with_whole_document": self.with_whole_document,
+            "relations_with_summary_and_passages": self.with_passages,
+            "budget": self.budget,
         }
-
-
-def best_chunk(chunks: list[Chunk], names: tuple[str, ...]) -> Chunk:
-    """The part of the document that mentions the most of `names` (the first on a tie)."""
-    keys = [entity_key(n) for n in names]
-    return max(chunks, key=lambda ch: (sum(k in entity_key(ch.text) for k in keys), -ch.index))
 
 
 def _iter_docs(summaries: pl.DataFrame, entities: pl.DataFrame) -> Iterator[tuple[dict[str, Any], list[str]]]:
@@ -212,34 +282,116 @@ def _iter_docs(summaries: pl.DataFrame, entities: pl.DataFrame) -> Iterator[tupl
 
 
 @dataclass(frozen=True)
+class RelationContext:
+    """What a relation request carries about its document: the whole of it (`summary` empty), or its
+    summary and the passages that mention the entities, in document order."""
+
+    whole: bool
+    summary: str
+    chunks: tuple[Chunk, ...]
+    text: str
+
+
+class DocumentContexts:
+    """A document as a relation prompt can carry it, within the prompt's `max_input_tokens` (generator's
+    tokens): the whole document when it fits; else its summary (the head of it that fits half the limit)
+    and, for each combination, as many passages as fit what is left: those mentioning the most of the
+    entities first, then carried in document order. Computed once per document and prompt."""
+
+    def __init__(self, prompt: Prompt, doc: SourceDocument, summary: str, prompt_count: Count) -> None:
+        self.count = prompt_count
+        limit = prompt.spec.chunking.max_input_tokens
+        self.doc = doc
+        self.whole = prompt_count([doc.text])[0] <= limit
+        if self.whole:
+            self.summary, self.passages, self.room = "", [Chunk(0, 0, len(doc.text), doc.text, limit)], limit
+            return
+        self.summary = summary
+        if summary and prompt_count([summary])[0] > limit // 2:
+            self.summary = chunk_document(summary, max(1, limit // 2), prompt_count, "sentences", doc.language)[0].text.strip()
+        self.room = limit - (prompt_count([self.summary])[0] if self.summary else 0)
+        split = prompt.spec.chunking.split
+        self.passages = chunk_document(doc.text, max(1, self.room // PASSAGES), prompt_count, split, doc.language)
+        self.folded = [entity_key(p.text) for p in self.passages]
+        self.gap = prompt_count([GAP])[0]
+
+    def _join(self, chosen: list[Chunk]) -> str:
+        parts: list[str] = []
+        for i, ch in enumerate(chosen):
+            if i and chosen[i - 1].end != ch.start:
+                parts.append(GAP)
+            parts.append(ch.text)
+        return "".join(parts)
+
+    def for_entities(self, names: tuple[str, ...]) -> RelationContext:
+        if self.whole:
+            return RelationContext(True, "", tuple(self.passages), self.doc.text)
+        keys = [entity_key(n) for n in names]
+        hits = [sum(k in folded for k in keys) for folded in self.folded]
+        order = sorted(range(len(self.passages)), key=lambda i: (-hits[i], i))
+        if any(hits):
+            order = [i for i in order if hits[i]]
+        chosen: list[Chunk] = []
+        used = 0
+        for i in order:  # a bound from the passages' own counts; the joined text is checked below
+            cost = self.passages[i].n_tokens + (self.gap if chosen else 0)
+            if used + cost <= self.room:
+                chosen.append(self.passages[i])
+                used += cost
+        chosen.sort(key=lambda ch: ch.index)
+        text = self._join(chosen)
+        while len(chosen) > 1 and self.count([text])[0] > self.room:  # token counts are not additive across joins
+            chosen.remove(max(chosen, key=lambda ch: (-hits[ch.index], ch.index)))
+            text = self._join(chosen)
+        return RelationContext(False, self.summary, tuple(chosen), text)
+
+
+@dataclass(frozen=True)
 class RelationJob:
-    """One relation text to ask for: its entities, the part of the document it is asked about, the request."""
+    """One relation text to ask for: its entities, what of the document it carries, the request."""
 
     doc: SourceDocument
     prompt: Prompt
     entities: tuple[str, ...]
-    chunk: Chunk
+    context: RelationContext
     request: ChatRequest
 
     @property
     def kind(self) -> str:
         return PAIR if len(self.entities) == 2 else TRIPLE
 
+    @property
+    def chunk(self) -> Chunk:
+        """The first part of the document carried (the whole document when it fit)."""
+        return self.context.chunks[0]
+
 
 def relation_jobs(
-    doc: SourceDocument, names: list[str], pair_prompt: Prompt, triple_prompt: Prompt, *, prompt_count: Count, seed: int, budget: Budget
+    doc: SourceDocument,
+    names: list[str],
+    pair_prompt: Prompt,
+    triple_prompt: Prompt,
+    *,
+    prompt_count: Count,
+    seed: int,
+    budget: Budget,
+    summary: str = "",
 ) -> list[RelationJob]:
-    """The exact relation requests of one document: its budgeted plan, each combination asked about
-    the chunk that mentions most of its entities (what `relation_corpus` sends and `prompts render` shows)."""
-    limit = budget.per_document(max(pair_prompt.spec.output.max_tokens, triple_prompt.spec.output.max_tokens))
-    plan = relation_plan(names, doc.doc_id, seed, limit, budget.triples)
-    chunks = document_chunks(pair_prompt, doc, prompt_count)
+    """The exact relation requests of one document (what `relation_corpus` sends and `prompts render`
+    shows): every pair and the budgeted triples, each carrying the document (see `DocumentContexts`;
+    `summary` is the document's step-1 summary, carried only when the document is over the limit)."""
+    plan = relation_plan(names, doc.doc_id, seed, budget.triples_limit(triple_prompt.spec.output.max_tokens))
+    contexts: dict[str, DocumentContexts] = {}
     jobs = []
     for combo in plan:
         prompt = pair_prompt if len(combo) == 2 else triple_prompt
-        chunk = best_chunk(chunks, combo)
-        request = prompt.request(doc.language, seed=seed, text=chunk.text, entities=list(combo), summary="", title=doc.title or "")
-        jobs.append(RelationJob(doc, prompt, combo, chunk, request))
+        if prompt.name not in contexts:
+            contexts[prompt.name] = DocumentContexts(prompt, doc, summary, prompt_count)
+        context = contexts[prompt.name].for_entities(combo)
+        request = prompt.request(
+            doc.language, seed=seed, text=context.text, entities=list(combo), summary=context.summary, title=doc.title or ""
+        )
+        jobs.append(RelationJob(doc, prompt, combo, context, request))
     return jobs
 
 
@@ -258,10 +410,11 @@ def relation_corpus(
     seed: int,
     budget: Budget,
 ) -> tuple[SynthesisResult, RelationFigures]:
-    """The EntiGraph corpus of a partition: every summary, and the budgeted relation texts. Relations are
-    asked about chunks cut by `prompt_count` (the generator's); every row is counted by `gate.count` (the target's)."""
+    """The EntiGraph corpus of a partition: every summary, every pair's relation text and the budgeted
+    triples'. What is carried is bounded by `prompt_count` (the generator's); every row is counted by
+    `gate.count` (the target's); each relation text is checked against what its request carried."""
     result = SynthesisResult()
-    figures = RelationFigures()
+    figures = RelationFigures(budget=budget.arithmetic(triple_prompt.spec.output.max_tokens))
     docs = {d.doc_id: d for d in documents}
     jobs: list[RelationJob] = []
     for row, names in _iter_docs(summaries, entities):
@@ -281,19 +434,23 @@ def relation_corpus(
             )  # fmt: skip
         n = len(names)
         figures.pairs_possible += math.comb(n, 2)
-        figures.triples_possible += math.comb(n, 3) if budget.triples else 0
-        doc_jobs = relation_jobs(doc, names, pair_prompt, triple_prompt, prompt_count=prompt_count, seed=seed, budget=budget)
+        figures.triples_possible += math.comb(n, 3)
+        doc_jobs = relation_jobs(
+            doc, names, pair_prompt, triple_prompt, prompt_count=prompt_count, seed=seed, budget=budget, summary=row["summary"] or ""
+        )
         if names:
             figures.documents += 1
         figures.per_document[doc.doc_id] = len(doc_jobs)
         figures.pairs_planned += sum(j.kind == PAIR for j in doc_jobs)
         figures.triples_planned += sum(j.kind == TRIPLE for j in doc_jobs)
+        figures.with_whole_document += sum(j.context.whole for j in doc_jobs)
+        figures.with_passages += sum(not j.context.whole for j in doc_jobs)
         jobs += doc_jobs
     requests = [j.request for j in jobs]
     ids = engine.request_ids(requests)
     answers = result.batch.ask(engine, requests, scope)
     for job, rid in zip(jobs, ids, strict=True):
-        doc, prompt, combo, chunk, kind = job.doc, job.prompt, job.entities, job.chunk, job.kind
+        doc, prompt, combo, context, kind = job.doc, job.prompt, job.entities, job.context, job.kind
         base = {**lineage(doc, prompt, engine, [rid], kind=kind)}
         answer = answers.get(rid)
         if answer is None or answer.unusable:
@@ -303,14 +460,16 @@ def relation_corpus(
         verdict = (
             piece
             if not piece.ok
-            else check_document(chunk.text, piece.text, prompt.output_language(doc.language), prompt.spec.output, gate)
+            else check_document(context.text, piece.text, prompt.output_language(doc.language), prompt.spec.output, gate)
         )
         if not verdict.ok:
             result.reject(base, verdict.reason_code or FAILED, verdict.reason, answer.text)
             continue
+        figures.pairs_written += kind == PAIR
+        figures.triples_written += kind == TRIPLE
         result.accept(
             {
-                "synth_id": synth_id(kind, prompt.name, doc.doc_id, [rid]), **base, "chunk_starts": [chunk.start],
+                "synth_id": synth_id(kind, prompt.name, doc.doc_id, [rid]), **base, "chunk_starts": [ch.start for ch in context.chunks],
                 "entities": list(combo), "text": verdict.text, "language": prompt.output_language(doc.language),
                 "n_tokens": verdict.figures["n_tokens"], "source_tokens": verdict.figures["source_tokens"],
                 "length_ratio": verdict.figures["length_ratio"], "number_coverage": verdict.figures["number_coverage"],
