@@ -274,7 +274,10 @@ def _reference(storage, cfg, language: str, quality: str):
     from synth_cpt.ingest.drops import ingested_drops
 
     accepted = [m for m in ingested_drops(storage) if drop_accepted(m, cfg) and m["documents"] > 0]
-    docs = pl.concat([storage.read_parquet(f"{m['prefix']}/docs.parquet") for m in accepted], how="diagonal_relaxed")
+    docs = pl.concat(  # every row stamped with the version of the drop it was read from
+        [storage.read_parquet(f"{m['prefix']}/docs.parquet").with_columns(pl.lit(m["version"]).alias("drop_version")) for m in accepted],
+        how="diagonal_relaxed",
+    )
     lang = docs.filter(pl.col("language") == language)
     unique = lang.sort("drop_id", "source_line").unique(subset="doc_id", keep="first", maintain_order=True)
     frame = unique.filter(cfg.quality.buckets[quality].expr()).with_columns(pl.lit(quality).alias("quality"))

@@ -352,7 +352,7 @@ def test_speculation_is_not_part_of_the_request_id():
     a = ChatRequest.chat([{"role": "user", "content": "x"}], Sampling(speculative=True))
     b = ChatRequest.chat([{"role": "user", "content": "x"}], Sampling(speculative=False))
     assert a.request_id("fp") == b.request_id("fp")
-    with pytest.raises(ValueError, match="'speculative' must be true or false"):
+    with pytest.raises(ValueError, match="'speculative' must be greedy-only, always or never"):
         Sampling.from_dict({"speculative": "yes"}, where="prompt x.yaml: sampling")
 
 

@@ -185,10 +185,11 @@ def test_entigraph_chunks_by_the_generator_and_counts_rows_by_the_target(tmp_pat
     engine = engine_with(tmp_path, DeterministicTestBackend(reply=reply))
     graphs = extract_entity_graphs(engine, prompts["entities"], [document], prompt_count=generator.count, scope="eg", seed=3)
     assert graphs.summaries["request_ids"].to_list() == [engine.request_ids([r for _, r in asks])]
-    budget = Budget(relations=4)
+    budget = Budget(triples=1)
     jobs = relation_jobs(document, ["Cabral", "Lisboa", "Brasil"], prompts["pair"], prompts["triple"],
                          prompt_count=generator.count, seed=3, budget=budget)  # fmt: skip
-    assert max(generator.count([j.chunk.text for j in jobs])) <= LIMIT < max(target.count([j.chunk.text for j in jobs]))
+    carried = [j.context.summary + j.context.text for j in jobs]
+    assert all(sum(generator.count([j.context.summary, j.context.text])) <= LIMIT for j in jobs) and LIMIT < max(target.count(carried))
     result, _ = relation_corpus(
         engine, prompts["pair"], prompts["triple"], prompts["entities"].sha, [document], graphs.summaries, graphs.entities,
         prompt_count=generator.count, gate=gate(target), scope="ec", seed=3, budget=budget,

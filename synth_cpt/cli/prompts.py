@@ -18,14 +18,14 @@ def _find_document(storage, config, doc_id: str):
 
     from synth_cpt.core.layout import QUALITY_SUBSETS, partition_file
     from synth_cpt.synthesis.rows import SourceDocument
-    from synth_cpt.synthesis.steps import SOURCE_COLUMNS
+    from synth_cpt.synthesis.steps import read_sources
 
     found = []
     for lang in config.languages:
         for q in config.quality.buckets:
             key = partition_file(QUALITY_SUBSETS, lang, q)
             if storage.exists(key):
-                frame = storage.read_parquet(key, columns=SOURCE_COLUMNS).filter(pl.col("doc_id").str.starts_with(doc_id))
+                frame = read_sources(storage, key).filter(pl.col("doc_id").str.starts_with(doc_id))
                 found += [(d, q) for d in SourceDocument.from_frame(frame)]
     if len(found) != 1:
         raise SystemExit(f"synth-cpt prompts render: {len(found)} documents of the quality subsets match --doc {doc_id!r}")

@@ -284,9 +284,9 @@ class GenerationConfig(BaseModel):
     )
     speculative: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="n-gram speculative decoding (prompt lookup): 'auto' loads the engine with it when the prompts of the run "
-        "ask for it and decode greedily, 'on' always, 'off' never. Not part of the fingerprint: it changes speed, not the "
-        "distribution sampled from.",
+        description="n-gram speculative decoding (prompt lookup): 'auto' loads the engine with it when a request that loads it "
+        "asks for it (prompt `speculative: always`, or `greedy-only` decoded at temperature 0), 'on' always, 'off' never. Not "
+        "part of the fingerprint: it changes speed, not the distribution sampled from.",
     )
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
@@ -432,6 +432,12 @@ class EvalsConfig(_Strict):
 
     benchmarks: tuple[str, ...] = Field((), description="benchmark files checked for 13-gram contamination (.txt lines, .jsonl text, .parquet text)")
     lm_eval_results: tuple[str, ...] = Field((), description="lm-evaluation-harness result files of a model trained on a mix: NPM on PoETa V2")
+    lm_eval_aliases: dict[str, str] = Field(
+        default_factory=dict, description="task names of your result files -> the PoETa V2 table's (what `synth-cpt npm --alias` takes)"
+    )
+    lm_eval_scales: dict[str, Literal["0-1", "0-100"]] = Field(
+        default_factory=dict, description="task (or '*' for every task) -> the scale its values are written on (what `--scale` takes)"
+    )
     max_texts: int = Field(20000, gt=0, description="texts per set scored (a seeded sample beyond it)")
     near_duplicate_threshold: float = Field(0.8, gt=0, le=1)
 

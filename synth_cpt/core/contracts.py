@@ -58,6 +58,7 @@ def corpus_documents(config: PipelineConfig, with_tokens: bool = False) -> pa.Sc
     """`raw_corpus` rows: a drop's documents plus their `quality` bucket; `quality_subsets` add `n_tokens`."""
     schema = drop_documents(config)
     schema = schema.insert(schema.get_field_index("n_chars"), pa.field("quality", pa.string()))
+    schema = schema.insert(schema.get_field_index("drop_id") + 1, pa.field("drop_version", pa.string()))  # the drop version read
     return schema.append(pa.field("n_tokens", pa.int64())) if with_tokens else schema
 
 
@@ -72,6 +73,7 @@ _LINEAGE = [
     ("style", pa.string()),  # the prompt's name
     ("doc_id", pa.string()),
     ("drop_id", pa.string()),
+    ("drop_version", pa.string()),  # the version of the drop the document was read from (null: made before versions were recorded)
     ("source_file", pa.string()),
     ("source_line", pa.int64()),
     ("request_ids", pa.list_(pa.string())),
@@ -109,12 +111,14 @@ ENTITY_SUMMARIES = pa.schema(
     [
         ("doc_id", pa.string()),
         ("drop_id", pa.string()),
+        ("drop_version", pa.string()),
         ("source_file", pa.string()),
         ("source_line", pa.int64()),
         ("language", pa.string()),
         ("summary", pa.string()),
         ("n_entities", pa.int64()),
         ("request_ids", pa.list_(pa.string())),
+        ("attempts", pa.int64()),  # step-1 requests it took for the answer to parse (each a request id, in order)
         ("prompt_sha", pa.string()),
         ("model", pa.string()),
         ("model_fingerprint", pa.string()),
@@ -126,7 +130,7 @@ ENTITIES = pa.schema([("doc_id", pa.string()), ("entity", pa.string()), ("positi
 # names its document and drop, and a synthetic row its synth_id (an original's is null).
 MIX_SHARD = pa.schema(
     [("text", pa.string()), ("origin", pa.string()), ("synth_id", pa.string()), ("doc_id", pa.string()),
-     ("drop_id", pa.string()), ("n_tokens", pa.int64())]
+     ("drop_id", pa.string()), ("drop_version", pa.string()), ("n_tokens", pa.int64())]
 )  # fmt: skip
 
 

@@ -122,8 +122,11 @@ class _Docs:
     Files are opened one at a time (and each reader thread holds one): a corpus of thousands of drops
     must not hold thousands of open files (EMFILE) or S3 connections."""
 
-    def __init__(self, storage: Storage, prefixes: list[str], cutpoints: Cutpoints | None = None) -> None:
+    def __init__(
+        self, storage: Storage, prefixes: list[str], cutpoints: Cutpoints | None = None, versions: list[str] | None = None
+    ) -> None:
         self.storage = storage
+        self.versions = versions or [None] * len(prefixes)  # each file's drop version, stamped on its rows (drop_version)
         self.cutpoints = cutpoints  # given: quality_score is replaced by the bucket value 0-19
         self.keys = [f"{p}/docs.parquet" for p in prefixes]
         # thread id -> (file, its reader): a reader must not be shared between threads
@@ -202,6 +205,8 @@ class _Docs:
             [
                 pa.repeat(pa.scalar(quality, fld.type), n)
                 if fld.name == "quality"
+                else pa.repeat(pa.scalar(self.versions[f], fld.type), n)
+                if fld.name == "drop_version"
                 else (table.column(fld.name).cast(fld.type) if fld.name in present else pa.nulls(n, fld.type))
                 for fld in schema
             ],
@@ -309,7 +314,8 @@ def build_raw_corpus(
         stats.cutpoints = published_cutpoints(storage, language)
     manifests = ingested_drops(storage)
     stats.rejected_drops = [m["drop_id"] for m in manifests if not drop_accepted(m, config)]
-    accepted = [m["prefix"] for m in manifests if drop_accepted(m, config) and m["documents"] > 0]
+    accepted_manifests = [m for m in manifests if drop_accepted(m, config) and m["documents"] > 0]
+    accepted = [m["prefix"] for m in accepted_manifests]
     bounds = config.quality.buckets[quality]
     schema = contracts.corpus_documents(config)
     out_key = partition_file(RAW_CORPUS, language, quality)
@@ -318,7 +324,7 @@ def build_raw_corpus(
             with (
                 tempfile.TemporaryDirectory(prefix="synth-cpt-dedup-") as spill,
                 connect(spill) as con,
-                contextlib.closing(_Docs(storage, accepted, stats.cutpoints)) as docs,
+                contextlib.closing(_Docs(storage, accepted, stats.cutpoints, [m.get("version") for m in accepted_manifests])) as docs,
             ):
                 counts = _select_winners(con, docs, language, config)
                 _write_documents(con, docs, bounds, quality, schema, tmp)

@@ -395,10 +395,10 @@ def ingested_drops(storage: Storage) -> list[dict]:
         drop_id = key.split("/")[1]
         if key.endswith(f"/{POINTER}"):
             pointer = storage.read_json(key)
-            manifests[drop_id] = {**pointer["manifest"], "prefix": pointer["prefix"]}
+            manifests[drop_id] = {**pointer["manifest"], "prefix": pointer["prefix"], "version": pointer["version"]}
         elif key.endswith("/manifest.json"):
             legacy[drop_id] = key
     for drop_id, key in legacy.items():  # ingested before versions existed, never re-published
         if drop_id not in manifests:
-            manifests[drop_id] = {**storage.read_json(key), "prefix": drop_prefix(drop_id)}
+            manifests[drop_id] = {**storage.read_json(key), "prefix": drop_prefix(drop_id), "version": publish.LEGACY}
     return sorted(manifests.values(), key=lambda m: m["drop_id"])

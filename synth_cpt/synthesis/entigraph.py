@@ -171,7 +171,7 @@ def extract_entity_graphs(
         summary = " ".join(" ".join(str(p.get("summary", "")).split()) for p in parsed).strip()
         summaries.append(
             {
-                "doc_id": doc.doc_id, "drop_id": doc.drop_id, "source_file": doc.source_file, "source_line": doc.source_line,
+                "doc_id": doc.doc_id, "drop_id": doc.drop_id, "drop_version": doc.drop_version, "source_file": doc.source_file, "source_line": doc.source_line,
                 "language": doc.language, "summary": summary, "n_entities": len(names), "request_ids": rids,
                 "attempts": attempts[doc.doc_id], "prompt_sha": prompt.sha, "model": engine.model, "model_fingerprint": engine.fingerprint,
             }
@@ -425,11 +425,11 @@ def relation_corpus(
             result.accept(
                 {
                     "synth_id": synth_id(SUMMARY, ENTITY_STEP, doc.doc_id, row["request_ids"]), "kind": SUMMARY, "style": ENTITY_STEP,
-                    "doc_id": doc.doc_id, "drop_id": doc.drop_id, "source_file": doc.source_file, "source_line": doc.source_line,
+                    "doc_id": doc.doc_id, "drop_id": doc.drop_id, "drop_version": doc.drop_version, "source_file": doc.source_file, "source_line": doc.source_line,
                     "request_ids": row["request_ids"], "prompt_sha": entities_prompt_sha, "model": row["model"],
                     "model_fingerprint": row["model_fingerprint"], "chunk_starts": None, "entities": names, "text": row["summary"],
                     "language": doc.language, "n_tokens": gate.count([row["summary"]])[0], "source_tokens": None, "length_ratio": None,
-                    "number_coverage": None, "entity_coverage": None, "copy_similarity": None, "judge_request_id": None,
+                    "number_coverage": None, "entity_coverage": None, "copy_similarity": None,
                 }
             )  # fmt: skip
         n = len(names)
@@ -474,7 +474,7 @@ def relation_corpus(
                 "n_tokens": verdict.figures["n_tokens"], "source_tokens": verdict.figures["source_tokens"],
                 "length_ratio": verdict.figures["length_ratio"], "number_coverage": verdict.figures["number_coverage"],
                 "entity_coverage": verdict.figures["entity_coverage"], "copy_similarity": verdict.figures["copy_similarity"],
-                "judge_request_id": None,
+               
             }
         )  # fmt: skip
     return result, figures

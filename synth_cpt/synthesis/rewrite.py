@@ -46,7 +46,7 @@ class Chain:
 
 def lineage(doc: SourceDocument, prompt: Prompt, engine: GenerationEngine, request_ids: list[str], kind: str = KIND) -> dict[str, Any]:
     return {
-        "kind": kind, "style": prompt.name, "doc_id": doc.doc_id, "drop_id": doc.drop_id, "source_file": doc.source_file,
+        "kind": kind, "style": prompt.name, "doc_id": doc.doc_id, "drop_id": doc.drop_id, "drop_version": doc.drop_version, "source_file": doc.source_file,
         "source_line": doc.source_line, "request_ids": list(request_ids), "prompt_sha": prompt.sha, "model": engine.model,
         "model_fingerprint": engine.fingerprint,
     }  # fmt: skip

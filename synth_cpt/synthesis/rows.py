@@ -36,10 +36,11 @@ class SourceDocument:
     source_file: str
     source_line: int
     title: str | None = None
+    drop_version: str | None = None  # null: a subset written before raw_corpus recorded drop versions
 
     @classmethod
     def from_frame(cls, frame: pl.DataFrame) -> list[SourceDocument]:
-        cols = ["doc_id", "text", "language", "drop_id", "source_file", "source_line", "title"]
+        cols = ["doc_id", "text", "language", "drop_id", "source_file", "source_line", "title", "drop_version"]
         return [cls(**row) for row in frame.select([c for c in cols if c in frame.columns]).iter_rows(named=True)]
 
 

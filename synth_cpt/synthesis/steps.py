@@ -5,6 +5,7 @@ CLI and the benchmark call the same ones.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,15 @@ from synth_cpt.text.langid import identify
 
 ROWS_VALID = "rows_valid"
 PASS_RATE = "pass_rate"
-SOURCE_COLUMNS = ["doc_id", "text", "language", "drop_id", "source_file", "source_line", "title"]
+SOURCE_COLUMNS = ["doc_id", "text", "language", "drop_id", "drop_version", "source_file", "source_line", "title"]
+
+
+def read_sources(storage: Storage, key: str) -> pl.DataFrame:
+    """A subset's source columns; one written before drop versions were recorded reads with a null drop_version."""
+    with contextlib.closing(storage.parquet_file(key)) as pf:
+        present = set(pf.schema_arrow.names)
+    frame = storage.read_parquet(key, columns=[c for c in SOURCE_COLUMNS if c in present])
+    return frame if "drop_version" in frame.columns else frame.with_columns(pl.lit(None, pl.String).alias("drop_version"))
 
 
 @dataclass
@@ -61,7 +70,7 @@ def partition_inputs(
     storage: Storage, config: PipelineConfig, language: str, quality: str, count: Count, prompt_count: Count | None = None
 ) -> PartitionInputs:
     """The partition's inputs; without `prompt_count` (the generator's tokenizer is not known) the target counter chunks too."""
-    frame = storage.read_parquet(partition_file(QUALITY_SUBSETS, language, quality), columns=SOURCE_COLUMNS)
+    frame = read_sources(storage, partition_file(QUALITY_SUBSETS, language, quality))
     cap = config.synthesis.max_documents
     chosen = frame.head(cap) if cap is not None else frame  # the subset's own order: best score first
     gate = GateContext(count=count, identify=identify, min_language_confidence=config.synthesis.min_language_confidence)
@@ -181,6 +190,7 @@ def entity_graphs_step(
             "candidates": rates["candidates"],
             "rejected_share_by_reason": rates["rejected_share_by_reason"],
             "documents": len(inputs.documents),
+            **graphs.metadata(),
             "entities": graphs.entities.height,
             "entities_per_document_max": int(per_doc["len"].max() or 0) if per_doc.height else 0,
             "examples": sample_markdown(
@@ -225,7 +235,6 @@ def entigraph_corpus_step(
         metadata={
             **_common(result, [prompts["entities"], pair, triple], engine),
             **figures.metadata(),
-            "budget": budget.arithmetic(max(pair.spec.output.max_tokens, triple.spec.output.max_tokens)),
             "by_kind": {r["kind"]: {"rows": r["rows"], "tokens": r["tokens"]} for r in by_kind.to_dicts()},
             "examples": _examples(inputs.documents, rows.filter(pl.col("kind") != "entigraph_summary")),
         },
