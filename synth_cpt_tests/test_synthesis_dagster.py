@@ -12,6 +12,8 @@ from synth_cpt.core.storage import LocalStorage
 from synth_cpt.defs.resources import LLM, PipelineResource
 from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.engine import GenerationEngine
+from synth_cpt.generation.prompt_archive import archived_prompt
+from synth_cpt.synthesis.prompts import load_kind
 
 from .conftest import EN_TEXT, PT_TEXT, write_jsonl
 from .doubles import DeterministicTestBackend
@@ -42,6 +44,10 @@ class LLMWithTestDouble(LLM):
 
 
 DOUBLE: dict = {}
+
+
+def shipped_prompts():
+    return [p for kind in ("rewrite", "entigraph", "judge") for p in load_kind(kind).values()]
 
 
 def configure(tmp_path, monkeypatch, seed: int = 1234, mixes: dict | None = None, **synthesis):
@@ -146,6 +152,18 @@ def test_generation_assets_publish_rows_with_lineage_and_rerun_sends_nothing(pip
         found = cache.finished(request_ids)
         assert set(found["request_id"].to_list()) == set(request_ids)
         assert set(found["prompt_sha"].to_list()) == {prompt_sha} and set(found["model_fingerprint"].to_list()) == {fingerprint}
+    # rows carry the version of the drop they came from, and every prompt file they name is archived by its SHA
+    drop_version = json.loads((home / "crawl_drops/2026-11-01.jsonl/current.json").read_text())["version"]
+    storage = LocalStorage(home)
+    for table in (
+        "rewrites_medium/pt/high/v/*/rows.parquet",
+        "entigraph_corpus/pt/high/v/*/rows.parquet",
+        "entity_graphs/pt/high/v/*/summaries.parquet",
+    ):
+        made = duckdb.sql(f"select distinct drop_version, prompt_sha from read_parquet('{home}/{table}')").fetchall()
+        assert made and {v for v, _ in made} == {drop_version}, table
+        for _, sha in made:
+            assert archived_prompt(storage, sha) == next(p.raw for p in shipped_prompts() if p.sha == sha).decode("utf-8")
     corpus = duckdb.sql(
         f"select kind, count(*) from read_parquet('{home}/entigraph_corpus/pt/high/v/*/rows.parquet') group by kind"
     ).fetchall()

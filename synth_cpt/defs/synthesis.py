@@ -39,6 +39,7 @@ from synth_cpt.corpus.tokenizer import TokenCounter
 from synth_cpt.defs.checks import check_result, publish_spec, rejected_result
 from synth_cpt.defs.partitions import corpus_partitions, split_corpus_key
 from synth_cpt.defs.resources import LLM, PipelineResource
+from synth_cpt.generation.prompt_archive import archive_prompt
 from synth_cpt.generation.settings import LLMSettings, release_engines
 from synth_cpt.synthesis.entigraph import Budget
 from synth_cpt.synthesis.outputs import publish_tables
@@ -111,8 +112,11 @@ class EngineLease:
 
 
 def _publish(context: AssetExecutionContext, storage: Storage, asset: str, language: str, quality: str, step: StepOutput, lease):
-    """Validate, then publish: the step's checks are yielded, and the output only if they passed."""
+    """Validate, then publish: the step's checks are yielded, and the output only if they passed. The
+    prompt files the rows name are archived by SHA first, so `lineage` can always print their text."""
     started = time.monotonic()
+    for prompt in step.prompts:
+        archive_prompt(storage, prompt.sha, prompt.raw)
     manifest = {k: v for k, v in step.metadata.items() if k not in ("examples",) and isinstance(v, (int, float, str, dict, type(None)))}
     try:
         pointer = publish_tables(storage, asset, language, quality, step.tables, step.outcomes, manifest)

@@ -14,7 +14,7 @@ import importlib.util
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -193,6 +193,7 @@ class Prompt:
     spec: PromptFile
     sha: str
     path: str
+    raw: bytes = field(default=b"", repr=False, compare=False)  # the file's bytes as loaded (what `sha` hashes; archived with it)
 
     @property
     def name(self) -> str:
@@ -243,10 +244,10 @@ class Prompt:
 
 def _check_templates(spec: PromptFile, path: Path) -> None:
     allowed = VARIABLES[spec.kind]
-    for field in ("system", "user"):
-        value = getattr(spec, field)
+    for part in ("system", "user"):
+        value = getattr(spec, part)
         for language, text in value.items() if isinstance(value, dict) else [("", value)]:
-            where = f"{field}.{language}" if language else field
+            where = f"{part}.{language}" if language else part
             try:
                 names = jinja2.meta.find_undeclared_variables(_ENV.parse(text))
             except jinja2.TemplateSyntaxError as exc:
@@ -274,7 +275,7 @@ def parse_prompt(raw: bytes, path: Path) -> Prompt:
     if spec.kind != path.parent.name:
         raise PromptError(f"prompt {path}: kind: {spec.kind!r} must equal its folder {path.parent.name!r}")
     _check_templates(spec, path)
-    return Prompt(spec=spec, sha=hashlib.sha256(raw).hexdigest(), path=str(path))
+    return Prompt(spec=spec, sha=hashlib.sha256(raw).hexdigest(), path=str(path), raw=raw)
 
 
 def load_prompt(kind: str, name: str, root: Path | None = None) -> Prompt:

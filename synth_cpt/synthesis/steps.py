@@ -89,6 +89,7 @@ class StepOutput:
     metadata: dict[str, Any] = field(default_factory=dict)
     rows: int = 0
     tokens: int = 0
+    prompts: list[Prompt] = field(default_factory=list)  # the prompt files the rows name (archived by SHA before publishing)
 
 
 def _examples(documents: list[SourceDocument], rows: pl.DataFrame, n: int = 3) -> str:
@@ -157,6 +158,7 @@ def rewrite_step(
         },
         rows=rows.height,
         tokens=int(rows["n_tokens"].sum() or 0),
+        prompts=[prompt, *([judge] if judge else [])],
     )
 
 
@@ -199,6 +201,7 @@ def entity_graphs_step(
         },
         rows=graphs.summaries.height,
         tokens=sum(inputs.count(graphs.summaries["summary"].to_list())) if graphs.summaries.height else 0,
+        prompts=[prompt],
     )
 
 
@@ -240,4 +243,5 @@ def entigraph_corpus_step(
         },
         rows=rows.height,
         tokens=int(rows["n_tokens"].sum() or 0),
+        prompts=[prompts["entities"], pair, triple],
     )
