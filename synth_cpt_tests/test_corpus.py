@@ -270,8 +270,7 @@ def _reference(storage, cfg, language: str, quality: str):
     """The rule, in memory (the query raw_corpus ran before it was bounded): first occurrence of a doc_id
     in (drop_id, source_line) order over every accepted drop of the language, then the bucket."""
     from synth_cpt.core.contracts import corpus_documents
-    from synth_cpt.ingest.dedup import drop_accepted
-    from synth_cpt.ingest.drops import ingested_drops
+    from synth_cpt.ingest.drops import drop_accepted, ingested_drops
 
     accepted = [m for m in ingested_drops(storage) if drop_accepted(m, cfg) and m["documents"] > 0]
     docs = pl.concat(  # every row stamped with the version of the drop it was read from

@@ -7,7 +7,7 @@ import pytest
 
 from synth_cpt.core.config import PipelineConfig
 from synth_cpt.evals import diversity as dv
-from synth_cpt.evals.scores import plots, score_partition
+from synth_cpt.evals.scores import lm_eval_npm, plots, score_partition
 from synth_cpt.text.heuristics import heuristic_scores
 
 from .conftest import EN_TEXT, PT_TEXT
@@ -69,6 +69,28 @@ def test_copying_and_contamination():
     bench = ["linha sem nada", "um texto " + " ".join(PT_TEXT.split()[3:20]) + " e mais"]
     hits = dv.contamination(["nada aqui", PT_TEXT], bench)
     assert [(i, row) for i, row, _ in hits] == [(1, 1)] and len(hits[0][2].split()) == 13
+
+
+def test_eval_scores_npm_applies_the_configured_aliases_and_scales(tmp_path):
+    """eval_scores reads lm-eval results as `synth-cpt npm --alias/--scale` would, from `evals.lm_eval_aliases/_scales`."""
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"results": {"boolq_ptbr": {"acc,none": 75.0}, "massive": {"f1_macro,none": 10.0}}}))
+
+    def npm_with(**evals):
+        return lm_eval_npm(PipelineConfig.model_validate({"evals": {"lm_eval_results": [str(results)], **evals}}).evals)
+
+    bare = npm_with()
+    assert bare["unmatched"] == ["boolq_ptbr"] and bare["all"]["tasks"] == 0  # massive 10.0 cannot be on 0-1
+    aliases = {"boolq_ptbr": "boolq_pt_greedy"}
+    both = npm_with(lm_eval_aliases=aliases, lm_eval_scales={"*": "0-100"})
+    npms = {t["task"]: t["npm"] for t in both["tasks"]}
+    assert npms == {"boolq_pt_greedy": 50.0, "massive_greedy": pytest.approx(100 * (10.0 - 0.5847) / (100 - 0.5847))}
+    assert both["unmatched"] == [] and both["warnings"] == [] and both["nan"] == []
+    assert both["aliases_given"] == aliases and both["scales_given"] == {"*": "0-100"}
+    one = npm_with(lm_eval_aliases=aliases, lm_eval_scales={"massive": "0-100"})  # boolq still says the file is in percent
+    assert [t["task"] for t in one["tasks"]] == ["massive_greedy"] and one["scales_given"] == {"massive_greedy": "0-100"}
+    assert one["nan"] == [f"boolq_pt_greedy: acc = 75 left out: {results} is written in percent (see its warning)"]
+    assert lm_eval_npm(PipelineConfig().evals) is None
 
 
 def test_eval_scores_of_a_partition(materialized, tokenizer, tmp_path):  # noqa: F811

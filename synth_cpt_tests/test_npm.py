@@ -74,22 +74,26 @@ def test_the_scale_is_declared_never_read_off_the_value():
 
 def test_a_file_written_in_percent_needs_scale_and_says_so():
     percent = {"massive_greedy": {"f1_macro,none": 0.5847}, "boolq_pt_greedy": {"acc,none": 75.0}, "imdb_pt": {"acc,none": 80.0}}
-    # without --scale: massive is read as 0-1 (x100: 58.47), boolq and imdb cannot be on 0-1 and are left out, with a warning
+    # without --scale: boolq and imdb cannot be on 0-1, so the file is in percent and massive's 0.5847 (near random) is
+    # not read as 58.47: every 0-1-declared value of the file is left out, with one warning naming the file
     plain = npm(percent)
-    assert [s.task for s in plain.scores] == ["massive_greedy"] and plain.scores[0].value == pytest.approx(58.47)
+    assert plain.scores == [] and plain.summary()["all"]["tasks"] == 0
     assert plain.warnings == [
-        "boolq_pt_greedy: acc = 75 cannot be on 0-1 (alias table: metric); left out: pass --scale boolq_pt_greedy=0-100 if that is "
-        "what the file holds",
-        "imdb_pt_greedy: acc = 80 cannot be on 0-1 (alias table: metric); left out: pass --scale imdb_pt_greedy=0-100 if that is "
-        "what the file holds",
+        "the results: boolq_pt_greedy acc = 75, imdb_pt_greedy acc = 80 cannot be on 0-1 (alias table), so the file is written "
+        "in percent: every value of it declared 0-1 is left out (boolq_pt_greedy, imdb_pt_greedy, massive_greedy); "
+        "pass --scale 0-100 if it holds percent"
     ]
-    assert plain.nan == plain.warnings and plain.summary()["all"]["tasks"] == 1
-    # --scale for one task (by its table name or its name in the file), then for every task
+    assert plain.nan == [
+        f"{t}: {m} = {v} left out: the results is written in percent (see its warning)"
+        for t, m, v in (("boolq_pt_greedy", "acc", 75), ("imdb_pt_greedy", "acc", 80), ("massive_greedy", "f1-macro", 0.5847))
+    ]
+    # --scale for one task (by its table name or its name in the file): those are counted as given, boolq is still evidence
     one = npm(percent, scales={"massive_greedy": "0-100", "imdb_pt": "0-100"})
     by = {s.task: s for s in one.scores}
     assert by["massive_greedy"].value == pytest.approx(0.5847) and by["massive_greedy"].npm == pytest.approx(0.0, abs=1e-9)
     assert by["massive_greedy"].scale_from == "--scale" and by["imdb_pt_greedy"].npm == pytest.approx(60.0)
     assert by["imdb_pt_greedy"].scaled == "/100 (written on 0-100, the table's scale is 0-1)" and "boolq_pt_greedy" not in by
+    assert one.nan == ["boolq_pt_greedy: acc = 75 left out: the results is written in percent (see its warning)"]
     every = npm(percent, scales=parse_scales(["0-100"]))
     assert {s.task: round(s.npm, 6) for s in every.scores} == {"massive_greedy": 0.0, "boolq_pt_greedy": 50.0, "imdb_pt_greedy": 60.0}
     assert every.warnings == [] and every.summary()["scales_given"] == {"*": "0-100"}
@@ -97,6 +101,39 @@ def test_a_file_written_in_percent_needs_scale_and_says_so():
         parse_scales(["massive_greedy=percent"])
     with pytest.raises(ValueError, match="'nope' is not a task"):
         npm(percent, scales={"nope": "0-1"})
+
+
+def test_a_result_file_has_one_scale(tmp_path):
+    """boolq = 75 proves the file is in percent, so its massive f1_macro = 0.5847 is 0.5847%, not 58.47%."""
+    percent, fractions = tmp_path / "percent.json", tmp_path / "fractions.json"
+    percent.write_text(json.dumps({"results": {"boolq_pt": {"acc,none": 75.0}, "massive": {"f1_macro,none": 0.5847}}}))
+    fractions.write_text(json.dumps({"results": {"enem_greedy": {"acc,none": 0.6}, "mkqa_greedy": {"best_f1,none": 20.0}}}))
+    alone = npm_of_files([percent])
+    assert alone.scores == [] and alone.warnings == [
+        f"{percent}: boolq_pt_greedy acc = 75 cannot be on 0-1 (alias table), so the file is written in percent: every value of "
+        "it declared 0-1 is left out (boolq_pt_greedy, massive_greedy); pass --scale 0-100 if it holds percent"
+    ]
+    assert alone.nan == [
+        f"boolq_pt_greedy: acc = 75 left out: {percent} is written in percent (see its warning)",
+        f"massive_greedy: f1-macro = 0.5847 left out: {percent} is written in percent (see its warning)",
+    ]
+    scaled = npm_of_files([percent], scales=parse_scales(["0-100"]))
+    assert {s.task: s.npm for s in scaled.scores} == {"boolq_pt_greedy": 50.0, "massive_greedy": 0.0}  # 100*(75-50)/50; random
+    assert scaled.warnings == [] and scaled.nan == []
+    # another file of the run, in fractions, is read on its own scale; the hint names the percent file's tasks
+    both = npm_of_files([percent, fractions])
+    assert {s.task: s.npm for s in both.scores} == {"enem_greedy": pytest.approx(50.0), "mkqa_greedy": 20.0}
+    assert both.warnings == [
+        f"{percent}: boolq_pt_greedy acc = 75 cannot be on 0-1 (alias table), so the file is written in percent: every value of "
+        "it declared 0-1 is left out (boolq_pt_greedy, massive_greedy); pass --scale boolq_pt_greedy=0-100 "
+        "--scale massive_greedy=0-100 if it holds percent"
+    ]
+    fixed = npm_of_files([percent, fractions], scales={"boolq_pt_greedy": "0-100", "massive_greedy": "0-100"})
+    assert {s.task: s.npm for s in fixed.scores} == {
+        "enem_greedy": pytest.approx(50.0), "boolq_pt_greedy": 50.0, "massive_greedy": 0.0, "mkqa_greedy": 20.0,
+    } and fixed.warnings == []  # fmt: skip
+    # a small value alone is never evidence: the same massive in a file with nothing above 1 is read on 0-1
+    assert npm({"massive": {"f1_macro,none": 0.5847}}).scores[0].value == pytest.approx(58.47)
 
 
 def test_unmatched_names_get_a_suggestion_and_an_alias_brings_them_back():
@@ -186,7 +223,10 @@ def test_npm_command_prints_scores_and_what_was_not_counted(tmp_path):
     percent = tmp_path / "percent.json"
     percent.write_text(json.dumps({"results": {"boolq_pt": {"acc,none": 75.0}}}))
     warned = run(str(percent))
-    assert "warning: boolq_pt_greedy: acc = 75 cannot be on 0-1 (alias table: metric); left out" in warned.stdout
+    assert f"warning: {percent}: boolq_pt_greedy acc = 75 cannot be on 0-1 (alias table), so the file is written in percent" in (
+        warned.stdout
+    )
+    assert "pass --scale 0-100 if it holds percent" in warned.stdout
     assert "NPM all: n/a over 0 of 44 tasks (44 missing)" in warned.stdout
     assert "NPM all: 50.00 over 1 of 44 tasks (43 missing)" in run(str(percent), "--scale", "0-100").stdout
     bad = run(str(tmp_path / "none.json"))

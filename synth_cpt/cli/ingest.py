@@ -108,8 +108,7 @@ def missing_input(asset: str, partition: str | None, storage: Storage, config: P
     functions the asset itself reads it with; None: it has its input, run it. An asset without a rule
     here runs (unless an asset it depends on was skipped, see `cmd_ingest`)."""
     from synth_cpt.corpus.tokenizer import published_tokenizer
-    from synth_cpt.ingest.dedup import drop_accepted
-    from synth_cpt.ingest.drops import ingested_drops
+    from synth_cpt.ingest.drops import drop_accepted, ingested_drops
 
     if asset == RAW_CORPUS:
         lang, quality = str(partition).split("|")
@@ -277,8 +276,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _kept_out_because(storage: Storage, config: PipelineConfig, drop_id: str) -> list[str]:
-    from synth_cpt.ingest.dedup import drop_kept_out_because
-    from synth_cpt.ingest.drops import published
+    from synth_cpt.ingest.drops import drop_kept_out_because, published
 
     pointer = published(storage, drop_id)
     return drop_kept_out_because(pointer["manifest"], config) if pointer else []
@@ -291,8 +289,7 @@ def _label(asset: str, partition: str | None) -> str:
 def _print_summary(console: Console, storage: Storage, config: PipelineConfig, corpus_keys: list[str]) -> None:
     import pyarrow.compute as pc
 
-    from synth_cpt.ingest.dedup import drop_kept_out_because
-    from synth_cpt.ingest.drops import ingested_drops
+    from synth_cpt.ingest.drops import drop_kept_out_because, ingested_drops
 
     manifests = ingested_drops(storage)
     kept_out = {m["drop_id"]: drop_kept_out_because(m, config) for m in manifests}  # today's limits, as raw_corpus judges

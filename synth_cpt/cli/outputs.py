@@ -134,7 +134,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     npm_cmd.add_argument("--json", action="store_true", help="print the scores and what was not counted as JSON")
     npm_cmd.add_argument("--scale", action="append", metavar="[TASK=]0-1|0-100",
                          help="the scale the file's values are written on, for one task or (without TASK=) every task; overrides the "
-                         "alias table (repeat)")  # fmt: skip
+                         "alias table (repeat); a file holding a 0-1 metric above 1 is in percent: its 0-1 values are left out until given"
+                         )  # fmt: skip
     npm_cmd.add_argument("--alias", action="append", metavar="OLD=NEW", help="count result name OLD as table task NEW (repeat)")
     npm_cmd.add_argument("--aliases", action="append", metavar="FILE", help="a YAML mapping of result name to table task (repeat)")
     npm_cmd.set_defaults(func=cmd_npm)

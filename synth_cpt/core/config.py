@@ -142,7 +142,7 @@ class QualityConfig(_Strict):
     method: Literal["thresholds", "percentiles"] = Field(
         "thresholds",
         description="thresholds: buckets bound the combined score (METHODS §1) | percentiles: Nemotron-CC (METHODS §3), each score "
-        "cut at its token-weighted percentiles 5..95 (the `quality_cutpoints` asset, per language) into 0-19; raw_corpus stores the max "
+        "cut at its weighted percentiles 5..95 (tokens of tokenizer.model_file, else characters) (the `quality_cutpoints` asset, per language) into 0-19; raw_corpus stores the max "
         "of those as quality_score (the raw scores stay in score_*) and the bucket bounds apply to it, e.g. high: {gt: 11}",
     )
     percentile_sample: int = Field(

@@ -129,7 +129,7 @@ def build_ingest_assets(config: PipelineConfig) -> list[AssetsDefinition]:
         kinds={"json"},
         automation_condition=AutomationCondition.eager().without(~AutomationCondition.any_deps_missing()),
         output_required=False,
-        description="Nemotron-CC (METHODS §3): the 19 token-weighted percentile cut points (5..95) of each quality score of a "
+        description="Nemotron-CC (METHODS §3): the 19 weighted percentile cut points (5..95; tokens of tokenizer.model_file, else characters) of each quality score of a "
         "language, on a seeded sample of its accepted drops; raw_corpus buckets by the max of the 0-19 values they give.",
         check_specs=[
             publish_spec(

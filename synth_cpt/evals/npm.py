@@ -11,6 +11,9 @@ it silently wrong, so neither is left implicit here:
   table (a task's entry, else what lm-eval writes its metric on: acc/f1/em/mcc are 0-1, best_f1 0-100).
   A value its declared scale cannot hold (a 0-1 metric at 62.5) is left out with a warning; a 0-100
   metric whose every value is <= 1 is counted with a warning (it may have been written on 0-1).
+  A result file has one scale: when a value the alias table declares 0-1 is above 1, the file is
+  written in percent, so every 0-1-declared value of that file is left out (a near-random 0.58 there is
+  0.58%, not 58%), with one warning naming the file; `--scale` values are exempt (no inference).
 A task of the table with no value, or a NaN value, is listed and left out of the means, which say how
 many tasks they cover and how many are missing: nothing is counted or dropped without a line saying so.
 """
@@ -32,6 +35,7 @@ TABLE = "evals/poeta_v2_tasks.csv"
 ALIASES = "evals/poeta_aliases.yaml"
 SCALES = {"0-1": 1.0, "0-100": 100.0}
 ALL_TASKS = "*"  # the key of a `--scale` given for every task
+RESULTS = "the results"  # the file of values given without `sources`
 
 
 @dataclass(frozen=True)
@@ -230,9 +234,12 @@ def npm(
     aliases: AliasTable | None = None,
     extra_aliases: dict[str, str] | None = None,
     scales: dict[str, str] | None = None,
+    sources: dict[str, str] | None = None,
 ) -> NPMReport:
     """NPM of one harness run. `extra_aliases` (name -> table task) add to the alias table; `scales`
-    (task, result-file name or "*" -> "0-1" | "0-100") say what the file's values were written on."""
+    (task, result-file name or "*" -> "0-1" | "0-100") say what the file's values were written on;
+    `sources` (result name -> the file it came from) groups values by file: all `results` are one file
+    if not given."""
     tasks = tasks or load_tasks()
     table = aliases or load_aliases()
     mapping = dict(table.names)
@@ -262,7 +269,7 @@ def npm(
             report.duplicates.append(f"{name} (also {found[task][0]}, kept)")
         else:
             found[task] = (name, metrics)
-    suspect: list[TaskScore] = []
+    usable: list[tuple[Task, str, float, str, str]] = []  # task, name in the file, raw, its scale, who said so
     for task in tasks.values():
         if task.name not in found:
             report.missing.append(task.name)
@@ -279,6 +286,14 @@ def npm(
                 f"{task.name}: no declared scale for {task.metric} (add it to the alias table or pass --scale {task.name}=0-1|0-100)"
             )
             continue
+        usable.append((task, name, float(raw), raw_scale, said))
+    percent = _files_in_percent(usable, sources or {}, report)
+    suspect: list[TaskScore] = []
+    for task, name, raw, raw_scale, said in usable:
+        file = (sources or {}).get(name, RESULTS)
+        if file in percent and raw_scale == "0-1" and said != "--scale":
+            report.nan.append(f"{task.name}: {task.metric} = {raw:g} left out: {file} is written in percent (see its warning)")
+            continue
         if abs(raw) > SCALES[raw_scale]:
             line = (
                 f"{task.name}: {task.metric} = {raw:g} cannot be on {raw_scale} ({said}); left out: "
@@ -287,12 +302,12 @@ def npm(
             report.warnings.append(line)
             report.nan.append(line)
             continue
-        value, how = to_table_scale(float(raw), raw_scale, task)
+        value, how = to_table_scale(raw, raw_scale, task)
         score = TaskScore(
             task.name,
             name,
             task.metric,
-            float(raw),
+            raw,
             raw_scale,
             said,
             value,
@@ -312,9 +327,32 @@ def npm(
     return report
 
 
+def _files_in_percent(usable: list[tuple[Task, str, float, str, str]], sources: dict[str, str], report: NPMReport) -> set[str]:
+    """Files written in percent: those holding a value the alias table declares 0-1 above 1. The evidence is
+    always a value its declared scale cannot hold, never a small value alone; `--scale` values are no evidence."""
+    evidence: dict[str, list[str]] = {}
+    declared: dict[str, list[str]] = {}
+    for task, name, raw, raw_scale, said in usable:
+        if raw_scale != "0-1" or said == "--scale":
+            continue
+        file = sources.get(name, RESULTS)
+        declared.setdefault(file, []).append(task.name)
+        if abs(raw) > 1.0:
+            evidence.setdefault(file, []).append(f"{task.name} {task.metric} = {raw:g}")
+    files = set(sources.values()) or {RESULTS}
+    for file, seen in evidence.items():
+        hint = "--scale 0-100" if len(files) == 1 else " ".join(f"--scale {t}=0-100" for t in declared[file])
+        report.warnings.append(
+            f"{file}: {', '.join(seen)} cannot be on 0-1 (alias table), so the file is written in percent: "
+            f"every value of it declared 0-1 is left out ({', '.join(declared[file])}); pass {hint} if it holds percent"
+        )
+    return set(evidence)
+
+
 def npm_of_files(paths: list[str | Path], extra_aliases: dict[str, str] | None = None, scales: dict[str, str] | None = None) -> NPMReport:
     """NPM over one or more result files (a harness run split in several); a task in two files is a duplicate."""
     merged: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str] = {}
     doubled: list[str] = []
     for path in paths:
         for name, metrics in read_results(path).items():
@@ -322,6 +360,7 @@ def npm_of_files(paths: list[str | Path], extra_aliases: dict[str, str] | None =
                 doubled.append(f"{name} (in {path} too, first kept)")
                 continue
             merged[name] = metrics
-    report = npm(merged, extra_aliases=extra_aliases, scales=scales)
+            sources[name] = str(path)
+    report = npm(merged, extra_aliases=extra_aliases, scales=scales, sources=sources)
     report.duplicates += doubled
     return report

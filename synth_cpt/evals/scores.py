@@ -15,7 +15,7 @@ from typing import Any
 
 import polars as pl
 
-from synth_cpt.core.config import PipelineConfig
+from synth_cpt.core.config import EvalsConfig, PipelineConfig
 from synth_cpt.core.layout import ENTIGRAPH_CORPUS, QUALITY_SUBSETS, REWRITES, SYNTHETIC_ROWS, TRAINING_MIX, partition_file
 from synth_cpt.core.publish import published_partitions
 from synth_cpt.core.storage import Storage
@@ -132,6 +132,15 @@ class EvalReport:
     score_hist: dict[str, list[float]] = field(default_factory=dict)  # origin -> heuristic scores (sampled)
 
 
+def lm_eval_npm(evals: EvalsConfig) -> dict[str, Any] | None:
+    """NPM of `evals.lm_eval_results`, read with the aliases and scales the config declares (the same as
+    `synth-cpt npm --alias/--scale`): without them a renamed task is unmatched and a percent file left out."""
+    if not evals.lm_eval_results:
+        return None
+    report = npm_of_files(list(evals.lm_eval_results), extra_aliases=dict(evals.lm_eval_aliases), scales=dict(evals.lm_eval_scales))
+    return {**report.summary(), "tasks": [s.__dict__ for s in report.scores]}
+
+
 def score_partition(storage: Storage, config: PipelineConfig, language: str, quality: str, count: Any) -> EvalReport:
     """Every set of the partition scored side by side. Totals are exact (the rows' project-tokenizer
     counts); the measures run on each set's sample of at most `evals.max_texts` rows."""
@@ -166,10 +175,7 @@ def score_partition(storage: Storage, config: PipelineConfig, language: str, qua
         for path, bench in benchmarks.items():
             for i, b, gram in diversity.contamination(texts, bench):
                 hits.append({"set": name, "doc_id": sample["doc_id"][i], "benchmark": path, "benchmark_row": b, "ngram": gram})
-    npm = None
-    if config.evals.lm_eval_results:
-        report = npm_of_files(list(config.evals.lm_eval_results))
-        npm = {**report.summary(), "tasks": [s.__dict__ for s in report.scores]}
+    npm = lm_eval_npm(config.evals)
     contamination = pl.DataFrame(
         hits, schema={"set": pl.String, "doc_id": pl.String, "benchmark": pl.String, "benchmark_row": pl.Int64, "ngram": pl.String}
     )

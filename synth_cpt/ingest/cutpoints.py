@@ -1,7 +1,9 @@
 """`quality_cutpoints`: Nemotron-CC's percentile bucketing (METHODS.md §3).
 
-Each classifier score is cut at its token-weighted percentiles 5, 10, ..., 95 (19 cut points, computed
-on a seeded sample of the language's accepted drops) into an integer 0-19; a document's bucket value is
+Each classifier score is cut at its weighted percentiles 5, 10, ..., 95 (19 cut points, computed on a
+seeded sample of the language's accepted drops) into an integer 0-19. The weight is the document's
+tokens by the target tokenizer (`tokenizer.model_file`), as the paper; without a configured one it is
+characters, since a trained tokenizer comes from raw_corpus, downstream (the metadata says which); a document's bucket value is
 the max over its scores, and `raw_corpus` stores it as `quality_score` so the bucket bounds of the
 config (`high: {gt: 11}`) apply unchanged. The raw scores stay in the `score_*` columns.
 
@@ -49,7 +51,7 @@ from synth_cpt.core.publish import CandidateRejected, keep_rejected
 from synth_cpt.core.storage import Storage
 from synth_cpt.core.validation import Outcome
 from synth_cpt.corpus.tokenizer import TokenCounter, load_model_file, load_tokenizer_config, seeded_sample
-from synth_cpt.ingest.drops import ingested_drops
+from synth_cpt.ingest.drops import drop_accepted, ingested_drops
 
 PERCENTILES = tuple(range(5, 100, 5))  # 5, 10, ..., 95: 19 cut points, values 0-19
 HEURISTIC = "heuristic"  # the fallback score of documents with none of quality.scores
@@ -224,7 +226,6 @@ class CutpointsReport:
 def build_cutpoints(storage: Storage, config: PipelineConfig, language: str) -> CutpointsReport:
     """Compute, validate, then publish `quality_cutpoints/<language>`; a failed candidate raises
     CandidateRejected and readers keep the previous version."""
-    from synth_cpt.ingest.dedup import drop_accepted  # dedup imports this module
 
     manifests = [m for m in ingested_drops(storage) if drop_accepted(m, config) and m["documents"] > 0]
     payload = {**compute_cutpoints(storage, config, language, [m["prefix"] for m in manifests]), "drops": [m["drop_id"] for m in manifests]}

@@ -46,8 +46,7 @@ from synth_cpt.core.publish import CandidateRejected, keep_rejected
 from synth_cpt.core.storage import Storage
 from synth_cpt.core.validation import Outcome
 from synth_cpt.ingest.cutpoints import Cutpoints, published_cutpoints
-from synth_cpt.ingest.drops import ingested_drops, kept_out_because
-from synth_cpt.ingest.quarantine import TRUNCATED_FILE, UNREADABLE_FILE
+from synth_cpt.ingest.drops import drop_accepted, ingested_drops
 
 SAMPLE_COLUMNS = ["doc_id", "quality_score", "drop_id", "text"]
 
@@ -80,26 +79,6 @@ class CorpusStats:
     cutpoints: Cutpoints | None = None  # quality.method percentiles: the cut points the buckets were made with
     value_histogram: list[int] = field(default_factory=list)  # percentiles: documents per bucket value 0-19
     outcome: Outcome | None = None  # the validation of what was published
-
-
-def drop_accepted(manifest: dict, config: PipelineConfig) -> bool:
-    """Judged with today's limits, not those of ingest time: raising `limits.max_quarantine_rate` or
-    setting `limits.accept_partial_files` lets a drop in without re-ingesting it (and the reverse)."""
-    return not drop_kept_out_because(manifest, config)
-
-
-def drop_kept_out_because(manifest: dict, config: PipelineConfig) -> list[str]:
-    """Why `drop_accepted` says no (empty: accepted), by today's limits: the damage with the reason code
-    of its quarantine row ("unreadable_file: not zstd-compressed data ..."), the rate against its limit."""
-    limits = config.limits
-    damage = manifest.get("damage")
-    if damage:
-        by_reason = manifest.get("quarantine_by_reason", {})  # manifests from before damage_code: the code is among the reasons
-        code = manifest.get("damage_code") or next((c for c in (TRUNCATED_FILE, UNREADABLE_FILE) if c in by_reason), None)
-        damage = f"{code}: {damage}" if code else damage
-    return kept_out_because(
-        float(manifest["quarantine_rate"]), manifest.get("complete", True), limits.max_quarantine_rate, limits.accept_partial_files, damage
-    )
 
 
 def connect(temp_dir: str | Path) -> duckdb.DuckDBPyConnection:

@@ -402,3 +402,23 @@ def ingested_drops(storage: Storage) -> list[dict]:
         if drop_id not in manifests:
             manifests[drop_id] = {**storage.read_json(key), "prefix": drop_prefix(drop_id), "version": publish.LEGACY}
     return sorted(manifests.values(), key=lambda m: m["drop_id"])
+
+
+def drop_accepted(manifest: dict, config: PipelineConfig) -> bool:
+    """Judged with today's limits, not those of ingest time: raising `limits.max_quarantine_rate` or
+    setting `limits.accept_partial_files` lets a drop in without re-ingesting it (and the reverse)."""
+    return not drop_kept_out_because(manifest, config)
+
+
+def drop_kept_out_because(manifest: dict, config: PipelineConfig) -> list[str]:
+    """Why `drop_accepted` says no (empty: accepted), by today's limits: the damage with the reason code
+    of its quarantine row ("unreadable_file: not zstd-compressed data ..."), the rate against its limit."""
+    limits = config.limits
+    damage = manifest.get("damage")
+    if damage:
+        by_reason = manifest.get("quarantine_by_reason", {})  # manifests from before damage_code: the code is among the reasons
+        code = manifest.get("damage_code") or next((c for c in (TRUNCATED_FILE, UNREADABLE_FILE) if c in by_reason), None)
+        damage = f"{code}: {damage}" if code else damage
+    return kept_out_because(
+        float(manifest["quarantine_rate"]), manifest.get("complete", True), limits.max_quarantine_rate, limits.accept_partial_files, damage
+    )
