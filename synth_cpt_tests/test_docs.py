@@ -51,3 +51,23 @@ def test_config_command_prints_the_effective_config(isolated_env):
     out = subprocess.run([str(exe), "config"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert '"max_quarantine_rate": 0.2' in out.stdout
+
+
+def test_the_readme_methods_table_states_every_prompts_limits():
+    """The README says per prompt which paper and which limits it follows: the limits it states are the files'."""
+    from synth_cpt.synthesis.prompts import load_kind
+
+    rows = {}
+    for line in README.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("| `") else None
+        if cells and len(cells) == 6:
+            for name in re.findall(r"`([a-z_]+)`", cells[0]):
+                rows[name] = cells
+    prompts = {**load_kind("rewrite"), **load_kind("entigraph"), **load_kind("judge")}
+    assert set(rows) == set(prompts)
+    for name, prompt in prompts.items():
+        spec, cells = prompt.spec, rows[name]
+        assert cells[3] == str(spec.output.max_tokens), name
+        if prompt.kind != "judge":
+            assert cells[2].startswith(str(spec.chunking.max_input_tokens)), name
+        assert ("T " + str(spec.sampling["temperature"]) in cells[4]) or (spec.sampling["temperature"] == 0 and "greedy" in cells[4]), name
