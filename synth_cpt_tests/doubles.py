@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 
+from synth_cpt.core.storage import LocalStorage
 from synth_cpt.generation.backends import Backend, OnResult, Prepared
 from synth_cpt.generation.requests import ChatRequest, Generation, Sampling
 
@@ -162,3 +163,21 @@ def make_requests(n: int, duplicates: int = 0) -> list[ChatRequest]:
         for i in range(n)
     ]
     return reqs + reqs[:duplicates]
+
+
+class RefusingDeleteTestStorage(LocalStorage):
+    """Test double: local storage that records every removal in order and refuses to remove the folders named."""
+
+    def __init__(self, root, refuse=()):
+        super().__init__(root)
+        self.refuse, self.removals = set(refuse), []
+
+    def delete_prefix(self, prefix):
+        self.removals.append(("folder", prefix))
+        if prefix in self.refuse:
+            raise PermissionError("read-only bucket")
+        super().delete_prefix(prefix)
+
+    def delete(self, key):
+        self.removals.append(("file", key))
+        super().delete(key)

@@ -1,6 +1,8 @@
 """Building a training mix from published outputs: manifests agree with shards, every format reads back."""
 
+import hashlib
 import json
+import os
 
 import numpy as np
 import polars as pl
@@ -146,3 +148,16 @@ def test_a_mix_that_cannot_be_made_says_so_before_writing(tmp_path, tokenizer):
             "high",
             tokenizer,
         )
+
+
+def test_a_build_rewrites_the_snapshot_it_pins_even_when_one_exists(tmp_path, tokenizer):
+    """A gc planned before this build's pins may be about to remove the existing snapshot; it leaves one
+    written within its grace alone, so the build writes it again after its pins (same bytes)."""
+    storage, _, _ = corpus(tmp_path)
+    first = build_mix(storage, "demo", recipe(), "pt", "high", tokenizer)
+    pin = next(i for i in first.manifest["inputs"] if i["component"] == "original")
+    path = storage.path(pin["prefix"])
+    os.utime(path, (946684800, 946684800))  # as written in 2000
+    second = build_mix(storage, "demo", recipe(), "pt", "high", tokenizer)
+    assert next(i for i in second.manifest["inputs"] if i["component"] == "original") == pin
+    assert path.stat().st_mtime > 946684800 and hashlib.sha256(path.read_bytes()).hexdigest() == pin["sha256"]

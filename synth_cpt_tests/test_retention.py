@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from synth_cpt.cli import main
-from synth_cpt.core.layout import INPUTS, partition_file, version_prefix
+from synth_cpt.core import retention
+from synth_cpt.core.layout import INPUTS, partition_file, published_marker, snapshot_key, version_prefix
 from synth_cpt.core.publish import publish_version, published, published_versions
 from synth_cpt.core.retention import Policy, collect, plan_gc
 from synth_cpt.core.storage import LocalStorage, utc_stamp
@@ -23,6 +24,7 @@ from synth_cpt.mix.build import MANIFEST, build_mix
 from synth_cpt.synthesis.outputs import publish_tables
 
 from .conftest import PT_TEXT
+from .doubles import RefusingDeleteTestStorage
 from .test_mix_build import recipe, tokenizer  # noqa: F401  (fixture)
 
 PROMPTS = {g: f"name: easy\nkind: rewrite\ndescription: generation {g}\nuser: 'Reescreva: {{{{ text }}}}'\n" for g in range(3)}
@@ -131,11 +133,12 @@ def test_lineage_of_a_shard_of_an_old_mix_version(tmp_path, tokenizer):  # noqa:
 def test_rows_that_carry_their_drop_version_pin_it_and_lineage_names_it(tmp_path, tokenizer):  # noqa: F811
     storage, rewrites, mixes = _three_generations(tmp_path, tokenizer, with_drop_version=True)
     pins = {(i["drop_id"], i["version"]) for i in storage.read_json(f"{mixes[0]}/{MANIFEST}")["inputs"] if i["asset"] == "crawl_drops"}
-    frame = pl.read_parquet(tmp_path / "home" / mixes[0] / "shard-00000.parquet")
-    expected = {("drop-a", "va0")} if (frame["origin"] == "rewrite:easy").any() else set()
-    originals = frame.filter(pl.col("origin") == "original")
+    every_shard = pl.concat([pl.read_parquet(p) for p in sorted((tmp_path / "home" / mixes[0]).glob("shard-*.parquet"))])
+    expected = {("drop-a", "va0")} if (every_shard["origin"] == "rewrite:easy").any() else set()
+    originals = every_shard.filter(pl.col("origin") == "original")
     expected |= {(d, "va1" if d == "drop-a" else "vb1") for d in originals["drop_id"]}
-    assert {(d, v) for d, v in pins} >= expected
+    assert pins == expected, "exactly the drop versions of the rows the mix took"
+    frame = pl.read_parquet(tmp_path / "home" / mixes[0] / "shard-00000.parquet")
     answer = queries.shard(Catalog(storage), str(tmp_path / "home" / mixes[0] / "shard-00000.parquet"))
     counted = {}
     for row in frame.iter_rows(named=True):
@@ -154,7 +157,9 @@ def test_gc_keeps_pinned_inputs_until_their_mixes_go(tmp_path, tokenizer):  # no
     assert sorted(r.key for r in plan.remove) == sorted(mixes[:2] + rewrites[:2])
     files = [p for m in mixes[:2] + rewrites[:2] for p in (tmp_path / "home" / m).rglob("*") if p.is_file()]
     assert plan.files == len(files) and plan.bytes == sum(p.stat().st_size for p in files)
-    assert collect(storage, plan) == []
+    done = collect(storage, plan)
+    assert done.failures == [] and done.kept == []
+    assert [r.key for r in done.removed] == mixes[:2] + rewrites[:2], "mix versions first, then the inputs they pinned"
     assert published_versions(storage, "training_mix_demo/pt/high") == [mixes[2].rsplit("/", 1)[1]]
     assert published_versions(storage, "rewrites_easy/pt/high") == [rewrites[2].rsplit("/", 1)[1]]
     catalog = Catalog(storage)
@@ -241,4 +246,122 @@ def test_gc_names_what_it_could_not_remove_and_exits_1(tmp_path, isolated_env, c
     monkeypatch.setattr(LocalStorage, "delete_prefix", refuse)
     assert main(["--config", config, "gc", "--keep-last", "1"]) == 1
     assert f"not removed: rewrites_easy/pt/high/v/{versions[0]}: PermissionError: read-only bucket" in capsys.readouterr().err
-    assert published_versions(storage, "rewrites_easy/pt/high") == versions, "its marker stays while its files do"
+    # its marker went first: a folder half removed never counts as a retained version; cleanup finishes it
+    assert published_versions(storage, "rewrites_easy/pt/high") == versions[1:]
+    assert storage.list(version_prefix("rewrites_easy/pt/high", versions[0])) == [f"rewrites_easy/pt/high/v/{versions[0]}/rows.parquet"]
+    monkeypatch.undo()
+    assert main(["--config", config, "gc", "--keep-last", "1"]) == 0
+    assert "freed 1 version(s) and 0 snapshot(s): 1 files, 7 B (7 bytes)\n" in capsys.readouterr().err
+    assert storage.list(version_prefix("rewrites_easy/pt/high", versions[0])) == []
+
+
+def test_a_mix_version_that_fails_to_go_keeps_its_inputs(tmp_path, tokenizer):  # noqa: F811
+    _, rewrites, mixes = _three_generations(tmp_path, tokenizer)
+    storage = RefusingDeleteTestStorage(tmp_path / "home", refuse=[mixes[0]])
+    later = datetime.now(timezone.utc) + timedelta(hours=7)
+    plan = plan_gc(storage, Policy(keep_last=1), now=later)
+    assert {r.key: r.pinned_by for r in plan.remove} == {mixes[0]: (), mixes[1]: (), rewrites[0]: (mixes[0],), rewrites[1]: (mixes[1],)}
+    done = collect(storage, plan)
+    mix, rewrite = "training_mix_demo/pt/high", "rewrites_easy/pt/high"
+    assert storage.removals == [
+        ("file", published_marker(mix, mixes[0].rsplit("/", 1)[1])), ("folder", mixes[0]),
+        ("file", published_marker(mix, mixes[1].rsplit("/", 1)[1])), ("folder", mixes[1]),
+        ("file", published_marker(rewrite, rewrites[1].rsplit("/", 1)[1])), ("folder", rewrites[1]),
+    ], "mix versions first, each marker before its folder; the input of the mix that failed is not touched"  # fmt: skip
+    assert done.failures == [f"{mixes[0]}: PermissionError: read-only bucket",
+                             f"{rewrites[0]}: kept: {mixes[0]}, which pins it (or may have read it), was not removed"]  # fmt: skip
+    assert [r.key for r in done.removed] == [mixes[1], rewrites[1]]
+    assert storage.exists(f"{mixes[0]}/{INPUTS}") and storage.exists(f"{rewrites[0]}/rows.parquet")
+    storage.refuse.clear()  # the half-removed mix is now never published: the next gc finishes it, then its input
+    again = plan_gc(storage, Policy(keep_last=1), now=later)
+    assert {r.key: (r.why, r.pinned_by) for r in again.remove} == {
+        mixes[0]: ("never published (a crashed or superseded candidate)", ()),
+        rewrites[0]: ("beyond the newest 1", (mixes[0],)),
+    }
+    assert collect(storage, again).failures == []
+    assert published_versions(storage, rewrite) == [rewrites[2].rsplit("/", 1)[1]] and storage.list(mixes[0]) == []
+
+
+def test_a_store_published_before_markers_loses_no_published_version(tmp_path, isolated_env, capsys):
+    storage, _, config = _cli_home(tmp_path)
+    prefix = "tokenizer"
+    before = [f"2000020{d}T000000000000-0000000{d}" for d in (1, 2)]
+    for v in before:  # what the publisher wrote before markers: two version folders and a pointer, no marker
+        storage.write_bytes(f"{version_prefix(prefix, v)}/tokenizer.model", b"12345")
+    storage.write_json(f"{prefix}/current.json", {"version": before[1], "prefix": version_prefix(prefix, before[1])})
+    assert published_versions(storage, prefix) == before, "every folder up to the current may have been published"
+    assert plan_gc(storage, Policy(keep_last=10)).remove == []
+    third = "20000203T000000000000-00000003"
+    storage.write_bytes(f"{version_prefix(prefix, third)}/tokenizer.model", b"12345")
+    assert publish_version(storage, prefix, third, {})
+    assert [storage.read_json(published_marker(prefix, v))["recorded"] for v in before] == ["before markers"] * 2
+    assert main(["--config", config, "gc", "--keep-last", "10"]) == 0
+    assert "freed 0 version(s) and 0 snapshot(s): 0 files" in capsys.readouterr().err
+    assert published_versions(storage, prefix) == before + [third]
+    assert [k for k in storage.list(prefix) if "/v/" in k] == [f"{version_prefix(prefix, v)}/tokenizer.model" for v in before + [third]]
+
+
+def test_gc_leaves_a_young_snapshot_and_reads_the_pins_again_before_removing_one(tmp_path):
+    storage = LocalStorage(tmp_path)
+    key = snapshot_key("quality_subsets/pt/high", "ab" * 32)
+    storage.write_bytes(key, b"subset")
+    plan = plan_gc(storage, Policy(keep_last=1))
+    assert plan.remove == [] and plan.kept_snapshots == [(key, "written less than 6:00:00 ago (a mix being built may pin it)")]
+    later = datetime.now(timezone.utc) + timedelta(hours=7)
+    plan = plan_gc(storage, Policy(keep_last=1), now=later)
+    assert [(r.key, r.bytes, r.why) for r in plan.remove] == [(key, 6, "a snapshot no retained mix version pins")]
+    building = version_prefix("training_mix_demo/pt/high", "20991231T000000000000-00000001")
+    storage.write_json(f"{building}/{INPUTS}", [{"asset": "quality_subsets", "prefix": key}])  # a build pinned it since the plan
+    done = collect(storage, plan, now=later)
+    assert done.kept == [f"{key}: pinned meanwhile by {building}"] and done.removed == [] and storage.exists(key)
+    storage.delete_prefix(building)
+    storage.write_bytes(key, b"subset")  # a build that pinned it rewrote it since the plan: young again
+    assert collect(storage, plan).kept == [f"{key}: written less than 6:00:00 ago (a mix being built may pin it)"]
+    assert [r.key for r in collect(storage, plan, now=later).removed] == [key] and not storage.exists(key)
+
+
+def test_inputs_a_mix_made_before_pinning_may_have_read_stay_unless_forced(tmp_path, tokenizer, isolated_env, capsys, monkeypatch):  # noqa: F811
+    storage, rewrites, mixes = _three_generations(tmp_path, tokenizer)
+    storage.delete(f"{mixes[0]}/{INPUTS}")  # mixes[0] as made before pinning: no inputs anywhere
+    manifest = storage.read_json(f"{mixes[0]}/{MANIFEST}")
+    storage.write_json(f"{mixes[0]}/{MANIFEST}", {k: v for k, v in manifest.items() if k != "inputs"})
+    stray = {lq: snapshot_key(f"quality_subsets/{lq}", lq[:2] * 32) for lq in ("pt/high", "en/low")}  # pinned by no mix
+    for key in stray.values():
+        storage.write_bytes(key, b"old subset")
+    monkeypatch.setattr(retention, "CANDIDATE_GRACE", timedelta(0))  # as if written long ago
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"storage_root": str(tmp_path / "home"), "drops": {"location": str(tmp_path / "drops")}}))
+    args = ["--config", str(config), "gc", "--keep-last", "1", "--asset", "rewrites_", "--asset", "quality_subsets"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    for kept in (rewrites[0], stray["pt/high"]):
+        assert f"kept {kept}: 1 retained mix version(s) made before inputs were pinned may have read it, e.g. {mixes[0]} " in err
+    assert "freed 0 version(s) and 1 snapshot(s)" in err, "a snapshot of another language|quality is not held"
+    assert storage.exists(f"{rewrites[0]}/rows.parquet") and storage.exists(stray["pt/high"]) and not storage.exists(stray["en/low"])
+    assert main([*args, "--force"]) == 0
+    err = capsys.readouterr().err
+    assert f"--force: removing {rewrites[0]}, which 1 retained mix version(s) made before inputs were pinned may have read" in err
+    assert "freed 1 version(s) and 1 snapshot(s)" in err
+    assert not storage.exists(f"{rewrites[0]}/rows.parquet") and not storage.exists(stray["pt/high"])
+    assert published_versions(storage, "training_mix_demo/pt/high") == [m.rsplit("/", 1)[1] for m in mixes]
+
+
+def test_a_snapshots_age_is_known_on_s3_as_on_disk(s3_bucket, tmp_path):
+    """gc frees an unpinned snapshot only once it is older than the grace: S3 must say when an object was written."""
+    from synth_cpt.core.storage import S3Storage
+
+    _, bucket = s3_bucket
+    key = snapshot_key("quality_subsets/pt/high", "a" * 64)
+    before = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=1)
+    for storage in (S3Storage(f"s3://{bucket}/root"), LocalStorage(tmp_path / "home")):
+        storage.write_bytes(key, b"parquet bytes")
+        at, size = retention._written_at(storage, key)
+        assert size == len(b"parquet bytes") and at is not None and before <= at <= datetime.now(timezone.utc), type(storage).__name__
+        assert (
+            retention._snapshot_too_young(storage, key, datetime.now(timezone.utc))
+            == f"written less than {retention.CANDIDATE_GRACE} ago (a mix being built may pin it)"
+        )
+        assert (
+            retention._snapshot_too_young(storage, key, datetime.now(timezone.utc) + retention.CANDIDATE_GRACE + timedelta(minutes=1))
+            is None
+        )

@@ -33,7 +33,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         return 2
     config = load_config(args.config) if args.config else load_config()
     storage = open_storage(config.storage_uri())
-    plan = plan_gc(storage, policy, only=tuple(args.asset or ()))
+    plan = plan_gc(storage, policy, only=tuple(args.asset or ()), force=args.force)
     console = terminal()
     verb = "would free" if args.dry_run else "freed"
     if plan.remove:
@@ -47,15 +47,27 @@ def cmd_gc(args: argparse.Namespace) -> int:
         say(f"kept {folder}: pinned by {len(by)} retained mix version(s), e.g. {by[0]} (remove those first)")
     for folder in plan.superseded_lately:
         say(f"kept {folder}: superseded less than {CANDIDATE_GRACE} ago, a reader may still be on it (the next gc may free it)")
-    if plan.unpinned_mixes:
-        say(f"{len(plan.unpinned_mixes)} mix version(s) were made before inputs were pinned: their inputs are not protected by name")
-    failures = [] if args.dry_run else collect(storage, plan)
-    versions = sum(1 for r in plan.remove if r.version)
-    say(f"synth-cpt gc: {verb} {versions:,} version(s) and {len(plan.remove) - versions:,} snapshot(s): {plan.files:,} files, "
-        f"{_size(plan.bytes)} ({plan.bytes:,} bytes)" + (" (dry run: nothing removed)" if args.dry_run else ""))  # fmt: skip
-    for f in failures:
+    for key, why in plan.kept_snapshots:
+        say(f"kept {key}: {why}")
+    for folder, by in plan.held_by_unpinned:
+        say(f"kept {folder}: {len(by)} retained mix version(s) made before inputs were pinned may have read it, e.g. {by[0]} "
+            "(remove those first, or pass --force)")  # fmt: skip
+    for folder, by in plan.forced:
+        say(f"--force: {'would remove' if args.dry_run else 'removing'} {folder}, which {len(by)} retained mix version(s) made before "
+            f"inputs were pinned may have read, e.g. {by[0]} (they can no longer be traced through it)")  # fmt: skip
+    if plan.unpinned_mixes and not plan.held_by_unpinned and not plan.forced:
+        say(f"{len(plan.unpinned_mixes)} retained mix version(s) were made before inputs were pinned: what they may have read is kept")
+    done = collect(storage, plan) if not args.dry_run else None
+    removed = plan.remove if done is None else done.removed
+    versions = sum(1 for r in removed if r.version)
+    files, size = sum(r.files for r in removed), sum(r.bytes for r in removed)
+    say(f"synth-cpt gc: {verb} {versions:,} version(s) and {len(removed) - versions:,} snapshot(s): {files:,} files, "
+        f"{_size(size)} ({size:,} bytes)" + (" (dry run: nothing removed)" if args.dry_run else ""))  # fmt: skip
+    for line in done.kept if done else []:
+        say(f"  kept: {line}")
+    for f in done.failures if done else []:
         say(f"  not removed: {f}")
-    return 1 if failures else 0
+    return 1 if done and done.failures else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,5 +77,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     gc.add_argument("--keep-last", type=int, metavar="N", help="per output, keep the newest N published versions (the current always kept)")
     gc.add_argument("--older-than", type=float, metavar="DAYS", help="remove only versions made more than DAYS days ago")
     gc.add_argument("--asset", action="append", help="only outputs whose folder starts with this, e.g. training_mix_demo (repeat)")
+    gc.add_argument("--force", action="store_true", help="also remove inputs that retained mix versions made before pinning may have read")
     gc.add_argument("--dry-run", action="store_true", help="print what would be freed, remove nothing")
     gc.set_defaults(func=cmd_gc)

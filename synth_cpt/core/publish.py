@@ -11,7 +11,9 @@ re-mixes later, so every version that was ever published stays until the user re
 explicit policy (`synth-cpt gc`, core/retention.py). Each publish leaves a marker
 `<prefix>/_published/<version>.json` (written before the pointer), so a version folder without one
 is known never to have been published: a crashed or superseded candidate, removed once older than
-CANDIDATE_GRACE.
+CANDIDATE_GRACE. A prefix with a pointer but no marker at all was published before markers existed
+(when the current and the one before were kept unmarked): every folder up to the current is read as
+published, and the next publish records that (`"recorded": "before markers"`) before it cleans anything.
 """
 
 from __future__ import annotations
@@ -95,14 +97,23 @@ def version_folders(storage: Storage, prefix: str, keys: list[str] | None = None
     return sorted({k[len(base) :].split("/", 1)[0] for k in _under(storage, f"{prefix}/v", keys) if "/" in k[len(base) :]})
 
 
+def _markers(storage: Storage, prefix: str, keys: list[str] | None = None) -> set[str]:
+    return {k.rsplit("/", 1)[1].removesuffix(".json") for k in _under(storage, f"{prefix}/{PUBLISHED_LOG}", keys)}
+
+
 def published_versions(storage: Storage, prefix: str, keys: list[str] | None = None) -> list[str]:
     """The versions of `prefix` that were published and are still stored (the current one included),
-    oldest first: every version a reader, an audit or `synth-cpt lineage` may ask about."""
-    logged = {k.rsplit("/", 1)[1].removesuffix(".json") for k in _under(storage, f"{prefix}/{PUBLISHED_LOG}", keys)}
+    oldest first: every version a reader, an audit or `synth-cpt lineage` may ask about. With a pointer
+    and no marker at all (published before markers existed), every folder up to the current may have
+    been published, so each counts as published: never delete what might have been."""
+    logged = _markers(storage, prefix, keys)
     current = published(storage, prefix)
+    folders = version_folders(storage, prefix, keys)
     if current is not None and current["version"] != LEGACY:
+        if not logged:
+            return [v for v in folders if v <= current["version"]]
         logged.add(current["version"])
-    return [v for v in version_folders(storage, prefix, keys) if v in logged]
+    return [v for v in folders if v in logged]
 
 
 def publish_version(storage: Storage, prefix: str, version: str, payload: dict) -> bool:
@@ -114,15 +125,15 @@ def publish_version(storage: Storage, prefix: str, version: str, payload: dict) 
     previous = current["version"] if current and current["version"] != LEGACY else None
     if previous is not None and previous > version:
         return False
-    published_before = storage.list(f"{prefix}/{PUBLISHED_LOG}")
-    if previous is not None and not published_before:  # published before markers existed: the one before was published too
-        storage.write_json(published_marker(prefix, previous), {"version": previous, "recorded": utc_stamp()})
+    if previous is not None and not _markers(storage, prefix):  # published before markers existed: record them first
+        for old in published_versions(storage, prefix):
+            storage.write_json(published_marker(prefix, old), {"version": old, "recorded": "before markers", "recorded_at": utc_stamp()})
     storage.write_json(published_marker(prefix, version), {"version": version, "published_at": utc_stamp()})
     storage.write_json(f"{prefix}/{POINTER}", {**payload, "version": version, "prefix": version_prefix(prefix, version)})
     # a folder never published and older than the grace is a crashed or superseded candidate; younger
     # ones (names sort by time) may be another run's candidate still being written and are left alone
     floor = utc_stamp(datetime.now(timezone.utc) - CANDIDATE_GRACE)
-    logged = {k.rsplit("/", 1)[1].removesuffix(".json") for k in storage.list(f"{prefix}/{PUBLISHED_LOG}")}
+    logged = _markers(storage, prefix)
     for old in version_folders(storage, prefix):
         if old < floor and old not in logged and old not in (version, previous):
             storage.delete_prefix(version_prefix(prefix, old))

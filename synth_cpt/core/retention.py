@@ -6,9 +6,14 @@ carried out by `collect`: per output, the versions beyond the policy (`keep_last
 older than `older_than`), never the current one, never the one just superseded while a reader may
 still be on it (CANDIDATE_GRACE), and never a version a retained mix version pins (its manifest's
 `inputs`, also written first as `inputs.json` so a mix still being built pins too). Pinned inputs
-wait for the mixes that use them: remove the mix versions, and the next gc frees their inputs.
+wait for the mixes that use them: when the same plan removes those mix versions, it frees their
+inputs too, and `collect` removes the mix versions first and keeps an input whose mix failed to go.
+A mix made before pinning names no inputs: while it is retained, the synthesis versions and subset
+snapshots of its `language|quality` (what it may have read) are kept unless forced.
 Snapshots of one-file inputs that a mix pinned by content (`<asset>/<language>/<quality>/pinned/<sha>.parquet`)
-go when no retained mix version pins them.
+go when no mix version pins them and they were written longer ago than CANDIDATE_GRACE (a build
+rewrites its snapshot after its pins, so one being pinned right now is young); the pins are read
+again just before they are removed.
 """
 
 from __future__ import annotations
@@ -16,7 +21,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from synth_cpt.core.layout import INPUTS, POINTER, REJECTED, SNAPSHOTS, TRAINING_MIX, published_marker, version_prefix
+from synth_cpt.core.layout import (
+    ENTIGRAPH_CORPUS,
+    INPUTS,
+    POINTER,
+    QUALITY_SUBSETS,
+    REJECTED,
+    REWRITES,
+    SNAPSHOTS,
+    TRAINING_MIX,
+    published_marker,
+    version_prefix,
+)
 from synth_cpt.core.publish import (
     CANDIDATE_GRACE,
     LEGACY,
@@ -26,6 +42,10 @@ from synth_cpt.core.publish import (
     version_stamp,
 )
 from synth_cpt.core.storage import Storage
+
+MANIFEST = "manifest.json"  # a mix version's manifest (mix/build.py), whose `inputs` are its pins
+# what a mix made before pinning may have read from its own language|quality (mix/build.py components)
+MIX_READS = (REWRITES, ENTIGRAPH_CORPUS, f"{QUALITY_SUBSETS}/")
 
 
 @dataclass(frozen=True)
@@ -48,14 +68,20 @@ class Removal:
     files: int
     bytes: int
     why: str
+    # mix versions this plan also removes that pin it (or, made before pinning, may have read it): it goes only after they did
+    pinned_by: tuple[str, ...] = ()
 
 
 @dataclass
 class GcPlan:
     remove: list[Removal] = field(default_factory=list)
     pinned: list[tuple[str, list[str]]] = field(default_factory=list)  # (version folder kept, the mix versions pinning it)
-    unpinned_mixes: list[str] = field(default_factory=list)  # mix versions made before pinning: their inputs are unknown
+    unpinned_mixes: list[str] = field(default_factory=list)  # retained mix versions made before pinning: their inputs are unknown
+    # kept (or, forced, removed): an input a retained mix version made before pinning may have read, and those mix versions
+    held_by_unpinned: list[tuple[str, list[str]]] = field(default_factory=list)
+    forced: list[tuple[str, list[str]]] = field(default_factory=list)
     superseded_lately: list[str] = field(default_factory=list)  # kept: superseded within CANDIDATE_GRACE, a reader may be on it
+    kept_snapshots: list[tuple[str, str]] = field(default_factory=list)  # (unpinned snapshot kept, why): young or of unknown age
 
     @property
     def files(self) -> int:
@@ -64,6 +90,13 @@ class GcPlan:
     @property
     def bytes(self) -> int:
         return sum(r.bytes for r in self.remove)
+
+
+@dataclass
+class Collected:
+    removed: list[Removal] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # one line per removal that failed or was skipped for a mix that failed
+    kept: list[str] = field(default_factory=list)  # snapshots pinned (or rewritten) since the plan was made: not removed
 
 
 def versioned_outputs(storage: Storage, keys: list[str] | None = None) -> list[str]:
@@ -75,12 +108,22 @@ def versioned_outputs(storage: Storage, keys: list[str] | None = None) -> list[s
 def mix_pins(storage: Storage, mix_prefix: str, version: str) -> list[dict] | None:
     """The inputs a mix version pinned (`prefix` of each), or None for a mix made before pinning."""
     folder = version_prefix(mix_prefix, version)
-    for name, pick in ((INPUTS, lambda d: d), ("manifest.json", lambda d: d.get("inputs"))):
+    for name, pick in ((INPUTS, lambda d: d), (MANIFEST, lambda d: d.get("inputs"))):
         if storage.exists(f"{folder}/{name}"):
             found = pick(storage.read_json(f"{folder}/{name}"))
             if found is not None:
                 return list(found)
     return None
+
+
+def _partition(key: str) -> tuple[str, str]:
+    """The `language|quality` of a key `<asset>/<language>/<quality>/...`."""
+    parts = key.split("/")
+    return parts[1], parts[2]
+
+
+def _may_be_read_by_a_mix(key: str) -> bool:
+    return key.startswith(MIX_READS)
 
 
 def _size(storage: Storage, key: str) -> tuple[int, int]:
@@ -89,6 +132,29 @@ def _size(storage: Storage, key: str) -> tuple[int, int]:
     except FileNotFoundError:
         return 0, 0
     return len(listing.files), sum(f.size for f in listing.files)
+
+
+def _written_at(storage: Storage, key: str) -> tuple[datetime | None, int]:
+    """When a file was last written (None where the storage does not say) and its size."""
+    try:
+        found = [f for f in storage.files(key.rsplit("/", 1)[0], recursive=False).files if f.key == key]
+    except FileNotFoundError:
+        return None, 0
+    if not found:
+        return None, 0
+    at = datetime.fromtimestamp(found[0].modified_ns / 1e9, timezone.utc) if found[0].modified_ns else None
+    return at, found[0].size
+
+
+def _snapshot_too_young(storage: Storage, key: str, now: datetime) -> str | None:
+    """Why an unpinned snapshot must stay for now (None: it may go): a build pins before it (re)writes
+    its snapshot, so a snapshot written within CANDIDATE_GRACE may belong to a mix being built."""
+    at, _ = _written_at(storage, key)
+    if at is None:
+        return "its age is unknown here (a mix being built may pin it)"
+    if at > now - CANDIDATE_GRACE:
+        return f"written less than {CANDIDATE_GRACE} ago (a mix being built may pin it)"
+    return None
 
 
 def _published_at(storage: Storage, prefix: str, version: str) -> datetime | None:
@@ -101,8 +167,9 @@ def _published_at(storage: Storage, prefix: str, version: str) -> datetime | Non
     return version_stamp(version)
 
 
-def plan_gc(storage: Storage, policy: Policy, only: tuple[str, ...] = (), now: datetime | None = None) -> GcPlan:
-    """What `policy` frees (nothing is removed here). `only`: outputs whose prefix starts with one of these."""
+def plan_gc(storage: Storage, policy: Policy, only: tuple[str, ...] = (), now: datetime | None = None, force: bool = False) -> GcPlan:
+    """What `policy` frees (nothing is removed here). `only`: outputs whose prefix starts with one of these.
+    `force`: also what retained mix versions made before pinning may have read (they lose their explanation)."""
     now = now or datetime.now(timezone.utc)
     keys = storage.list("")
     grace = now - CANDIDATE_GRACE
@@ -139,39 +206,112 @@ def plan_gc(storage: Storage, policy: Policy, only: tuple[str, ...] = (), now: d
                 doomed[version_prefix(prefix, v)] = (prefix, v, " and ".join(r for r in reasons if r))
             elif prefix.startswith(TRAINING_MIX):
                 retained_mixes.append((prefix, v))
-    pins: dict[str, list[str]] = {}
+    pins: dict[str, list[str]] = {}  # input -> the retained mix versions pinning it
+    unpinned: dict[tuple[str, str], list[str]] = {}  # language|quality -> retained mix versions made before pinning
     for prefix, v in retained_mixes:
         found = mix_pins(storage, prefix, v)
         if found is None:
             plan.unpinned_mixes.append(version_prefix(prefix, v))
+            unpinned.setdefault(_partition(prefix), []).append(version_prefix(prefix, v))
             continue
         for entry in found:
             pins.setdefault(entry["prefix"], []).append(version_prefix(prefix, v))
+    going: dict[str, list[str]] = {}  # input -> the doomed mix versions pinning it
+    going_unpinned: dict[tuple[str, str], list[str]] = {}  # language|quality -> doomed mix versions made before pinning
+    for folder, (prefix, v, _) in doomed.items():
+        if prefix.startswith(TRAINING_MIX):
+            found = mix_pins(storage, prefix, v)
+            if found is None:
+                going_unpinned.setdefault(_partition(prefix), []).append(folder)
+            for entry in found or []:
+                going.setdefault(entry["prefix"], []).append(folder)
+
+    def removable(key: str) -> tuple[bool, tuple[str, ...]]:
+        """Whether `key` may go (else it is recorded as kept), and the doomed mix versions it must wait for."""
+        if key in pins:
+            plan.pinned.append((key, sorted(pins[key])))
+            return False, ()
+        wait = set(going.get(key, []))
+        if _may_be_read_by_a_mix(key):
+            wait |= set(going_unpinned.get(_partition(key), []))
+            if held := unpinned.get(_partition(key)):
+                (plan.forced if force else plan.held_by_unpinned).append((key, sorted(held)))
+                if not force:
+                    return False, ()
+        return True, tuple(sorted(wait))
+
     for folder, (prefix, v, why) in sorted(doomed.items()):
-        if folder in pins:
-            plan.pinned.append((folder, sorted(pins[folder])))
-            continue
-        files, size = _size(storage, folder)
-        plan.remove.append(Removal(prefix, v, folder, files, size, why))
+        ok, wait = removable(folder)
+        if ok:
+            files, size = _size(storage, folder)
+            plan.remove.append(Removal(prefix, v, folder, files, size, why, wait))
     for key in keys:
         parts = key.split("/")
-        if len(parts) == 5 and parts[3] == SNAPSHOTS and key.endswith(".parquet") and key not in pins:
-            if only == () or key.startswith(only):
-                size = next((f.size for f in storage.files(key.rsplit("/", 1)[0], recursive=False).files if f.key == key), 0)
-                plan.remove.append(Removal("/".join(parts[:3]), "", key, 1, size, "a snapshot no retained mix version pins"))
+        if len(parts) == 5 and parts[3] == SNAPSHOTS and key.endswith(".parquet") and (only == () or key.startswith(only)):
+            if key in pins:
+                continue  # pinned snapshots are the norm: not listed
+            if young := _snapshot_too_young(storage, key, now):
+                plan.kept_snapshots.append((key, young))
+                continue
+            ok, wait = removable(key)
+            if ok:
+                plan.remove.append(
+                    Removal("/".join(parts[:3]), "", key, 1, _written_at(storage, key)[1], "a snapshot no retained mix version pins", wait)
+                )
     return plan
 
 
-def collect(storage: Storage, plan: GcPlan) -> list[str]:
-    """Remove what `plan` names: each version folder, then its published marker. Returns the failures."""
-    failures = []
-    for r in plan.remove:
+def pinned_now(storage: Storage) -> dict[str, list[str]]:
+    """Every input pinned by a mix version folder stored right now (published, retained or being built)."""
+    folders = set()
+    for key in storage.list(""):
+        parts = key.split("/")
+        if len(parts) == 6 and parts[0].startswith(TRAINING_MIX) and parts[3] == "v" and parts[5] in (INPUTS, MANIFEST):
+            folders.add(("/".join(parts[:3]), parts[4]))
+    pins: dict[str, list[str]] = {}
+    for mix_prefix, version in sorted(folders):
+        try:
+            found = mix_pins(storage, mix_prefix, version)
+        except FileNotFoundError:  # removed meanwhile
+            continue
+        for entry in found or []:
+            pins.setdefault(entry["prefix"], []).append(version_prefix(mix_prefix, version))
+    return pins
+
+
+def _order(r: Removal) -> tuple[int, str]:
+    """Mix versions first (what they pin goes after them), then other versions, then snapshots."""
+    return (0 if r.version and r.prefix.startswith(TRAINING_MIX) else 1 if r.version else 2, r.key)
+
+
+def collect(storage: Storage, plan: GcPlan, now: datetime | None = None) -> Collected:
+    """Remove what `plan` names: mix versions first, then the inputs they pinned, then snapshots (whose
+    pins and age are read again just before). A version's published marker goes before its folder, so a
+    crash leaves a never-published folder that later cleanup finishes, never a half-deleted "published"
+    version. An input whose pinning mix version failed to go is kept and named."""
+    done = Collected()
+    failed_mixes: set[str] = set()
+    pins_now: dict[str, list[str]] | None = None
+    for r in sorted(plan.remove, key=_order):
+        if blocked := sorted(failed_mixes.intersection(r.pinned_by)):
+            done.failures.append(f"{r.key}: kept: {blocked[0]}, which pins it (or may have read it), was not removed")
+            continue
         try:
             if r.version:
-                storage.delete_prefix(r.key)
                 storage.delete(published_marker(r.prefix, r.version))
+                storage.delete_prefix(r.key)
             else:
+                pins_now = pinned_now(storage) if pins_now is None else pins_now
+                if by := pins_now.get(r.key):
+                    done.kept.append(f"{r.key}: pinned meanwhile by {by[0]}")
+                    continue
+                if young := _snapshot_too_young(storage, r.key, now or datetime.now(timezone.utc)):
+                    done.kept.append(f"{r.key}: {young}")
+                    continue
                 storage.delete(r.key)
+            done.removed.append(r)
         except Exception as exc:  # one failed removal must not stop the others; each is named
-            failures.append(f"{r.key}: {type(exc).__name__}: {exc}")
-    return failures
+            done.failures.append(f"{r.key}: {type(exc).__name__}: {exc}")
+            if _order(r)[0] == 0:
+                failed_mixes.add(r.key)
+    return done

@@ -46,6 +46,7 @@ class FileInfo:
     # when a local file last changed (max of mtime and ctime, ns): a file still being copied keeps
     # changing. 0 where files appear whole (S3, the package).
     changed_ns: int = 0
+    modified_ns: int = 0  # when the content was last written (S3 LastModified, local mtime); 0 where unknown (the package)
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,8 @@ class LocalStorage(Storage):
                     continue
                 st = path.stat()
                 changed = 0 if self.label and self.label.startswith(PACKAGE_PREFIX) else max(st.st_mtime_ns, st.st_ctime_ns)
-                found.append(FileInfo(key, str(path), st.st_size, f"mtime{st.st_mtime_ns}-size{st.st_size}", changed))
+                modified = 0 if self.label and self.label.startswith(PACKAGE_PREFIX) else st.st_mtime_ns
+                found.append(FileInfo(key, str(path), st.st_size, f"mtime{st.st_mtime_ns}-size{st.st_size}", changed, modified))
         return FileListing(found, refused)
 
     def open(self, key: str) -> IO[bytes]:
@@ -323,7 +325,9 @@ class S3Storage(Storage):
                     continue
                 key = _join(prefix, inner)
                 etag = str(obj.get("ETag", "")).strip('"')
-                found.append(FileInfo(key, self.uri(key), int(obj.get("Size", 0)), f"etag{etag}"))
+                stamp = obj.get("LastModified")
+                modified = int(stamp.timestamp() * 1e9) if stamp is not None else 0
+                found.append(FileInfo(key, self.uri(key), int(obj.get("Size", 0)), f"etag{etag}", modified_ns=modified))
         found.sort(key=lambda f: f.key)
         return FileListing(found, refused)
 

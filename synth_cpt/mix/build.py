@@ -191,11 +191,13 @@ def build_mix(
     prefix = partition_prefix(mix_asset(name), language, quality)
     version = publish.new_version()
     folder = publish.version_prefix(prefix, version)
-    # pins first (gc reads them from a mix still being built), then the snapshots they name
+    # pins first (gc reads them from a mix still being built), then the snapshots they name, always
+    # (re)written: a gc planned before the pins may be about to remove an existing one, and it leaves a
+    # snapshot written within CANDIDATE_GRACE alone (content-addressed: rewriting changes no byte)
     inputs = [c.pin for c in components.values()] + _tokenizer_pin(storage, tokenizer) + _drop_pins(mixed)
     storage.write_json(f"{folder}/{INPUTS}", inputs)
     for c in components.values():
-        if c.snapshot is not None and not storage.exists(c.pin["prefix"]):
+        if c.snapshot is not None:
             storage.write_bytes(c.pin["prefix"], c.snapshot)
         c.snapshot = None
     shards = []
