@@ -26,9 +26,9 @@ def tokenizer():
     return TokenCounter(train_model([PT_TEXT, EN_TEXT] * 30, vocab_size=400, seed=1, character_coverage=1.0))
 
 
-def corpus(tmp_path, n_synthetic: int = 12):
-    storage = LocalStorage(tmp_path / "home")
-    originals = pl.DataFrame(
+def originals_frame() -> pl.DataFrame:
+    """Ten pt|high subset documents of growing length, from two drops."""
+    return pl.DataFrame(
         {
             "doc_id": [f"d{i}" for i in range(10)],
             "drop_id": ["drop-a"] * 5 + ["drop-b"] * 5,
@@ -37,6 +37,11 @@ def corpus(tmp_path, n_synthetic: int = 12):
             "quality": ["high"] * 10,
         }  # fmt: skip
     )
+
+
+def corpus(tmp_path, n_synthetic: int = 12):
+    storage = LocalStorage(tmp_path / "home")
+    originals = originals_frame()
     storage.write_parquet(partition_file("quality_subsets", "pt", "high"), originals)
     rows = pl.DataFrame(
         {

@@ -25,22 +25,14 @@ from synth_cpt.synthesis.outputs import publish_tables
 
 from .conftest import PT_TEXT
 from .doubles import RefusingDeleteTestStorage
-from .test_mix_build import recipe, tokenizer  # noqa: F401  (fixture)
+from .test_mix_build import originals_frame, recipe, tokenizer  # noqa: F401  (fixture)
 
 PROMPTS = {g: f"name: easy\nkind: rewrite\ndescription: generation {g}\nuser: 'Reescreva: {{{{ text }}}}'\n" for g in range(3)}
 SHAS = {g: hashlib.sha256(text.encode()).hexdigest() for g, text in PROMPTS.items()}
 
 
 def _subset(storage, with_drop_version=False):
-    frame = pl.DataFrame(
-        {
-            "doc_id": [f"d{i}" for i in range(10)],
-            "drop_id": ["drop-a"] * 5 + ["drop-b"] * 5,
-            "text": [f"Documento {i}. " + PT_TEXT[: 60 + 20 * i] for i in range(10)],
-            "language": ["pt"] * 10,
-            "quality": ["high"] * 10,
-        }  # fmt: skip
-    )
+    frame = originals_frame()
     if with_drop_version:
         frame = frame.with_columns(
             pl.when(pl.col("drop_id") == "drop-a").then(pl.lit("va1")).otherwise(pl.lit("vb1")).alias("drop_version")

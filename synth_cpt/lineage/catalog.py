@@ -55,8 +55,8 @@ from synth_cpt.core.retention import mix_pins, versioned_outputs
 from synth_cpt.core.storage import LocalStorage, Storage
 from synth_cpt.generation.cache import SCHEMA as GENERATION_ROWS
 
-VIEWS = ("drops", "quarantine", "documents", "subsets", "generations", "synthetic", "rejects", "shards", "manifests",
-         "mix_versions", "all_shards", "all_synthetic", "pinned_subsets")  # fmt: skip
+VIEWS = ("drops", "quarantine", "documents", "subsets", "generations", "synthetic", "rejects", "shards", "mix_versions",
+         "manifests", "all_shards", "all_synthetic", "pinned_subsets")  # fmt: skip
 
 
 def _quote(value: str) -> str:
@@ -189,19 +189,11 @@ class Catalog:
         self._files(groups, "shards", MIX_SHARD, ("mix", "language", "quality", "shard", "filename"))
 
     def _view_manifests(self) -> None:
-        rows = []
-        for p in published_partitions(self.storage, TRAINING_MIX):
-            m = self.storage.read_json(f"{p.prefix}/manifest.json")
-            rows.append([p.asset.removeprefix(TRAINING_MIX), p.language, p.quality, self.storage.uri(p.prefix), m["recipe_sha"], m["seed"],
-                         m["tokens"], m["documents"], len(m["shards"]), json.dumps(m["by_origin"]), json.dumps(m["drops"]),
-                         json.dumps(m["prompt_shas"]), json.dumps(m["model_fingerprints"]), m["tokenizer_sha"], m.get("run_id")])  # fmt: skip
+        """The manifest of each published mix: the current rows of `mix_versions` (one reading of a manifest)."""
         self.con.execute(
-            "CREATE OR REPLACE TABLE manifests (mix VARCHAR, language VARCHAR, quality VARCHAR, uri VARCHAR, recipe_sha VARCHAR, "
-            "seed BIGINT, tokens BIGINT, documents BIGINT, shards BIGINT, by_origin JSON, drops JSON, prompt_shas JSON, "
-            "model_fingerprints JSON, tokenizer_sha VARCHAR, run_id VARCHAR)"
+            "CREATE OR REPLACE VIEW manifests AS SELECT mix, language, quality, uri, recipe_sha, seed, tokens, documents, shards, "
+            "by_origin, drops, prompt_shas, model_fingerprints, tokenizer_sha, run_id FROM mix_versions WHERE current"
         )
-        if rows:
-            self.con.executemany("INSERT INTO manifests VALUES (" + ", ".join("?" * 15) + ")", rows)
 
     def _retained(self, asset_prefix: str) -> list[tuple[str, str, str, str, str, bool]]:
         """(asset, language, quality, partition prefix, version, current) of every retained version of the
