@@ -1,5 +1,7 @@
 """raw_corpus dedup and bucketing, tokenizer determinism, budgeted subsets."""
 
+import hashlib
+
 import polars as pl
 import pytest
 
@@ -86,12 +88,24 @@ def _frame(n: int) -> pl.DataFrame:
     )
 
 
+def _longest_prefix(frame: pl.DataFrame, counter, budget: int) -> tuple[list[str], int, int]:
+    """The rule, written out: the longest prefix of the ordered frame within the budget, its tokens, and
+    the tokens of the first document left out."""
+    ids, total = [], 0
+    for doc, n in zip(frame["doc_id"], counter.count(frame["text"].to_list()), strict=True):
+        if total + n > budget:
+            return ids, total, n
+        ids.append(doc)
+        total += n
+    raise AssertionError("the budget holds every document: the rule is not exercised")
+
+
 def test_budgeted_selection_rule(counter):
     frame = _frame(30)
     subset, stats = select_budgeted(frame, counter, 300, "score", 1)
-    assert stats.tokens == subset["n_tokens"].sum() <= 300
-    assert stats.stopped_at_doc_tokens is not None and stats.tokens + stats.stopped_at_doc_tokens > 300
-    assert subset["quality_score"].to_list() == sorted(subset["quality_score"].to_list(), reverse=True)
+    ids, tokens, stopped = _longest_prefix(frame.sort(["quality_score", "doc_id"], descending=[True, False]), counter, 300)
+    assert subset["doc_id"].to_list() == ids and len(ids) > 1
+    assert (stats.documents, stats.tokens, stats.stopped_at_doc_tokens) == (len(ids), tokens, stopped)
     assert subset["n_tokens"].to_list() == counter.count(subset["text"].to_list())
     bigger, _ = select_budgeted(frame, counter, 600, "score", 1)
     assert set(subset["doc_id"]) < set(bigger["doc_id"]), "a larger budget is a superset"
@@ -104,6 +118,10 @@ def test_random_order_is_seeded_and_independent_of_row_order(counter):
     a, _ = select_budgeted(frame, counter, 250, "random", 7)
     b, _ = select_budgeted(frame.reverse(), counter, 250, "random", 7)
     c, _ = select_budgeted(frame, counter, 250, "random", 8)
+    seeded = frame.with_columns(
+        pl.col("doc_id").map_elements(lambda d: hashlib.sha256(f"7:{d}".encode()).hexdigest(), pl.String).alias("k")
+    )
+    assert a["doc_id"].to_list() == _longest_prefix(seeded.sort("k"), counter, 250)[0]
     assert a["doc_id"].to_list() == b["doc_id"].to_list()
     assert a["doc_id"].to_list() != c["doc_id"].to_list()
 
@@ -386,14 +404,16 @@ def test_bounded_dedup_holds_few_files_open(tmp_path, monkeypatch):
 
     with contextlib.closing(storage.parquet_file(f"{published_prefix(storage, '2026-01-01.jsonl')}/docs.parquet")):
         assert open_docs() == 1, "the count sees an open file"
-    most = [0]
+    most, opened = [0], set()
     parquet_file = storage.parquet_file
 
     def counting(key):
         most[0] = max(most[0], open_docs())
+        opened.add(key)
         return parquet_file(key)
 
     monkeypatch.setattr(storage, "parquet_file", counting)
     assert build_raw_corpus(storage, cfg, "pt", "high").documents == 72
+    assert len(opened) == 12, "every drop's file is opened through the counting spy"
     assert most[0] <= dedup.READERS, f"{most[0]} docs.parquet files open at once"
     assert open_docs() == 0

@@ -90,7 +90,7 @@ def test_a_score_without_cut_points_is_ignored_and_no_usable_score_is_null():
 def test_check_rejects_bad_cut_points():
     good = {"scores": {"edu": {"cutpoints": [float(v) for v in range(19)]}, "stem": {"cutpoints": None}}}
     good["sha256"] = digest({"edu": good["scores"]["edu"]["cutpoints"], "stem": None})
-    assert check_cutpoints(good).success
+    assert (check_cutpoints(good).success, check_cutpoints(good).failures) == (True, [])
     short = {"scores": {"edu": {"cutpoints": [1.0] * 18}}, "sha256": digest({"edu": [1.0] * 18})}
     down = {"scores": {"edu": {"cutpoints": [2.0] + [1.0] * 18}}, "sha256": digest({"edu": [2.0] + [1.0] * 18})}
     wrong_sha = {**good, "sha256": "0" * 64}

@@ -71,7 +71,11 @@ def test_outputs_checked_with_duckdb(ingested):
     sources = dict(duckdb.sql(f"select quality_score_source, count(*) from {raw} group by 1").fetchall())
     assert sources.get("fields", 0) > 0 and sources.get("heuristic", 0) > 0, "both the mapped-score path and the heuristic run"
     pointer = json.loads((home / "tokenizer" / "current.json").read_text())
-    assert (home / pointer["prefix"] / "tokenizer.model").is_file() and pointer["info"]["vocab_size"] > 0
+    import sentencepiece as spm
+
+    pieces = spm.SentencePieceProcessor(model_file=str(home / pointer["prefix"] / "tokenizer.model")).get_piece_size()
+    assert pointer["info"]["vocab_size"] == pieces, "the published model's own size"
+    assert pieces <= pointer["info"]["requested_vocab_size"]
     for table in ("crawl drops", "partitions (language|quality)", "quarantined records by reason"):
         assert table in first.stdout
 
@@ -185,7 +189,9 @@ def test_synthesize_mix_evals_and_lineage_through_the_cli(ingested, tmp_path):
     for asset in ("rewrites_medium", "entity_graphs"):
         pointer = json.loads((home / asset / "pt" / "high" / "current.json").read_text())
         assert pointer["files"] and all((home / pointer["prefix"] / f).is_file() for f in pointer["files"])
-    generated = duckdb.sql(f"select distinct model, model_fingerprint from read_parquet('{home}/generations/segments/**/*.parquet')").fetchall()
+    generated = duckdb.sql(
+        f"select distinct model, model_fingerprint from read_parquet('{home}/generations/segments/**/*.parquet')"
+    ).fetchall()
     assert generated == [announced.groups()], generated
     second = _cli(args, env)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -199,12 +205,16 @@ def test_synthesize_mix_evals_and_lineage_through_the_cli(ingested, tmp_path):
         "    wrap_1to1: {on_shortfall: take_available, formats: [parquet, jsonl.zst]}\n"
     )
     part = ["--partition", "pt|high"]
-    mix = _cli(["--config", str(mixes), "mix", *part, "--asset", "training_mix_originals_repeated", "--asset", "training_mix_wrap_1to1"], env)
+    mix = _cli(
+        ["--config", str(mixes), "mix", *part, "--asset", "training_mix_originals_repeated", "--asset", "training_mix_wrap_1to1"], env
+    )
     assert mix.returncode == 0, mix.stdout[-3000:] + mix.stderr[-3000:]
     assert "training_mix_originals_repeated" in mix.stdout and "original " in mix.stdout
     shards = sorted((home / "training_mix_originals_repeated" / "pt" / "high" / "v").glob("*/shard-*.parquet"))
     subset_tokens = duckdb.sql(f"select sum(n_tokens) from read_parquet('{home}/quality_subsets/pt/high/part-0.parquet')").fetchall()[0][0]
-    mixed = duckdb.sql(f"select sum(n_tokens), max(cnt) from (select doc_id, sum(n_tokens) n_tokens, count(*) cnt from read_parquet({[str(p) for p in shards]}) group by 1)").fetchall()[0]
+    mixed = duckdb.sql(
+        f"select sum(n_tokens), max(cnt) from (select doc_id, sum(n_tokens) n_tokens, count(*) cnt from read_parquet({[str(p) for p in shards]}) group by 1)"
+    ).fetchall()[0]
     assert len(shards) >= 2 and mixed[0] == 4 * subset_tokens and mixed[1] == 4, "the originals, exactly four times"
     evals = _cli(["--config", str(mixes), "evals", *part], env)
     assert evals.returncode == 0, evals.stderr[-3000:]

@@ -4,7 +4,6 @@ scoped lookups that read little, and writes off the engine's thread."""
 
 import re
 import threading
-import time
 
 import polars as pl
 import pyarrow as pa
@@ -50,7 +49,7 @@ def test_structured_output_cut_at_max_tokens_is_rejected_as_truncated(tmp_path):
     report = engine.run([req])
     assert (report.succeeded, report.rejected) == (1, 1)
     row = engine.cache.load().row(0, named=True)
-    assert row["rejected"].startswith("truncated: stopped at max_tokens=96"), row["rejected"]
+    assert row["rejected"] == "truncated: stopped at max_tokens=96 before the JSON was complete"
     assert report.rejections[row["request_id"]] == row["rejected"]
 
 
@@ -116,7 +115,9 @@ def test_vllm_backend_accounts_for_requests_the_engine_refuses(tmp_path):
     engine = _engine(tmp_path, backend)
     report = engine.run(reqs)
     assert (report.sent, report.succeeded, report.failed) == (7, 4, 3), "every request ends succeeded or failed"
-    assert all("exceeds max_model_len" in reason for reason in report.failures.values())
+    refused = {reqs[i].request_id("fp") for i in (1, 2, 5)}
+    assert set(report.failures) == refused, "exactly the refused requests failed"
+    assert all("exceeds max_model_len" in report.failures[rid] for rid in refused)
     rows = engine.cache.load()
     assert rows.height == 7 and rows["request_id"].n_unique() == 7
 
@@ -135,6 +136,7 @@ def test_a_backend_that_drops_requests_fails_the_run_and_they_are_retried(tmp_pa
         engine.run(reqs)
     rows = engine.cache.load()
     lost = rows.filter(pl.col("error").is_not_null())
+    assert sorted(lost["request_id"]) == sorted(r.request_id("fp") for r in reqs[-2:]), "the two the backend never reported"
     assert lost.height == 2 and all(e.startswith("lost:") for e in lost["error"])
     retry = _engine(tmp_path)
     report = retry.run(reqs)
@@ -162,7 +164,7 @@ def test_a_reader_survives_segments_compacted_away_under_it(tmp_path):
     engine = _engine(tmp_path, flush_every=4)
     engine.run(reqs, scope="rewrites_easy/pt|high")
     ids = engine.request_ids(reqs)
-    assert len(engine.cache.segment_keys()) >= 10
+    assert len(engine.cache.segment_keys()) == 15, "30 rows handed to the writer in batches of flush_every // 2"
     reader = GenerationCache(CompactsOnFirstOpen(tmp_path))
     rows = reader.finished(ids, scope="rewrites_easy/pt|high")
     assert reader.storage.fired
@@ -170,27 +172,38 @@ def test_a_reader_survives_segments_compacted_away_under_it(tmp_path):
     assert len(engine.cache.segment_keys()) == 1
 
 
+class CompactingTestBackend(DeterministicTestBackend):
+    """Test double: another process compacts the cache every 10 requests sent, while the run's writer
+    thread is still writing segments of the same scope."""
+
+    def __init__(self, root, **kw) -> None:
+        super().__init__(**kw)
+        self.other = GenerationCache(LocalStorage(root))
+        self.compactions: list[dict[str, int]] = []
+
+    def send(self, p: Prepared) -> None:
+        super().send(p)
+        if len(self.sent) % 10 == 0:
+            self.compactions.append(self.other.compact())
+
+
 def test_compaction_during_a_run_loses_nothing(tmp_path):
     reqs = make_requests(160)
-    engine = _engine(tmp_path, DeterministicTestBackend(delay_s=0.004), flush_every=4)
-    outcome = {}
-    run = threading.Thread(target=lambda: outcome.setdefault("report", engine.run(reqs, scope="s")))
-    run.start()
-    compactions = 0
+    backend = CompactingTestBackend(tmp_path)
+    report = _engine(tmp_path, backend, flush_every=4).run(reqs, scope="s")
+    assert (report.sent, report.failed) == (160, 0)
+    # when the 10th request is sent, 9 results are in: at least 3 batches of 2 are written (at most one is
+    # ever pending), so every compaction merges segments
+    assert len(backend.compactions) == 16
+    # (`segments_after` also lists what the writer added meanwhile: it is not a figure of the merge)
+    assert [c["segments_before"] >= 2 and c["rows_after"] == c["rows_before"] for c in backend.compactions] == [True] * 16
     other = GenerationCache(LocalStorage(tmp_path))
-    while run.is_alive():
-        other.compact()
-        compactions += 1
-        time.sleep(0.01)
-    run.join()
-    report = outcome["report"]
-    assert compactions > 3 and (report.sent, report.failed) == (160, 0)
     other.compact()
     rows = other.load()
     assert rows.height == 160 and rows["request_id"].n_unique() == 160, "no row lost or duplicated"
-    backend = DeterministicTestBackend()
-    again = _engine(tmp_path, backend)
-    assert again.run(reqs, scope="s").sent == 0 and backend.sent == []
+    again_backend = DeterministicTestBackend()
+    again = _engine(tmp_path, again_backend)
+    assert again.run(reqs, scope="s").sent == 0 and again_backend.sent == []
     assert again.results(reqs, scope="s").height == 160
 
 
@@ -234,12 +247,15 @@ def test_a_crash_between_segment_and_index_is_repaired_by_the_next_lookup(tmp_pa
     reqs = make_requests(6)
     engine = _engine(tmp_path)
     engine.run(reqs, scope="x")
-    for key in engine.cache.index_keys("x"):
+    indexed = engine.cache.index_keys("x")
+    assert indexed
+    for key in indexed:
         engine.cache.storage.delete(key)
+    assert engine.cache.index_keys("x") == []
     backend = DeterministicTestBackend()
     again = _engine(tmp_path, backend)
     assert again.run(reqs, scope="x").sent == 0 and backend.sent == []
-    assert again.cache.index_keys("x"), "the index was rewritten"
+    assert again.cache.index_keys("x") == indexed, "the index was rewritten"
 
 
 # -- writes off the hot path -------------------------------------------------------------------------

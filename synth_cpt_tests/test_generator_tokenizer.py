@@ -117,9 +117,12 @@ def test_rewrite_step_chunks_by_the_generator_and_counts_rows_by_the_target(tmp_
 
     seen: list[str] = []
     backend = DeterministicTestBackend(reply=lambda p: seen.append(p.request.messages[-1][1]) or p.request.messages[-1][1])
-    step = rewrite_step(engine_with(tmp_path, backend), inputs, echo_prompt(tmp_path / "p"), None, "rewrites_echo", 0.0)
+    prompt = echo_prompt(tmp_path / "p")
+    step = rewrite_step(engine_with(tmp_path, backend), inputs, prompt, None, "rewrites_echo", 0.0)
 
     assert_cut_by_generator(seen, generator, target)
+    expected = {c.text.strip() for d in docs for c in document_chunks(prompt, d, generator.count)}
+    assert sorted(seen) == sorted(expected), "what was sent is the generator's chunks of each document, a repeated chunk once"
     rows = step.tables[SYNTHETIC_ROWS]
     assert rows.height == 3
     assert rows["n_tokens"].to_list() == target.count(rows["text"].to_list()), "rows are counted by the target tokenizer"
@@ -141,7 +144,8 @@ def test_autoregressive_context_is_bounded_by_the_generator(tmp_path, target, ge
     result = rewrite_documents(engine, prompt, [doc(1, long_text(1))], prompt_count=generator.count, gate=gate(target), scope="s")
     rows, _ = result.frames()
     assert rows.height == 1 and rows["n_tokens"][0] == target.count([rows["text"][0]])[0]
-    assert contexts and max(generator.count(contexts)) <= 60 < max(target.count(contexts))
+    assert len(contexts) == len(document_chunks(prompt, doc(1, long_text(1)), generator.count)) - 1, "every chunk but the first"
+    assert max(generator.count(contexts)) <= 60 < max(target.count(contexts))
 
 
 def test_preview_chunks_with_the_generator_as_the_run_does(tmp_path, target, generator):
@@ -188,6 +192,7 @@ def test_entigraph_chunks_by_the_generator_and_counts_rows_by_the_target(tmp_pat
     budget = Budget(triples=1)
     jobs = relation_jobs(document, ["Cabral", "Lisboa", "Brasil"], prompts["pair"], prompts["triple"],
                          prompt_count=generator.count, seed=3, budget=budget)  # fmt: skip
+    assert [len(j.entities) for j in jobs] == [2, 2, 2, 3], "every pair of three entities and the one budgeted triple"
     carried = [j.context.summary + j.context.text for j in jobs]
     assert all(sum(generator.count([j.context.summary, j.context.text])) <= LIMIT for j in jobs) and LIMIT < max(target.count(carried))
     result, _ = relation_corpus(
@@ -262,4 +267,5 @@ def test_prompts_render_chunks_with_the_generator(tmp_path, isolated_env, capsys
     expected = document_chunks(medium, document, generator.count)
     assert [h["source_tokens"] for h in headers] == [c.n_tokens for c in expected] and len(expected) > 1
     assert len(document_chunks(medium, document, target.count)) != len(expected)
-    assert "generator's tokenizer" in out.out + out.err
+    said = " ".join(out.err.split())  # the terminal (stderr here), as rich wrapped it
+    assert "chunks are cut by the generator's tokenizer" in said and f"(huggingface, sha256 {generator.sha256[:12]})" in said

@@ -42,16 +42,18 @@ def test_take_meets_the_target_within_one_document_and_the_cap(tokens, target, e
 )
 def test_plans_hit_their_targets_or_report_shortfalls_or_shrink(available, ratios, epochs, target):
     parts = [Part(f"c{i}", ratios[i], epochs[i], a) for i, a in enumerate(available)]
-    try:
-        plan = plan_mix(parts, target_tokens=target)
-    except MixShortfall as short:
-        assert short.plan.shortfalls and all(v > 0 for v in short.plan.shortfalls.values())
-        assert "short by" in str(short)
+    targets = split(target, [p.ratio for p in parts])
+    short_by = {p.origin: t - p.available * p.max_epochs for p, t in zip(parts, targets, strict=True) if t > p.available * p.max_epochs}
+    if short_by:  # a component's share is more than its epochs can give: the plan fails unless told otherwise
+        with pytest.raises(MixShortfall, match="short by") as short:
+            plan_mix(parts, target_tokens=target)
+        assert short.value.plan.shortfalls == short_by
         shrunk = plan_mix(parts, target_tokens=target, on_shortfall="shrink")
         assert shrunk.shrunk and shrunk.total < target and not any(p.shortfall for p in shrunk.parts)
-        assert shrunk.shortfalls == short.plan.shortfalls
+        assert shrunk.shortfalls == short_by
         return
-    assert plan.total == target and sum(p.target for p in plan.parts) == target
+    plan = plan_mix(parts, target_tokens=target)
+    assert plan.total == target and [p.target for p in plan.parts] == targets
     assert all(p.target <= p.capacity for p in plan.parts)
 
 

@@ -7,13 +7,14 @@ from importlib import resources
 import pytest
 
 from synth_cpt.core.config import PROFILES, default_config_text, load_config, parse_config
-from synth_cpt.synthesis.prompts import load_kind
+from synth_cpt.synthesis.prompts import load_kind, prompts_dir
 from synth_cpt.synthesis.routing import check_routing, why_not_routed
 
 
 def test_the_demo_routes_every_shipped_style_to_a_bucket():
     demo = load_config(str(resources.files("synth_cpt").joinpath("defaults/demo.yaml")))
     styles = load_kind("rewrite")
+    assert sorted(styles) == sorted(p.stem for p in (prompts_dir() / "rewrite").glob("*.yaml")) != [], "every shipped style is checked"
     check_routing(demo.synthesis, styles)
     unrouted = sorted(name for name, p in styles.items() if all(why_not_routed(demo.synthesis, p, b) for b in demo.quality.buckets))
     assert unrouted == []

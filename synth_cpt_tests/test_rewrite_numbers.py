@@ -251,6 +251,7 @@ def test_the_judge_compares_each_chunk_with_its_rewrite(tmp_path, counter):
     judge_ids = rows["judge_request_ids"][0].to_list()
     by_id = {r["request_id"]: r for r in engine.cache.load().to_dicts()}
     rewrites = [by_id[rid]["text"] for rid in rows["request_ids"][0]]
+    assert len(judge_ids) == len(rewrites) == 2, "one verdict per chunk"
     for k, rid in enumerate(judge_ids):  # the judge saw chunk k of the source and chunk k of the rewrite, nothing else
         assert json.loads(by_id[rid]["messages"]) == [
             {"role": m[0], "content": m[1]} for m in judge.request("pt", source=chunks[k].text, rewrite=rewrites[k]).messages

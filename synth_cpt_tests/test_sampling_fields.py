@@ -69,6 +69,7 @@ def test_edges_of_the_ranges_are_accepted():
     low = Sampling.from_dict({"repetition_penalty": 0.01, "min_p": 0, "presence_penalty": -2, "frequency_penalty": -2})
     high = Sampling.from_dict({"repetition_penalty": 3, "min_p": 1, "presence_penalty": 2, "frequency_penalty": 2.0})
     assert (low.min_p, low.presence_penalty, high.min_p, high.frequency_penalty) == (0.0, -2.0, 1.0, 2.0)
+    assert (low.repetition_penalty, low.frequency_penalty, high.repetition_penalty, high.presence_penalty) == (0.01, -2.0, 3.0, 2.0)
     assert isinstance(high.repetition_penalty, float)
 
 

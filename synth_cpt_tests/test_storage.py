@@ -54,7 +54,7 @@ def test_s3_storage_and_drop_from_s3(tmp_path, isolated_env, s3_bucket, monkeypa
     assert storage.read_parquet(keys[0])["quality"].unique().to_list() == ["high"]
     listed = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="home/")["Contents"]]
     assert "home/crawl_drops/d1.jsonl/current.json" in listed
-    assert [k for k in listed if k.startswith("home/crawl_drops/d1.jsonl/v/") and k.endswith("/docs.parquet")]
+    assert len([k for k in listed if k.startswith("home/crawl_drops/d1.jsonl/v/") and k.endswith("/docs.parquet")]) == 1
     frame = pl.DataFrame({"a": [1]})
     storage.write_parquet("x/y.parquet", frame)
     assert storage.read_parquet("x/y.parquet").equals(frame)

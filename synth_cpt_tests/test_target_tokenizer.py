@@ -8,6 +8,7 @@ independently from the file (`tokenizers.Tokenizer.from_file`), never from the c
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import polars as pl
@@ -45,7 +46,9 @@ def bpe_tokenizer(special_tokens: list[str], template: str | None = None) -> Tok
     )
     tok.train_from_iterator([PT_TEXT, EN_TEXT] * 5, trainer)
     if template:
-        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, tok.token_to_id(t)) for t in special_tokens])
+        tok.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[(t, tok.token_to_id(t)) for t in special_tokens]
+        )
     return tok
 
 
@@ -71,6 +74,20 @@ def hf_file(tmp_path):
 # -- which kind a file is ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("junk", "says"),
+    [
+        (b"not a tokenizer at all", "junk.bin is neither a SentencePiece model (protobuf) nor a Hugging Face tokenizer.json (JSON): "),
+        (b"", "junk.bin is empty: neither a SentencePiece model nor a Hugging Face tokenizer.json"),
+        (b'{"eos_token": "</s>"}', "junk.bin is JSON without a tokenizer `model`: not a Hugging Face tokenizer.json"),
+        (b'{"model": ', "junk.bin starts like JSON but does not parse as JSON, and is neither a SentencePiece model"),
+    ],
+)
+def test_what_is_no_tokenizer_is_refused_saying_what_it_is(junk, says):
+    with pytest.raises(NotATokenizer, match="^/somewhere/" + re.escape(says)):
+        detect_kind(junk, "/somewhere/junk.bin")
+
+
 def test_the_kind_is_told_by_content_not_by_suffix(tmp_path, sp_model, hf_file):
     swapped_sp, swapped_hf = tmp_path / "really-sentencepiece.json", tmp_path / "really-hf.model"
     swapped_sp.write_bytes(sp_model)
@@ -78,9 +95,6 @@ def test_the_kind_is_told_by_content_not_by_suffix(tmp_path, sp_model, hf_file):
     assert detect_kind(swapped_sp.read_bytes(), str(swapped_sp)) == SENTENCEPIECE
     assert detect_kind(swapped_hf.read_bytes(), str(swapped_hf)) == HUGGINGFACE
     assert TokenCounter(swapped_hf.read_bytes()).kind == HUGGINGFACE and TokenCounter(sp_model).kind == SENTENCEPIECE
-    for junk in (b"not a tokenizer at all", b"", b'{"eos_token": "</s>"}', b'{"model": '):
-        with pytest.raises(NotATokenizer, match=r"junk\.bin .*(neither|not a Hugging Face tokenizer\.json|empty)"):
-            detect_kind(junk, "/somewhere/junk.bin")
 
 
 def test_a_configured_file_that_is_no_tokenizer_is_rejected_naming_it(tmp_path):
@@ -253,7 +267,9 @@ def test_a_sentencepiece_shard_is_framed_the_same_way(tmp_path, sp_model):
     bos, eos = reference.bos_id(), reference.eos_id()
     assert bos >= 0 and bos != eos
     assert tokens.tolist() == [t for text in TEXTS for t in (bos, *reference.encode(text), eos)]
-    assert decode_token_shard(tmp_path / "home" / "mix" / "shard-00000.bin", counter) == [reference.decode(reference.encode(t)) for t in TEXTS]
+    assert decode_token_shard(tmp_path / "home" / "mix" / "shard-00000.bin", counter) == [
+        reference.decode(reference.encode(t)) for t in TEXTS
+    ]
 
 
 def test_a_vocabulary_over_65535_ids_writes_uint32(tmp_path):
@@ -295,7 +311,11 @@ def test_a_mix_built_with_a_tokenizer_json_counts_and_shards_in_its_ids(tmp_path
     assert manifest["tokenizer_sha"] == hashlib.sha256(hf_file.read_bytes()).hexdigest()
     assert manifest["token_shards"] == {"tokenizer_kind": HUGGINGFACE, "vocab_size": counter.vocab_size, "dtype": "uint16",
                                         "bos_id": reference.token_to_id("<s>"), "eos_id": reference.token_to_id("</s>")}  # fmt: skip
+    assert len(manifest["shards"]) > 1, "several shards, each checked below"
+    assert sum(e["tokens"] for e in manifest["shards"]) == manifest["tokens"]
     for k in range(len(manifest["shards"])):
         frame = pl.read_parquet(folder / f"shard-{k:05d}.parquet")
-        assert frame["n_tokens"].to_list() == [len(reference.encode(t, add_special_tokens=False).ids) for t in frame["text"]]
+        counted = [len(reference.encode(t, add_special_tokens=False).ids) for t in frame["text"]]
+        assert frame["n_tokens"].to_list() == counted
+        assert manifest["shards"][k]["tokens"] == sum(counted), "the manifest's figure is the reference tokenizer's"
         assert decode_token_shard(folder / f"shard-{k:05d}.bin", counter) == frame["text"].to_list()

@@ -9,7 +9,7 @@ from synth_cpt.core.storage import LocalStorage
 from synth_cpt.generation.backends import VLLMBackend
 from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.engine import GenerationEngine
-from synth_cpt.generation.requests import ChatRequest, Sampling
+from synth_cpt.generation.requests import ChatRequest, Sampling, derived_seed
 
 pytestmark = pytest.mark.vllm
 
@@ -74,7 +74,7 @@ def test_real_engine_chats_tokens_finish_reasons_and_json(vllm_session):
             tok.apply_chat_template(req.message_dicts(), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
         )
         assert row["prompt_tokens"] == expected, "prompt tokens come from the engine"
-        assert row["model_fingerprint"] == engine.fingerprint and row["seed"] is not None
+        assert row["model_fingerprint"] == engine.fingerprint and row["seed"] == derived_seed(row["request_id"])
     for req in structured:
         row = rows[req.request_id(engine.fingerprint)]
         if row["rejected"] is None:  # usable: valid JSON that follows the schema
@@ -132,6 +132,7 @@ def test_real_engine_takes_chain_links_pushed_while_it_runs(vllm_session, tmp_pa
     report = engine.run(first, follow=follow)
     assert (report.sent, report.succeeded, report.failed) == (2 * links, 2 * links, 0), report.failures
     rows = {r["request_id"]: r for r in engine.cache.load().to_dicts()}
+    assert sorted(k for _, k, _ in made.values()) == [0, 0, 1, 1, 2, 2], "every link of both chains was made"
     for rid, (_, k, before) in made.items():
         assert rid in rows and (k == 0 or before[-80:] in json.loads(rows[rid]["messages"])[-1]["content"])
     again = engine.run(first, follow=follow)  # the chains resume wholly from the cache

@@ -150,5 +150,6 @@ def test_an_installed_wheel_loads_the_definitions_and_renders_the_tree_s_prompts
 def test_the_installed_console_script_lists_every_prompt(installed):
     _, bin_dir, work = installed
     out = _run([bin_dir / "synth-cpt", "prompts", "list"], cwd=work, env=_env(work))
+    assert PROMPT_FILES, "the tree's prompt library is found"
     for path in PROMPT_FILES:
         assert path.stem in out.stdout and _tree_sha(path)[:12] in out.stdout, path

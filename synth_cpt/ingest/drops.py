@@ -304,7 +304,7 @@ def ingest_drop(
             report.damage_code = code
             report.damage = (
                 f"{what} (at line/row {where}; {read:,} of {drop.size:,} stored bytes read; "
-                f"{report.records:,} records before the break kept)"
+                f"{report.records:,} records read before the break, the last of them possibly cut short)"
             )
             if report.records == 0 and where <= 1:  # read to zero records: the same row, saying nothing was read
                 reason = f"no record could be read from the file: {report.damage}. Deliver a readable file in the format its name says."
