@@ -122,26 +122,27 @@ def test_a_prompt_that_cannot_fit_the_engine_fails_at_load_with_its_numbers(tmp_
         chunking={"max_input_tokens": 3000}, output={"max_tokens": 1000},
     )  # fmt: skip
     style = load_prompt("rewrite", "big", root=tmp_path)
-    total = 3 + 2 + CHAT_TEMPLATE_TOKENS + 3000 + 1000
+    total = 3 + 3 + CHAT_TEMPLATE_TOKENS + 3000 + 1000  # the user template counted with a one-word placeholder for the text
     fits = PipelineConfig.model_validate({"generation": {"max_model_len": total}})
     assert check_library(fits, [style], count=words) == []
     small = PipelineConfig.model_validate({"generation": {"max_model_len": total - 1}})
     with pytest.raises(PromptError) as err:
         check_library(small, [style], count=words)
     assert (
-        f"prompt {path}: largest request {total} tokens (template 5 + chat template {CHAT_TEMPLATE_TOKENS} + input 3000 "
+        f"prompt {path}: largest request {total} tokens (template 6 + chat template {CHAT_TEMPLATE_TOKENS} + input 3000 "
         f"+ output 1000) > the engine's context {total - 1}"
     ) in str(err.value)
 
 
 def test_autoregressive_context_counts_and_unrouted_styles_are_not_checked(tmp_path):
+    """The context counts, and so does the template text shown only when there is context (the longer branch)."""
     write_prompt(
-        tmp_path, "rewrite", "chain", buckets=["high"], user="{{ context }} {{ text }}",
+        tmp_path, "rewrite", "chain", buckets=["high"], user="{% if context %}o texto até aqui: {{ context }}{% endif %} {{ text }}",
         chunking={"max_input_tokens": 100, "autoregressive": True, "context_tokens": 500}, output={"max_tokens": 100},
     )  # fmt: skip
     write_prompt(tmp_path, "rewrite", "idle", buckets=[], chunking={"max_input_tokens": 9000})
     styles = [load_prompt("rewrite", n, root=tmp_path) for n in ("chain", "idle")]
-    total = 0 + CHAT_TEMPLATE_TOKENS + 100 + 500 + 100
+    total = 6 + CHAT_TEMPLATE_TOKENS + 100 + 500 + 100  # "o texto até aqui: x x"
     assert check_library(PipelineConfig.model_validate({"generation": {"max_model_len": total}}), styles, count=words) == []
     with pytest.raises(PromptError, match=rf"chain.yaml: largest request {total} tokens .*\+ context 500 \+ output 100\)"):
         check_library(PipelineConfig.model_validate({"generation": {"max_model_len": total - 1}}), styles, count=words)
@@ -152,7 +153,7 @@ def test_the_judge_request_is_checked_when_judging_is_on(tmp_path):
     write_prompt(tmp_path, "rewrite", "long", buckets=["high"], chunking={"max_input_tokens": 2000}, output={"max_tokens": 1600})
     shutil.copytree(prompts_dir() / "judge", tmp_path / "judge")
     style, judge = load_prompt("rewrite", "long", root=tmp_path), load_prompt("judge", "fidelity", root=tmp_path)
-    judge_template = max(sum(words([m["content"] for m in judge.messages(lang, source="", rewrite="")])) for lang in ("pt", "en"))
+    judge_template = max(sum(words([m["content"] for m in judge.messages(lang, source="x", rewrite="x")])) for lang in ("pt", "en"))
     total = judge_template + CHAT_TEMPLATE_TOKENS + 2000 + 1600 + judge.spec.output.max_tokens
     config = {"generation": {"max_model_len": total - 1}, "synthesis": {"judge": True}}
     with pytest.raises(PromptError) as err:
@@ -301,13 +302,12 @@ def test_a_dropped_segment_leaves_the_rest_of_the_document(tmp_path, counter):
 
     def reply(p):
         chunk = _chunk_of(p)
-        if "RECUSE" in chunk:
+        if "RECUSE" in chunk or chunk.strip() == chunks[1].text.strip():
             return "Desculpe, não posso reescrever este texto."
         return "\n".join(f"- {' '.join(reversed(line.split()))}" for line in chunk.strip().split("\n"))
 
     requests = [prompt.request("pt", text=c.text, context="", title="") for c in chunks]
-    failing = requests[1].request_id("fp-double")
-    engine = engine_with(tmp_path, DeterministicTestBackend(reply=reply, fail_ids={failing}))
+    engine = engine_with(tmp_path, DeterministicTestBackend(reply=reply))
     result = rewrite_documents(engine, prompt, [kept_doc, refused], prompt_count=counter.count, gate=gate(counter), scope="s")
     rows, rejects = result.frames()
     row = rows.row(0, named=True)
@@ -320,7 +320,7 @@ def test_a_dropped_segment_leaves_the_rest_of_the_document(tmp_path, counter):
     assert row["n_tokens"] == counter.count([row["text"]])[0]
     got = rejects.select("doc_id", "reason_code", "chunk_index", "chunk_dropped").rows()
     assert got == [
-        ("d001", fid.FAILED, 1, True),
+        ("d001", fid.REFUSAL, 1, True),
         ("d002", fid.NO_CHUNK_KEPT, None, False),
         ("d002", fid.REFUSAL, 0, True), ("d002", fid.REFUSAL, 1, True), ("d002", fid.REFUSAL, 2, True),
     ]  # fmt: skip
@@ -328,7 +328,29 @@ def test_a_dropped_segment_leaves_the_rest_of_the_document(tmp_path, counter):
     rates = result.pass_rates()
     assert (rates["candidates"], rates["pass_rate"]) == (2, 0.5)
     assert rates["rejected_by_reason"] == {fid.NO_CHUNK_KEPT: 1}
-    assert rates["dropped_chunks_by_reason"] == {fid.FAILED: 1, fid.REFUSAL: 3}
+    assert rates["dropped_chunks_by_reason"] == {fid.REFUSAL: 4}
+
+
+def test_a_request_that_failed_rejects_the_document_even_when_segments_may_be_dropped(tmp_path, counter):
+    """A failed request is retried by the next run: dropping its segment would publish a shortened row now
+    and a different one then. So it rejects the document, and the rerun publishes it whole."""
+    prompt = load_prompt("rewrite", "knowledge_list")
+    kept_doc = doc(1, "\n".join(f"Linha {i}: {PT_TEXT}" for i in range(12)))
+    chunks = chunk_document(kept_doc.text, prompt.spec.chunking.max_input_tokens, counter.count, "lines", "pt")
+    assert len(chunks) == 3
+
+    def reply(p):
+        return "\n".join(f"- {' '.join(reversed(line.split()))}" for line in _chunk_of(p).strip().split("\n"))
+
+    failing = prompt.request("pt", text=chunks[1].text, context="", title="").request_id("fp-double")
+    engine = engine_with(tmp_path, DeterministicTestBackend(reply=reply, fail_ids={failing}))
+    rows, rejects = rewrite_documents(engine, prompt, [kept_doc], prompt_count=counter.count, gate=gate(counter), scope="s").frames()
+    assert rows.height == 0 and rejects.select("doc_id", "reason_code", "chunk_index", "chunk_dropped").rows() == [
+        ("d001", fid.FAILED, 1, False)
+    ]
+    engine.backend.fail_ids = set()
+    rows, rejects = rewrite_documents(engine, prompt, [kept_doc], prompt_count=counter.count, gate=gate(counter), scope="s").frames()
+    assert (rows.height, rejects.height) == (1, 0) and (rows["chunks"][0], rows["chunks_kept"][0]) == (3, 3)
 
 
 def test_a_failed_segment_still_rejects_the_document_by_default(tmp_path, counter):

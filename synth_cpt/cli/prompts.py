@@ -32,27 +32,10 @@ def _find_document(storage, config, doc_id: str):
     return found[0]
 
 
-def _template_counter(config):
-    """The generator's tokenizer as the assets pick it (`chunking_counter`), else the target's, else UTF-8 bytes."""
-    from synth_cpt.core.storage import open_storage
-    from synth_cpt.corpus.tokenizer import TokenCounter
-    from synth_cpt.defs.resources import LLM
-    from synth_cpt.synthesis.fit import utf8_bytes
-
-    llm = LLM.from_config(config)
-    path = llm.generator_tokenizer_file(config.storage_uri())
-    if path is not None:
-        return TokenCounter(Path(path).read_bytes(), name=str(path)).count, f"the generator's tokenizer {path}"
-    try:
-        return TokenCounter.from_storage(open_storage(config.storage_uri())).count, "the target tokenizer (the generator's is not known)"
-    except FileNotFoundError:
-        return utf8_bytes, "UTF-8 bytes (neither the generator's nor the target tokenizer is at hand)"
-
-
 def _check(config) -> int:
     """`prompts check`: the largest request of every routed prompt against the engine's context, as a table;
     exit 2 naming the prompts that cannot fit."""
-    from synth_cpt.synthesis.fit import CHAT_TEMPLATE_TOKENS, engine_context, request_sizes
+    from synth_cpt.synthesis.fit import CHAT_TEMPLATE_TOKENS, engine_context, request_sizes, template_counter
     from synth_cpt.synthesis.prompts import judge_for, load_kind, load_prompt
     from synth_cpt.synthesis.routing import check_library, check_routing, routed
 
@@ -60,7 +43,7 @@ def _check(config) -> int:
     check_routing(config.synthesis, styles)
     entigraph = list(load_kind("entigraph").values())
     judge = load_prompt("judge", "fidelity") if config.synthesis.judge else None
-    count, counted_by = _template_counter(config)
+    count, counted_by = template_counter(config.generation_settings(), config.storage_uri())  # as the Definitions load counts
     context_size, source = engine_context(config.generation_settings(), config.storage_uri())
     running = [s for s in styles.values() if routed(config.synthesis, s)]
     judges = {s.name: j for s in running if (j := judge_for(s, judge)) is not None}

@@ -118,7 +118,7 @@ ENTITY_SUMMARIES = pa.schema(
         ("summary", pa.string()),
         ("n_entities", pa.int64()),
         ("request_ids", pa.list_(pa.string())),
-        ("attempts", pa.int64()),  # step-1 requests it took for the answer to parse (each a request id, in order)
+        ("attempts", pa.int64()),  # step-1 requests it took for the answer to parse (request_ids: the attempt that parsed)
         ("prompt_sha", pa.string()),
         ("model", pa.string()),
         ("model_fingerprint", pa.string()),

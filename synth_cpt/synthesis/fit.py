@@ -1,6 +1,7 @@
 """Prompts that must fit the engine: the largest request of every routed prompt, against the context.
 
-A request is its rendered template (system + user, with empty inputs) + the chunk it carries
+A request is its rendered template (system + user, every input a one-character placeholder, so a
+`{% if context %}` block is counted, and entity names at their longest) + the chunk it carries
 (`chunking.max_input_tokens`, and `context_tokens` for an autoregressive style) + what it may write
 (`output.max_tokens`); the judge's request holds a source chunk and its rewritten chunk, so it is the
 judge's template + the style's input limit + the style's max_tokens + the judge's max_tokens. One
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from synth_cpt.core.config import EMBEDDED_MODEL, GenerationConfig
 from synth_cpt.synthesis.chunking import Count
+from synth_cpt.synthesis.entigraph import MAX_ENTITY_CHARS
 from synth_cpt.synthesis.prompts import Prompt, PromptError
 
 CHAT_TEMPLATE_TOKENS = 64
@@ -59,12 +61,17 @@ class RequestSize:
         return f"{what}: largest request {self.total} tokens ({parts} + output {self.output}) > the engine's context {context_size}"
 
 
-_EMPTY = {"text": "", "context": "", "title": "", "entities": [], "summary": "", "source": "", "rewrite": ""}
+# Every input present (conditional blocks take their longer branch), each a placeholder: what an input
+# holds is bounded by the input limit; entity names are not, so they are counted at their longest (a triple's).
+_PLACEHOLDERS = {
+    "text": "x", "context": "x", "title": "x", "summary": "x", "source": "x", "rewrite": "x",
+    "entities": ["x" * MAX_ENTITY_CHARS] * 3,
+}  # fmt: skip
 
 
 def template_tokens(prompt: Prompt, languages: list[str], count: Count) -> int:
-    """The rendered system + user messages with empty inputs, in the longest of `languages`."""
-    sizes = [sum(count([m["content"] for m in prompt.messages(language, **_EMPTY)])) for language in languages]
+    """The rendered system + user messages with every input a placeholder, in the longest of `languages`."""
+    sizes = [sum(count([m["content"] for m in prompt.messages(language, **_PLACEHOLDERS)])) for language in languages]
     return max(sizes, default=0)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from synth_cpt.core.layout import ENTITY_GRAPHS, ENTITY_ROWS, generation_scope, rewrite_asset
+from synth_cpt.core.layout import ENTITY_GRAPHS, ENTITY_ROWS, SUMMARIES, generation_scope, rewrite_asset
 from synth_cpt.core.storage import Storage
 from synth_cpt.generation.engine import GenerationEngine
 from synth_cpt.generation.requests import ChatRequest
@@ -55,7 +55,8 @@ def preview(
         items = preview_requests(engine, prompt, doc, prompt_count=prompt_count, scope=scope, seed=seed)  # type: ignore[arg-type]
         return [
             Preview(
-                {**base, "chunk": chunk.index, "of": len(items), "source_tokens": chunk.n_tokens}, request,
+                {**base, "chunk": chunk.index, "of": len(items), "source_tokens": chunk.n_tokens},
+                request,
                 "" if request else f"carries the rewritten chunk {chunk.index - 1}, which is not in the cache yet (or was rejected)",
             )  # fmt: skip
             for chunk, request in items
@@ -69,13 +70,26 @@ def preview(
             raise PromptError(f"entity_graphs {doc.language}|{quality} is not published: materialize it to preview {prompt.id}")
         names = rows.filter(rows["doc_id"] == doc.doc_id).sort("position")["entity"].to_list()
         pair, triple = relation_prompts["pair"], relation_prompts["triple"]
-        jobs = relation_jobs(doc, names, pair, triple, prompt_count=prompt_count, seed=seed, budget=budget)
+        summaries = published_table(storage, ENTITY_GRAPHS, doc.language, quality, SUMMARIES)
+        mine_summary = summaries.filter(summaries["doc_id"] == doc.doc_id)["summary"].to_list() if summaries is not None else []
+        summary = mine_summary[0] if mine_summary else ""  # carried as the run carries it (documents over the limit)
+        jobs = relation_jobs(doc, names, pair, triple, prompt_count=prompt_count, seed=seed, budget=budget, summary=summary)
         mine = [j for j in jobs if j.prompt.name == prompt.name]
         if not mine:
             note = f"the document has {len(names)} entities; its plan of {len(jobs)} relations holds no {prompt.name}"
             return [Preview(base, None, note)]
         return [
-            Preview({**base, "relation": i, "of": len(mine), "entities": list(j.entities), "chunk": j.chunk.index}, j.request)
+            Preview(
+                {
+                    **base,
+                    "relation": i,
+                    "of": len(mine),
+                    "entities": list(j.entities),
+                    "whole_document": j.context.whole,
+                    "chunks": [c.index for c in j.context.chunks],
+                },
+                j.request,
+            )  # fmt: skip
             for i, j in enumerate(mine)
         ]
     raise PromptError(f"{prompt.id}: a judge prompt needs a rewrite to judge; preview a rewrite or entigraph prompt")

@@ -66,13 +66,15 @@ def chunk_request(prompt: Prompt, chain: Chain, k: int, seed: int, prompt_count:
 
 
 def _take(chain: Chain, k: int, answer: Answer | None, prompt: Prompt, result: SynthesisResult, engine: GenerationEngine) -> None:
-    """Record chunk k's answer in its chain; a failed or rejected chunk rejects the whole document, or, with
-    `on_failed_chunk: drop_chunk`, is dropped alone (its reject row names only its own request)."""
+    """Record chunk k's answer in its chain; a rejected chunk rejects the whole document, or, with
+    `on_failed_chunk: drop_chunk`, is dropped alone (its reject row names only its own request). A request
+    that failed (no answer: retried on the next materialization) always rejects the document, so a
+    transient error never publishes a shortened row that the next run would replace."""
     drop = prompt.spec.chunking.on_failed_chunk == "drop_chunk"
     output = prompt.spec.output
 
-    def fail(code: str, reason: str, text: str | None) -> None:
-        if drop:
+    def fail(code: str, reason: str, text: str | None, whole: bool = False) -> None:
+        if drop and not whole:
             base = lineage(chain.doc, prompt, engine, chain.request_ids[k : k + 1])
             result.reject(base, code, f"chunk {k} dropped, the document keeps its other chunks: {reason}", text, k, dropped=True)
         else:
@@ -80,7 +82,7 @@ def _take(chain: Chain, k: int, answer: Answer | None, prompt: Prompt, result: S
             result.reject(lineage(chain.doc, prompt, engine, chain.request_ids), code, reason, text, k)
 
     if answer is None:
-        return fail(FAILED, "the request failed (error recorded in the cache; retried on the next materialization)", None)
+        return fail(FAILED, "the request failed (error recorded in the cache; retried on the next materialization)", None, whole=True)
     if answer.unusable:
         return fail(FAILED, f"unusable output: {answer.unusable}", answer.text)
     piece = clean_piece(answer.text, answer.finish_reason, output)

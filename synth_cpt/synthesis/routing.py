@@ -37,11 +37,17 @@ def check_library(config: PipelineConfig, prompts: list[Prompt], count: Count | 
     context_size, source = engine_context(generation, root)
     if context_size is None:
         return [f"prompt sizes against the engine's context: {source}"]
+    notes = []
+    if generation.backend == "openai" and not generation.tokenizer:
+        notes.append(
+            "prompt sizes against the engine's context: chunks are cut by the target tokenizer (the served model's is not known), "
+            "so input limits are not in the generator's tokens and a request may not fit as checked: set generation.tokenizer"
+        )
     if count is None:
         count, _ = template_counter(generation, root)
     others = [p for p in prompts if p.kind == "entigraph"]
     check_fit(request_sizes(styles, others, judges, config.languages, count), context_size)
-    return []
+    return notes
 
 
 def _check_files(config: PipelineConfig, prompts: list[Prompt]) -> None:
