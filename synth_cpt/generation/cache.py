@@ -122,8 +122,10 @@ def _index_tier(key: str) -> int:
 
 
 def _earliest_success(rows: pl.DataFrame) -> pl.DataFrame:
-    """One row per request: the earliest success if two processes raced."""
-    return rows.sort("created_at", "segment").unique(subset="request_id", keep="first", maintain_order=True)
+    """One row per request if two processes raced: the one in the segment whose name sorts first (names
+    start with the time of the flush), the rule the index lookup follows, so `load` and `finished` agree."""
+    name = pl.col("segment").str.extract(r"([^/]+)$")
+    return rows.sort(name, "created_at").unique(subset="request_id", keep="first", maintain_order=True)
 
 
 class GenerationCache:
