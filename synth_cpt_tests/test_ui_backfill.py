@@ -27,7 +27,7 @@ import yaml
 
 from .conftest import REPO
 
-pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.ui]
 
 PARTITIONS = ["en|high", "en|low", "pt|high", "pt|low"]
 LAUNCH = """
