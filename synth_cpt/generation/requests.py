@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from synth_cpt.core.secrets import redact
+
 Message = dict[str, str]
 MAX_STOP = 16
 # Sampling fields added after ids were first stored, with vLLM's defaults: a request carries them in its
@@ -201,7 +203,8 @@ class Generation:
 
     @classmethod
     def failure(cls, request_id: str, error: str, attempts: int = 1, latency_s: float = 0.0) -> "Generation":
-        return cls(request_id, None, None, None, None, attempts, latency_s, error=error[:500])
+        # a reason may quote a server's body or an exception's URL: no key goes into the cache or the run's events
+        return cls(request_id, None, None, None, None, attempts, latency_s, error=redact(error)[:500])
 
     @property
     def ok(self) -> bool:
