@@ -95,7 +95,23 @@ def s3_bucket(moto_endpoint, request):
 
 
 @pytest.fixture(scope="session")
-def vllm_session(tmp_path_factory):
+def embedded_model(tmp_path_factory):
+    """The embedded model converted once for the whole session (about 70 s on 2 cores): SYNTH_CPT_MODELS
+    names its folder from here on, so every engine and `vllm serve` the session starts finds it converted."""
+    from synth_cpt.generation.settings import LLMSettings
+
+    saved = os.environ.get("SYNTH_CPT_MODELS")
+    os.environ["SYNTH_CPT_MODELS"] = str(tmp_path_factory.mktemp("models"))
+    path, _ = LLMSettings().resolve_model(str(tmp_path_factory.mktemp("model_home")))
+    yield path
+    if saved is None:
+        os.environ.pop("SYNTH_CPT_MODELS", None)
+    else:
+        os.environ["SYNTH_CPT_MODELS"] = saved
+
+
+@pytest.fixture(scope="session")
+def vllm_session(tmp_path_factory, embedded_model):
     """The real engine, loaded once for the whole session (~20-30 s on 2 cores). It is the process's
     shared backend for the default LLM settings, so assets materialized in this process (through
     Dagster, with SYNTH_CPT_MODELS pointing at the same converted model) use it instead of loading
@@ -104,15 +120,9 @@ def vllm_session(tmp_path_factory):
     from synth_cpt.generation.settings import keep_engines
 
     keep_engines()  # runs executed in this process share the one engine, as in the CLI
-    saved = os.environ.get("SYNTH_CPT_MODELS")
-    os.environ["SYNTH_CPT_MODELS"] = str(tmp_path_factory.mktemp("models"))
     root = tmp_path_factory.mktemp("vllm_home")
     resource = LLM()
     model_path, identity = resource.resolve_model(str(root))
     backend = resource.shared_backend(model_path)
     yield backend, root, resource, identity, model_path
     backend.close()
-    if saved is None:
-        os.environ.pop("SYNTH_CPT_MODELS", None)
-    else:
-        os.environ["SYNTH_CPT_MODELS"] = saved

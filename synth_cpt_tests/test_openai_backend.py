@@ -245,3 +245,38 @@ def test_chains_through_the_server_fleet_send_each_link_after_the_one_before(tmp
     for chain in range(2):
         assert sum(m.startswith(f"ok:{chain}/") for m in seen) == links
         assert all(f"reply to ok:{chain}/{k - 1}" in next(m for m in seen if m.startswith(f"ok:{chain}/{k} ")) for k in range(1, links))
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date():
+    from email.utils import formatdate
+
+    from synth_cpt.generation.backends import retry_after_seconds
+
+    now = 1_800_000_000.0
+    assert retry_after_seconds("7") == 7.0 and retry_after_seconds("0.5") == 0.5 and retry_after_seconds("-3") == 0.0
+    assert retry_after_seconds(formatdate(now + 120, usegmt=True), now=now) == 120.0
+    assert retry_after_seconds(formatdate(now - 120, usegmt=True), now=now) == 0.0, "a date in the past: retry now"
+    assert retry_after_seconds(None) is None and retry_after_seconds("") is None and retry_after_seconds("soon") is None
+
+
+def test_request_deadline_is_attempts_times_timeout_plus_the_wait_ceilings():
+    """The bound every request keeps: no wait drawn exceeds its ceiling, whatever Retry-After says."""
+    b = OpenAIBackend(["http://127.0.0.1:9/v1"], "m", timeout_s=1.0, max_attempts=3, backoff_s=0.1, backoff_max_s=0.4, retry_after_max_s=1.5)
+    assert [b.wait_ceiling_s(k) for k in (1, 2)] == [1.5, 1.5] and b.request_deadline_s() == 6.0
+    b.retry_after_max_s = 0.0
+    assert [round(b.wait_ceiling_s(k), 9) for k in (1, 2, 3, 4)] == [0.2, 0.3, 0.5, 0.5] and round(b.request_deadline_s(), 9) == 3.5
+    b.max_attempts = 5
+    assert round(b.request_deadline_s(), 9) == 5 + 0.2 + 0.3 + 0.5 + 0.5
+    b.retry_after_max_s = 1.5
+    assert max(b._backoff(k, ask) for k in (1, 2, 3, 9) for ask in (None, 0.2, 1.5, 86400.0) for _ in range(50)) <= 1.5
+
+
+def test_an_unreachable_endpoint_is_avoided_while_it_cools_down():
+    b = OpenAIBackend(["http://a/v1", "http://b/v1"], "m", endpoint_cooldown_s=10.0)
+    b.in_flight["http://b/v1"] = 3
+    assert b._pick() == "http://a/v1", "fewest in flight"
+    assert b._pick(avoid="http://a/v1") == "http://b/v1", "a retry goes elsewhere when it can"
+    b.cooling_until["http://b/v1"] = time.monotonic() + 10
+    assert b._pick(avoid="http://a/v1") == "http://a/v1", "a cooling endpoint only when every other one is worse"
+    b.cooling_until["http://a/v1"] = time.monotonic() + 5
+    assert b._pick() == b._pick(avoid="http://a/v1") == "http://a/v1", "every one cooling: the one that recovers first"

@@ -38,7 +38,7 @@ CANARY = {
 }
 
 
-def test_redact_masks_every_secret_value_and_url_password():
+def test_redact_masks_every_secret_value_and_url_password(monkeypatch):
     env = {
         "OPENAI_API_KEY": "sk-abcdefgh12345678",
         "MY_SERVER_TOKEN": "tok-0123456789",
@@ -49,6 +49,13 @@ def test_redact_masks_every_secret_value_and_url_password():
     text = "401: bad key sk-abcdefgh12345678 / tok-0123456789 cred-0123456789 at http://bob:hunter2@10.0.0.5:8000/v1 in us-east-1 abc"
     assert redact(text, environ=env) == f"401: bad key {MASK} / {MASK} cred-0123456789 at http://{MASK}@10.0.0.5:8000/v1 in us-east-1 abc"
     assert redact(text, extra_names=["CUSTOM_CRED"], environ=env).count(MASK) == 4
+    # the openai backend declares the variable it reads its key from, whatever it is called
+    from synth_cpt.core import secrets
+    from synth_cpt.generation.backends import OpenAIBackend
+
+    monkeypatch.setattr(secrets, "_declared", set())
+    OpenAIBackend(["http://127.0.0.1:9/v1"], "m", api_key_env="CUSTOM_CRED")
+    assert redact(text, environ=env).count(MASK) == 4
     # a key that contains another is masked whole, not left half-visible
     nested = {"OPENAI_API_KEY": "sk-0123456789", "HF_TOKEN": "sk-0123456789-extended"}
     assert secret_values(environ=nested) == ["sk-0123456789-extended", "sk-0123456789"]

@@ -315,8 +315,17 @@ class GenerationConfig(BaseModel):
     )
     api_key_env: str = Field("OPENAI_API_KEY", description="name of the environment variable holding the key (never the key)")
     concurrency: int = Field(32, ge=1, description="requests in flight (openai backend and a `synth-cpt serve`)")
-    timeout_s: float = Field(120.0, gt=0)
-    max_attempts: int = Field(4, ge=1)
+    timeout_s: float = Field(120.0, gt=0, description="openai backend: the longest one attempt of a request may take (a hard deadline)")
+    max_attempts: int = Field(4, ge=1, description="openai backend: attempts per request before it is recorded as failed with its reason")
+    backoff_s: float = Field(0.5, ge=0, description="openai backend: first wait between attempts, doubled each time, plus jitter up to it")
+    backoff_max_s: float = Field(30.0, ge=0, description="openai backend: ceiling of the doubled wait (before jitter)")
+    retry_after_max_s: float = Field(
+        60.0,
+        ge=0,
+        description="openai backend: a server's Retry-After is honoured up to this many seconds; a server asking for longer ends the "
+        "request with that reason (retried by the next run) instead of holding the run. A request takes at most max_attempts x "
+        "timeout_s plus, between attempts, max(backoff step + backoff_s, retry_after_max_s) each. Client-side: not in the fingerprint.",
+    )
     # cache and checkpoints
     cache_root: str | None = Field(None, description="storage root of the cache (local or s3://); default: the pipeline's")
     cache_prefix: str = GENERATIONS

@@ -22,10 +22,18 @@ _MIN_LENGTH = 8  # shorter values ("1", "true", a region) are too common to mask
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
 
 
+_declared: set[str] = set()
+
+
+def declare(name: str) -> None:
+    """A variable this process reads a key from (e.g. the configured `api_key_env`), whatever it is called."""
+    _declared.add(name)
+
+
 def secret_values(extra_names: Iterable[str] = (), environ: Mapping[str, str] | None = None) -> list[str]:
     """The values of the environment's secret variables, longest first (so a key that contains another is masked whole)."""
     env = os.environ if environ is None else environ
-    names = set(KNOWN) | set(extra_names) | {n for n in env if _SECRET_NAME.search(n)}
+    names = set(KNOWN) | _declared | set(extra_names) | {n for n in env if _SECRET_NAME.search(n)}
     values = {env[n] for n in names if n in env and len(env[n]) >= _MIN_LENGTH}
     return sorted(values, key=len, reverse=True)
 

@@ -124,7 +124,8 @@ def _publish(context: AssetExecutionContext, storage: Storage, asset: str, langu
         for name, outcome in step.outcomes.items():
             if name != rejected.check_name:
                 yield check_result(outcome, check_name=name, asset_key=asset)
-        yield rejected_result(context, rejected, asset_key=asset, **lease.figures())
+        failed = {k: MetadataValue.json(step.metadata[k]) for k in ("failed_requests", "failed_by_reason") if step.metadata.get(k)}
+        yield rejected_result(context, rejected, asset_key=asset, **lease.figures(), **failed)  # what the next run sends again
         return False
     for name, outcome in step.outcomes.items():
         yield check_result(outcome, check_name=name, asset_key=asset)

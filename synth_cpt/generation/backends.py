@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from synth_cpt.core.secrets import declare
 from synth_cpt.generation.requests import ChatRequest, Generation
 
 
@@ -273,18 +274,46 @@ class VLLMBackend(Backend):
 
 
 class RetryableError(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(self, reason: str, retry_after: float | None = None, unreachable: bool = False) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+        self.unreachable = unreachable  # no answer at all (refused, dropped, timed out): the endpoint may be gone
+
+
+class RetryRefused(Exception):
+    """The server asked to be retried later than `retry_after_max_s`: the request ends now, with this reason."""
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header in seconds: delta-seconds or an HTTP-date (RFC 9110); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class OpenAIBackend(Backend):
     """Any OpenAI-compatible chat server, e.g. a fleet of `vllm serve` instances.
 
-    Async with bounded concurrency; each request goes to the endpoint with the fewest requests in
-    flight; connection errors, timeouts, 429 (honouring Retry-After) and 5xx are retried with
-    exponential backoff and jitter; after `max_attempts` the request is recorded as failed with its
-    error and the run goes on. The API key is read from an environment variable and never logged.
+    Async with bounded concurrency; each attempt goes to the endpoint with the fewest requests in
+    flight, away from one that just gave no answer (`_pick`); connection errors, timeouts, truncated or malformed bodies, 429 and 5xx are retried with
+    exponential backoff and jitter, honouring a Retry-After up to `retry_after_max_s` (a server that
+    asks for longer ends the request with that reason instead of holding the run); after
+    `max_attempts` the request is recorded as failed with its error and the run goes on. Each attempt
+    has a hard deadline of `timeout_s` (a server that trickles bytes cannot stretch it), so no request
+    takes longer than `request_deadline_s()`. Each request carries its request_id as `X-Request-Id`
+    (so a server's logs and a test server can name it). The API key is read from an environment variable and never logged.
     """
 
     name = "openai"
@@ -300,18 +329,27 @@ class OpenAIBackend(Backend):
         max_attempts: int = 4,
         backoff_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        retry_after_max_s: float = 60.0,
+        endpoint_cooldown_s: float = 10.0,
     ) -> None:
+        """`endpoint_cooldown_s`: after an endpoint gave no answer (refused, dropped, timed out), requests go to
+        the others for this long; it is tried again when every endpoint is cooling down, or after it."""
         if not endpoints:
             raise ValueError("the openai backend needs at least one endpoint (base URL such as http://127.0.0.1:8000/v1)")
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.model = model
         self.api_key_env = api_key_env
+        declare(api_key_env)  # its value is masked in every failure reason, whatever the variable is called
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
+        self.retry_after_max_s = retry_after_max_s
+        self.endpoint_cooldown_s = endpoint_cooldown_s
         self.in_flight = dict.fromkeys(self.endpoints, 0)
+        self.cooling_until = dict.fromkeys(self.endpoints, 0.0)  # monotonic time an unreachable endpoint is avoided until
+        self.answered = dict.fromkeys(self.endpoints, 0)  # answers by endpoint, since this backend was built
 
     def version(self) -> str:
         import httpx
@@ -342,27 +380,40 @@ class OpenAIBackend(Backend):
         return body
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        """The wait after failed attempt `attempt` (1-based): never more than `wait_ceiling_s(attempt)`."""
         delay = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)) + random.uniform(0, self.backoff_s)
-        return max(delay, retry_after or 0.0)
+        return max(delay, min(retry_after or 0.0, self.retry_after_max_s))
 
-    async def _once(self, client: Any, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+    def wait_ceiling_s(self, attempt: int) -> float:
+        """The longest wait after failed attempt `attempt`: the backoff step plus its jitter, or a Retry-After up to its ceiling."""
+        return max(min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)) + self.backoff_s, self.retry_after_max_s)
+
+    def request_deadline_s(self) -> float:
+        """The longest one request can take, whatever the servers do: `max_attempts` attempts of at most
+        `timeout_s` each, and the waits between them (`wait_ceiling_s`). A run of n requests without
+        chains takes at most ceil(n / concurrency) times this (plus the engine's own bookkeeping)."""
+        return self.max_attempts * self.timeout_s + sum(self.wait_ceiling_s(k) for k in range(1, self.max_attempts))
+
+    async def _once(self, client: Any, endpoint: str, body: dict[str, Any], request_id: str = "") -> dict[str, Any]:
         import httpx
 
+        headers = {"X-Request-Id": request_id} if request_id else None
         try:
-            resp = await client.post(f"{endpoint}/chat/completions", json=body, timeout=self.timeout_s)
-        except httpx.TimeoutException:
-            raise RetryableError(f"timeout after {self.timeout_s:g} s") from None
+            # httpx's timeout bounds each phase (connect, each read); the outer one bounds the whole attempt
+            async with asyncio.timeout(self.timeout_s):
+                resp = await client.post(f"{endpoint}/chat/completions", json=body, timeout=self.timeout_s, headers=headers)
+        except (httpx.TimeoutException, TimeoutError):
+            raise RetryableError(f"timeout after {self.timeout_s:g} s", unreachable=True) from None
         except httpx.TransportError as exc:
-            raise RetryableError(f"connection error: {type(exc).__name__}") from None
-        if resp.status_code == 429:
-            retry_after = resp.headers.get("retry-after")
-            try:
-                seconds = float(retry_after) if retry_after else None
-            except ValueError:
-                seconds = None
-            raise RetryableError("HTTP 429 rate limited", seconds)
-        if resp.status_code >= 500:
-            raise RetryableError(f"HTTP {resp.status_code}")
+            raise RetryableError(f"connection error: {type(exc).__name__}", unreachable=True) from None
+        if resp.status_code == 429 or resp.status_code >= 500:
+            what = "HTTP 429 rate limited" if resp.status_code == 429 else f"HTTP {resp.status_code}"
+            seconds = retry_after_seconds(resp.headers.get("retry-after"))
+            if seconds is not None and seconds > self.retry_after_max_s:
+                raise RetryRefused(
+                    f"{what}: the server asked to retry after {seconds:g} s, more than retry_after_max_s ({self.retry_after_max_s:g} s)"
+                )
+            raise RetryableError(what, seconds)
         if resp.status_code >= 400:
             raise ValueError(f"HTTP {resp.status_code}: {resp.text[:200]}")
         try:
@@ -380,20 +431,26 @@ class OpenAIBackend(Backend):
         started = time.monotonic()
         last = ""
         attempt = 0
+        avoid = ""
         while attempt < self.max_attempts:
             attempt += 1
-            endpoint = min(self.endpoints, key=lambda e: self.in_flight[e])
+            endpoint = self._pick(avoid)
             self.in_flight[endpoint] += 1
             retry_after: float | None = None
             try:
-                got = await self._once(client, endpoint, body)
+                got = await self._once(client, endpoint, body, p.request_id)
+                self.answered[endpoint] += 1
                 usage = got["usage"]
                 return Generation(
                     p.request_id, got["text"], got["finish_reason"], usage.get("prompt_tokens"), usage.get("completion_tokens"),
                     attempt, time.monotonic() - started,
                 )  # fmt: skip
             except RetryableError as exc:
-                last, retry_after = str(exc), exc.retry_after
+                last, retry_after, avoid = str(exc), exc.retry_after, endpoint
+                if exc.unreachable:
+                    self.cooling_until[endpoint] = time.monotonic() + self.endpoint_cooldown_s
+            except RetryRefused as exc:  # waiting that long would hold the run: ended now, retried by the next run
+                return Generation.failure(p.request_id, str(exc), attempt, time.monotonic() - started)
             except ValueError as exc:  # 4xx other than 429: asking again will not help
                 return Generation.failure(p.request_id, str(exc), attempt, time.monotonic() - started)
             except Exception as exc:  # anything else (a malformed usage block, a bad URL): this request fails, the run goes on
@@ -403,6 +460,13 @@ class OpenAIBackend(Backend):
             if attempt < self.max_attempts:
                 await asyncio.sleep(self._backoff(attempt, retry_after))
         return Generation.failure(p.request_id, f"failed after {attempt} attempts: {last}", attempt, time.monotonic() - started)
+
+    def _pick(self, avoid: str = "") -> str:
+        """The endpoint for the next attempt: one that is not cooling down (else the one whose cooldown ends first),
+        then not the one this request just failed on, then the one with the fewest requests in flight (so a killed
+        server's share goes to the others)."""
+        now = time.monotonic()
+        return min(self.endpoints, key=lambda e: (max(self.cooling_until[e] - now, 0.0), e == avoid, self.in_flight[e]))
 
     async def _run(self, batch: list[Prepared], on_result: OnResult) -> None:
         import httpx

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from synth_cpt.core.config import EMBEDDED_MODEL, GenerationConfig
+from synth_cpt.core.secrets import redact
 from synth_cpt.core.storage import Storage, open_storage
 from synth_cpt.generation.backends import Backend, OpenAIBackend, VLLMBackend
 from synth_cpt.generation.cache import GenerationCache
@@ -143,12 +144,18 @@ class LLMSettings(GenerationConfig):
                 parts["extra_engine_args"] = self.extra_engine_args
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
+    def client_settings(self) -> dict[str, Any]:
+        """What an OpenAI client (the openai backend, or one talking to `synth-cpt serve`) is built with: how it
+        waits and retries. Never in the fingerprint: they change when an answer comes, not what it says."""
+        return {
+            "api_key_env": self.api_key_env, "concurrency": self.concurrency, "timeout_s": self.timeout_s,
+            "max_attempts": self.max_attempts, "backoff_s": self.backoff_s, "backoff_max_s": self.backoff_max_s,
+            "retry_after_max_s": self.retry_after_max_s,
+        }  # fmt: skip
+
     def build_backend(self, model_ref: str) -> Backend:
         if self.backend == "openai":
-            return OpenAIBackend(
-                self.endpoints, self.served_model_name or model_ref, api_key_env=self.api_key_env,
-                concurrency=self.concurrency, timeout_s=self.timeout_s, max_attempts=self.max_attempts,
-            )  # fmt: skip
+            return OpenAIBackend(self.endpoints, self.served_model_name or model_ref, **self.client_settings())
         return VLLMBackend(model_ref, self.engine_args(), speculative=self.speculative, speculative_config=self.speculative_config())
 
     def shared_backend(self, model_ref: str) -> Backend:
@@ -156,7 +163,8 @@ class LLMSettings(GenerationConfig):
         every run of the process, e.g. `synth-cpt synthesize` over all partitions) reuses its loaded
         engine instead of loading the model again."""
         key = json.dumps(
-            [model_ref, self.model_dump(exclude={"cache_root", "cache_prefix", "flush_every", "flush_seconds", "tokenizer"})], sort_keys=True
+            [model_ref, self.model_dump(exclude={"cache_root", "cache_prefix", "flush_every", "flush_seconds", "tokenizer"})],
+            sort_keys=True,
         )
         backend = _BACKENDS.get(key)
         if backend is None:
@@ -190,8 +198,7 @@ class LLMSettings(GenerationConfig):
             else:
                 if log:
                     log(f"generating with synth-cpt serve at {record.url} (pid {record.pid}): this run loads no model")
-                backend = ServedBackend(record, api_key_env=self.api_key_env, concurrency=self.concurrency,
-                                        timeout_s=self.timeout_s, max_attempts=self.max_attempts)  # fmt: skip
+                backend = ServedBackend(record, **self.client_settings())
         cache_storage = open_storage(self.cache_root) if self.cache_root else storage
         return GenerationEngine(
             backend, GenerationCache(cache_storage, self.cache_prefix),
@@ -202,11 +209,17 @@ class LLMSettings(GenerationConfig):
     def describe(self, storage_root: str, log: Callable[[str], None] | None = None) -> dict[str, str]:
         """What a run with these settings generates with: the model, its fingerprint and which engine."""
         if self.backend == "openai":
-            return {"model": self.served_identity(), "fingerprint": self.model_fingerprint(self.model), "engine": "openai: " + ", ".join(self.endpoints)}
+            return {
+                "model": self.served_identity(),
+                "fingerprint": self.model_fingerprint(self.model),
+                "engine": "openai: " + redact(", ".join(self.endpoints)),
+            }
         _, identity = self.resolve_model(storage_root, log=log)
         fingerprint = self.model_fingerprint(identity)
         record = self.running_server(storage_root, fingerprint, log=log)
-        engine = f"synth-cpt serve at {record.url} (pid {record.pid})" if record else "vLLM in this process (one load for the whole command)"
+        engine = (
+            f"synth-cpt serve at {record.url} (pid {record.pid})" if record else "vLLM in this process (one load for the whole command)"
+        )
         return {"model": identity, "fingerprint": fingerprint, "engine": engine}
 
     def serve(
@@ -227,7 +240,9 @@ class LLMSettings(GenerationConfig):
         path = record_path(directory, fingerprint)
         running = read_record(path)
         if running is not None and process_alive(running.pid):
-            raise ServeError(f"already {'served' if running.state == READY else 'loading'} at {running.url} (pid {running.pid}); stop that one first")
+            raise ServeError(
+                f"already {'served' if running.state == READY else 'loading'} at {running.url} (pid {running.pid}); stop that one first"
+            )
         if not port_free(port):
             raise ServeError(f"port {port} on {HOST} is taken: choose another with --port")
         name, _, revision = identity.partition("@")

@@ -98,10 +98,31 @@ def _examples(documents: list[SourceDocument], rows: pl.DataFrame, n: int = 3) -
     return sample_markdown([{"doc_id": r["doc_id"][:12], "source": sources.get(r["doc_id"], ""), "output": r["text"]} for r in picked])
 
 
+FAILED_LISTED = 1000  # failed requests named one by one in a step's metadata; every one of them is in the cache with its error
+
+
+def failed_requests(result: SynthesisResult) -> dict[str, Any]:
+    """Every request of the step that ended without an answer, by request_id, with its reason, and the count
+    by reason: what the next materialization sends again (and nothing else). Beyond FAILED_LISTED only counted."""
+    failed: dict[str, str] = {}
+    for run in result.batch.runs:
+        failed.update(run.failures)
+    by_reason: dict[str, int] = {}
+    for reason in failed.values():
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    listed = dict(sorted(failed.items())[:FAILED_LISTED])
+    return {
+        "failed_requests": listed,
+        "failed_by_reason": dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
+        **({"failed_requests_not_listed": len(failed) - len(listed)} if len(failed) > len(listed) else {}),
+    }
+
+
 def _common(result: SynthesisResult, prompts: list[Prompt], engine: GenerationEngine | None) -> dict[str, Any]:
     rates = result.pass_rates()
     return {
         **result.batch.metadata(),
+        **failed_requests(result),
         "pass_rate": rates["pass_rate"],
         "candidates": rates["candidates"],
         "rejected_by_reason": rates["rejected_by_reason"],
