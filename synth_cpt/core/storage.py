@@ -10,6 +10,7 @@ and an unchanged one never (local mtime and size, S3 ETag).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import json
 import os
@@ -35,6 +36,9 @@ def utc_stamp(at: datetime | None = None) -> str:
 
 
 PACKAGE_PREFIX = "package://"
+# errors only a write gets: raised while a candidate is written, they become a StorageWriteError
+_FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+_DENIED = {errno.EACCES, errno.EPERM}  # a write error only when it names the candidate (a read may get them too)
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,42 @@ class FileListing:
     refused: list[str]  # one human-readable line per path refused (symlinks or paths escaping the root)
 
 
-def _escapes(relative: str) -> bool:
-    return relative.startswith("/") or ".." in PurePosixPath(relative).parts
+def unsafe_path(relative: str) -> str | None:
+    """Why a path inside a root may not be read, or None when it is safe. A drop location is written by
+    others: a name must stay inside it on every backend (S3 keys are literal, but a `..` segment or a
+    doubled slash is normalized away by some HTTP stacks and by every local copy of the file), and a NUL
+    byte or a control character truncates or garbles the name in a C API, a log line or a shell."""
+    if "\x00" in relative:
+        return "name contains a NUL byte"
+    if any(ord(c) < 32 or ord(c) == 127 for c in relative):
+        return "name contains a control character"
+    if relative.startswith("/"):
+        return "absolute path"
+    parts = relative.split("/")
+    if ".." in parts:
+        return "'..' segment climbs out of the location"
+    if any(p in ("", ".") for p in parts):
+        return "empty or '.' segment (the name is not in its one normal form)"
+    return None
+
+
+class StorageWriteError(OSError):
+    """A write under a root failed (disk full, read-only file system, access denied, bucket missing).
+    Raised with the target and the errno's meaning in one sentence, so a failed asset says what to fix;
+    the candidate was removed, so nothing half written is there and what readers saw is unchanged."""
+
+
+def _write_failed(target: str, exc: BaseException) -> StorageWriteError:
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int) and code in errno.errorcode:
+        meaning = f"{os.strerror(code)} ({errno.errorcode[code]})"
+    else:  # S3: the service's error code and message
+        error = getattr(exc, "response", {}).get("Error", {}) if hasattr(exc, "response") else {}
+        meaning = f"{error.get('Message') or exc} ({error.get('Code') or type(exc).__name__})"
+    return StorageWriteError(
+        code if isinstance(code, int) else errno.EIO,
+        f"could not write {target}: {meaning}; nothing was published there, the previous version is unchanged",
+    )
 
 
 def _wanted(name: str, patterns: tuple[str, ...]) -> bool:
@@ -207,17 +245,34 @@ class LocalStorage(Storage):
                 if path.is_symlink() and not path.resolve().is_relative_to(real_root):
                     refused.append(f"{key}: symlink to {path.resolve()} escapes {self.label or self.root}; refused")
                     continue
-                if _escapes(key):
-                    refused.append(f"{key}: path escapes {self.label or self.root}; refused")
+                why = unsafe_path(key)
+                if why is not None:
+                    refused.append(f"{key!r}: {why}; refused")
                     continue
-                st = path.stat()
+                try:
+                    st = path.stat()
+                except FileNotFoundError:  # a dangling symlink, or deleted since the walk
+                    refused.append(f"{key}: symlink to a missing file; refused" if path.is_symlink() else f"{key}: vanished while listed")
+                    continue
                 changed = 0 if self.label and self.label.startswith(PACKAGE_PREFIX) else max(st.st_mtime_ns, st.st_ctime_ns)
                 modified = 0 if self.label and self.label.startswith(PACKAGE_PREFIX) else st.st_mtime_ns
                 found.append(FileInfo(key, str(path), st.st_size, f"mtime{st.st_mtime_ns}-size{st.st_size}", changed, modified))
+        found.sort(key=lambda f: f.key)  # as documented (the walk yields a folder's files before its subfolders')
         return FileListing(found, refused)
 
+    def _readable(self, key: str) -> Path:
+        """The path of `key`, refused (PermissionError, never opened) when its name is unsafe or it resolves
+        outside the root: a file swapped for a symlink after listing, or a key nobody listed."""
+        why = unsafe_path(key)
+        path = self.path(key)
+        if why is None and not path.resolve().is_relative_to(Path(self.root).resolve()):
+            why = f"resolves to {path.resolve()}, outside {self.label or self.root}"
+        if why is not None:
+            raise PermissionError(errno.EACCES, f"{key!r}: {why}; refused")
+        return path
+
     def open(self, key: str) -> IO[bytes]:
-        return open(self.path(key), "rb")
+        return open(self._readable(key), "rb")
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
@@ -227,7 +282,7 @@ class LocalStorage(Storage):
 
     @contextlib.contextmanager
     def local_path(self, key: str) -> Iterator[Path]:
-        path = self.path(key)
+        path = self._readable(key)
         if not path.exists():
             raise FileNotFoundError(f"{self.uri(key)} does not exist")
         yield path
@@ -238,15 +293,31 @@ class LocalStorage(Storage):
     @contextlib.contextmanager
     def writing(self, key: str) -> Iterator[Path]:
         target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _write_failed(str(target), exc) from exc
         tmp = target.with_name(f".tmp-{uuid.uuid4().hex}-{target.name}")
         try:
-            yield tmp
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            try:
+                yield tmp
+            except StorageWriteError:
+                raise
+            except OSError as exc:
+                # the body's writes to `tmp` (a full disk, a read-only mount) say which target, once; a
+                # failed read in the body (a refused drop, a missing input) stays what it is
+                if exc.errno in _FULL_OR_READ_ONLY or (exc.errno in _DENIED and exc.filename == str(tmp)):
+                    raise _write_failed(str(target), exc) from exc
+                raise
+            try:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except OSError as exc:
+                raise _write_failed(str(target), exc) from exc
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only mount cannot unlink; the rename never happened
+                tmp.unlink(missing_ok=True)
 
 
 def s3_location(uri: str, what: str) -> tuple[str, str]:
@@ -286,12 +357,23 @@ class S3Storage(Storage):
     def uri(self, *parts: str) -> str:
         return f"s3://{self.bucket}/{_join(self.prefix, *parts)}"
 
+    def _safe_key(self, key: str) -> str:
+        """The object key of `key`, refused (never requested) when the name is unsafe: some HTTP stacks
+        normalize `..` and doubled slashes away, so such a key could name an object outside the prefix."""
+        why = unsafe_path(key)
+        if why is not None:
+            raise PermissionError(errno.EACCES, f"{key!r}: {why}; refused")
+        return self._key(key)
+
     def write_bytes(self, key: str, data: bytes) -> str:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        except Exception as exc:  # botocore ClientError, connection errors
+            raise _write_failed(self.uri(key), exc) from exc
         return self.uri(key)
 
     def read_bytes(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        return self.client.get_object(Bucket=self.bucket, Key=self._safe_key(key))["Body"].read()
 
     def exists(self, key: str) -> bool:
         try:
@@ -320,8 +402,9 @@ class S3Storage(Storage):
                 inner = obj["Key"][len(start) :]
                 if not inner or inner.endswith("/") or (not recursive and "/" in inner) or not _wanted(PurePosixPath(inner).name, patterns):
                     continue
-                if _escapes(inner):
-                    refused.append(f"s3://{self.bucket}/{obj['Key']}: path escapes {self.uri(prefix)}; refused")
+                why = unsafe_path(inner)
+                if why is not None:
+                    refused.append(f"s3://{self.bucket}/{obj['Key']!r}: {why} (under {self.uri(prefix)}); refused")
                     continue
                 key = _join(prefix, inner)
                 etag = str(obj.get("ETag", "")).strip('"')
@@ -332,7 +415,7 @@ class S3Storage(Storage):
         return FileListing(found, refused)
 
     def open(self, key: str) -> IO[bytes]:
-        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        return self.client.get_object(Bucket=self.bucket, Key=self._safe_key(key))["Body"]
 
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list(prefix):
@@ -342,7 +425,10 @@ class S3Storage(Storage):
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def copy(self, source: str, target: str) -> None:
-        self.client.copy({"Bucket": self.bucket, "Key": self._key(source)}, self.bucket, self._key(target))
+        try:
+            self.client.copy({"Bucket": self.bucket, "Key": self._key(source)}, self.bucket, self._key(target))
+        except Exception as exc:
+            raise _write_failed(self.uri(target), exc) from exc
 
     @property
     def filesystem(self) -> Any:
@@ -358,6 +444,25 @@ class S3Storage(Storage):
                 kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
             self._fs = fs.S3FileSystem(**kwargs)
         return self._fs
+
+    def read_parquet(self, key: str, columns: list[str] | None = None, n_rows: int | None = None) -> pl.DataFrame:
+        """Ranged reads: the footer and the column chunks asked for (and with `n_rows`, only the row groups
+        that hold them), never a download of the whole object."""
+        with contextlib.closing(self.parquet_file(key)) as pf:
+            if n_rows is None:
+                table = pf.read(columns=columns)
+            else:
+                groups, rows = [], 0
+                for g in range(pf.num_row_groups):
+                    if rows >= n_rows:
+                        break
+                    groups.append(g)
+                    rows += pf.metadata.row_group(g).num_rows
+                table = pf.read_row_groups(groups, columns=columns) if groups else pf.schema_arrow.empty_table()
+                if columns is not None and not groups:
+                    table = table.select(columns)
+                table = table.slice(0, n_rows)
+        return pl.from_arrow(table)  # type: ignore[return-value]
 
     def parquet_file(self, key: str) -> pq.ParquetFile:
         path = f"{self.bucket}/{self._key(key)}"
@@ -377,7 +482,7 @@ class S3Storage(Storage):
     def local_path(self, key: str) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="synth-cpt-") as d:
             path = Path(d, Path(key).name)
-            self.client.download_file(self.bucket, self._key(key), str(path))
+            self.client.download_file(self.bucket, self._safe_key(key), str(path))
             yield path
 
     @contextlib.contextmanager
@@ -385,7 +490,10 @@ class S3Storage(Storage):
         with tempfile.TemporaryDirectory(prefix="synth-cpt-") as d:
             path = Path(d, Path(key).name)
             yield path
-            self.client.upload_file(str(path), self.bucket, self._key(key))
+            try:
+                self.client.upload_file(str(path), self.bucket, self._key(key))
+            except Exception as exc:  # boto3 S3UploadFailedError, ClientError, connection errors
+                raise _write_failed(self.uri(key), exc) from exc
 
 
 def open_storage(root: str, s3: Any | None = None) -> Storage:
