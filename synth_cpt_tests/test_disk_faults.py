@@ -1,6 +1,6 @@
 """Disk full, read-only targets and refused PUTs while publishing: the run fails with a message naming the
 target and the errno's meaning, the previous version stays published and readable, and nothing half
-written looks published (no pointer change, no marker, no `.tmp-` file).
+written looks published (no pointer change, no marker, no candidate `.<name>.<id>.tmp` file).
 
 Tests run as root (here and in CI), so chmod blocks nothing. The faults are real: a small tmpfs filled
 to the brim (ENOSPC) and a read-only bind mount (EROFS), mounted by the test on its own tmp folder. When
@@ -14,11 +14,12 @@ import json
 import os
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance
 
-from synth_cpt.core.storage import LocalStorage, S3Storage, Storage, StorageWriteError
+from synth_cpt.core.storage import LocalStorage, S3Storage, Storage, StorageWriteError, is_candidate
 from synth_cpt.ingest.drops import ingest_drop
 from synth_cpt.ingest.sources import list_drops
 
@@ -53,7 +54,9 @@ def _assert_previous_intact(storage: Storage, pointer: bytes, keys_before: list[
     new = sorted(set(keys_after) - set(keys_before))
     print("left after the failed publish:", new)
     assert not [k for k in new if "/_published/" in k or k.endswith("current.json")], "no marker or pointer for the failed version"
-    assert not [k for k in new if k.rsplit("/", 1)[-1].startswith(".tmp-")], "no candidate file left"
+    if isinstance(storage, LocalStorage):  # listings hide candidates: look at the folder itself
+        left = [p for p in Path(storage.root).rglob("*") if is_candidate(p.name)]
+        assert left == [], "no candidate file left"
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from synth_cpt.core.storage import LocalStorage
+from synth_cpt.core.storage import LocalStorage, is_candidate
 from synth_cpt.ingest import documents as D
 from synth_cpt.ingest import quarantine as Q
 from synth_cpt.ingest import records as R
@@ -151,7 +151,7 @@ def test_every_drop_format_gives_the_same_documents(tmp_path, fmt):
     assert q["reason_code"].to_list() == [Q.NULL_TEXT] and q["source_line"].to_list() == [6]
     manifest = storage.read_json(f"{published_prefix(storage, drop.key)}/manifest.json")
     assert manifest["accepted"] and manifest["quarantine_by_reason"] == {Q.NULL_TEXT: 1}
-    assert not [p for p in (tmp_path / "home").rglob(".tmp-*")], "no temporary files are left behind"
+    assert not [p for p in (tmp_path / "home").rglob("*") if is_candidate(p.name)], "no temporary files are left behind"
 
 
 def test_blank_lines_are_not_records(tmp_path):

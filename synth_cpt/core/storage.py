@@ -78,6 +78,16 @@ def unsafe_path(relative: str) -> str | None:
     return None
 
 
+def candidate_name(name: str) -> str:
+    """Where `name` is written before its atomic rename: hidden, and ending in `.tmp`, so a candidate left by a
+    killed process matches no reader's glob (`**/*.parquet` in DuckDB matches hidden files too)."""
+    return f".{name}.{uuid.uuid4().hex}.tmp"
+
+
+def is_candidate(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
 class StorageWriteError(OSError):
     """A write under a root failed (disk full, read-only file system, access denied, bucket missing).
     Raised with the target and the errno's meaning in one sentence, so a failed asset says what to fix;
@@ -220,7 +230,7 @@ class LocalStorage(Storage):
         base = self.path(prefix)
         if not base.is_dir():
             return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not is_candidate(p.name))
 
     def files(self, prefix: str = "", recursive: bool = True, patterns: tuple[str, ...] = ()) -> FileListing:
         base = self.path(prefix)
@@ -297,7 +307,7 @@ class LocalStorage(Storage):
             target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _write_failed(str(target), exc) from exc
-        tmp = target.with_name(f".tmp-{uuid.uuid4().hex}-{target.name}")
+        tmp = target.with_name(candidate_name(target.name))
         try:
             try:
                 yield tmp

@@ -15,9 +15,9 @@ import importlib.util
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
+from synth_cpt.core.storage import candidate_name
 from synth_cpt.generation.identity import file_sha256, model_identity
 
 NAME = "SmolLM2-135M-Instruct"
@@ -63,7 +63,7 @@ def convert(target: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = gguf_path()
-    tmp = target.with_name(f".tmp-{uuid.uuid4().hex}-{target.name}")
+    tmp = target.with_name(candidate_name(target.name))
     try:
         model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.bfloat16)
         tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
