@@ -6,6 +6,11 @@ the real embedded engine.
    step, the step process never exited and the run stayed STARTED).
 2. With `synth-cpt serve` up, a backfill of every generation asset over all four partitions completes,
    and the model is loaded once in total: by the server, none by the runs.
+3. Then, on the same instance (`synth-cpt mix` and `synth-cpt evals` add the mixes and `eval_scores`), Debian's
+   Chromium driven by Selenium sees what a user sees: every asset group of the Definitions in the asset graph,
+   rewrites_medium's four materialized partitions and its passed checks, eval_scores's plot as a decoded image,
+   and a materialization launched by clicking (Materialize -> partition picker -> Launch) that succeeds.
+   Screenshots of every step go to $SYNTH_CPT_UI_SHOTS (`make test-ui`: .ui_screenshots/).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import httpx
 import pytest
 import yaml
 
+from . import browser as web
 from .conftest import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.ui]
@@ -79,6 +85,8 @@ def ui(tmp_path_factory):
             {
                 "extends": "defaults",
                 "synthesis": {"max_documents": 1, "min_pass_rate": 0.0},
+                # the 135M model writes little: the mixes take what there is, so `synth-cpt mix` publishes every mix
+                "mixes": {"recipes": {r: {"on_shortfall": "take_available"} for r in ("rewrites_1to3", "wrap_1to1")}},
                 # a small KV cache: the test session may hold another engine at the same time
                 "generation": {"gpu_memory_utilization": 0.1},
             }
@@ -108,7 +116,7 @@ def ui(tmp_path_factory):
                 pass
             assert dev.poll() is None and time.monotonic() < deadline, (base / "dagster_dev.log").read_text()[-3000:]
             time.sleep(2)
-        yield {"url": url, "env": env, "base": base, "dagster_home": dagster_home}
+        yield {"url": url, "env": env, "base": base, "dagster_home": dagster_home, "port": port, "pid": dev.pid}
     finally:
         _stop(dev)
         log.close()
@@ -152,20 +160,29 @@ def _runs(ui: dict, backfill_id: str):
 
 
 @contextlib.contextmanager
+def _env(ui: dict):
+    """This process with the test's DAGSTER_HOME and synth-cpt settings (the instance's dagster.yaml and the
+    Definitions read them), restored after."""
+    names = ("DAGSTER_HOME", "SYNTH_CPT_HOME", "SYNTH_CPT_CONFIG", "SYNTH_CPT_MODELS")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update({k: ui["env"][k] for k in names})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def _instance(ui: dict):
-    """The test's instance, opened from this process (its dagster.yaml reads DAGSTER_HOME)."""
+    """The test's instance, opened from this process."""
     from dagster import DagsterInstance
 
-    saved = os.environ.get("DAGSTER_HOME")
-    os.environ["DAGSTER_HOME"] = str(ui["dagster_home"])
-    try:
-        with DagsterInstance.get() as instance:
-            yield instance
-    finally:
-        if saved is None:
-            os.environ.pop("DAGSTER_HOME", None)
-        else:
-            os.environ["DAGSTER_HOME"] = saved
+    with _env(ui), DagsterInstance.get() as instance:
+        yield instance
 
 
 def _most_at_once(ui: dict, backfill_id: str) -> int:
@@ -182,6 +199,22 @@ def _materialization_type():
     from dagster import DagsterEventType
 
     return DagsterEventType.ASSET_MATERIALIZATION
+
+
+def test_the_webserver_and_every_process_of_dagster_dev_listen_on_loopback_only(ui):
+    """What `make ui` starts is reachable from this machine only: the webserver on 127.0.0.1, the code servers
+    on unix sockets, the daemon on none."""
+    import psutil
+
+    dev = psutil.Process(ui["pid"])
+    listening = sorted(
+        (p.name(), c.laddr.ip, c.laddr.port)
+        for p in [dev, *dev.children(recursive=True)]
+        for c in p.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    )
+    print(f"\nlistening: {listening}")
+    assert [(ip, port) for _, ip, port in listening] == [("127.0.0.1", ui["port"])], listening
 
 
 def test_a_daemon_run_with_vllm_in_its_step_process_ends(ui):
@@ -238,3 +271,232 @@ def test_a_backfill_of_every_generation_asset_over_all_partitions_loads_the_mode
         _stop(server)
         serve_log.close()
     assert not list(servers.glob("*.json")), "the server's record goes with it"
+
+
+# --- the UI in a real browser, on the instance the backfills above filled ---
+
+GROUP_NODE = "//*[local-name()='foreignObject' and contains(@class,'group')]//*[@data-tooltip]"
+FINAL_RUN_STATES = ("Success", "Failure", "Canceled")
+
+
+def _definitions(ui: dict):
+    """The asset graph of the Definitions `dagster dev` serves (built with the test's config)."""
+    from synth_cpt.defs.definitions import build_definitions
+
+    with _env(ui):
+        return build_definitions().resolve_asset_graph()
+
+
+def _png_size(data_uri: str) -> tuple[int, int]:
+    """Width and height from a base64 PNG's IHDR chunk."""
+    import base64
+    import struct
+
+    png = base64.b64decode(data_uri.split(",", 1)[1])
+    return struct.unpack(">II", png[16:24])
+
+
+@pytest.fixture(scope="module")
+def outputs(ui):
+    """The mixes and eval_scores of every partition, made by the CLI in the test's DAGSTER_HOME (what the browser
+    checks read), on top of the backfills' generation assets."""
+    from dagster import AssetKey
+
+    with _instance(ui) as instance:
+        generated = instance.get_materialized_partitions(AssetKey("rewrites_medium"))
+    assert generated == set(PARTITIONS), f"the backfill tests above fill this instance: run the whole module ({generated})"
+    for command in ("mix", "evals"):
+        started = time.monotonic()
+        done = subprocess.run([_bin("synth-cpt"), command], env=ui["env"], cwd=ui["base"], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (command, done.stdout[-3000:], done.stderr[-3000:])
+        print(f"synth-cpt {command}: {time.monotonic() - started:.1f} s")
+    return ui
+
+
+@pytest.fixture(scope="module")
+def page(outputs, tmp_path_factory):
+    """Debian's Chromium on `dagster dev`, past the first-visit community modal; its screenshots are listed at the end."""
+    why = web.missing_browser()
+    if why:
+        pytest.fail(why)  # never a skip: `make test-ui` installs them (`make browser`)
+    shots = web.shots_dir()
+    started = time.monotonic()
+    with web.chromium(f"http://127.0.0.1:{outputs['port']}", shots, tmp_path_factory.mktemp("chromium_profile")) as tab:
+        tab.open("/asset-groups")
+        print(f"community modal dismissed: {tab.dismiss_community_modal()}")
+        yield tab
+    print(f"browser: {time.monotonic() - started:.1f} s, {len(tab.saved)} screenshots in {shots}:")
+    for path in tab.saved:
+        print(f"  {path}")
+
+
+def _settled(page: web.Page, what: str, read, expected, timeout: float = 30):
+    """Wait until `read()` (a value read from the page) equals `expected`; the value last read either way."""
+    seen = []
+
+    def equal(_driver) -> bool:
+        seen.append(read())
+        return seen[-1] == expected
+
+    with contextlib.suppress(AssertionError):
+        page.wait(what, equal, timeout)
+    return seen[-1] if seen else read()
+
+
+def _lines(page: web.Page) -> list[str]:
+    return [line.strip() for line in page.text().splitlines() if line.strip()]
+
+
+def test_the_asset_graph_shows_every_asset_group_of_the_definitions(ui, page):
+    graph = _definitions(ui)
+    expected = {graph.get(k).group_name for k in graph.get_all_asset_keys()}
+    page.open("/asset-groups")
+
+    def shown() -> set[str]:
+        return {e.get_attribute("data-tooltip") for e in page.visible(GROUP_NODE)}
+
+    groups = _settled(page, "every asset group in the graph", shown, expected)
+    page.wait("the groups' statuses", lambda d: "fetching statuses" not in page.text())
+    time.sleep(1)  # the graph's zoom-to-fit animation
+    shot = page.shot("asset-graph-groups")
+    print(f"asset groups in the graph: {sorted(groups)} (Definitions: {sorted(expected)})")
+    assert groups == expected, f"graph shows {sorted(groups)}: {page.evidence('asset_graph_groups')}"
+    _readme_graph(page, shot)
+
+
+def _readme_graph(page: web.Page, shot: Path) -> None:
+    """The graph cut out of a screenshot, small enough for the README (saved as asset-graph.png;
+    docs/asset-graph.png is one of these)."""
+    from PIL import Image
+
+    # the box around every node of the graph, with a margin
+    canvas = page.driver.execute_script(
+        "const rs = [...document.querySelectorAll('foreignObject')].map(f => f.getBoundingClientRect()).filter(r => r.width > 0);"
+        "return [Math.max(0, Math.min(...rs.map(r => r.left)) - 16), Math.max(0, Math.min(...rs.map(r => r.top)) - 16),"
+        "  Math.max(...rs.map(r => r.right)) + 16, Math.max(...rs.map(r => r.bottom)) + 16, devicePixelRatio];"
+    )
+    left, top, right, bottom, ratio = canvas
+    out = page.shots / "asset-graph.png"
+    with Image.open(shot) as image:
+        crop = image.crop(tuple(int(v * ratio) for v in (left, top, min(right, image.width), min(bottom, image.height))))
+        crop.thumbnail((1200, 1200))
+        crop.convert("P", palette=Image.Palette.ADAPTIVE, colors=128).save(out, optimize=True)
+    print(f"README candidate: {out} ({out.stat().st_size // 1024} KB)")
+
+
+def test_rewrites_medium_shows_its_four_partitions_materialized(ui, page):
+    import re
+
+    from dagster import AssetKey
+
+    with _instance(ui) as instance:
+        recorded = instance.get_materialized_partitions(AssetKey("rewrites_medium"))
+    page.open("/assets/rewrites_medium?view=partitions")
+
+    def counts() -> dict[str, int]:
+        return {m[1]: int(m[2]) for m in re.finditer(r"^(Materialized|Failed|Missing) \((\d+)\)$", page.text(), re.M)}
+
+    expected = {"Materialized": len(PARTITIONS), "Failed": 0, "Missing": 0}
+    shown = _settled(page, "rewrites_medium's partition counts", counts, expected)
+    page.shot("rewrites_medium-partitions")
+    print(f"rewrites_medium partitions in the UI: {shown}; in the instance: {sorted(recorded)}")
+    assert shown == expected, f"UI {shown}: {page.evidence('rewrites_medium_partitions')}"
+    assert len(recorded) == shown["Materialized"], (sorted(recorded), shown)
+
+
+def test_rewrites_medium_shows_its_checks_succeeded_and_the_latest_passed(ui, page):
+    from dagster import AssetKey
+
+    graph = _definitions(ui)
+    checks = sorted(c.name for c in graph.get(AssetKey("rewrites_medium")).check_keys)
+    with _instance(ui) as instance:
+        recorded = {
+            c.name: instance.event_log_storage.get_asset_check_execution_history(c, limit=1)[0].status.value
+            for c in graph.get(AssetKey("rewrites_medium")).check_keys
+        }
+    page.open("/assets/rewrites_medium?view=checks")
+
+    def listed() -> dict[str, str]:
+        lines, found = _lines(page), {}
+        for name in checks:
+            after = [line for line in lines[lines.index(name) :] if line != name] if name in lines else []
+            found[name] = after[0] if after else ""
+        return found
+
+    statuses = _settled(page, "rewrites_medium's checks", listed, dict.fromkeys(checks, "Succeeded"))
+    page.click(f"the check {checks[0]}", f"//*[normalize-space(text())={web.xpath_literal(checks[0])}]")
+    page.wait_visible("the check's latest execution", "//*[normalize-space(text())='Evaluation result']")
+
+    def result() -> str:
+        lines = _lines(page)
+        return lines[lines.index("Evaluation result") + 1] if "Evaluation result" in lines else ""
+
+    latest = _settled(page, f"the evaluation result of {checks[0]}", result, "Passed")
+    page.shot(f"rewrites_medium-check-{checks[0]}")
+    print(f"rewrites_medium checks in the UI: {statuses}, latest {checks[0]}: {latest}; in the instance: {recorded}")
+    assert statuses == dict.fromkeys(checks, "Succeeded"), f"UI {statuses}: {page.evidence('rewrites_medium_checks')}"
+    assert latest == "Passed", f"UI {latest!r}: {page.evidence('rewrites_medium_check_result')}"
+    assert recorded == dict.fromkeys(checks, "SUCCEEDED")
+
+
+def test_eval_scores_shows_its_plot_as_an_image(ui, page):
+    from dagster import AssetKey
+
+    plot = "quality_score_by_origin"
+    with _instance(ui) as instance:
+        records = instance.fetch_materializations(AssetKey("eval_scores"), limit=len(PARTITIONS)).records
+    uris = {r.asset_materialization.metadata[plot].value.split("](", 1)[1].rstrip(")") for r in records}
+    page.open("/assets/eval_scores?view=events")
+    row = f"//tr[td[normalize-space(.)={web.xpath_literal(plot)}]]"
+    page.click(f"[Show Markdown] of {plot}", f"{row}//a[normalize-space(.)='[Show Markdown]']")
+    image = page.wait_visible(f"the plot {plot}", "//*[@role='dialog' or contains(@class,'bp5-dialog')]//img")
+
+    def decoded() -> list:
+        return page.driver.execute_script("return [arguments[0].complete, arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
+
+    page.wait("the plot decoded", lambda d: decoded()[0] and decoded()[1] > 0, 15)
+    page.shot("eval_scores-plot")
+    src = image.get_attribute("src")
+    _, width, height = decoded()
+    print(f"eval_scores {plot}: a {width}x{height} image; its src is one of the latest materializations' plots: {src in uris}")
+    assert src in uris, f"the image is not the metadata's plot: {page.evidence('eval_scores_plot')}"
+    assert width > 0 and (width, height) == _png_size(src), f"{width}x{height}: {page.evidence('eval_scores_plot')}"
+
+
+def test_a_materialization_launched_by_clicking_succeeds(ui, page):
+    from dagster import AssetKey
+
+    asset, partition = "quality_subsets", PARTITIONS[0]  # no model: the run is cheap
+    parts = _definitions(ui).get(AssetKey(asset)).partitions_def
+    by_dimension = parts.get_partition_key_from_str(partition).keys_by_dimension
+    page.open(f"/assets/{asset}?view=partitions")
+    page.click("the Materialize button", "//button[starts-with(normalize-space(.),'Materialize')]")
+    title = f"//*[normalize-space(text())='Launch runs to materialize {asset}']"
+    page.wait_visible("the launch dialog", title)
+    for dimension, key in by_dimension.items():
+        picker = f"//span[normalize-space(.)={web.xpath_literal(dimension)}]/ancestor::div[.//*[@aria-haspopup='dialog']][1]"
+        page.click(f"the {dimension} picker", f"{picker}//*[@aria-haspopup='dialog']")
+        page.click(f"{dimension} {key}", f"//*[@role='menuitem'][.//*[@title={web.xpath_literal(key)}]]")
+        page.click("the dialog's title (closes the picker)", title)
+    page.shot(f"{asset}-launch-dialog")
+    page.click("the Launch 1 run button", "//button[normalize-space(.)='Launch 1 run']")
+    link = page.wait_visible("the launched run's link", "//a[contains(@href,'/runs/')][normalize-space(.)='View']")
+    run_id = link.get_attribute("href").rsplit("/runs/", 1)[1].split("?")[0]
+    started = time.monotonic()
+    page.open(f"/runs/{run_id}")
+    final = " or ".join(f"normalize-space(text())='{s}'" for s in FINAL_RUN_STATES)
+    state = page.wait_visible(f"run {run_id} finished", f"//*[{final}]", timeout=240).text.strip()
+    page.shot(f"{asset}-run")
+    with _instance(ui) as instance:
+        run = instance.get_run_by_id(run_id)
+        records = instance.get_records_for_run(run_id, of_type=_materialization_type()).records
+    made = {
+        (r.event_log_entry.asset_materialization.asset_key.to_user_string(), r.event_log_entry.asset_materialization.partition)
+        for r in records
+    }
+    print(
+        f"run {run_id} launched by clicking: the UI shows {state} after {time.monotonic() - started:.1f} s; instance: {run.status.value}, {made}"
+    )
+    assert state == "Success", f"run {run_id}: {state}: {page.evidence('launched_run')}"
+    assert run.status.value == "SUCCESS" and run.tags.get("dagster/partition") == partition
+    assert made == {(asset, partition)}
