@@ -34,7 +34,55 @@ def dagster_instance():
     storage = instance.event_log_storage
     if GPU_POOL not in storage.get_concurrency_keys():
         storage.set_concurrency_slots(GPU_POOL, 1)  # one engine per machine (DESIGN.md)
+    for line in fail_runs_of_dead_processes(instance):
+        say(line)
     return instance
+
+
+def run_tags(label: str) -> dict[str, str]:
+    """Tags of a run this process executes: who launched it, and the process, so that a later command can tell
+    a run whose process was killed from one still going."""
+    import socket
+
+    import psutil
+
+    me = psutil.Process()
+    return {
+        "synth_cpt/launched_by": f"synth-cpt {label}",
+        "synth_cpt/host": socket.gethostname(),
+        "synth_cpt/pid": str(me.pid),
+        "synth_cpt/pid_started": f"{me.create_time():.2f}",
+    }
+
+
+def _process_gone(pid: int, started: str) -> bool:
+    import psutil
+
+    try:
+        return f"{psutil.Process(pid).create_time():.2f}" != started  # the pid was reused by another process
+    except psutil.NoSuchProcess:
+        return True
+
+
+def fail_runs_of_dead_processes(instance) -> list[str]:
+    """Runs this machine's CLI started whose process is gone (SIGKILL, a lost session) stay STARTED for ever and
+    keep their `gpu` slot, so every later run would wait for it: mark them failed and free their slots."""
+    import socket
+
+    from dagster import DagsterRunStatus, RunsFilter
+
+    host = socket.gethostname()
+    said = []
+    live = [DagsterRunStatus.STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.NOT_STARTED]
+    for run in instance.get_runs(RunsFilter(statuses=live, tags={"synth_cpt/host": host})):
+        pid, started = run.tags.get("synth_cpt/pid"), run.tags.get("synth_cpt/pid_started", "")
+        if not pid or not _process_gone(int(pid), started):
+            continue
+        message = f"its process ({run.tags.get('synth_cpt/launched_by', 'synth-cpt')}, pid {pid}) is gone: killed before the run ended"
+        instance.report_run_failed(run, message)
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        said.append(f"run {run.run_id[:8]} failed: {message}; its gpu slot is free again")
+    return said
 
 
 _TERMINAL: list = [None]  # the terminal's stderr while quiet_console sends fd 2 to a log file
@@ -146,7 +194,7 @@ def materialize_group(args: argparse.Namespace, group: str, label: str) -> tuple
             progress.update(task, description=f"{label} {partition}")
             result = job.execute_in_process(
                 instance=instance, partition_key=partition, asset_selection=keys, raise_on_error=False,
-                run_config=QUIET_RUN_CONFIG, tags={"synth_cpt/launched_by": f"synth-cpt {label}"},
+                run_config=QUIET_RUN_CONFIG, tags=run_tags(label),
             )  # fmt: skip
             if not result.success:
                 failure = next((e.event_specific_data.error.message.strip() for e in result.all_events if e.is_step_failure), "")

@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from synth_cpt.cli.common import QUIET_RUN_CONFIG, dagster_instance, terminal, wide_console
+from synth_cpt.cli.common import QUIET_RUN_CONFIG, dagster_instance, run_tags, terminal, wide_console
 from synth_cpt.core.config import DROPS_ENV, PipelineConfig, load_config
 from synth_cpt.core.layout import CRAWL_DROPS, QUALITY_CUTPOINTS, QUALITY_SUBSETS, RAW_CORPUS, TOKENIZER, partition_file
 
@@ -250,7 +250,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                     asset_selection=run,
                     raise_on_error=False,
                     run_config=QUIET_RUN_CONFIG,
-                    tags={"synth_cpt/launched_by": "synth-cpt ingest"},
+                    tags=run_tags("ingest"),
                 )
                 if not result.success:
                     why = failure_line(result)
