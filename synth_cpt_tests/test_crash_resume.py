@@ -96,8 +96,9 @@ def _group(pgid: int) -> list[int]:
 
 
 def _worker(run: dict, step: str, kill_at: int, boundary: str, extra: list[str], engine: str = "double", env: dict | None = None):
-    """The worker in a session of its own: after it ends (or is killed), whatever it started and left behind (vLLM's
-    engine processes outlive a SIGKILLed parent) is counted in `orphans` and stopped."""
+    """The worker in a session of its own: after it ends (or is killed), whatever it started and still runs 20 s
+    later is counted in `orphans` and stopped (vLLM's engine processes outlive a SIGKILLed parent unless its
+    watchdog ends them)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("SYNTH_CPT_", "DAGSTER_"))}
     environ.update(DAGSTER_HOME=str(run["base"] / "dagster_home"), COLUMNS="200", **(env or {}))
     cmd = [sys.executable, "-m", "synth_cpt_tests.crash_worker", step, str(run["config"]), str(kill_at), boundary, engine, str(run["sent"])]
@@ -106,7 +107,9 @@ def _worker(run: dict, step: str, kill_at: int, boundary: str, extra: list[str],
     try:
         out, err = proc.communicate(timeout=300)
     finally:
-        orphans = _group(proc.pid)
+        deadline = time.monotonic() + 20  # the engine's watchdog (generation/reaper.py) ends them within ~7 s
+        while (orphans := _group(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.5)
         if orphans:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.kill()
@@ -351,7 +354,7 @@ def test_real_engine_killed_at_two_points_then_rerun_gives_the_uninterrupted_row
     sent = _sent(crash)
     resent = _resent_per_kill(sent, killed)
     print(f"\nreal engine: {requests} requests; killed at results {points}; resent per kill {resent}, max vs flush_every 2")
-    print(f"engine processes left running by each killed worker (stopped by the test): {orphans}")
+    print(f"engine processes still running 20 s after each kill: {orphans}")
     want, got = _published(home), _published(crash["home"])
 
     def documents(seen: dict) -> list[str]:
@@ -366,6 +369,7 @@ def test_real_engine_killed_at_two_points_then_rerun_gives_the_uninterrupted_row
     assert cache["request_id"].n_unique() == cache.height, "no request cached twice"
     assert set(cache["request_id"]) == set(GenerationCache(LocalStorage(home)).load()["request_id"])
     assert len(killed) == 2 and max(resent) <= 2, f"resent per kill {resent}"
+    assert orphans == [0, 0], "the engine's watchdog ended the engine processes of each killed worker"
 
 
 SEGMENT_KILLER = """

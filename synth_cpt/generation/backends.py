@@ -148,12 +148,19 @@ class VLLMBackend(Backend):
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: a name must be in the local cache
             from vllm import LLM
 
+            from synth_cpt.generation.reaper import Reaper
+
             started = time.monotonic()
+            # the engine's processes outlive a SIGKILLed process with all their memory: its watchdog ends them then
+            self._reaper = Reaper.start()
             try:
                 self._llm = LLM(model=self.model, **self.engine_args)
             except BaseException:
                 self._speculation = None  # decided again by the next attempt to load
+                self._reaper.stop()
                 raise
+            if not self._reaper.started_any():
+                self._reaper.stop()  # the engine runs in this process: nothing would outlive it
             self.loads += 1
             self.load_seconds += time.monotonic() - started
         return self._llm
@@ -271,6 +278,9 @@ class VLLMBackend(Backend):
         import gc
 
         gc.collect()
+        reaper, self._reaper = getattr(self, "_reaper", None), None
+        if reaper is not None:
+            reaper.stop()  # after the shutdown: a process killed while closing is still covered
 
 
 class RetryableError(Exception):

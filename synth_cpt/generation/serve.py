@@ -27,6 +27,7 @@ from typing import Any
 
 from synth_cpt.generation.backends import OpenAIBackend
 from synth_cpt.generation.embedded import models_dir
+from synth_cpt.generation.reaper import Reaper
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8011
@@ -150,6 +151,7 @@ def run_server(
     # nothing is downloaded: a model name must already be in the local Hugging Face cache
     env = {**os.environ, "VLLM_CONFIGURE_LOGGING": "1", "HF_HUB_OFFLINE": "1"}
     started = time.monotonic()
+    reaper = Reaper.start()  # a SIGKILLed `synth-cpt serve` must not leave `vllm serve` and its engine running
     with open(record.log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     record = ServerRecord(**{**asdict(record), "pid": proc.pid, "state": STARTING})
@@ -189,6 +191,7 @@ def run_server(
             path.unlink(missing_ok=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        reaper.stop()
 
 
 def _tail(path: str, lines: int = 30) -> str:
