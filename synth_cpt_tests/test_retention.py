@@ -2,6 +2,7 @@
 explicit policy, a mix version pins the exact inputs it read, and a shard of an old mix version is
 still traced through those inputs; prompt files are archived by their SHA."""
 
+import errno
 import hashlib
 import json
 from datetime import datetime, timedelta, timezone
@@ -12,10 +13,10 @@ import yaml
 
 from synth_cpt.cli import main
 from synth_cpt.core import retention
-from synth_cpt.core.layout import INPUTS, partition_file, published_marker, snapshot_key, version_prefix
+from synth_cpt.core.layout import INPUTS, POINTER, partition_file, published_marker, snapshot_key, version_prefix
 from synth_cpt.core.publish import publish_version, published, published_versions
 from synth_cpt.core.retention import Policy, collect, plan_gc
-from synth_cpt.core.storage import LocalStorage, utc_stamp
+from synth_cpt.core.storage import LocalStorage, StorageWriteError, utc_stamp
 from synth_cpt.core.validation import Outcome
 from synth_cpt.generation.prompt_archive import archive_prompt, archived_prompt, prompt_key
 from synth_cpt.lineage import queries
@@ -83,6 +84,57 @@ def test_publishing_keeps_every_published_version_and_drops_only_old_candidates(
     assert published_versions(storage, "out") == old, "the first version outlives two re-publishes"
     assert not storage.list(version_prefix("out", crashed)), "a never-published folder past the grace goes"
     assert published(storage, "out")["version"] == old[-1]
+
+
+class FullAtPointerTestStorage(LocalStorage):
+    """Test double: local storage whose disk is full when the pointer is written (as `writing` reports it)."""
+
+    def write_bytes(self, key, data):
+        if key.endswith(f"/{POINTER}"):
+            raise StorageWriteError(errno.ENOSPC, f"could not write {self.uri(key)}: No space left on device (ENOSPC)")
+        return super().write_bytes(key, data)
+
+
+def test_a_publish_whose_pointer_write_fails_claims_no_version(tmp_path):
+    """Disk full at the pointer: the marker written just before is taken back, so the version is not listed
+    as published and the next publish may clean it like any candidate; a version published before keeps its
+    marker even when re-publishing it fails."""
+    first, failed, later = (f"2000010{d}T000000000000-0000000{d}" for d in (1, 2, 3))
+    LocalStorage(tmp_path).write_bytes(f"{version_prefix('out', first)}/rows.parquet", b"x")
+    assert publish_version(LocalStorage(tmp_path), "out", first, {})
+    full = FullAtPointerTestStorage(tmp_path)
+    full.write_bytes(f"{version_prefix('out', failed)}/rows.parquet", b"x")
+    with pytest.raises(StorageWriteError):
+        publish_version(full, "out", failed, {})
+    print("markers after the failed publish:", full.list("out/_published"))
+    assert full.list("out/_published") == [published_marker("out", first)]
+    assert published_versions(full, "out") == [first]
+    assert published(full, "out")["version"] == first
+    with pytest.raises(StorageWriteError):
+        publish_version(full, "out", first, {})  # the current one again: its marker is no claim of this publish
+    assert published_versions(full, "out") == [first]
+    storage = LocalStorage(tmp_path)
+    storage.write_bytes(f"{version_prefix('out', later)}/rows.parquet", b"x")
+    assert publish_version(storage, "out", later, {})
+    assert published_versions(storage, "out") == [first, later]
+    assert not storage.list(version_prefix("out", failed)), "the failed candidate, past the grace, is cleaned like any other"
+
+
+def test_a_crash_between_marker_and_pointer_keeps_the_folder_as_published(tmp_path):
+    """A crash after the marker, before the pointer: nothing can take the marker back, so the folder is kept
+    like a published version (never a published version lost) until a policy removes it."""
+    storage = LocalStorage(tmp_path)
+    first, crashed, later = (f"2000010{d}T000000000000-0000000{d}" for d in (1, 2, 3))
+    storage.write_bytes(f"{version_prefix('out', first)}/rows.parquet", b"x")
+    assert publish_version(storage, "out", first, {})
+    storage.write_bytes(f"{version_prefix('out', crashed)}/rows.parquet", b"x")
+    storage.write_json(published_marker("out", crashed), {"version": crashed, "published_at": utc_stamp()})  # then the crash
+    storage.write_bytes(f"{version_prefix('out', later)}/rows.parquet", b"x")
+    assert publish_version(storage, "out", later, {})
+    assert published_versions(storage, "out") == [first, crashed, later]
+    assert storage.list(version_prefix("out", crashed)) == [f"{version_prefix('out', crashed)}/rows.parquet"]
+    plan = plan_gc(storage, Policy(keep_last=1), now=datetime.now(timezone.utc) + timedelta(days=1))
+    assert sorted(r.version for r in plan.remove) == [first, crashed]
 
 
 def test_a_mix_version_pins_the_exact_versions_of_its_inputs(tmp_path, tokenizer):  # noqa: F811

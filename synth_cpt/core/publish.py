@@ -9,15 +9,17 @@ that failed validation is kept under `_rejected/` for inspection, out of every r
 Why published versions are never deleted here: people audit what they trained on months and several
 re-mixes later, so every version that was ever published stays until the user removes it with an
 explicit policy (`synth-cpt gc`, core/retention.py). Each publish leaves a marker
-`<prefix>/_published/<version>.json` (written before the pointer), so a version folder without one
-is known never to have been published: a crashed or superseded candidate, removed once older than
-CANDIDATE_GRACE. A prefix with a pointer but no marker at all was published before markers existed
+`<prefix>/_published/<version>.json` (written before the pointer, and removed again when the pointer
+write fails), so a version folder without one is known never to have been published: a crashed or
+superseded candidate, removed once older than CANDIDATE_GRACE. A crash between marker and pointer
+errs on the safe side: the marked folder is kept like a published version until a policy removes it. A prefix with a pointer but no marker at all was published before markers existed
 (when the current and the one before were kept unmarked): every folder up to the current is read as
 published, and the next publish records that (`"recorded": "before markers"`) before it cleans anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -116,8 +118,24 @@ def published_versions(storage: Storage, prefix: str, keys: list[str] | None = N
     return [v for v in folders if v in logged]
 
 
+def _unclaim(storage: Storage, prefix: str, version: str, marker: str, marked_before: bool) -> None:
+    """After a failed pointer write, remove the marker just written: the version was never published, and a
+    marker would make `published_versions` (and gc) keep and show it as published forever. The marker stays
+    when it was there before (the version was published earlier) or when the pointer names the version after
+    all (a write that failed on the way back): never unmark what readers may have seen. A marker that cannot
+    be removed (or a crash here) errs on the safe side: the folder is kept as if published, until a policy
+    removes it."""
+    if marked_before:
+        return
+    with contextlib.suppress(Exception):
+        current = published(storage, prefix)
+        if current is None or current["version"] != version:
+            storage.delete(marker)
+
+
 def publish_version(storage: Storage, prefix: str, version: str, payload: dict) -> bool:
-    """Make `version` the one readers see (a marker, then one atomic write of the pointer). Published
+    """Make `version` the one readers see (a marker, then one atomic write of the pointer; a failed pointer
+    write takes the new marker back, so a failed publish claims nothing). Published
     versions are kept (see the module docstring); only never-published folders older than
     CANDIDATE_GRACE go. Returns False when a newer version was published meanwhile (two runs of one
     output): that one stays in force, and the caller must say so."""
@@ -125,11 +143,17 @@ def publish_version(storage: Storage, prefix: str, version: str, payload: dict) 
     previous = current["version"] if current and current["version"] != LEGACY else None
     if previous is not None and previous > version:
         return False
-    if previous is not None and not _markers(storage, prefix):  # published before markers existed: record them first
+    marked = _markers(storage, prefix)
+    if previous is not None and not marked:  # published before markers existed: record them first
         for old in published_versions(storage, prefix):
             storage.write_json(published_marker(prefix, old), {"version": old, "recorded": "before markers", "recorded_at": utc_stamp()})
-    storage.write_json(published_marker(prefix, version), {"version": version, "published_at": utc_stamp()})
-    storage.write_json(f"{prefix}/{POINTER}", {**payload, "version": version, "prefix": version_prefix(prefix, version)})
+    marker = published_marker(prefix, version)
+    storage.write_json(marker, {"version": version, "published_at": utc_stamp()})
+    try:
+        storage.write_json(f"{prefix}/{POINTER}", {**payload, "version": version, "prefix": version_prefix(prefix, version)})
+    except BaseException:
+        _unclaim(storage, prefix, version, marker, version in marked)
+        raise
     # a folder never published and older than the grace is a crashed or superseded candidate; younger
     # ones (names sort by time) may be another run's candidate still being written and are left alone
     floor = utc_stamp(datetime.now(timezone.utc) - CANDIDATE_GRACE)

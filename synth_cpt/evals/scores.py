@@ -53,22 +53,48 @@ def _tokens(pf: Any, count: Any) -> int:
 
 
 def _sample(storage: Storage, keys: list[str], columns: list[str], limit: int, seed: int, count: Any) -> TextSet:
+    """Each file is opened once where it can be (on S3 every open fetches the footer again): the row
+    groups to sample are chosen from the footers (a row group's rows are in its metadata), then read file
+    by file, the last file opened for the totals still open."""
     rows = tokens = 0
     groups: list[tuple[str, int]] = []
-    for key in keys:
-        pf = storage.parquet_file(key)
-        rows += pf.metadata.num_rows
-        tokens += _tokens(pf, count)
-        groups += [(key, g) for g in range(pf.metadata.num_row_groups)]
-    random.Random(seed).shuffle(groups)
-    frames, taken = [], 0
-    for key, g in groups:
-        if taken >= limit:
-            break
-        names = storage.parquet_file(key).schema_arrow.names
-        frame = pl.from_arrow(storage.parquet_file(key).read_row_group(g, columns=[c for c in columns if c in names]))
-        frames.append(frame)
-        taken += frame.height
+    sizes: dict[tuple[str, int], int] = {}
+    names: dict[str, list[str]] = {}
+    last: tuple[str, Any] | None = None  # the file opened last, kept open: it is often the only one
+    try:
+        for key in keys:
+            if last is not None:
+                last, (_, done) = None, last
+                done.close()
+            pf = storage.parquet_file(key)
+            last = (key, pf)
+            rows += pf.metadata.num_rows
+            tokens += _tokens(pf, count)
+            names[key] = pf.schema_arrow.names
+            for g in range(pf.metadata.num_row_groups):
+                groups.append((key, g))
+                sizes[(key, g)] = pf.metadata.row_group(g).num_rows
+        random.Random(seed).shuffle(groups)
+        chosen, taken = [], 0
+        for group in groups:
+            if taken >= limit:
+                break
+            chosen.append(group)
+            taken += sizes[group]
+        read: dict[tuple[str, int], pl.DataFrame] = {}
+        for key in dict.fromkeys(k for k, _ in chosen):  # each file once, in the order first sampled
+            if last is None or last[0] != key:
+                if last is not None:
+                    last, (_, done) = None, last
+                    done.close()
+                last = (key, storage.parquet_file(key))
+            wanted = [c for c in columns if c in names[key]]
+            for g in (g for k, g in chosen if k == key):
+                read[(key, g)] = pl.from_arrow(last[1].read_row_group(g, columns=wanted))  # type: ignore[assignment]
+    finally:
+        if last is not None:
+            last[1].close()
+    frames = [read[group] for group in chosen]  # in the sampled order, as before
     sample = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame(schema={"doc_id": pl.String, "text": pl.String})
     if sample.height > limit:
         sample = sample.sample(limit, seed=seed)

@@ -98,8 +98,11 @@ class _Docs:
     """The docs.parquet files of the accepted drops, in drop order, with every row group's first row as
     a position counted across all files (how pass 2 finds a winner again).
 
-    Files are opened one at a time (and each reader thread holds one): a corpus of thousands of drops
-    must not hold thousands of open files (EMFILE) or S3 connections."""
+    Each file is opened once where it can be: on S3 every open fetches the footer again. Pass 1 opens a
+    file, records its row groups from that footer and reads its narrow columns; the reader is then
+    handed on (idle) so pass 2 reuses it, and a second reader of a file is opened only when two threads
+    read it at once. At most READERS files are open at a time: a corpus of thousands of drops must not
+    hold thousands of open files (EMFILE) or S3 connections."""
 
     def __init__(
         self, storage: Storage, prefixes: list[str], cutpoints: Cutpoints | None = None, versions: list[str] | None = None
@@ -108,72 +111,102 @@ class _Docs:
         self.versions = versions or [None] * len(prefixes)  # each file's drop version, stamped on its rows (drop_version)
         self.cutpoints = cutpoints  # given: quality_score is replaced by the bucket value 0-19
         self.keys = [f"{p}/docs.parquet" for p in prefixes]
-        # thread id -> (file, its reader): a reader must not be shared between threads
-        self._current: dict[int, tuple[int, pq.ParquetFile]] = {}
+        # readers not in use, oldest first: a reader is used by one thread at a time, handed on under the lock
+        self._idle: list[tuple[int, pq.ParquetFile]] = []
+        self._busy = 0  # readers in use
+        self._lock = threading.Lock()
+        # the row group layout, filled by pass 1 (`narrow`) from the footers it opens anyway
         self.file_start: list[int] = []
-        starts, where, total = [], [], 0
-        for f, key in enumerate(self.keys):
-            self.file_start.append(total)
-            with contextlib.closing(storage.parquet_file(key)) as pf:
-                meta = pf.metadata
-            for g in range(meta.num_row_groups):
-                starts.append(total)
-                where.append((f, g))
-                total += meta.row_group(g).num_rows
-        self.group_start = np.array(starts, dtype=np.int64)
-        self.group_where = where
+        self.group_start = np.zeros(0, dtype=np.int64)
+        self.group_where: list[tuple[int, int]] = []
 
-    def _file(self, f: int) -> pq.ParquetFile:
-        """This thread's reader of file `f`; the thread's previous file is closed (runs come in drop
-        order, so a thread rarely goes back to a file)."""
-        thread = threading.get_ident()
-        current = self._current.get(thread)
-        if current is not None and current[0] == f:
-            return current[1]
-        if current is not None:
-            current[1].close()
-        pf = self.storage.parquet_file(self.keys[f])
-        self._current[thread] = (f, pf)
-        return pf
+    def _take(self, f: int) -> pq.ParquetFile:
+        """A reader of file `f` for this thread: an idle one if there is, else a new one (idle readers of
+        other files are closed first, so no more than READERS are ever open)."""
+        with self._lock:
+            for i, (g, pf) in enumerate(self._idle):
+                if g == f:
+                    del self._idle[i]
+                    self._busy += 1
+                    return pf
+            while self._idle and self._busy + len(self._idle) >= READERS:
+                self._idle.pop(0)[1].close()
+            self._busy += 1
+        try:
+            return self.storage.parquet_file(self.keys[f])
+        except BaseException:
+            with self._lock:
+                self._busy -= 1
+            raise
+
+    def _give_back(self, f: int, pf: pq.ParquetFile) -> None:
+        with self._lock:
+            self._busy -= 1
+            self._idle.append((f, pf))
+            while self._busy + len(self._idle) > READERS:
+                self._idle.pop(0)[1].close()
 
     def close(self) -> None:
-        for _, pf in self._current.values():
-            pf.close()
-        self._current.clear()
+        with self._lock:
+            for _, pf in self._idle:
+                pf.close()
+            self._idle.clear()
 
     def narrow(self, language: str, counted: list[int]) -> Iterator[pa.RecordBatch]:
-        """Pass 1's rows: the language's documents, narrow columns plus their position; counts them."""
-        for f, key in enumerate(self.keys):
-            with contextlib.closing(self.storage.parquet_file(key)) as pf:
-                present = set(pf.schema_arrow.names)
-                if "language" not in present:
-                    continue  # missing is null: never the language
-                wanted = ["doc_id", "drop_id", "source_line", "quality_score", "language"]
-                if self.cutpoints is not None:
-                    wanted += [c for c in present if c.startswith("score_")]
-                columns = [c for c in wanted if c in present]
-                pos = self.file_start[f]
-                for batch in pf.iter_batches(batch_size=NARROW_BATCH_ROWS, columns=columns, use_threads=True):
-                    n = batch.num_rows
-                    positions = pa.array(np.arange(pos, pos + n, dtype=np.int64))
-                    pos += n
-                    keep = pc.fill_null(pc.equal(batch.column("language"), language), False)
-                    arrays = [
-                        batch.column(fld.name).cast(fld.type) if fld.name in present else pa.nulls(n, fld.type) for fld in list(NARROW)[:-1]
-                    ]
-                    if self.cutpoints is not None:
-                        arrays[NARROW.get_field_index("quality_score")] = self.cutpoints.bucket_values(batch)
-                    out = pa.RecordBatch.from_arrays([*arrays, positions], schema=NARROW).filter(keep)
-                    counted[0] += out.num_rows
-                    if out.num_rows:
-                        yield out
+        """Pass 1's rows: the language's documents, narrow columns plus their position; counts them.
+        Records the row group layout (`file_start`, `group_start`, `group_where`) that pass 2 needs."""
+        starts: list[int] = []
+        self.file_start, self.group_where = [], []
+        total = 0
+        for f in range(len(self.keys)):
+            pf = self._take(f)
+            try:
+                meta = pf.metadata
+                self.file_start.append(total)
+                for g in range(meta.num_row_groups):
+                    starts.append(total)
+                    self.group_where.append((f, g))
+                    total += meta.row_group(g).num_rows
+                self.group_start = np.array(starts, dtype=np.int64)
+                yield from self._narrow_file(pf, f, language, counted)
+            except BaseException:
+                pf.close()
+                with self._lock:
+                    self._busy -= 1
+                raise
+            self._give_back(f, pf)
+
+    def _narrow_file(self, pf: pq.ParquetFile, f: int, language: str, counted: list[int]) -> Iterator[pa.RecordBatch]:
+        present = set(pf.schema_arrow.names)
+        if "language" not in present:
+            return  # missing is null: never the language
+        wanted = ["doc_id", "drop_id", "source_line", "quality_score", "language"]
+        if self.cutpoints is not None:
+            wanted += [c for c in present if c.startswith("score_")]
+        columns = [c for c in wanted if c in present]
+        pos = self.file_start[f]
+        for batch in pf.iter_batches(batch_size=NARROW_BATCH_ROWS, columns=columns, use_threads=True):
+            n = batch.num_rows
+            positions = pa.array(np.arange(pos, pos + n, dtype=np.int64))
+            pos += n
+            keep = pc.fill_null(pc.equal(batch.column("language"), language), False)
+            arrays = [batch.column(fld.name).cast(fld.type) if fld.name in present else pa.nulls(n, fld.type) for fld in list(NARROW)[:-1]]
+            if self.cutpoints is not None:
+                arrays[NARROW.get_field_index("quality_score")] = self.cutpoints.bucket_values(batch)
+            out = pa.RecordBatch.from_arrays([*arrays, positions], schema=NARROW).filter(keep)
+            counted[0] += out.num_rows
+            if out.num_rows:
+                yield out
 
     def documents(self, index: int, rows: np.ndarray, schema: pa.Schema, quality: str) -> pa.Table:
         """Rows `rows` of row group `index` (in that order), as `schema` rows of bucket `quality`."""
         f, g = self.group_where[index]
-        pf = self._file(f)
-        present = set(pf.schema_arrow.names)
-        table = pf.read_row_group(g, columns=[c for c in schema.names if c in present], use_threads=False)
+        pf = self._take(f)
+        try:
+            present = set(pf.schema_arrow.names)
+            table = pf.read_row_group(g, columns=[c for c in schema.names if c in present], use_threads=False)
+        finally:
+            self._give_back(f, pf)
         table = table.take(pa.array(rows))  # in output order, wherever a file put them
         n = table.num_rows
         if self.cutpoints is not None:

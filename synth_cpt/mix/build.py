@@ -16,6 +16,7 @@ never removes a pinned input while the mix version stays, so a shard stays expla
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -95,9 +96,11 @@ def component_rows(storage: Storage, origin: str, language: str, quality: str) -
     if pointer is None:
         return None
     key = f"{pointer['prefix']}/{SYNTHETIC_ROWS}"
-    with storage.local_path(key) as path:
-        names = pl.read_parquet_schema(path)
-        frame = pl.read_parquet(path, columns=[c for c in _SYNTH_COLUMNS if c in names])
+    # opened once for ranged reads: the footer and the lineage columns, not the object (on S3 a
+    # download, and a second open for the schema, would fetch what the mix never uses)
+    with contextlib.closing(storage.parquet_file(key)) as pf:
+        names = pf.schema_arrow.names
+        frame = pl.from_arrow(pf.read(columns=[c for c in _SYNTH_COLUMNS if c in names]))
     return Component(
         _with_lineage_columns(frame), {"component": origin, "asset": asset, "prefix": pointer["prefix"], "version": pointer["version"]}
     )
