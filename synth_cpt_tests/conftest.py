@@ -54,6 +54,23 @@ def write_jsonl(path: Path, records: list, compress: str | None = None) -> Path:
     return path
 
 
+# Modules whose module-scoped fixtures would be built twice if their tests were split between xdist workers.
+ENGINE_MODULES = ("test_e2e.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `make test` (`-n 2 --dist loadgroup`) every test that runs the real engine goes to one worker, in
+    order: one model conversion and one engine at a time (two engines on 2 cores would fight for memory and
+    CPU), while the other worker takes the rest. Without xdist the mark does nothing."""
+    for item in items:
+        if (
+            item.get_closest_marker("vllm")
+            or {"vllm_session", "embedded_model"} & set(item.fixturenames)
+            or item.path.name in ENGINE_MODULES
+        ):
+            item.add_marker(pytest.mark.xdist_group("engine"))
+
+
 @pytest.fixture
 def isolated_env(tmp_path, monkeypatch):
     """No SYNTH_CPT_* from the caller's shell leaks into a test."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import polars as pl
+import pytest
 import yaml
 from dagster import AssetKey, DagsterInstance, materialize
 
@@ -205,6 +206,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
+@pytest.mark.vllm
 def test_two_vllm_servers_one_killed_mid_run_every_request_answered_by_the_other(tmp_path, embedded_model):
     from synth_cpt.generation.serve import serve_command
     from synth_cpt.generation.settings import LLMSettings
