@@ -61,8 +61,11 @@ class FaultServer:
         reply: Callable[[dict[str, Any]], str] = echo_reply,
     ) -> None:
         self.rng = random.Random(seed)
-        self.deck = list(KINDS)
-        self.rng.shuffle(self.deck)
+        # dealt from the end; the restart last: while the server is down attempts are refused without arriving,
+        # so a card dealt after it could land on a request's last attempt, leaving nothing to recover with
+        others = [k for k in KINDS if k != "restart"]
+        self.rng.shuffle(others)
+        self.deck = ["restart", *others]
         self.fault_rate = fault_rate
         self.timeout_s = timeout_s
         self.restart_down_s = restart_down_s
@@ -90,7 +93,8 @@ class FaultServer:
             return OK
         if self.deck and rid not in self.arrivals:
             return self.deck.pop()
-        return self.rng.choice(KINDS) if self.rng.random() < self.fault_rate else OK
+        kinds = KINDS if not self.deck else [k for k in KINDS if k != "restart"]  # no restart before the deck's own
+        return self.rng.choice(kinds) if self.rng.random() < self.fault_rate else OK
 
     def start(self) -> None:
         """Listen on `port` (0: a free one, kept for restarts)."""
