@@ -299,6 +299,8 @@ def test_sigkill_at_seeded_points_then_rerun_publishes_what_an_uninterrupted_run
     print(f"requests resent per synthesis kill: {resent}; max {max(resent, default=0)} vs flush_every {FLUSH_EVERY}")
     assert reader.failures == []
     assert reader.reads > 0
+    # a killed synthesize left its run holding the gpu slot, and the next worker's CLI freed it and went on
+    assert [f["held"] for f in figures if f["step"] == "synthesize" and f["boundary"] == "result"][1:] == [[1]] * 4, figures
     assert len(kills) == sum(k for *_, k, _ in STEPS), figures  # 18 here, and 2 of the real engine in the next test
     assert len(resent) >= 5, "each kill at a result had sent requests"
     assert max(resent) <= FLUSH_EVERY, f"resent per kill {resent} > flush_every {FLUSH_EVERY}"

@@ -282,6 +282,7 @@ def test_two_vllm_servers_one_killed_mid_run_every_request_answered_by_the_other
         assert backend.answered[victim] + backend.answered[survivor] == n, figures
         # the victim may answer one more between the snapshot and the kill: what it did not answer, the survivor did
         assert backend.answered[victim] >= 1 and backend.answered[survivor] >= 1, figures
+        assert sum(answered_before_kill.values()) < n and backend.answered[survivor] > answered_before_kill[survivor], figures
     finally:
         for proc in procs.values():
             _stop(proc)

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from synth_cpt.core.config import ConfigError, load_config
+from synth_cpt.core.secrets import redact
 
 GPU_POOL = "gpu"
 # Dagster's console logger prints a failed step's stack trace at ERROR: the CLI prints one line per failed
@@ -39,44 +40,51 @@ def dagster_instance():
     return instance
 
 
+def this_machine() -> str:
+    """Which machine and pid namespace a pid belongs to: the host name alone is not enough (containers sharing
+    the host's name, VMs all called `ubuntu` sharing one instance), so the boot id and the pid namespace join it."""
+    import socket
+
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    boot_id = boot.read_text().strip() if boot.exists() else "?"
+    try:
+        pid_ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        pid_ns = "?"
+    return f"{socket.gethostname()}/{boot_id}/{pid_ns}"
+
+
+def process_started(pid: int) -> str | None:
+    """When `pid` started, in clock ticks since boot (/proc/<pid>/stat field 22): unlike a wall-clock start time it
+    does not move when the clock is stepped, so a live process is never taken for a gone one. None: no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def run_tags(label: str) -> dict[str, str]:
     """Tags of a run this process executes: who launched it, and the process, so that a later command can tell
     a run whose process was killed from one still going."""
-    import socket
-
-    import psutil
-
-    me = psutil.Process()
     return {
         "synth_cpt/launched_by": f"synth-cpt {label}",
-        "synth_cpt/host": socket.gethostname(),
-        "synth_cpt/pid": str(me.pid),
-        "synth_cpt/pid_started": f"{me.create_time():.2f}",
+        "synth_cpt/machine": this_machine(),
+        "synth_cpt/pid": str(os.getpid()),
+        "synth_cpt/pid_started": process_started(os.getpid()) or "?",
     }
-
-
-def _process_gone(pid: int, started: str) -> bool:
-    import psutil
-
-    try:
-        return f"{psutil.Process(pid).create_time():.2f}" != started  # the pid was reused by another process
-    except psutil.NoSuchProcess:
-        return True
 
 
 def fail_runs_of_dead_processes(instance) -> list[str]:
     """Runs this machine's CLI started whose process is gone (SIGKILL, a lost session) stay STARTED for ever and
-    keep their `gpu` slot, so every later run would wait for it: mark them failed and free their slots."""
-    import socket
-
+    keep their `gpu` slot, so every later run would wait for it: mark them failed and free their slots. Only runs of
+    this very machine and pid namespace are judged: another's pids mean nothing here."""
     from dagster import DagsterRunStatus, RunsFilter
 
-    host = socket.gethostname()
     said = []
     live = [DagsterRunStatus.STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.NOT_STARTED]
-    for run in instance.get_runs(RunsFilter(statuses=live, tags={"synth_cpt/host": host})):
+    for run in instance.get_runs(RunsFilter(statuses=live, tags={"synth_cpt/machine": this_machine()})):
         pid, started = run.tags.get("synth_cpt/pid"), run.tags.get("synth_cpt/pid_started", "")
-        if not pid or not _process_gone(int(pid), started):
+        if not pid or process_started(int(pid)) == started:  # still running (a reused pid started at another tick)
             continue
         message = f"its process ({run.tags.get('synth_cpt/launched_by', 'synth-cpt')}, pid {pid}) is gone: killed before the run ended"
         instance.report_run_failed(run, message)
@@ -198,7 +206,7 @@ def materialize_group(args: argparse.Namespace, group: str, label: str) -> tuple
             )  # fmt: skip
             if not result.success:
                 failure = next((e.event_specific_data.error.message.strip() for e in result.all_events if e.is_step_failure), "")
-                failures.append(f"{partition} (run {result.run_id}): {failure[:400]}")
+                failures.append(f"{partition} (run {result.run_id}): {redact(failure)[:400]}")
             for event in result.get_asset_materialization_events():
                 m = event.event_specific_data.materialization
                 meta = {k: v.value for k, v in m.metadata.items()}

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from synth_cpt.core.secrets import declare
+from synth_cpt.core.secrets import declare, redact
 from synth_cpt.generation.requests import ChatRequest, Generation
 
 
@@ -425,7 +425,7 @@ class OpenAIBackend(Backend):
                 )
             raise RetryableError(what, seconds)
         if resp.status_code >= 400:
-            raise ValueError(f"HTTP {resp.status_code}: {resp.text[:200]}")
+            raise ValueError(f"HTTP {resp.status_code}: {redact(resp.text)[:200]}")  # masked whole, before a cut could split a key
         try:
             data = resp.json()
             choice = data["choices"][0]

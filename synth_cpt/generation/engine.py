@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import polars as pl
 
+from synth_cpt.core.secrets import redact
 from synth_cpt.generation.backends import Backend, Feed, Prepared
 from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.requests import ChatRequest, Generation, derived_seed
@@ -219,7 +220,7 @@ class GenerationEngine:
                 try:
                     rejected = output_rejection(p.request, gen) if gen.ok else None
                 except Exception as exc:  # as the cache writer does: a check that raises rejects this output, not the run
-                    rejected = f"check failed: {type(exc).__name__}: {exc}"
+                    rejected = redact(f"check failed: {type(exc).__name__}: {exc}")
                 judged = gen if not gen.ok else replace(gen, rejected=rejected)
                 pending.clear()
                 admit(follow(gen.request_id, judged), look_up=False)
