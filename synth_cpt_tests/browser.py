@@ -91,16 +91,32 @@ class Page:
     def wait_visible(self, what: str, xpath: str, timeout: float = 30) -> Any:
         return self.wait(what, lambda d: (self.visible(xpath) or [None])[0], timeout)
 
-    def click(self, what: str, xpath: str, timeout: float = 30) -> Any:
-        """Click the first visible element the xpath finds (through JavaScript when something overlaps it)."""
-        from selenium.common.exceptions import ElementClickInterceptedException
+    def read(self, what: str, xpath: str, attribute: Callable[[Any], Any], timeout: float = 30) -> Any:
+        """`attribute` of the first visible element, read inside the wait, so a re-render between finding and
+        reading the element only means another poll."""
+        return self.wait(what, lambda d: next((attribute(e) for e in self.visible(xpath)), None), timeout)
 
-        element = self.wait_visible(what, xpath, timeout)
-        try:
-            element.click()
-        except ElementClickInterceptedException:
-            self.driver.execute_script("arguments[0].click();", element)
-        return element
+    def click(self, what: str, xpath: str, timeout: float = 30) -> Any:
+        """Click the first visible element the xpath finds (through JavaScript when something overlaps it).
+
+        React may re-render the element between finding and clicking it (CI's Chromium did, on the Materialize
+        button): a stale element is found again, until the timeout."""
+        from selenium.common.exceptions import ElementClickInterceptedException, StaleElementReferenceException
+
+        deadline = time.monotonic() + timeout
+        while True:
+            element = self.wait_visible(what, xpath, max(1.0, deadline - time.monotonic()))
+            try:
+                try:
+                    element.click()
+                except ElementClickInterceptedException:
+                    self.driver.execute_script("arguments[0].click();", element)
+                return element
+            except StaleElementReferenceException:
+                if time.monotonic() > deadline:
+                    where = self.evidence(re.sub(r"\W+", "_", what).strip("_"))
+                    raise AssertionError(f"{what} kept being re-rendered for {timeout:.0f} s: {where}") from None
+                time.sleep(0.25)
 
     def text(self) -> str:
         return self.driver.execute_script("return document.body ? document.body.innerText : '';") or ""

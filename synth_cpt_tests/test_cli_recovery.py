@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from synth_cpt.cli.common import fail_runs_of_dead_processes, process_started, run_tags
+from synth_cpt.cli.common import fail_runs_of_dead_processes, run_tags
+from synth_cpt.core.processes import process_started
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from synth_cpt.core.processes import process_started
 from synth_cpt.generation.reaper import Reaper, descendants, still_ours
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,9 +164,10 @@ def test_an_engine_that_starts_no_process_keeps_no_watchdog_with_a_double(monkey
 def test_a_recorded_pid_reused_by_another_process_is_not_ours():
     child = subprocess.Popen(["sleep", "300"])
     try:
-        created = psutil.Process(child.pid).create_time()
+        created = process_started(child.pid)
+        assert created is not None and created.isdigit()
         assert [p.pid for p in still_ours({child.pid: created})] == [child.pid]
-        assert still_ours({child.pid: created + 1.0}) == []
+        assert still_ours({child.pid: str(int(created) + 1)}) == []  # the same pid, started at another tick
         assert descendants(os.getpid(), exclude=[child.pid]).get(child.pid) is None
         assert descendants(os.getpid())[child.pid] == created
     finally:
@@ -226,3 +228,18 @@ def test_sigkilled_engine_process_leaves_no_engine_processes(embedded_model, tmp
         proc.kill()
         proc.wait()
         kill_all([p["pid"] for p in info["engine"]] + ([info["watchdog"]] if info["watchdog"] else []))
+
+
+def test_a_watchdog_that_never_says_ready_fails_the_start_at_its_timeout(tmp_path, monkeypatch):
+    """A watchdog that hangs silent (an import stuck on a dead NFS mount) fails the engine's start after
+    `timeout_s`, instead of blocking it for as long as the watchdog lives."""
+    silent = tmp_path / "silent-python"
+    silent.write_text("#!/bin/sh\nexec sleep 60\n")
+    silent.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(silent))
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="did not start"):
+        Reaper.start(timeout_s=1.0)
+    waited = time.monotonic() - started
+    print(f"start gave up after {waited:.1f} s (timeout 1 s; the silent watchdog would live 60 s)")
+    assert waited < 30

@@ -83,10 +83,10 @@ def ui(tmp_path_factory):
     config.write_text(
         yaml.safe_dump(
             {
-                "extends": "defaults",
-                "synthesis": {"max_documents": 1, "min_pass_rate": 0.0},
-                # the 135M model writes little: the mixes take what there is, so `synth-cpt mix` publishes every mix
-                "mixes": {"recipes": {r: {"on_shortfall": "take_available"} for r in ("rewrites_1to3", "wrap_1to1")}},
+                # the demo profile (`make demo`, `make ui`), with one document and one style per partition: the
+                # backfill still materializes every generation asset of every partition, and CI stays short
+                "extends": str(REPO / "synth_cpt" / "defaults" / "demo.yaml"),
+                "synthesis": {"max_documents": 1, "routing": {"high": ["medium"], "low": ["medium"]}},
                 # a small KV cache: the test session may hold another engine at the same time
                 "generation": {"gpu_memory_utilization": 0.1},
             }
@@ -449,15 +449,17 @@ def test_eval_scores_shows_its_plot_as_an_image(ui, page):
     page.open("/assets/eval_scores?view=events")
     row = f"//tr[td[normalize-space(.)={web.xpath_literal(plot)}]]"
     page.click(f"[Show Markdown] of {plot}", f"{row}//a[normalize-space(.)='[Show Markdown]']")
-    image = page.wait_visible(f"the plot {plot}", "//*[@role='dialog' or contains(@class,'bp5-dialog')]//img")
+    dialog_image = "//*[@role='dialog' or contains(@class,'bp5-dialog')]//img"
 
-    def decoded() -> list:
-        return page.driver.execute_script("return [arguments[0].complete, arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
+    def decoded(image) -> tuple | None:
+        """src, width and height once the image is decoded, read in one poll (a re-render only means another)."""
+        complete, width, height = page.driver.execute_script(
+            "return [arguments[0].complete, arguments[0].naturalWidth, arguments[0].naturalHeight]", image
+        )
+        return (image.get_attribute("src"), width, height) if complete and width > 0 else None
 
-    page.wait("the plot decoded", lambda d: decoded()[0] and decoded()[1] > 0, 15)
+    src, width, height = page.read(f"the plot {plot} decoded", dialog_image, decoded, 30)
     page.shot("eval_scores-plot")
-    src = image.get_attribute("src")
-    _, width, height = decoded()
     print(f"eval_scores {plot}: a {width}x{height} image; its src is one of the latest materializations' plots: {src in uris}")
     assert src in uris, f"the image is not the metadata's plot: {page.evidence('eval_scores_plot')}"
     assert width > 0 and (width, height) == _png_size(src), f"{width}x{height}: {page.evidence('eval_scores_plot')}"
@@ -480,12 +482,14 @@ def test_a_materialization_launched_by_clicking_succeeds(ui, page):
         page.click("the dialog's title (closes the picker)", title)
     page.shot(f"{asset}-launch-dialog")
     page.click("the Launch 1 run button", "//button[normalize-space(.)='Launch 1 run']")
-    link = page.wait_visible("the launched run's link", "//a[contains(@href,'/runs/')][normalize-space(.)='View']")
-    run_id = link.get_attribute("href").rsplit("/runs/", 1)[1].split("?")[0]
+    href = page.read(
+        "the launched run's link", "//a[contains(@href,'/runs/')][normalize-space(.)='View']", lambda e: e.get_attribute("href")
+    )
+    run_id = href.rsplit("/runs/", 1)[1].split("?")[0]
     started = time.monotonic()
     page.open(f"/runs/{run_id}")
     final = " or ".join(f"normalize-space(text())='{s}'" for s in FINAL_RUN_STATES)
-    state = page.wait_visible(f"run {run_id} finished", f"//*[{final}]", timeout=240).text.strip()
+    state = page.read(f"run {run_id} finished", f"//*[{final}]", lambda e: e.text.strip(), timeout=240)
     page.shot(f"{asset}-run")
     with _instance(ui) as instance:
         run = instance.get_run_by_id(run_id)

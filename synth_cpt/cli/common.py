@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from synth_cpt.core.config import ConfigError, load_config
+from synth_cpt.core.processes import process_started, this_machine
 from synth_cpt.core.secrets import redact
 
 GPU_POOL = "gpu"
@@ -38,29 +39,6 @@ def dagster_instance():
     for line in fail_runs_of_dead_processes(instance):
         say(line)
     return instance
-
-
-def this_machine() -> str:
-    """Which machine and pid namespace a pid belongs to: the host name alone is not enough (containers sharing
-    the host's name, VMs all called `ubuntu` sharing one instance), so the boot id and the pid namespace join it."""
-    import socket
-
-    boot = Path("/proc/sys/kernel/random/boot_id")
-    boot_id = boot.read_text().strip() if boot.exists() else "?"
-    try:
-        pid_ns = str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        pid_ns = "?"
-    return f"{socket.gethostname()}/{boot_id}/{pid_ns}"
-
-
-def process_started(pid: int) -> str | None:
-    """When `pid` started, in clock ticks since boot (/proc/<pid>/stat field 22): unlike a wall-clock start time it
-    does not move when the clock is stepped, so a live process is never taken for a gone one. None: no such process."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 def run_tags(label: str) -> dict[str, str]:

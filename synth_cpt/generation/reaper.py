@@ -8,7 +8,7 @@ setting for this: its workers' death pipe only ties a worker to its EngineCore, 
 watch the process that created it. A dead process can clean up nothing itself, so a second, tiny process
 does it: `Reaper.start()` launches `python -m synth_cpt.generation.reaper` in its own session (a Ctrl-C or
 a kill of the parent's process group does not reach it), which records every process the parent starts
-from then on (pid and create time, refreshed every `REFRESH_S`) and, once its parent is gone, terminates
+from then on (pid and start tick, refreshed every `REFRESH_S`) and, once its parent is gone, terminates
 the recorded ones still alive (SIGTERM, then SIGKILL after `GRACE_S`). `Reaper.stop()` (the engine was
 closed normally) ends it without killing anything. PR_SET_PDEATHSIG is not used: it would have to be set
 inside vLLM's processes, and it fires when the *thread* that started a child ends, not the process.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -27,17 +28,19 @@ from collections.abc import Iterable
 
 import psutil
 
+from synth_cpt.core.processes import process_started
+
 REFRESH_S = 1.0  # how often the parent's descendants are recorded: a process started and orphaned within it can be missed
 POLL_S = 0.2  # how often the watchdog checks that its parent is alive
 GRACE_S = 10.0  # SIGTERM first: vLLM shuts down cleanly (~7 s on 2 cores) and removes its shared memory; then SIGKILL
 READY = b"ready\n"
 MODULE = "synth_cpt.generation.reaper"  # run as `python -m`: how a watchdog is told from what it watches
 
-Recorded = dict[int, float]  # pid -> create_time: a pid reused by an unrelated process is never killed
+Recorded = dict[int, str]  # pid -> start tick (core/processes.py): a pid reused by an unrelated process is never killed
 
 
 def descendants(pid: int, exclude: Iterable[int] = ()) -> Recorded:
-    """Every live descendant of `pid` (recursive, one scan of /proc) with its create time, without the `exclude` pids."""
+    """Every live descendant of `pid` (recursive, one scan of /proc) with its start tick, without the `exclude` pids."""
     skip = set(exclude)
     found: Recorded = {}
     try:
@@ -45,20 +48,19 @@ def descendants(pid: int, exclude: Iterable[int] = ()) -> Recorded:
     except psutil.Error:
         return found
     for child in children:
-        if child.pid not in skip:
-            with contextlib.suppress(psutil.Error):
-                found[child.pid] = child.create_time()
+        if child.pid not in skip and (started := process_started(child.pid)) is not None:
+            found[child.pid] = started
     return found
 
 
 def still_ours(recorded: Recorded) -> list[psutil.Process]:
-    """The recorded processes still alive as the same process (same create time), and any children they started since;
+    """The recorded processes still alive as the same process (same start tick), and any children they started since;
     never a watchdog (each ends its own)."""
     alive: dict[int, psutil.Process] = {}
     for pid, created in recorded.items():
         try:
             proc = psutil.Process(pid)
-            if proc.create_time() != created or _is_watchdog(pid):  # recorded between its fork and exec
+            if process_started(pid) != created or _is_watchdog(pid):  # recorded between its fork and exec
                 continue
             alive[pid] = proc
             for child in proc.children(recursive=True):
@@ -87,7 +89,7 @@ def watch(parent: int, refresh_s: float = REFRESH_S, poll_s: float = POLL_S, gra
     after now, except other watchdogs; when `parent` is gone, reap it. Returns the pids reaped; a SIGTERM while
     `parent` lives ends it without reaping."""
     me = os.getpid()
-    before = descendants(parent, exclude=[me])  # what already ran is not the engine's (matched with its create time)
+    before = descendants(parent, exclude=[me])  # what already ran is not the engine's (matched with its start tick)
     stopped = []
     signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -138,8 +140,9 @@ class Reaper:
         deadline = time.monotonic() + timeout_s
         line = b""
         with proc.stdout:
-            while not line.endswith(b"\n") and time.monotonic() < deadline and proc.poll() is None:
-                line += proc.stdout.read1(64)  # type: ignore[attr-defined]
+            while not line.endswith(b"\n") and (left := deadline - time.monotonic()) > 0 and proc.poll() is None:
+                if select.select([proc.stdout], [], [], min(left, POLL_S))[0]:  # read1 alone would block past the deadline
+                    line += proc.stdout.read1(64)  # type: ignore[attr-defined]
         if line != READY:
             proc.kill()
             proc.wait()
