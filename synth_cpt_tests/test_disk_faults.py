@@ -175,3 +175,44 @@ def test_s3_put_refused_keeps_the_previous_version(tmp_path, s3_bucket):
     print("message:", no_bucket.value)
     assert f"could not write s3://{bucket}-missing/home/crawl_drops/{DROP}/v/" in str(no_bucket.value)
     assert "(NoSuchBucket)" in str(no_bucket.value)
+
+
+def test_only_the_candidates_own_write_errors_become_a_storage_write_error(tmp_path):
+    """A full disk or denied access while the candidate is written says which target could not be written; the
+    same errno naming another file (an input the body reads, a scratch file elsewhere) is the body's own error
+    and keeps its type and message, and the candidate is removed either way."""
+    storage = LocalStorage(tmp_path / "home")
+    elsewhere = str(tmp_path / "scratch" / "spill.bin")
+    cases = [
+        (OSError(errno.ENOSPC, "No space left on device"), StorageWriteError),  # a write() on the fd: no file named
+        (OSError(errno.ENOSPC, "No space left on device", elsewhere), OSError),
+        (PermissionError(errno.EACCES, "Permission denied", elsewhere), PermissionError),
+    ]
+    for error, expected in cases:
+        with pytest.raises(OSError) as raised:
+            with storage.writing("out/table.parquet") as tmp:
+                tmp.write_bytes(b"half")
+                raise error
+        print(f"{error!r} -> {type(raised.value).__name__}: {raised.value}")
+        assert type(raised.value) is expected
+        assert ("could not write" in str(raised.value)) == (expected is StorageWriteError)
+        assert [p for p in (tmp_path / "home").rglob("*") if p.is_file()] == [], "the candidate is gone"
+
+
+def test_s3_copy_of_a_missing_source_is_not_found_and_a_full_staging_disk_names_the_target(tmp_path, s3_bucket):
+    client, bucket = s3_bucket
+    home = S3Storage(f"s3://{bucket}/home", client=client)
+    with pytest.raises(FileNotFoundError) as missing:
+        home.copy("nowhere/source.parquet", "out/copy.parquet")
+    print("copy:", missing.value)
+    assert not isinstance(missing.value, StorageWriteError)
+    assert f"s3://{bucket}/home/nowhere/source.parquet does not exist" in str(missing.value)
+
+    with pytest.raises(StorageWriteError) as full:
+        with home.writing("out/table.parquet") as staged:
+            staged.write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    print("staging:", full.value)
+    assert f"could not write s3://{bucket}/home/out/table.parquet (staged in " in str(full.value)
+    assert "(ENOSPC)" in str(full.value)
+    assert home.list("out") == [], "nothing was uploaded"

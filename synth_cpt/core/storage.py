@@ -88,6 +88,15 @@ def is_candidate(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
+_S3_MISSING = ("404", "NoSuchKey", "NotFound")
+
+
+def _s3_code(exc: BaseException) -> str | None:
+    """The S3 error code of a botocore ClientError (None for anything else)."""
+    response = getattr(exc, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
 class StorageWriteError(OSError):
     """A write under a root failed (disk full, read-only file system, access denied, bucket missing).
     Raised with the target and the errno's meaning in one sentence, so a failed asset says what to fix;
@@ -105,6 +114,16 @@ def _write_failed(target: str, exc: BaseException) -> StorageWriteError:
         code if isinstance(code, int) else errno.EIO,
         f"could not write {target}: {meaning}; nothing was published there, the previous version is unchanged",
     )
+
+
+def _candidate_write_failed(exc: OSError, candidate: Path) -> bool:
+    """Whether an error raised while a candidate was written is that write's: a full disk or read-only mount that
+    names no file or the candidate, or access denied to the candidate. One naming another file (a full disk
+    elsewhere, an input the body could not read) is the body's own and stays what it is."""
+    names_candidate = exc.filename == str(candidate)
+    if exc.errno in _FULL_OR_READ_ONLY:
+        return exc.filename is None or names_candidate
+    return exc.errno in _DENIED and names_candidate
 
 
 def _wanted(name: str, patterns: tuple[str, ...]) -> bool:
@@ -316,7 +335,7 @@ class LocalStorage(Storage):
             except OSError as exc:
                 # the body's writes to `tmp` (a full disk, a read-only mount) say which target, once; a
                 # failed read in the body (a refused drop, a missing input) stays what it is
-                if exc.errno in _FULL_OR_READ_ONLY or (exc.errno in _DENIED and exc.filename == str(tmp)):
+                if _candidate_write_failed(exc, tmp):
                     raise _write_failed(str(target), exc) from exc
                 raise
             try:
@@ -390,7 +409,7 @@ class S3Storage(Storage):
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             return True
         except Exception as exc:  # botocore ClientError 404
-            if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _s3_code(exc) in _S3_MISSING:
                 return False
             raise
 
@@ -438,6 +457,8 @@ class S3Storage(Storage):
         try:
             self.client.copy({"Bucket": self.bucket, "Key": self._key(source)}, self.bucket, self._key(target))
         except Exception as exc:
+            if _s3_code(exc) in _S3_MISSING:  # the source is missing (the copy reads it first): not a failed write
+                raise FileNotFoundError(errno.ENOENT, f"{self.uri(source)} does not exist (copying it to {self.uri(target)})") from exc
             raise _write_failed(self.uri(target), exc) from exc
 
     @property
@@ -499,7 +520,14 @@ class S3Storage(Storage):
     def writing(self, key: str) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="synth-cpt-") as d:
             path = Path(d, Path(key).name)
-            yield path
+            try:
+                yield path
+            except StorageWriteError:
+                raise
+            except OSError as exc:  # the local staging file (TMPDIR) is full or read-only: nothing was uploaded
+                if _candidate_write_failed(exc, path):
+                    raise _write_failed(f"{self.uri(key)} (staged in {d})", exc) from exc
+                raise
             try:
                 self.client.upload_file(str(path), self.bucket, self._key(key))
             except Exception as exc:  # boto3 S3UploadFailedError, ClientError, connection errors
