@@ -37,6 +37,30 @@ def test_unsafe_path_names_each_reason():
     assert unsafe_path("a/./b.jsonl") == "empty or '.' segment (the name is not in its one normal form)"
 
 
+def test_a_drop_swapped_for_a_symlink_after_its_name_was_checked_is_refused_by_what_was_opened(tmp_path, monkeypatch):
+    """The race a name check alone loses: the file is replaced by a symlink out of the folder after
+    `_readable` said yes. The swap is made to land in that window by letting the check run first, then
+    swapping, then opening."""
+    drops, outside = tmp_path / "drops", tmp_path / "outside.jsonl"
+    drops.mkdir()
+    outside.write_text(json.dumps({"text": SECRET}) + "\n")
+    (drops / "a.jsonl").write_text(json.dumps({"text": PT_TEXT}) + "\n")
+    storage = LocalStorage(drops)
+    checked = storage._readable
+
+    def check_then_swap(key: str):
+        path = checked(key)  # the name check passes on the regular file
+        path.unlink()
+        path.symlink_to(outside)  # and then the file is swapped
+        return path
+
+    monkeypatch.setattr(storage, "_readable", check_then_swap)
+    with pytest.raises(PermissionError) as refused:
+        storage.open("a.jsonl")
+    print("refused:", refused.value)
+    assert f"opened {outside}, outside" in str(refused.value)
+
+
 def _sensor_tick(config_path):
     with DagsterInstance.ephemeral() as instance:
         ctx = build_sensor_context(instance=instance, resources={"pipeline": PipelineResource(config_path=str(config_path))})

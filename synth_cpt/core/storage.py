@@ -301,7 +301,17 @@ class LocalStorage(Storage):
         return path
 
     def open(self, key: str) -> IO[bytes]:
-        return open(self._readable(key), "rb")
+        """The file, checked again once open: a file swapped for a symlink out of the root between the name check
+        and the open (a drop folder others write to) is refused by what was actually opened."""
+        f = open(self._readable(key), "rb")
+        try:
+            opened = Path(os.readlink(f"/proc/self/fd/{f.fileno()}"))
+        except OSError:  # no /proc: the check by name above is all there is
+            return f
+        if not opened.is_relative_to(Path(self.root).resolve()):
+            f.close()
+            raise PermissionError(errno.EACCES, f"{key!r}: opened {opened}, outside {self.label or self.root}; refused")
+        return f
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
