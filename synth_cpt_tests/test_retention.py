@@ -5,7 +5,10 @@ still traced through those inputs; prompt files are archived by their SHA."""
 import errno
 import hashlib
 import json
+import os
+import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -14,9 +17,9 @@ import yaml
 from synth_cpt.cli import main
 from synth_cpt.core import retention
 from synth_cpt.core.layout import INPUTS, POINTER, partition_file, published_marker, snapshot_key, version_prefix
-from synth_cpt.core.publish import publish_version, published, published_versions
+from synth_cpt.core.publish import CANDIDATE_GRACE, publish_version, published, published_versions
 from synth_cpt.core.retention import Policy, collect, plan_gc
-from synth_cpt.core.storage import LocalStorage, StorageWriteError, utc_stamp
+from synth_cpt.core.storage import LocalStorage, StorageWriteError, candidate_name, utc_stamp
 from synth_cpt.core.validation import Outcome
 from synth_cpt.generation.prompt_archive import archive_prompt, archived_prompt, prompt_key
 from synth_cpt.lineage import queries
@@ -255,11 +258,16 @@ def test_the_gc_command(tmp_path, isolated_env, capsys):
     assert "name a policy" in capsys.readouterr().err
     assert main(["--config", config, "gc", "--keep-last", "1", "--dry-run"]) == 0
     err = capsys.readouterr().err
-    assert "would free 1 version(s) and 0 snapshot(s): 1 files, 7 B (7 bytes) (dry run: nothing removed)" in err
+    assert (
+        "would free 1 version(s), 0 snapshot(s) and 0 candidate file(s) killed writes left: 1 files, 7 B (7 bytes) (dry run: nothing removed)"
+        in err
+    )
     assert f"kept rewrites_easy/pt/high/v/{versions[1]}: superseded less than 6:00:00 ago, a reader may still be on it" in err
     assert published_versions(storage, "rewrites_easy/pt/high") == versions
     assert main(["--config", config, "gc", "--keep-last", "1"]) == 0
-    assert "freed 1 version(s) and 0 snapshot(s): 1 files, 7 B (7 bytes)\n" in capsys.readouterr().err
+    assert (
+        "freed 1 version(s), 0 snapshot(s) and 0 candidate file(s) killed writes left: 1 files, 7 B (7 bytes)\n" in capsys.readouterr().err
+    )
     assert published_versions(storage, "rewrites_easy/pt/high") == versions[1:]
     assert not storage.list("rewrites_easy/pt/high/_published/" + versions[0]), "its marker went with it"
 
@@ -295,7 +303,9 @@ def test_gc_names_what_it_could_not_remove_and_exits_1(tmp_path, isolated_env, c
     assert storage.list(version_prefix("rewrites_easy/pt/high", versions[0])) == [f"rewrites_easy/pt/high/v/{versions[0]}/rows.parquet"]
     monkeypatch.undo()
     assert main(["--config", config, "gc", "--keep-last", "1"]) == 0
-    assert "freed 1 version(s) and 0 snapshot(s): 1 files, 7 B (7 bytes)\n" in capsys.readouterr().err
+    assert (
+        "freed 1 version(s), 0 snapshot(s) and 0 candidate file(s) killed writes left: 1 files, 7 B (7 bytes)\n" in capsys.readouterr().err
+    )
     assert storage.list(version_prefix("rewrites_easy/pt/high", versions[0])) == []
 
 
@@ -340,7 +350,7 @@ def test_a_store_published_before_markers_loses_no_published_version(tmp_path, i
     assert publish_version(storage, prefix, third, {})
     assert [storage.read_json(published_marker(prefix, v))["recorded"] for v in before] == ["before markers"] * 2
     assert main(["--config", config, "gc", "--keep-last", "10"]) == 0
-    assert "freed 0 version(s) and 0 snapshot(s): 0 files" in capsys.readouterr().err
+    assert "freed 0 version(s), 0 snapshot(s) and 0 candidate file(s) killed writes left: 0 files" in capsys.readouterr().err
     assert published_versions(storage, prefix) == before + [third]
     assert [k for k in storage.list(prefix) if "/v/" in k] == [f"{version_prefix(prefix, v)}/tokenizer.model" for v in before + [third]]
 
@@ -380,12 +390,12 @@ def test_inputs_a_mix_made_before_pinning_may_have_read_stay_unless_forced(tmp_p
     err = capsys.readouterr().err
     for kept in (rewrites[0], stray["pt/high"]):
         assert f"kept {kept}: 1 retained mix version(s) made before inputs were pinned may have read it, e.g. {mixes[0]} " in err
-    assert "freed 0 version(s) and 1 snapshot(s)" in err, "a snapshot of another language|quality is not held"
+    assert "freed 0 version(s), 1 snapshot(s) and 0 candidate file(s)" in err, "a snapshot of another language|quality is not held"
     assert storage.exists(f"{rewrites[0]}/rows.parquet") and storage.exists(stray["pt/high"]) and not storage.exists(stray["en/low"])
     assert main([*args, "--force"]) == 0
     err = capsys.readouterr().err
     assert f"--force: removing {rewrites[0]}, which 1 retained mix version(s) made before inputs were pinned may have read" in err
-    assert "freed 1 version(s) and 1 snapshot(s)" in err
+    assert "freed 1 version(s), 1 snapshot(s) and 0 candidate file(s)" in err
     assert not storage.exists(f"{rewrites[0]}/rows.parquet") and not storage.exists(stray["pt/high"])
     assert published_versions(storage, "training_mix_demo/pt/high") == [m.rsplit("/", 1)[1] for m in mixes]
 
@@ -409,3 +419,27 @@ def test_a_snapshots_age_is_known_on_s3_as_on_disk(s3_bucket, tmp_path):
             retention._snapshot_too_young(storage, key, datetime.now(timezone.utc) + retention.CANDIDATE_GRACE + timedelta(minutes=1))
             is None
         )
+
+
+def test_gc_removes_candidates_killed_writes_left_once_past_the_grace(tmp_path, isolated_env, capsys):
+    """A write killed between creating its candidate and the rename leaves `.<name>.<id>.tmp` behind, which no
+    listing shows: gc frees it once it has been untouched for the grace (a live write keeps touching its own),
+    and leaves the published files and a fresh candidate alone."""
+    storage, versions, config = _cli_home(tmp_path)
+    pointer = Path(storage.root, "rewrites_easy/pt/high", candidate_name("current.json"))
+    segment = Path(storage.root, "generations/pt/high", candidate_name("segment-0001.parquet"))
+    fresh = Path(storage.root, "rewrites_easy/pt/high", candidate_name("current.json"))
+    for path in (pointer, segment, fresh):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a write")
+    stale = time.time() - CANDIDATE_GRACE.total_seconds() - 60
+    for path in (pointer, segment):
+        os.utime(path, (stale, stale))
+    listed = storage.list("")
+    assert main(["--config", config, "gc", "--keep-last", "3"]) == 0
+    err = capsys.readouterr().err
+    print(err)
+    assert "freed 0 version(s), 0 snapshot(s) and 2 candidate file(s) killed writes left: 2 files, 24 B (24 bytes)\n" in err
+    assert not pointer.exists() and not segment.exists()
+    assert fresh.exists(), "a candidate touched within the grace may be a write in progress"
+    assert storage.list("") == listed and published_versions(storage, "rewrites_easy/pt/high") == versions

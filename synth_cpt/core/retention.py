@@ -10,7 +10,8 @@ wait for the mixes that use them: when the same plan removes those mix versions,
 inputs too, and `collect` removes the mix versions first and keeps an input whose mix failed to go.
 A mix made before pinning names no inputs: while it is retained, the synthesis versions and subset
 snapshots of its `language|quality` (what it may have read) are kept unless forced.
-Snapshots of one-file inputs that a mix pinned by content (`<asset>/<language>/<quality>/pinned/<sha>.parquet`)
+Candidate files a killed write left (`.<name>.<id>.tmp`, hidden from every listing) go once untouched for
+CANDIDATE_GRACE. Snapshots of one-file inputs that a mix pinned by content (`<asset>/<language>/<quality>/pinned/<sha>.parquet`)
 go when no mix version pins them and they were written longer ago than CANDIDATE_GRACE (a build
 rewrites its snapshot after its pins, so one being pinned right now is young); the pins are read
 again just before they are removed.
@@ -43,6 +44,7 @@ from synth_cpt.core.publish import (
 )
 from synth_cpt.core.storage import Storage
 
+ORPHANED_CANDIDATE = "a candidate file a killed write left (never published, never read)"
 MANIFEST = "manifest.json"  # a mix version's manifest (mix/build.py), whose `inputs` are its pins
 # what a mix made before pinning may have read from its own language|quality (mix/build.py components)
 MIX_READS = (REWRITES, ENTIGRAPH_CORPUS, f"{QUALITY_SUBSETS}/")
@@ -70,6 +72,7 @@ class Removal:
     why: str
     # mix versions this plan also removes that pin it (or, made before pinning, may have read it): it goes only after they did
     pinned_by: tuple[str, ...] = ()
+    candidate: bool = False  # a `.<name>.<id>.tmp` file a killed write left (never renamed into place, never read)
 
 
 @dataclass
@@ -258,6 +261,13 @@ def plan_gc(storage: Storage, policy: Policy, only: tuple[str, ...] = (), now: d
                 plan.remove.append(
                     Removal("/".join(parts[:3]), "", key, 1, _written_at(storage, key)[1], "a snapshot no retained mix version pins", wait)
                 )
+    for info in storage.candidates():
+        in_doomed = any(info.key.startswith(f"{folder}/") for folder in doomed)  # goes with its folder
+        written = datetime.fromtimestamp(info.modified_ns / 1e9, timezone.utc)
+        # a candidate being written keeps changing: one untouched for CANDIDATE_GRACE lost its writer
+        if (only == () or info.key.startswith(only)) and not in_doomed and written < grace:
+            where = info.key.rsplit("/", 1)[0] if "/" in info.key else ""
+            plan.remove.append(Removal(where, "", info.key, 1, info.size, ORPHANED_CANDIDATE, candidate=True))
     return plan
 
 
@@ -280,8 +290,8 @@ def pinned_now(storage: Storage) -> dict[str, list[str]]:
 
 
 def _order(r: Removal) -> tuple[int, str]:
-    """Mix versions first (what they pin goes after them), then other versions, then snapshots."""
-    return (0 if r.version and r.prefix.startswith(TRAINING_MIX) else 1 if r.version else 2, r.key)
+    """Mix versions first (what they pin goes after them), then other versions, then snapshots, then candidates."""
+    return (0 if r.version and r.prefix.startswith(TRAINING_MIX) else 1 if r.version else 3 if r.candidate else 2, r.key)
 
 
 def collect(storage: Storage, plan: GcPlan, now: datetime | None = None) -> Collected:
@@ -300,6 +310,8 @@ def collect(storage: Storage, plan: GcPlan, now: datetime | None = None) -> Coll
             if r.version:
                 storage.delete(published_marker(r.prefix, r.version))
                 storage.delete_prefix(r.key)
+            elif r.candidate:
+                storage.delete(r.key)
             else:
                 pins_now = pinned_now(storage) if pins_now is None else pins_now
                 if by := pins_now.get(r.key):

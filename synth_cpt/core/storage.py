@@ -165,6 +165,11 @@ class Storage:
         """A forward-only stream of the file's bytes (no local copy)."""
         raise NotImplementedError
 
+    def candidates(self, prefix: str = "") -> list[FileInfo]:
+        """Candidate files (`.<name>.<id>.tmp`) under `prefix` that a killed write left behind: listings hide
+        them, so only this finds them. An object store has none (a PUT is whole or absent)."""
+        return []
+
     def delete_prefix(self, prefix: str) -> None:
         raise NotImplementedError
 
@@ -288,6 +293,19 @@ class LocalStorage(Storage):
                 found.append(FileInfo(key, str(path), st.st_size, f"mtime{st.st_mtime_ns}-size{st.st_size}", changed, modified))
         found.sort(key=lambda f: f.key)  # as documented (the walk yields a folder's files before its subfolders')
         return FileListing(found, refused)
+
+    def candidates(self, prefix: str = "") -> list[FileInfo]:
+        base = self.path(prefix)
+        found = []
+        for dirpath, _, filenames in os.walk(base, followlinks=False):
+            for name in filenames:
+                if is_candidate(name):
+                    path = Path(dirpath, name)
+                    with contextlib.suppress(FileNotFoundError):  # renamed into place or removed meanwhile
+                        st = path.lstat()
+                        key = path.relative_to(self.root).as_posix()
+                        found.append(FileInfo(key, str(path), st.st_size, f"mtime{st.st_mtime_ns}", st.st_mtime_ns, st.st_mtime_ns))
+        return sorted(found, key=lambda f: f.key)
 
     def _readable(self, key: str) -> Path:
         """The path of `key`, refused (PermissionError, never opened) when its name is unsafe or it resolves
