@@ -49,6 +49,17 @@ def echo_reply(body: dict[str, Any]) -> str:
     return " ".join(words)
 
 
+def send(h: BaseHTTPRequestHandler, code: int, data: bytes, headers: dict[str, str] | None = None, content_type: str = "") -> None:
+    """One whole HTTP response (JSON unless told), as every test server here answers."""
+    h.send_response(code)
+    h.send_header("Content-Type", content_type or "application/json")
+    h.send_header("Content-Length", str(len(data)))
+    for k, v in (headers or {}).items():
+        h.send_header(k, v)
+    h.end_headers()
+    h.wfile.write(data)
+
+
 class FaultServer:
     """Seeded faults per attempt; `faulty = False` answers everything (a healthy fleet, for a rerun)."""
 
@@ -133,13 +144,13 @@ class FaultServer:
 
     def act(self, h: BaseHTTPRequestHandler, kind: str, body: dict[str, Any], rid: str) -> None:
         if kind == "http_500":
-            return self._send(h, 500, b'{"error": "internal error"}')
+            return send(h, 500, b'{"error": "internal error"}')
         if kind == "http_503_date":
-            return self._send(h, 503, b'{"error": "overloaded"}', {"Retry-After": formatdate(time.time() + 1, usegmt=True)})
+            return send(h, 503, b'{"error": "overloaded"}', {"Retry-After": formatdate(time.time() + 1, usegmt=True)})
         if kind == "http_429":
-            return self._send(h, 429, b'{"error": "rate limited"}', {"Retry-After": "1"})
+            return send(h, 429, b'{"error": "rate limited"}', {"Retry-After": "1"})
         if kind == "http_429_day":
-            return self._send(h, 429, b'{"error": "quota exhausted"}', {"Retry-After": "86400"})
+            return send(h, 429, b'{"error": "quota exhausted"}', {"Retry-After": "86400"})
         if kind == "stall":
             self.stopping.wait(self.timeout_s + 1.0)
             return None
@@ -172,8 +183,8 @@ class FaultServer:
             h.connection.shutdown(socket.SHUT_RDWR)
             return None
         if kind == "not_json":
-            return self._send(h, 200, b"<html><body>502 Bad Gateway</body></html>", content_type="text/html")
-        self._send(h, 200, data)
+            return send(h, 200, b"<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+        send(h, 200, data)
         with self.lock:
             self.answered[rid] += 1
         return None
@@ -186,16 +197,6 @@ class FaultServer:
                 "usage": {"prompt_tokens": len(json.dumps(body.get("messages", []))) // 4, "completion_tokens": len(text.split())},
             }
         ).encode()
-
-    @staticmethod
-    def _send(h: BaseHTTPRequestHandler, code: int, data: bytes, headers: dict[str, str] | None = None, content_type: str = "") -> None:
-        h.send_response(code)
-        h.send_header("Content-Type", content_type or "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            h.send_header(k, v)
-        h.end_headers()
-        h.wfile.write(data)
 
     def _close(self) -> None:
         if self._httpd is not None:

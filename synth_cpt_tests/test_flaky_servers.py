@@ -26,6 +26,7 @@ from synth_cpt.generation.requests import ChatRequest, Generation, Sampling
 
 from .conftest import EN_TEXT, write_jsonl
 from .fault_server import KINDS, FaultServer
+from .test_synthesis_dagster import ingest_to_quality_subsets
 
 PARTITION = "pt|high"
 ASSET = "rewrites_medium"
@@ -78,13 +79,7 @@ def ingested(tmp_path: Path, monkeypatch) -> tuple[object, Path]:
     from synth_cpt.defs.definitions import build_definitions
 
     defs = build_definitions()
-    with DagsterInstance.ephemeral() as instance:
-        instance.add_dynamic_partitions("crawl_drops", ["2026-11-01.jsonl"])
-        assert defs.resolve_job_def("ingest_drop_job").execute_in_process(instance=instance, partition_key="2026-11-01.jsonl").success
-        for key in ("pt|high", "pt|low", "en|high", "en|low"):
-            assert defs.resolve_job_def("corpus_job").execute_in_process(instance=instance, partition_key=key).success
-        assert defs.resolve_job_def("tokenizer_job").execute_in_process(instance=instance).success
-        assert defs.resolve_job_def("quality_subsets_job").execute_in_process(instance=instance, partition_key=PARTITION).success
+    ingest_to_quality_subsets(defs)
     return defs, tmp_path / "home"
 
 

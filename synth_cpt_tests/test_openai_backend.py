@@ -14,6 +14,8 @@ from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.engine import GenerationEngine
 from synth_cpt.generation.requests import ChatRequest, Sampling
 
+from .fault_server import send
+
 
 class FaultServer:
     """Misbehaves according to the user message: ok, 500x2, 429, slow, drop, malformed.
@@ -67,13 +69,7 @@ class FaultServer:
                 return self._send(200, json.dumps(reply).encode())
 
             def _send(self, code, data, headers=None):
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
+                send(self, code, data, headers)
 
         class QuietServer(ThreadingHTTPServer):
             def handle_error(self, request, client_address):  # clients that timed out close early
@@ -261,7 +257,9 @@ def test_retry_after_is_read_as_seconds_or_an_http_date():
 
 def test_request_deadline_is_attempts_times_timeout_plus_the_wait_ceilings():
     """The bound every request keeps: no wait drawn exceeds its ceiling, whatever Retry-After says."""
-    b = OpenAIBackend(["http://127.0.0.1:9/v1"], "m", timeout_s=1.0, max_attempts=3, backoff_s=0.1, backoff_max_s=0.4, retry_after_max_s=1.5)
+    b = OpenAIBackend(
+        ["http://127.0.0.1:9/v1"], "m", timeout_s=1.0, max_attempts=3, backoff_s=0.1, backoff_max_s=0.4, retry_after_max_s=1.5
+    )
     assert [b.wait_ceiling_s(k) for k in (1, 2)] == [1.5, 1.5] and b.request_deadline_s() == 6.0
     b.retry_after_max_s = 0.0
     assert [round(b.wait_ceiling_s(k), 9) for k in (1, 2, 3, 4)] == [0.2, 0.3, 0.5, 0.5] and round(b.request_deadline_s(), 9) == 3.5

@@ -15,6 +15,8 @@ import yaml
 from synth_cpt.generation.backends import Feed, OpenAIBackend, Prepared, VLLMBackend
 from synth_cpt.generation.requests import ChatRequest, Sampling
 
+from .fault_server import send
+
 SET = {"repetition_penalty": 1.15, "min_p": 0.05, "presence_penalty": 0.5, "frequency_penalty": -0.25}
 DEFAULTS = {"repetition_penalty": 1.0, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Olá, mundo"}]
@@ -144,11 +146,7 @@ class RecordingServerDouble:
                         "usage": {"prompt_tokens": 1, "completion_tokens": 1},
                     }
                 ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send(self, 200, data)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()

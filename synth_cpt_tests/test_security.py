@@ -30,6 +30,7 @@ import zstandard
 from synth_cpt.core.secrets import MASK, redact, secret_values
 
 from .conftest import REPO, SAMPLE_DROPS
+from .fault_server import send
 
 CANARY = {
     "OPENAI_API_KEY": "sk-canary-openai-5f1e0c2b9d7a4e36",
@@ -99,12 +100,8 @@ class EchoingServer:
                 reply = {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}], "usage": {}}
                 return self._send(200, json.dumps(reply).encode())
 
-            def _send(self, code, data):
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+            def _send(self, code, data, headers=None):
+                send(self, code, data, headers)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()

@@ -80,14 +80,20 @@ def ingest_small_corpus(tmp_path, monkeypatch, **synthesis):
     docs = [{"text": f"Documento {i}. {PT_TEXT} Foram {i + 3} escolas em 2024.", "edu": 3.0 + i / 10} for i in range(5)]
     write_jsonl(tmp_path / "drops" / "2026-11-01.jsonl", docs + [{"text": EN_TEXT, "stem": 1.0}])
     defs = configure(tmp_path, monkeypatch, **synthesis)
+    ingest_to_quality_subsets(defs)
+    return defs, tmp_path / "home"
+
+
+def ingest_to_quality_subsets(defs, drop: str = "2026-11-01.jsonl") -> None:
+    """The drop's jobs in order, as the sensor and the UI run them: ingest, every corpus partition, the
+    tokenizer, then quality_subsets of PARTITION."""
     with DagsterInstance.ephemeral() as instance:
-        instance.add_dynamic_partitions("crawl_drops", ["2026-11-01.jsonl"])
-        assert defs.resolve_job_def("ingest_drop_job").execute_in_process(instance=instance, partition_key="2026-11-01.jsonl").success
+        instance.add_dynamic_partitions("crawl_drops", [drop])
+        assert defs.resolve_job_def("ingest_drop_job").execute_in_process(instance=instance, partition_key=drop).success
         for key in ("pt|high", "pt|low", "en|high", "en|low"):
             assert defs.resolve_job_def("corpus_job").execute_in_process(instance=instance, partition_key=key).success
         assert defs.resolve_job_def("tokenizer_job").execute_in_process(instance=instance).success
         assert defs.resolve_job_def("quality_subsets_job").execute_in_process(instance=instance, partition_key=PARTITION).success
-    return defs, tmp_path / "home"
 
 
 @pytest.fixture
