@@ -61,7 +61,7 @@ demo: instance
 	@echo "Shards: $(SYNTH_CPT_HOME)/training_mix_<recipe>/<language>/<quality>/current.json -> v/<version>/shard-*.parquet|.jsonl.zst|.bin"
 	@echo "Open the Dagster UI on the same instance: make ui  (http://127.0.0.1:3000)"
 
-# Two workers: the real-engine tests run in order on one, everything else on both (conftest.py).
+# Two workers: the tests on the session's engine run on one, so it is loaded once; the rest on both (conftest.py).
 test: install
 	$(BIN)/python -m pytest -m "not ui" -n 2 --dist loadgroup
 

@@ -54,21 +54,37 @@ def write_jsonl(path: Path, records: list, compress: str | None = None) -> Path:
     return path
 
 
+def short_prompt_library(dest: Path, max_tokens: int = 48) -> Path:
+    """The shipped prompt library with the medium rewrite cut to `max_tokens` new tokens (point SYNTH_CPT_PROMPTS
+    at it): the engine, its loading and the machinery stay the real ones, and a request costs seconds instead of
+    a minute on 2 cores (the 135M model writes until max_tokens, 512, on most rewrites)."""
+    import shutil
+
+    from synth_cpt.synthesis.prompts import prompts_dir
+
+    shutil.copytree(prompts_dir(), dest)
+    medium = dest / "rewrite" / "medium.yaml"
+    assert "  max_tokens: 512\n" in medium.read_text()
+    medium.write_text(medium.read_text().replace("  max_tokens: 512\n", f"  max_tokens: {max_tokens}\n"))
+    return dest
+
+
 # Modules whose module-scoped fixtures would be built twice if their tests were split between xdist workers.
-ENGINE_MODULES = ("test_e2e.py",)
+WHOLE_MODULES = ("test_e2e.py",)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the xdist_group marks into node ids
 def pytest_collection_modifyitems(config, items):
-    """Under `make test` (`-n 2 --dist loadgroup`) every test that runs the real engine goes to one worker, in
-    order: one model conversion and one engine at a time (two engines on 2 cores would fight for memory and
-    CPU), while the other worker takes the rest. Without xdist the mark does nothing."""
+    """Under `make test` (`-n 2 --dist loadgroup`): the tests on the session's in-process engine run on one worker,
+    so it is loaded once, and a module whose fixtures run the CLI end to end stays whole. The rest (tests that
+    start engines of their own in other processes among them) goes to whichever worker is free. Without xdist
+    the marks do nothing."""
+    items.sort(key=lambda item: item.get_closest_marker("frees_session_engine") is not None)  # stable: else as collected
     for item in items:
-        if (
-            item.get_closest_marker("vllm")
-            or {"vllm_session", "embedded_model"} & set(item.fixturenames)
-            or item.path.name in ENGINE_MODULES
-        ):
-            item.add_marker(pytest.mark.xdist_group("engine"))
+        if "vllm_session" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("session_engine"))
+        elif item.path.name in WHOLE_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ import yaml
 from synth_cpt.core.storage import LocalStorage
 from synth_cpt.generation.cache import GenerationCache
 
-from .conftest import PT_TEXT, REPO, write_jsonl
+from .conftest import PT_TEXT, REPO, short_prompt_library, write_jsonl
 
 SEED = 20261205
 FLUSH_EVERY = 4
@@ -309,6 +309,7 @@ def test_sigkill_at_seeded_points_then_rerun_publishes_what_an_uninterrupted_run
 
 
 @pytest.mark.vllm
+@pytest.mark.frees_session_engine
 def test_real_engine_killed_at_two_points_then_rerun_gives_the_uninterrupted_rows(vllm_session, tmp_path, monkeypatch):
     """The embedded vLLM engine in its own process, killed twice at seeded results, then rerun. The
     uninterrupted reference is the session's engine on the same machine. Texts are not compared: greedy
@@ -320,6 +321,7 @@ def test_real_engine_killed_at_two_points_then_rerun_gives_the_uninterrupted_row
 
     from .test_synthesis_dagster import ingest_small_corpus
 
+    monkeypatch.setenv("SYNTH_CPT_PROMPTS", str(short_prompt_library(tmp_path / "prompts")))  # the workers' too
     defs, home = ingest_small_corpus(tmp_path, monkeypatch, max_documents=2)
     crash = {"base": tmp_path / "crash", "home": tmp_path / "crash" / "home", "sent": tmp_path / "crash" / "sent.log"}
     shutil.copytree(home, crash["home"])  # the same ingested inputs, before any generation
@@ -342,7 +344,8 @@ def test_real_engine_killed_at_two_points_then_rerun_gives_the_uninterrupted_row
     vllm_session[0].close()  # the workers load their own engine: free the session's memory meanwhile
 
     rng = random.Random(SEED)
-    env = {"SYNTH_CPT_MODELS": os.environ["SYNTH_CPT_MODELS"]}  # the session's converted model: no conversion here
+    # the session's converted model (no conversion here) and the same prompts as the uninterrupted run
+    env = {k: os.environ[k] for k in ("SYNTH_CPT_MODELS", "SYNTH_CPT_PROMPTS")}
     extra = ["--partition", PARTITION, "--asset", "rewrites_medium"]
     killed, points, orphans = [], [], []
     for _ in range(2):

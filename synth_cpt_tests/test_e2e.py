@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, short_prompt_library
 
 pytestmark = pytest.mark.e2e
 
@@ -169,6 +169,7 @@ def test_synthesize_mix_evals_and_lineage_through_the_cli(ingested, tmp_path):
     summary of what was made and where, outputs published; the second run sends nothing and loads nothing.
     Then `mix`, `evals`, `lineage doc|shard|drop` and `sql` on what was made."""
     base, env, _ = ingested
+    env = {**env, "SYNTH_CPT_PROMPTS": str(short_prompt_library(tmp_path / "prompts"))}
     config = tmp_path / "one.yaml"
     config.write_text("extends: defaults\nsynthesis: {max_documents: 1, min_pass_rate: 0.0}\n")
     args = ["--config", str(config), "synthesize", "--partition", "pt|high", "--asset", "rewrites_medium", "--asset", "entity_graphs"]

@@ -16,7 +16,6 @@ import contextlib
 import io
 import json
 import random
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from dagster import AssetKey, DagsterInstance, build_sensor_context, materialize
 from synth_cpt.core.storage import LocalStorage, S3Storage, Storage
 from synth_cpt.defs.resources import LLM, PipelineResource
 
-from .conftest import PT_TEXT, write_jsonl
+from .conftest import PT_TEXT, short_prompt_library, write_jsonl
 
 pytestmark = pytest.mark.vllm
 PARTITION = "pt|high"
@@ -179,16 +178,7 @@ def test_s3_end_to_end_equals_local_and_reads_only_parts(vllm_session, tmp_path,
     local_drops = write_jsonl(tmp_path / "drops" / DROP, docs).parent
     client.put_object(Bucket=bucket, Key=f"drops/{DROP}", Body=(local_drops / DROP).read_bytes())
 
-    # the shipped library with the medium rewrite cut to 48 new tokens: the engine, its loading and the
-    # machinery are the real ones, and one request costs seconds instead of minutes on 2 cores
-    from synth_cpt.synthesis.prompts import prompts_dir
-
-    library = tmp_path / "prompts"
-    shutil.copytree(prompts_dir(), library)
-    medium = library / "rewrite" / "medium.yaml"
-    assert "  max_tokens: 512\n" in medium.read_text()
-    medium.write_text(medium.read_text().replace("  max_tokens: 512\n", "  max_tokens: 48\n"))
-    monkeypatch.setenv("SYNTH_CPT_PROMPTS", str(library))
+    monkeypatch.setenv("SYNTH_CPT_PROMPTS", str(short_prompt_library(tmp_path / "prompts")))
 
     reads = ServerReads()
     reads.install(monkeypatch)

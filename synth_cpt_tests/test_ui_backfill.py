@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from . import browser as web
-from .conftest import REPO
+from .conftest import REPO, short_prompt_library
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.ui]
 
@@ -95,7 +95,7 @@ def ui(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNTH_CPT_", "DAGSTER_"))}
     env.update(
         DAGSTER_HOME=str(dagster_home), SYNTH_CPT_HOME=str(base / "home"), SYNTH_CPT_CONFIG=str(config),
-        SYNTH_CPT_MODELS=str(base / "models"), COLUMNS="200",
+        SYNTH_CPT_MODELS=str(base / "models"), SYNTH_CPT_PROMPTS=str(short_prompt_library(base / "prompts")), COLUMNS="200",
     )  # fmt: skip
     ingest = subprocess.run([_bin("synth-cpt"), "ingest"], env=env, cwd=base, capture_output=True, text=True, timeout=900)
     assert ingest.returncode == 0, ingest.stderr[-3000:]
@@ -163,7 +163,7 @@ def _runs(ui: dict, backfill_id: str):
 def _env(ui: dict):
     """This process with the test's DAGSTER_HOME and synth-cpt settings (the instance's dagster.yaml and the
     Definitions read them), restored after."""
-    names = ("DAGSTER_HOME", "SYNTH_CPT_HOME", "SYNTH_CPT_CONFIG", "SYNTH_CPT_MODELS")
+    names = ("DAGSTER_HOME", "SYNTH_CPT_HOME", "SYNTH_CPT_CONFIG", "SYNTH_CPT_MODELS", "SYNTH_CPT_PROMPTS")
     saved = {k: os.environ.get(k) for k in names}
     os.environ.update({k: ui["env"][k] for k in names})
     try:
