@@ -61,9 +61,10 @@ demo: instance
 	@echo "Shards: $(SYNTH_CPT_HOME)/training_mix_<recipe>/<language>/<quality>/current.json -> v/<version>/shard-*.parquet|.jsonl.zst|.bin"
 	@echo "Open the Dagster UI on the same instance: make ui  (http://127.0.0.1:3000)"
 
-# Two workers: the tests on the session's engine run on one, so it is loaded once; the rest on both (conftest.py).
+# Two workers, each taking whole test modules (a module's fixtures are built once; a worker with real-engine tests
+# loads its session engine once).
 test: install
-	$(BIN)/python -m pytest -m "not ui" -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -m "not ui" -n 2 --dist loadscope
 
 # Debian's Chromium and its driver, installed once when missing (the UI test drives them; nothing is downloaded by selenium).
 browser:

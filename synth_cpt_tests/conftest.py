@@ -69,24 +69,6 @@ def short_prompt_library(dest: Path, max_tokens: int = 48) -> Path:
     return dest
 
 
-# Modules whose module-scoped fixtures would be built twice if their tests were split between xdist workers.
-WHOLE_MODULES = ("test_e2e.py",)
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the xdist_group marks into node ids
-def pytest_collection_modifyitems(config, items):
-    """Under `make test` (`-n 2 --dist loadgroup`): the tests on the session's in-process engine run on one worker,
-    so it is loaded once, and a module whose fixtures run the CLI end to end stays whole. The rest (tests that
-    start engines of their own in other processes among them) goes to whichever worker is free. Without xdist
-    the marks do nothing."""
-    items.sort(key=lambda item: item.get_closest_marker("frees_session_engine") is not None)  # stable: else as collected
-    for item in items:
-        if "vllm_session" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group("session_engine"))
-        elif item.path.name in WHOLE_MODULES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
-
-
 @pytest.fixture
 def isolated_env(tmp_path, monkeypatch):
     """No SYNTH_CPT_* from the caller's shell leaks into a test."""

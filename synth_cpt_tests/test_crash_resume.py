@@ -6,7 +6,7 @@ Each killed process is `crash_worker` running the step through the synth-cpt CLI
 killed by itself at the N-th boundary it crosses (an atomic storage write starting or about to be renamed
 into place, or a generation result handed to the cache writer); N comes from a seeded random.Random, so
 a failure names its kill point and reproduces. Synthesis uses the test double (doubles.py) here; the
-real engine is killed at 2 points in the second test.
+real engine is killed at 2 points in test_crash_resume_engine.py.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import yaml
 from synth_cpt.core.storage import LocalStorage
 from synth_cpt.generation.cache import GenerationCache
 
-from .conftest import PT_TEXT, REPO, short_prompt_library, write_jsonl
+from .conftest import PT_TEXT, REPO, write_jsonl
 
 SEED = 20261205
 FLUSH_EVERY = 4
@@ -302,80 +302,10 @@ def test_sigkill_at_seeded_points_then_rerun_publishes_what_an_uninterrupted_run
     assert reader.reads > 0
     # a killed synthesize left its run holding the gpu slot, and the next worker's CLI freed it and went on
     assert [f["held"] for f in figures if f["step"] == "synthesize" and f["boundary"] == "result"][1:] == [[1]] * 4, figures
-    assert len(kills) == sum(k for *_, k, _ in STEPS), figures  # 18 here, and 2 of the real engine in the next test
+    assert len(kills) == sum(k for *_, k, _ in STEPS), figures  # 18 here, and 2 of the real engine in test_crash_resume_engine.py
     assert len(resent) >= 5, "each kill at a result had sent requests"
     assert max(resent) <= FLUSH_EVERY, f"resent per kill {resent} > flush_every {FLUSH_EVERY}"
     assert len({rid for _, rid in sent}) == requests, "every request was sent, none that the clean run did not send"
-
-
-@pytest.mark.vllm
-@pytest.mark.frees_session_engine
-def test_real_engine_killed_at_two_points_then_rerun_gives_the_uninterrupted_rows(vllm_session, tmp_path, monkeypatch):
-    """The embedded vLLM engine in its own process, killed twice at seeded results, then rerun. The
-    uninterrupted reference is the session's engine on the same machine. Texts are not compared: greedy
-    and seeded sampling may differ between processes (batch shapes); ids, rows, sets and counts are what
-    the machinery guarantees."""
-    from dagster import AssetKey, DagsterInstance, materialize
-
-    from synth_cpt.defs.resources import LLM, PipelineResource
-
-    from .test_synthesis_dagster import ingest_small_corpus
-
-    monkeypatch.setenv("SYNTH_CPT_PROMPTS", str(short_prompt_library(tmp_path / "prompts")))  # the workers' too
-    defs, home = ingest_small_corpus(tmp_path, monkeypatch, max_documents=2)
-    crash = {"base": tmp_path / "crash", "home": tmp_path / "crash" / "home", "sent": tmp_path / "crash" / "sent.log"}
-    shutil.copytree(home, crash["home"])  # the same ingested inputs, before any generation
-    config = yaml.safe_load(Path(os.environ["SYNTH_CPT_CONFIG"]).read_text())
-    # a small KV cache (not part of the fingerprint): the worker's engine shares the machine with the others
-    config.update(storage_root=str(crash["home"]), generation={"flush_every": 2, "flush_seconds": 3600, "gpu_memory_utilization": 0.1})
-    crash["config"] = tmp_path / "crash" / "pipeline.yaml"
-    crash["config"].write_text(yaml.safe_dump(config))
-    (crash["base"] / "dagster_home").mkdir()
-    shutil.copy(REPO / "dagster.yaml", crash["base"] / "dagster_home" / "dagster.yaml")
-
-    synthesis = next(a for a in defs.assets if getattr(a, "node_def", None) is not None and a.node_def.name == "synthesis")
-    with DagsterInstance.ephemeral() as instance:
-        assert materialize(
-            [synthesis], instance=instance, partition_key=PARTITION, selection=[AssetKey("rewrites_medium")],
-            resources={"pipeline": PipelineResource(), "llm": LLM(flush_every=2, flush_seconds=3600)},
-        ).success  # fmt: skip
-    requests = GenerationCache(LocalStorage(home)).finished().height
-    assert requests >= 2
-    vllm_session[0].close()  # the workers load their own engine: free the session's memory meanwhile
-
-    rng = random.Random(SEED)
-    # the session's converted model (no conversion here) and the same prompts as the uninterrupted run
-    env = {k: os.environ[k] for k in ("SYNTH_CPT_MODELS", "SYNTH_CPT_PROMPTS")}
-    extra = ["--partition", PARTITION, "--asset", "rewrites_medium"]
-    killed, points, orphans = [], [], []
-    for _ in range(2):
-        points.append(rng.randint(1, requests))
-        before = {pid for pid, _ in _sent(crash)}
-        proc = _worker(crash, "synthesize", points[-1], "result", extra, engine="real", env=env)
-        assert proc.returncode == -9 and f"KILLING {points[-1]}" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
-        killed += sorted({pid for pid, _ in _sent(crash)} - before)
-        orphans.append(proc.orphans)
-    _ticks(_worker(crash, "synthesize", 0, "result", extra, engine="real", env=env))
-
-    sent = _sent(crash)
-    resent = _resent_per_kill(sent, killed)
-    print(f"\nreal engine: {requests} requests; killed at results {points}; resent per kill {resent}, max vs flush_every 2")
-    print(f"engine processes still running 60 s after each kill: {orphans}")
-    want, got = _published(home), _published(crash["home"])
-
-    def documents(seen: dict) -> list[str]:
-        """(doc_id, request_ids) of every row and rejection: whether a text passes depends on what the model wrote."""
-        tables = [seen[f"rewrites_medium/pt/high/{name}"] for name in ("rows.parquet", "rejects.parquet")]
-        return sorted(str(r) for t in tables if t.height for r in t.select("doc_id", "request_ids").rows())
-
-    print(f"documents: uninterrupted {documents(want)}; after the kills {documents(got)}")
-    assert len(documents(want)) == 2 and documents(got) == documents(want), "each document once, with the same request ids"
-    assert _duplicates(got) == {}
-    cache = GenerationCache(LocalStorage(crash["home"])).load()
-    assert cache["request_id"].n_unique() == cache.height, "no request cached twice"
-    assert set(cache["request_id"]) == set(GenerationCache(LocalStorage(home)).load()["request_id"])
-    assert len(killed) == 2 and max(resent) <= 2, f"resent per kill {resent}"
-    assert orphans == [0, 0], "the engine's watchdog ended the engine processes of each killed worker"
 
 
 SEGMENT_KILLER = """

@@ -12,6 +12,7 @@ from synth_cpt.core.storage import LocalStorage
 from synth_cpt.defs.resources import LLM, PipelineResource
 from synth_cpt.generation.cache import GenerationCache
 
+from .conftest import short_prompt_library
 from .test_synthesis_dagster import PARTITION, materializations
 
 pytestmark = pytest.mark.vllm
@@ -24,6 +25,7 @@ def test_real_engine_rewrites_and_entity_graphs_with_lineage(vllm_session, tmp_p
     backend, *_ = vllm_session
     backend.close()  # the session's engine may have been loaded by another test: this test's first run must load it
     loads_before = backend.loads
+    monkeypatch.setenv("SYNTH_CPT_PROMPTS", str(short_prompt_library(tmp_path / "prompts")))
     defs, home = ingest_small_corpus(tmp_path, monkeypatch, max_documents=2)
     synthesis = next(a for a in defs.assets if getattr(a, "node_def", None) is not None and a.node_def.name == "synthesis")
     with DagsterInstance.ephemeral() as instance:
