@@ -220,10 +220,16 @@ class EntigraphConfig(_Strict):
     them all), then triples, shuffled with the synthesis seed, up to the budget. Pairs grow as n^2 and
     triples as n^3, so `max_entities` and the triples' budget are the cost knobs."""
 
-    max_entities: int | None = Field(None, ge=2, description="entities kept per document after merging its chunks; null: every one the model lists (the paper)")
-    triples_per_document: int | None = Field(8, ge=0, description="triples written per document after all its pairs (0: none; null: every triple)")
+    max_entities: int | None = Field(
+        None, ge=2, description="entities kept per document after merging its chunks; null: every one the model lists (the paper)"
+    )
+    triples_per_document: int | None = Field(
+        8, ge=0, description="triples written per document after all its pairs (0: none; null: every triple)"
+    )
     tokens_per_document: int | None = Field(None, ge=1, description="or an output-token budget per document for the triples")
-    max_attempts: int = Field(3, ge=1, le=20, description="step 1 is asked again, with a new attempt index in its request id, until its JSON parses")
+    max_attempts: int = Field(
+        3, ge=1, le=20, description="step 1 is asked again, with a new attempt index in its request id, until its JSON parses"
+    )
 
 
 class SynthesisConfig(_Strict):
@@ -272,6 +278,10 @@ class GenerationConfig(BaseModel):
     dtype: str = "bfloat16"
     max_model_len: int | None = Field(4096, gt=0, description="context of the engine; null: the model's own (its config.json)")
     tensor_parallel_size: int = Field(1, ge=1)
+    cluster_gpus: int | None = Field(
+        None, ge=0, description="GPUs a generation run asks a cluster for (deploy/: the dagster-k8s/config and ECS resourceRequirements "
+        "run tags of synthesis_job); null: tensor_parallel_size; 0: none (a CPU cluster, or generation on a vLLM fleet)",
+    )  # fmt: skip
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="on the CPU build: the share of host memory for the KV cache")
     enable_prefix_caching: bool = True
     enforce_eager: bool = Field(True, description="false captures CUDA graphs (faster on a GPU, slower to load)")
@@ -386,7 +396,9 @@ class MixComponent(_Strict):
         if self.styles is None:
             return [self]
         total = sum(self.styles.values())
-        return [MixComponent(source=f"rewrite:{s}", ratio=self.ratio * w / total, max_epochs=self.max_epochs) for s, w in self.styles.items()]
+        return [
+            MixComponent(source=f"rewrite:{s}", ratio=self.ratio * w / total, max_epochs=self.max_epochs) for s, w in self.styles.items()
+        ]
 
 
 class MixRecipe(_Strict):
@@ -439,8 +451,12 @@ class MixConfig(_Strict):
 class EvalsConfig(_Strict):
     """What eval_scores reads besides the partition's own outputs."""
 
-    benchmarks: tuple[str, ...] = Field((), description="benchmark files checked for 13-gram contamination (.txt lines, .jsonl text, .parquet text)")
-    lm_eval_results: tuple[str, ...] = Field((), description="lm-evaluation-harness result files of a model trained on a mix: NPM on PoETa V2")
+    benchmarks: tuple[str, ...] = Field(
+        (), description="benchmark files checked for 13-gram contamination (.txt lines, .jsonl text, .parquet text)"
+    )
+    lm_eval_results: tuple[str, ...] = Field(
+        (), description="lm-evaluation-harness result files of a model trained on a mix: NPM on PoETa V2"
+    )
     lm_eval_aliases: dict[str, str] = Field(
         default_factory=dict, description="task names of your result files -> the PoETa V2 table's (what `synth-cpt npm --alias` takes)"
     )

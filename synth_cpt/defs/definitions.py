@@ -13,6 +13,7 @@ from dagster import (
 from synth_cpt.core.config import current_config
 from synth_cpt.core.layout import CRAWL_DROPS, QUALITY_CUTPOINTS, QUALITY_SUBSETS, RAW_CORPUS, TOKENIZER
 from synth_cpt.defs.checks import CHECKS
+from synth_cpt.defs.cluster import generation_run_tags
 from synth_cpt.defs.evals import GROUP as EVALS_GROUP
 from synth_cpt.defs.evals import build_eval_assets
 from synth_cpt.defs.ingest import build_ingest_assets
@@ -55,7 +56,9 @@ def build_definitions() -> Definitions:
         define_asset_job(TOKENIZER_JOB, AssetSelection.assets(TOKENIZER)),
         define_asset_job(SUBSETS_JOB, AssetSelection.assets(QUALITY_SUBSETS), partitions_def=corpus_parts),
         # every generation asset of a partition: one step, one engine load
-        define_asset_job(SYNTHESIS_JOB, AssetSelection.groups(SYNTHESIS_GROUP), partitions_def=corpus_parts),
+        define_asset_job(
+            SYNTHESIS_JOB, AssetSelection.groups(SYNTHESIS_GROUP), partitions_def=corpus_parts, tags=generation_run_tags(config.generation)
+        ),
         define_asset_job(MIX_JOB, AssetSelection.groups(MIX_GROUP), partitions_def=corpus_parts),
         define_asset_job(EVALS_JOB, AssetSelection.groups(EVALS_GROUP), partitions_def=corpus_parts),
     ]
