@@ -19,57 +19,20 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
 from . import browser as web
 from .conftest import REPO, short_prompt_library
+from .dagster_dev import dagster_dev, free_port, launch_backfill, stop_gracefully, venv_bin
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.ui]
 
 PARTITIONS = ["en|high", "en|low", "pt|high", "pt|low"]
-LAUNCH = """
-mutation($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-    ... on InvalidSubsetError { message }
-    ... on UnauthorizedError { message }
-  }
-}"""
-STATUS = """
-query($id: String!) {
-  partitionBackfillOrError(backfillId: $id) { __typename ... on PartitionBackfill { status } ... on PythonError { message } }
-}"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).with_name(name))
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: what `dagster dev` and `synth-cpt serve` shut down cleanly on
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
 
 
 @pytest.fixture(scope="module")
@@ -97,53 +60,10 @@ def ui(tmp_path_factory):
         DAGSTER_HOME=str(dagster_home), SYNTH_CPT_HOME=str(base / "home"), SYNTH_CPT_CONFIG=str(config),
         SYNTH_CPT_MODELS=str(base / "models"), SYNTH_CPT_PROMPTS=str(short_prompt_library(base / "prompts")), COLUMNS="200",
     )  # fmt: skip
-    ingest = subprocess.run([_bin("synth-cpt"), "ingest"], env=env, cwd=base, capture_output=True, text=True, timeout=900)
+    ingest = subprocess.run([venv_bin("synth-cpt"), "ingest"], env=env, cwd=base, capture_output=True, text=True, timeout=900)
     assert ingest.returncode == 0, ingest.stderr[-3000:]
-    port = _free_port()
-    log = open(base / "dagster_dev.log", "w")
-    dev = subprocess.Popen(
-        [_bin("dagster"), "dev", "-h", "127.0.0.1", "-p", str(port), "-m", "synth_cpt.definitions"],
-        env=env, cwd=base, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/graphql"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if httpx.post(url, json={"query": "{ version }"}, timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert dev.poll() is None and time.monotonic() < deadline, (base / "dagster_dev.log").read_text()[-3000:]
-            time.sleep(2)
+    with dagster_dev(env, base) as (dev, url, port):
         yield {"url": url, "env": env, "base": base, "dagster_home": dagster_home, "port": port, "pid": dev.pid}
-    finally:
-        _stop(dev)
-        log.close()
-
-
-def _graphql(url: str, query: str, variables: dict) -> dict:
-    resp = httpx.post(url, json={"query": query, "variables": variables}, timeout=60)
-    resp.raise_for_status()
-    body = resp.json()
-    assert "errors" not in body, body["errors"]
-    return body["data"]
-
-
-def _backfill(ui: dict, assets: list[str], partitions: list[str], timeout_s: float) -> tuple[str, str]:
-    params = {"partitionNames": partitions, "assetSelection": [{"path": [a]} for a in assets], "fromFailure": False}
-    launched = _graphql(ui["url"], LAUNCH, {"params": params})["launchPartitionBackfill"]
-    assert launched["__typename"] == "LaunchBackfillSuccess", launched
-    backfill_id = launched["backfillId"]
-    deadline = time.monotonic() + timeout_s
-    status = "REQUESTED"
-    while time.monotonic() < deadline:
-        got = _graphql(ui["url"], STATUS, {"id": backfill_id})["partitionBackfillOrError"]
-        status = got.get("status")
-        if status not in ("REQUESTED", "CANCELING", "FAILING"):
-            break
-        time.sleep(5)
-    return backfill_id, status
 
 
 def _runs(ui: dict, backfill_id: str):
@@ -220,7 +140,7 @@ def test_the_webserver_and_every_process_of_dagster_dev_listen_on_loopback_only(
 def test_a_daemon_run_with_vllm_in_its_step_process_ends(ui):
     """The in-process engine (no server up) through the daemon and the multiprocess executor: the run
     reaches SUCCESS, which it can only do once its step process has exited."""
-    backfill_id, status = _backfill(ui, ["rewrites_medium"], ["en|high"], timeout_s=900)
+    backfill_id, status = launch_backfill(ui["url"], ["rewrites_medium"], ["en|high"], timeout_s=900)
     runs, materialized = _runs(ui, backfill_id)
     assert [s for _, s in runs] == ["SUCCESS"], (status, runs, (ui["base"] / "dagster_dev.log").read_text()[-4000:])
     assert status.startswith("COMPLETED"), status
@@ -233,10 +153,10 @@ def test_a_backfill_of_every_generation_asset_over_all_partitions_loads_the_mode
     from synth_cpt.synthesis.prompts import load_kind
 
     assets = [f"rewrites_{s}" for s in load_kind("rewrite")] + ["entity_graphs", "entigraph_corpus"]
-    port = _free_port()
+    port = free_port()
     serve_log = open(ui["base"] / "serve.out", "w")
     server = subprocess.Popen(
-        [_bin("synth-cpt"), "serve", "--port", str(port)], env=ui["env"], cwd=ui["base"],
+        [venv_bin("synth-cpt"), "serve", "--port", str(port)], env=ui["env"], cwd=ui["base"],
         stdout=serve_log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
@@ -250,7 +170,7 @@ def test_a_backfill_of_every_generation_asset_over_all_partitions_loads_the_mode
             record = json.loads(found[0].read_text()) if found else None
         with _instance(ui) as instance:  # the server holds the engine: the partitions' runs may feed it at once (README)
             instance.event_log_storage.set_concurrency_slots("gpu", len(PARTITIONS))
-        backfill_id, status = _backfill(ui, assets, PARTITIONS, timeout_s=1800)
+        backfill_id, status = launch_backfill(ui["url"], assets, PARTITIONS, timeout_s=1800)
         runs, materialized = _runs(ui, backfill_id)
         assert status.startswith("COMPLETED") and len(runs) == len(PARTITIONS), (status, runs)
         assert {s for _, s in runs} == {"SUCCESS"}, runs
@@ -268,7 +188,7 @@ def test_a_backfill_of_every_generation_asset_over_all_partitions_loads_the_mode
             f"model loads: server {loads} + runs 0"
         )
     finally:
-        _stop(server)
+        stop_gracefully(server)
         serve_log.close()
     assert not list(servers.glob("*.json")), "the server's record goes with it"
 
@@ -307,7 +227,7 @@ def outputs(ui):
     assert generated == set(PARTITIONS), f"the backfill tests above fill this instance: run the whole module ({generated})"
     for command in ("mix", "evals"):
         started = time.monotonic()
-        done = subprocess.run([_bin("synth-cpt"), command], env=ui["env"], cwd=ui["base"], capture_output=True, text=True, timeout=600)
+        done = subprocess.run([venv_bin("synth-cpt"), command], env=ui["env"], cwd=ui["base"], capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, (command, done.stdout[-3000:], done.stderr[-3000:])
         print(f"synth-cpt {command}: {time.monotonic() - started:.1f} s")
     return ui
