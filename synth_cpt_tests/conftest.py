@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -141,3 +142,74 @@ def vllm_session(tmp_path_factory, embedded_model):
     backend = resource.shared_backend(model_path)
     yield backend, root, resource, identity, model_path
     backend.close()
+
+
+DEFINITIONS_MODULES = ("synth_cpt.definitions", "synth_cpt.defs.definitions")
+
+
+@pytest.fixture
+def fresh_definitions(tmp_path, monkeypatch):
+    """`configure(generation=None, home=None)`: a pipeline config under tmp_path (outputs in `home`, default
+    tmp_path/home), and synth_cpt.definitions imported afresh under it at its next import (the module builds its
+    Definitions at import, from the config the environment names). What was imported before comes back after."""
+    import importlib
+    import sys
+
+    imported_before = {m for m in DEFINITIONS_MODULES if m in sys.modules}
+
+    def configure(generation: dict | None = None, home: str | None = None) -> None:
+        data = {"storage_root": str(tmp_path / "home"), "drops": {"location": str(tmp_path / "drops"), "settle_seconds": 0}}
+        if generation:
+            data["generation"] = generation
+        (tmp_path / "drops").mkdir(exist_ok=True)
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(yaml.safe_dump(data))
+        monkeypatch.setenv("SYNTH_CPT_CONFIG", str(path))
+        monkeypatch.setenv("SYNTH_CPT_HOME", home or str(tmp_path / "home"))
+        monkeypatch.delenv("SYNTH_CPT_ENDPOINTS", raising=False)
+        monkeypatch.delenv("SYNTH_CPT_MODEL", raising=False)
+        for module in DEFINITIONS_MODULES:  # the modules of an earlier import come back afterwards
+            parent, _, name = module.rpartition(".")
+            monkeypatch.delitem(sys.modules, module, raising=False)
+            monkeypatch.delattr(importlib.import_module(parent), name, raising=False)
+
+    yield configure
+    for module in DEFINITIONS_MODULES:
+        if module not in imported_before:
+            sys.modules.pop(module, None)  # nor does this test's import outlive it
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """This process's environment with `values` set, restored after (unset names unset again)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def runs_of_jobs(instance, image: str, runs: list[tuple[str, dict]]):
+    """The Definitions as a code location in `image` (what a run launcher launches from), and one created run per
+    (job name, extra run tags), tagged as Dagster tags a launched run of that job: (workspace, [(job name, run)])."""
+    from dagster._core.test_utils import create_run_for_test, in_process_test_workspace
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    origin = LoadableTargetOrigin(module_name="synth_cpt.definitions")
+    with in_process_test_workspace(instance, origin, container_image=image) as workspace:
+        repo = workspace.get_code_location(workspace.code_location_names[0]).get_repository("__repository__")
+        created = []
+        for job_name, tags in runs:
+            remote_job = repo.get_full_job(job_name)
+            run = create_run_for_test(
+                instance, job_name=job_name, tags={**remote_job.run_tags, **tags},
+                remote_job_origin=remote_job.get_remote_origin(), job_code_origin=remote_job.get_python_origin(),
+            )  # fmt: skip
+            created.append((job_name, run))
+        yield workspace, created

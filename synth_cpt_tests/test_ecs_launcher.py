@@ -5,9 +5,7 @@ for the others, keys only by ARN, the run's id among the task's tags."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -16,13 +14,13 @@ import pytest
 import yaml
 from dagster._config import process_config
 from dagster._core.instance.config import dagster_instance_config
-from dagster._core.test_utils import create_run_for_test, in_process_test_workspace, instance_for_test
-from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._core.test_utils import instance_for_test
 from dagster._serdes.config_class import ConfigurableClassData, class_from_code_pointer
 from moto import mock_aws
 
+from .conftest import runs_of_jobs
+
 REPO = Path(__file__).resolve().parents[1]
-DEFINITIONS_MODULES = ("synth_cpt.definitions", "synth_cpt.defs.definitions")
 DAGSTER_YAML = REPO / "deploy" / "ecs" / "dagster.yaml"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/synth-cpt:test"
 CLUSTER = "synth-cpt"
@@ -57,31 +55,9 @@ def aws(monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def pipeline_env(tmp_path, monkeypatch):
-    """A pipeline config under tmp_path, and synth_cpt.definitions imported afresh under it (the module builds its
-    Definitions at import, from the config the environment names)."""
-    imported_before = {m for m in DEFINITIONS_MODULES if m in sys.modules}
-
-    def configure(generation: dict | None = None) -> None:
-        data = {"storage_root": str(tmp_path / "home"), "drops": {"location": str(tmp_path / "drops"), "settle_seconds": 0}}
-        if generation:
-            data["generation"] = generation
-        (tmp_path / "drops").mkdir(exist_ok=True)
-        path = tmp_path / "pipeline.yaml"
-        path.write_text(yaml.safe_dump(data))
-        monkeypatch.setenv("SYNTH_CPT_CONFIG", str(path))
-        monkeypatch.setenv("SYNTH_CPT_HOME", "s3://synth-cpt-data/home")  # passed to the run task by env_vars
-        monkeypatch.delenv("SYNTH_CPT_ENDPOINTS", raising=False)
-        monkeypatch.delenv("SYNTH_CPT_MODEL", raising=False)
-        for module in DEFINITIONS_MODULES:  # the modules of an earlier import come back afterwards
-            parent, _, name = module.rpartition(".")
-            monkeypatch.delitem(sys.modules, module, raising=False)
-            monkeypatch.delattr(importlib.import_module(parent), name, raising=False)
-
-    yield configure
-    for module in DEFINITIONS_MODULES:
-        if module not in imported_before:
-            sys.modules.pop(module, None)  # nor does this test's import outlive it
+def pipeline_env(fresh_definitions):
+    """fresh_definitions, with the outputs on S3 (the run task gets SYNTH_CPT_HOME through env_vars)."""
+    return lambda generation=None: fresh_definitions(generation, home="s3://synth-cpt-data/home")
 
 
 def launch_jobs(shipped: dict, aws: dict, runs: list[tuple[str, dict]]) -> list[tuple[dict, dict]]:
@@ -98,18 +74,8 @@ def launch_jobs(shipped: dict, aws: dict, runs: list[tuple[str, dict]]) -> list[
     results = []
     with instance_for_test({"run_launcher": {**shipped["run_launcher"], "config": launcher_config}}) as instance:
         launcher = instance.run_launcher
-        origin = LoadableTargetOrigin(module_name="synth_cpt.definitions")
-        with in_process_test_workspace(instance, origin, container_image=IMAGE) as workspace:
-            repo = workspace.get_code_location(workspace.code_location_names[0]).get_repository("__repository__")
-            for job_name, tags in runs:
-                remote_job = repo.get_full_job(job_name)
-                run = create_run_for_test(
-                    instance,
-                    job_name=job_name,
-                    tags={**remote_job.run_tags, **tags},
-                    remote_job_origin=remote_job.get_remote_origin(),
-                    job_code_origin=remote_job.get_python_origin(),
-                )
+        with runs_of_jobs(instance, IMAGE, runs) as (workspace, created):
+            for job_name, run in created:
                 task = {
                     "taskArn": f"arn:aws:ecs:us-east-1:123456789012:task/{CLUSTER}/{run.run_id[:8]}",
                     "clusterArn": f"arn:aws:ecs:us-east-1:123456789012:cluster/{CLUSTER}",

@@ -5,9 +5,7 @@ location's image."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -15,13 +13,13 @@ import pytest
 import yaml
 from dagster._config import process_config
 from dagster._core.launcher import LaunchRunContext
-from dagster._core.test_utils import create_run_for_test, in_process_test_workspace, instance_for_test
-from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._core.test_utils import instance_for_test
 from dagster_k8s import K8sRunLauncher
 from kubernetes import client
 
+from .conftest import runs_of_jobs
+
 REPO = Path(__file__).resolve().parents[1]
-DEFINITIONS_MODULES = ("synth_cpt.definitions", "synth_cpt.defs.definitions")
 VALUES = REPO / "deploy" / "k8s" / "values.yaml"
 IMAGE = "synth-cpt:test"
 RELEASE = "dagster"  # `helm upgrade --install dagster ...`: the chart names the service account and instance ConfigMap after it
@@ -102,31 +100,8 @@ def values() -> dict:
 
 
 @pytest.fixture
-def pipeline_env(tmp_path, monkeypatch):
-    """A pipeline config under tmp_path, and synth_cpt.definitions imported afresh under it (the module builds its
-    Definitions at import, from the config the environment names)."""
-    imported_before = {m for m in DEFINITIONS_MODULES if m in sys.modules}
-
-    def configure(generation: dict | None = None) -> None:
-        data = {"storage_root": str(tmp_path / "home"), "drops": {"location": str(tmp_path / "drops"), "settle_seconds": 0}}
-        if generation:
-            data["generation"] = generation
-        (tmp_path / "drops").mkdir(exist_ok=True)
-        path = tmp_path / "pipeline.yaml"
-        path.write_text(yaml.safe_dump(data))
-        monkeypatch.setenv("SYNTH_CPT_CONFIG", str(path))
-        monkeypatch.setenv("SYNTH_CPT_HOME", str(tmp_path / "home"))
-        monkeypatch.delenv("SYNTH_CPT_ENDPOINTS", raising=False)
-        monkeypatch.delenv("SYNTH_CPT_MODEL", raising=False)
-        for module in DEFINITIONS_MODULES:  # the modules of an earlier import come back afterwards
-            parent, _, name = module.rpartition(".")
-            monkeypatch.delitem(sys.modules, module, raising=False)
-            monkeypatch.delattr(importlib.import_module(parent), name, raising=False)
-
-    yield configure
-    for module in DEFINITIONS_MODULES:
-        if module not in imported_before:
-            sys.modules.pop(module, None)  # nor does this test's import outlive it
+def pipeline_env(fresh_definitions):
+    return fresh_definitions
 
 
 def launch_jobs(values: dict, kubeconfig: Path, runs: list[tuple[str, dict]]) -> list[dict]:
@@ -142,19 +117,8 @@ def launch_jobs(values: dict, kubeconfig: Path, runs: list[tuple[str, dict]]) ->
     bodies = []
     with instance_for_test() as instance:
         launcher.register_instance(instance)
-        origin = LoadableTargetOrigin(module_name="synth_cpt.definitions")
-        with in_process_test_workspace(instance, origin, container_image=IMAGE) as workspace:
-            location = workspace.get_code_location(workspace.code_location_names[0])
-            repo = location.get_repository("__repository__")
-            for job_name, tags in runs:
-                remote_job = repo.get_full_job(job_name)
-                run = create_run_for_test(
-                    instance,
-                    job_name=job_name,
-                    tags={**remote_job.run_tags, **tags},
-                    remote_job_origin=remote_job.get_remote_origin(),
-                    job_code_origin=remote_job.get_python_origin(),
-                )
+        with runs_of_jobs(instance, IMAGE, runs) as (workspace, created):
+            for _, run in created:
                 launcher.launch_run(LaunchRunContext(dagster_run=run, workspace=workspace))
                 call = batch_api.create_namespaced_job.call_args
                 assert call.kwargs["namespace"] == NAMESPACE

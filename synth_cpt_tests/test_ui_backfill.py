@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from . import browser as web
-from .conftest import REPO, short_prompt_library
+from .conftest import REPO, environ, short_prompt_library
 from .dagster_dev import dagster_dev, free_port, launch_backfill, stop_gracefully, venv_bin
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.ui]
@@ -84,16 +84,8 @@ def _env(ui: dict):
     """This process with the test's DAGSTER_HOME and synth-cpt settings (the instance's dagster.yaml and the
     Definitions read them), restored after."""
     names = ("DAGSTER_HOME", "SYNTH_CPT_HOME", "SYNTH_CPT_CONFIG", "SYNTH_CPT_MODELS", "SYNTH_CPT_PROMPTS")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ.update({k: ui["env"][k] for k in names})
-    try:
+    with environ({k: ui["env"][k] for k in names}):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager
