@@ -2,7 +2,7 @@
 Postgres, the QueuedRunCoordinator, and concurrent runs.
 
 `dagster dev` runs on that instance. Its daemon ingests the sample corpus the way users rely on: the sensor
-registers every drop and launches its ingest run, and declarative automation materializes raw_corpus, the
+registers each of two sample drops and launches its ingest run, and declarative automation materializes raw_corpus, the
 tokenizer and quality_subsets of the four partitions. Then two backfills of every generation asset over the
 four partitions are launched at once. The runs use the openai backend against a test-double server on
 127.0.0.1 (fault_server.py, answering every request). Every run goes through the queue.
@@ -25,7 +25,7 @@ from collections import Counter
 import pytest
 import yaml
 
-from .conftest import REPO, environ
+from .conftest import REPO, SAMPLE_DROPS, environ
 from .dagster_dev import dagster_dev, start_backfill, wait_backfill
 from .fault_server import FaultServer
 from .postgres import postgres_server
@@ -35,6 +35,7 @@ pytestmark = pytest.mark.e2e
 PARTITIONS = ["en|high", "en|low", "pt|high", "pt|low"]
 GPU_SLOTS = 2
 INGEST_HALF = ["raw_corpus", "quality_subsets"]
+DROPS = ["2026-11-03_en_fortunes.jsonl.zst", "2026-11-03_pt_fortunes-br.jsonl.gz"]
 
 
 def _most_at_once(spans: list[tuple[float, float]]) -> int:
@@ -59,11 +60,16 @@ def test_a_postgres_instance_records_every_queued_run_event_check_and_partition_
         home = tmp_path / "dagster_home"
         home.mkdir()
         shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
+        drops = tmp_path / "drops"  # two of the sample corpus's drops: every partition gets documents (thresholds are per document)
+        drops.mkdir()
+        for name in DROPS:
+            shutil.copy(SAMPLE_DROPS / name, drops / name)
         config = tmp_path / "pipeline.yaml"
         config.write_text(
             yaml.safe_dump(
                 {
                     "extends": str(REPO / "synth_cpt" / "defaults" / "demo.yaml"),
+                    "drops": {"location": str(drops), "settle_seconds": 0},
                     "synthesis": {"max_documents": 1, "routing": {"high": ["medium"], "low": ["medium"]}},
                     "generation": {"backend": "openai", "endpoints": [server.url], "served_model_name": "test-double", "concurrency": 4},
                 }
