@@ -216,3 +216,27 @@ def test_s3_copy_of_a_missing_source_is_not_found_and_a_full_staging_disk_names_
     assert f"could not write s3://{bucket}/home/out/table.parquet (staged in " in str(full.value)
     assert "(ENOSPC)" in str(full.value)
     assert home.list("out") == [], "nothing was uploaded"
+
+
+class MissingBucketTestClient:
+    """A test double of boto3's S3 client where the bucket is gone, answering as real S3 does: a bare 404 to the
+    copy's HEAD of its source and to head_bucket (moto names NoSuchBucket instead)."""
+
+    def _404(self, operation: str):
+        from botocore.exceptions import ClientError
+
+        return ClientError({"Error": {"Code": "404", "Message": "Not Found"}}, operation)
+
+    def copy(self, *args, **kwargs):
+        raise self._404("HeadObject")
+
+    def head_bucket(self, **kwargs):
+        raise self._404("HeadBucket")
+
+
+def test_s3_copy_into_a_missing_bucket_is_a_failed_write_not_a_missing_source():
+    storage = S3Storage("s3://gone-bucket/home", client=MissingBucketTestClient())
+    with pytest.raises(StorageWriteError) as failed:
+        storage.copy("a/source.parquet", "b/target.parquet")
+    print("copy into a missing bucket:", failed.value)
+    assert "could not write s3://gone-bucket/home/b/target.parquet" in str(failed.value)

@@ -68,7 +68,7 @@ def launch_jobs(shipped: dict, aws: dict, runs: list[tuple[str, dict]]) -> list[
     launcher_config["use_current_ecs_task_config"] = False
     launcher_config["run_task_kwargs"] = {
         "cluster": CLUSTER,
-        "launchType": "FARGATE",
+        "launchType": "EC2",  # GPU runs need EC2 capacity: Fargate has no GPUs
         "networkConfiguration": {"awsvpcConfiguration": {"subnets": [aws["subnet"]], "assignPublicIp": "DISABLED"}},
     }
     results = []
@@ -134,7 +134,7 @@ def test_generation_run_gets_a_gpu_and_other_runs_none(shipped, aws, pipeline_en
     for kwargs, definition, job_name in ((synthesis, synthesis_def, "synthesis_job"), (ingest, ingest_def, "ingest_drop_job")):
         container = definition["containerDefinitions"][0]
         override = kwargs["overrides"]["containerOverrides"][0]
-        assert kwargs["cluster"] == CLUSTER and kwargs["launchType"] == "FARGATE"
+        assert kwargs["cluster"] == CLUSTER and kwargs["launchType"] == "EC2"
         assert container["name"] == override["name"] == "run"
         assert container["image"] == IMAGE
         assert override["command"][:3] == ["dagster", "api", "execute_run"]

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from synth_cpt.core.storage import LocalStorage
-from synth_cpt.generation.backends import OpenAIBackend
+from synth_cpt.generation.backends import Feed, OpenAIBackend, Prepared
 from synth_cpt.generation.cache import GenerationCache
 from synth_cpt.generation.engine import GenerationEngine
 from synth_cpt.generation.requests import ChatRequest, Sampling
@@ -278,3 +278,35 @@ def test_an_unreachable_endpoint_is_avoided_while_it_cools_down():
     assert b._pick(avoid="http://a/v1") == "http://a/v1", "a cooling endpoint only when every other one is worse"
     b.cooling_until["http://a/v1"] = time.monotonic() + 5
     assert b._pick() == b._pick(avoid="http://a/v1") == "http://a/v1", "every one cooling: the one that recovers first"
+
+
+def test_a_redirect_is_not_followed_so_a_post_is_never_answered_by_a_get():
+    """A server that redirects the chat completion to a page answering GETs with a valid completion: following the
+    redirect would turn the POST into a GET and take that page for the model's answer. The request fails instead."""
+    got_get = []
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            send(self, 301, b"", {"Location": "/v1/elsewhere"})
+
+        def do_GET(self):
+            got_get.append(self.path)
+            reply = {"choices": [{"message": {"role": "assistant", "content": "from a GET"}, "finish_reason": "stop"}], "usage": {}}
+            send(self, 200, json.dumps(reply).encode())
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        backend = OpenAIBackend([f"http://127.0.0.1:{httpd.server_address[1]}/v1"], "m", max_attempts=2, backoff_s=0.01, timeout_s=5)
+        results = []
+        request = ChatRequest.chat([{"role": "user", "content": "hi"}], Sampling(max_tokens=4))
+        backend.generate(Feed([Prepared(request, "r1", 1)]), lambda p, gen: results.append(gen))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    print("redirected request:", results[0].error)
+    assert got_get == [] and results[0].text is None and results[0].error.startswith("failed after 2 attempts: malformed response body")

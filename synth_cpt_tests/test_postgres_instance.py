@@ -33,7 +33,7 @@ from .postgres import postgres_server
 pytestmark = pytest.mark.e2e
 
 PARTITIONS = ["en|high", "en|low", "pt|high", "pt|low"]
-GPU_SLOTS = 2
+GPU_SLOTS = 1  # fewer than the runs the queue starts at once, so the pool, not the queue, is what holds steps back
 INGEST_HALF = ["raw_corpus", "quality_subsets"]
 DROPS = ["2026-11-03_en_fortunes.jsonl.zst", "2026-11-03_pt_fortunes-br.jsonl.gz"]
 
@@ -54,9 +54,10 @@ def test_a_postgres_instance_records_every_queued_run_event_check_and_partition_
     from synth_cpt.defs.definitions import build_definitions
     from synth_cpt.synthesis.prompts import load_kind
 
-    server = FaultServer(seed=18)
-    server.faulty = False  # a healthy server: this test is about the instance, not the client
-    with postgres_server() as url:
+    with contextlib.ExitStack() as cleanup, postgres_server() as url:
+        server = FaultServer(seed=18)
+        cleanup.callback(server.stop)
+        server.faulty = False  # a healthy server: this test is about the instance, not the client
         home = tmp_path / "dagster_home"
         home.mkdir()
         shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
@@ -136,6 +137,10 @@ def test_a_postgres_instance_records_every_queued_run_event_check_and_partition_
                 for partition in PARTITIONS:
                     spans = [(r.start_time, r.end_time) for r in synthesis_runs if r.dagster_run.tags["dagster/partition"] == partition]
                     assert len(spans) == 2 and not _overlapping(spans), (partition, spans)
+                all_evaluations = sum(
+                    len(instance.get_records_for_run(r.dagster_run.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION).records)
+                    for r in runs
+                )
                 steps: dict[str, list[float]] = {}
                 for record in synthesis_runs:
                     for e in instance.all_logs(record.dagster_run.run_id):
@@ -155,14 +160,14 @@ def test_a_postgres_instance_records_every_queued_run_event_check_and_partition_
             engine.dispose()
         finally:
             restore.close()
-            server.stop()
     print(
         f"\nPostgres instance: {len(runs)} runs by job {dict(sorted(by_job.items()))}, all SUCCESS; in Postgres: {db_runs} runs, "
         f"{db_events} events, {db_checks} check executions; ingest half by sensor and automation in {ingest_s:.0f} s; "
         f"{len(synthesis_runs)} generation runs, {evaluations} check evaluations; at most {runs_at_once} generation runs and "
-        f"{steps_at_once} synthesis steps at once (gpu slots {GPU_SLOTS}); the two runs of each partition never overlapped"
+        f"{steps_at_once} synthesis steps at once (gpu slots {GPU_SLOTS}); the two runs of each partition never overlapped; "
+        f"{all_evaluations} check evaluation events in all"
     )
     assert db_runs == len(runs)
-    assert db_checks >= evaluations > 0
-    assert runs_at_once >= 2, "the queue ran generation runs side by side"
-    assert steps_at_once <= GPU_SLOTS
+    assert evaluations > 0 and db_checks == all_evaluations, "one check execution row per evaluation event, ingest runs' too"
+    assert runs_at_once > GPU_SLOTS, "the queue started more generation runs at once than the pool has slots"
+    assert steps_at_once == GPU_SLOTS, "and the pool let only that many synthesis steps run at once"

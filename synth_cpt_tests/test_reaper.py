@@ -242,4 +242,4 @@ def test_a_watchdog_that_never_says_ready_fails_the_start_at_its_timeout(tmp_pat
         Reaper.start(timeout_s=1.0)
     waited = time.monotonic() - started
     print(f"start gave up after {waited:.1f} s (timeout 1 s; the silent watchdog would live 60 s)")
-    assert waited < 30
+    assert waited < 5, "the timeout (1 s) and one poll, not the watchdog's 60 s"

@@ -443,3 +443,20 @@ def test_gc_removes_candidates_killed_writes_left_once_past_the_grace(tmp_path, 
     assert not pointer.exists() and not segment.exists()
     assert fresh.exists(), "a candidate touched within the grace may be a write in progress"
     assert storage.list("") == listed and published_versions(storage, "rewrites_easy/pt/high") == versions
+
+
+def test_a_candidate_written_to_after_the_plan_is_kept(tmp_path):
+    """A slow writer (a quarantine file idle through a long ingest) may touch its candidate between the plan and the
+    removal: it is read again and kept."""
+    storage = LocalStorage(tmp_path / "home")
+    slow = Path(storage.root, "crawl_drops/d.jsonl/v/x", candidate_name("quarantine.parquet"))
+    slow.parent.mkdir(parents=True)
+    slow.write_bytes(b"rows so far")
+    stale = time.time() - CANDIDATE_GRACE.total_seconds() - 60
+    os.utime(slow, (stale, stale))
+    plan = plan_gc(storage, Policy(keep_last=1))
+    assert [r.key for r in plan.remove if r.candidate] == [slow.relative_to(storage.root).as_posix()]
+    slow.write_bytes(b"rows so far, and more")  # the writer goes on
+    done = collect(storage, plan)
+    print(done.kept)
+    assert slow.exists() and done.removed == [] and done.kept == [f"{plan.remove[0].key}: written to since the plan (a write in progress)"]

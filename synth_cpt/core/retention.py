@@ -160,6 +160,13 @@ def _snapshot_too_young(storage: Storage, key: str, now: datetime) -> str | None
     return None
 
 
+def _candidate_written_lately(storage: Storage, key: str, now: datetime) -> bool:
+    """Whether the candidate `key` changed within CANDIDATE_GRACE (read again just before it is removed: a slow
+    writer may have touched it since the plan). A candidate already gone counts as not written lately."""
+    found = [f for f in storage.candidates(key.rsplit("/", 1)[0] if "/" in key else "") if f.key == key]
+    return bool(found) and datetime.fromtimestamp(found[0].modified_ns / 1e9, timezone.utc) > now - CANDIDATE_GRACE
+
+
 def _published_at(storage: Storage, prefix: str, version: str) -> datetime | None:
     """When `version` was published (its marker), else when it was made."""
     marker = published_marker(prefix, version)
@@ -311,6 +318,9 @@ def collect(storage: Storage, plan: GcPlan, now: datetime | None = None) -> Coll
                 storage.delete(published_marker(r.prefix, r.version))
                 storage.delete_prefix(r.key)
             elif r.candidate:
+                if _candidate_written_lately(storage, r.key, now or datetime.now(timezone.utc)):
+                    done.kept.append(f"{r.key}: written to since the plan (a write in progress)")
+                    continue
                 storage.delete(r.key)
             else:
                 pins_now = pinned_now(storage) if pins_now is None else pins_now

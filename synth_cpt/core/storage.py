@@ -485,9 +485,17 @@ class S3Storage(Storage):
         try:
             self.client.copy({"Bucket": self.bucket, "Key": self._key(source)}, self.bucket, self._key(target))
         except Exception as exc:
-            if _s3_code(exc) in _S3_MISSING:  # the source is missing (the copy reads it first): not a failed write
+            # the source is missing (the copy reads it first): not a failed write, unless the bucket itself is (S3 says 404 to both)
+            if _s3_code(exc) in _S3_MISSING and self._bucket_exists():
                 raise FileNotFoundError(errno.ENOENT, f"{self.uri(source)} does not exist (copying it to {self.uri(target)})") from exc
             raise _write_failed(self.uri(target), exc) from exc
+
+    def _bucket_exists(self) -> bool:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return True
+        except Exception:  # noqa: BLE001 - missing, forbidden or unreachable: not a missing source either way
+            return False
 
     @property
     def filesystem(self) -> Any:

@@ -412,7 +412,8 @@ class OpenAIBackend(Backend):
         try:
             # one deadline for the whole attempt (connect, headers, however slowly the body trickles in)
             async with asyncio.timeout(self.timeout_s):
-                async with client.post(f"{endpoint}/chat/completions", json=body, headers=headers) as resp:
+                # a redirect is an error, as it was with httpx: following it would turn the POST into a GET
+                async with client.post(f"{endpoint}/chat/completions", json=body, headers=headers, allow_redirects=False) as resp:
                     status, retry_after, raw = resp.status, resp.headers.get("retry-after"), await resp.read()
         except TimeoutError:
             raise RetryableError(f"timeout after {self.timeout_s:g} s", unreachable=True) from None
@@ -493,8 +494,9 @@ class OpenAIBackend(Backend):
         connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=0, ttl_dns_cache=300)
         active = 0
         woken = asyncio.Event()
-        # no session-wide timeout: each attempt has its own (`_once`); no proxies from the environment (loopback servers)
-        async with aiohttp.ClientSession(headers=headers, connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as client:
+        # no session-wide timeout: each attempt has its own (`_once`); HTTP(S)_PROXY and NO_PROXY honoured, as httpx did
+        session = aiohttp.ClientSession(headers=headers, connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=True)
+        async with session as client:
 
             async def worker() -> None:
                 # `concurrency` workers pull from one feed: memory stays flat for any batch size. A worker

@@ -142,7 +142,10 @@ class Reaper:
         with proc.stdout:
             while not line.endswith(b"\n") and (left := deadline - time.monotonic()) > 0 and proc.poll() is None:
                 if select.select([proc.stdout], [], [], min(left, POLL_S))[0]:  # read1 alone would block past the deadline
-                    line += proc.stdout.read1(64)  # type: ignore[attr-defined]
+                    got = proc.stdout.read1(64)  # type: ignore[attr-defined]
+                    if not got:  # end of output: it will never say ready
+                        break
+                    line += got
         if line != READY:
             proc.kill()
             proc.wait()

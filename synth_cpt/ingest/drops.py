@@ -35,7 +35,7 @@ from synth_cpt.core.contracts import QUARANTINE, drop_documents
 from synth_cpt.core.layout import CRAWL_DROPS, POINTER, drop_prefix, registry_entry, version_prefix
 from synth_cpt.core.plots import BINS, histogram_counts
 from synth_cpt.core.publish import CandidateRejected
-from synth_cpt.core.storage import Storage, open_storage
+from synth_cpt.core.storage import LocalStorage, Storage, open_storage
 from synth_cpt.core.validation import Outcome
 from synth_cpt.ingest.documents import finish_batch
 from synth_cpt.ingest.quarantine import TRUNCATED_FILE, UNREADABLE_FILE
@@ -231,7 +231,9 @@ def ingest_drop(
     def batches():
         nonlocal counter, guard, broken
         if drop.format == "parquet":
-            with location.local_path(drop.relative_path) as path:
+            # a local drop is read from the file its check opened (LocalStorage.open), never reopened by name
+            local = isinstance(location, LocalStorage)
+            with location.open(drop.relative_path) if local else location.local_path(drop.relative_path) as path:
                 try:
                     pf = pq.ParquetFile(path)
                 except Exception as exc:  # not Parquet at all (bad magic, truncated footer)
