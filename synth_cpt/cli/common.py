@@ -7,7 +7,9 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,9 +151,54 @@ def wide_console(width: int = 160) -> Console:
     return Console(width=None if sys.stdout.isatty() else width)
 
 
-def materialize_group(args: argparse.Namespace, group: str, label: str) -> tuple[list[dict], list[str], list[str], str]:
-    """Materialize a group's assets (or those asked) for every partition (or those asked), one Dagster run
-    per partition in this process: (metadata rows, failed runs, partitions, storage root)."""
+def partition_ranges(partitions: list[str], languages: list[str], qualities: list[str]) -> list[tuple[str, str]]:
+    """The `language|quality` partitions asked, as the fewest (first, last) ranges that each run as one Dagster run.
+    A range of two dimensions is every pair of its languages and qualities, each taken in the config's order, so the
+    whole set is one range when it is such a rectangle; otherwise each language's consecutive qualities are one."""
+    asked = {tuple(p.split("|", 1)) for p in partitions}
+    langs = [lang for lang in languages if any(a[0] == lang for a in asked)]
+    quals = [q for q in qualities if any(a[1] == q for a in asked)]
+
+    def consecutive(chosen: list[str], order: list[str]) -> bool:
+        return [order.index(c) for c in chosen] == list(range(order.index(chosen[0]), order.index(chosen[0]) + len(chosen)))
+
+    if asked == {(lang, q) for lang in langs for q in quals} and consecutive(langs, languages) and consecutive(quals, qualities):
+        return [(f"{langs[0]}|{quals[0]}", f"{langs[-1]}|{quals[-1]}")]
+    ranges: list[tuple[str, str]] = []
+    for lang in langs:
+        run: list[str] = []
+        for q in [*qualities, None]:
+            if q is not None and (lang, q) in asked:
+                run.append(q)
+            elif run:
+                ranges.append((f"{lang}|{run[0]}", f"{lang}|{run[-1]}"))
+                run = []
+    return ranges
+
+
+def _watch(instance, marker: str, progress: Progress, task, stop: threading.Event, before: int) -> None:
+    """Advance the bar as the run of `marker` publishes outputs (read from the instance every 2 s)."""
+    from dagster import DagsterEventType, RunsFilter
+
+    while not stop.wait(2.0):
+        try:
+            runs = instance.get_runs(RunsFilter(tags={RUN_MARKER: marker}), limit=1)
+            if runs:
+                made = len(instance.all_logs(runs[0].run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION))
+                progress.update(task, completed=before + made)
+        except Exception:  # the bar is a courtesy: a busy SQLite instance is read again at the next tick
+            continue
+
+
+RUN_MARKER = "synth_cpt/invocation"
+
+
+def materialize_group(
+    args: argparse.Namespace, group: str, label: str, one_run: bool = False
+) -> tuple[list[dict], list[str], list[str], str]:
+    """Materialize a group's assets (or those asked) for every partition (or those asked): (metadata rows, failed
+    runs, partitions, storage root). One Dagster run per partition in this process, or, `one_run`, one run for
+    every partition asked (one per range, see `partition_ranges`), whose steps share one engine run."""
     if args.config:
         os.environ["SYNTH_CPT_CONFIG"] = str(Path(args.config).resolve())
     config = load_config(args.config) if args.config else load_config()
@@ -170,26 +217,42 @@ def materialize_group(args: argparse.Namespace, group: str, label: str) -> tuple
     if unknown:
         raise SystemExit(f"synth-cpt {label}: unknown assets {unknown}; there are {[k.to_user_string() for k in everything]}")
     partitions = args.partition or [f"{lang}|{q}" for lang in config.languages for q in config.quality.buckets]
+    if one_run:
+        runs = partition_ranges(partitions, list(config.languages), list(config.quality.buckets))
+    else:
+        runs = [(p, p) for p in partitions]
     job = defs.resolve_implicit_job_def_def_for_assets(keys)
     rows: list[dict] = []
     failures: list[str] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task(label, total=len(partitions))
-        for partition in partitions:
-            progress.update(task, description=f"{label} {partition}")
-            result = job.execute_in_process(
-                instance=instance, partition_key=partition, asset_selection=keys, raise_on_error=False,
-                run_config=QUIET_RUN_CONFIG, tags=run_tags(label),
-            )  # fmt: skip
+        task = progress.add_task(label, total=len(partitions) * len(keys))  # one step per output published
+        for first, last in runs:
+            span = first if first == last else f"{first} .. {last}"
+            progress.update(task, description=f"{label} {span}")
+            marker = uuid.uuid4().hex
+            tags = {**run_tags(label), RUN_MARKER: marker}
+            if first != last:
+                tags |= {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}
+            stop = threading.Event()
+            watcher = threading.Thread(target=_watch, args=(instance, marker, progress, task, stop, len(rows)), daemon=True)
+            watcher.start()
+            try:
+                result = job.execute_in_process(
+                    instance=instance, partition_key=first if first == last else None, asset_selection=keys, raise_on_error=False,
+                    run_config=QUIET_RUN_CONFIG, tags=tags,
+                )  # fmt: skip
+            finally:
+                stop.set()
+                watcher.join()
             if not result.success:
                 failure = next((e.event_specific_data.error.message.strip() for e in result.all_events if e.is_step_failure), "")
-                failures.append(f"{partition} (run {result.run_id}): {redact(failure)[:400]}")
+                failures.append(f"{span} (run {result.run_id}): {redact(failure)[:400]}")
             for event in result.get_asset_materialization_events():
                 m = event.event_specific_data.materialization
                 meta = {k: v.value for k, v in m.metadata.items()}
-                rows.append({"asset": m.asset_key.to_user_string(), "partition": partition, "run": result.run_id, **meta})
-            progress.advance(task)
+                rows.append({"asset": m.asset_key.to_user_string(), "partition": str(m.partition), "run": result.run_id, **meta})
+            progress.update(task, completed=len(rows))
     return rows, failures, partitions, config.storage_uri()
 
 

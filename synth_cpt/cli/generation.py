@@ -179,15 +179,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
-    """Materialize the generation assets for every partition (or those asked) in this process: one
-    Dagster run per partition, all sharing one loaded engine."""
+    """Materialize the generation assets for every partition (or those asked) in this process: one Dagster run
+    (per range of partitions, see `partition_ranges`) whose steps all feed one engine run."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from synth_cpt.defs.synthesis import GROUP
     from synth_cpt.generation.settings import keep_engines
 
     keep_engines()  # every partition's run in this process uses the one loaded engine
     print_generator(args)
-    rows, failures, partitions, root = materialize_group(args, GROUP, "synthesize")
+    rows, failures, partitions, root = materialize_group(args, GROUP, "synthesize", one_run=True)
     _print_synthesis(wide_console(), rows, root, partitions)
     return report_failures(failures)
 
@@ -223,7 +223,8 @@ def _print_synthesis(console: Console, rows: list[dict], root: str, partitions: 
         '(entity_graphs: summaries.parquet, entities.parquet); query them with DuckDB (README: "Reading lineage")'
     )
     loads, seconds = engine_loads()
-    console.print(f"engine loads in this process: {loads} ({seconds:.1f} s loading) for {len(partitions)} partition run(s)")
+    runs = len({r["run"] for r in rows})
+    console.print(f"engine loads in this process: {loads} ({seconds:.1f} s loading) for {len(partitions)} partition(s) in {runs} run(s)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import polars as pl
 from dagster import (
+    AssetCheckEvaluation,
     AssetCheckExecutionContext,
     AssetCheckResult,
     AssetCheckSeverity,
@@ -51,6 +52,15 @@ def rejected_result(
     return check_result(
         rejected.outcome, check_name=rejected.check_name, asset_key=asset_key, candidate=MetadataValue.path(rejected.kept), **metadata
     )
+
+
+def partition_check(result: AssetCheckResult, partition: str) -> AssetCheckEvaluation:
+    """`result` as the evaluation of one partition's check. Dagster takes an AssetCheckResult's partition from
+    the step, and the step of a single-run backfill covers several partitions, so the generation assets say it."""
+    return AssetCheckEvaluation(
+        asset_key=AssetKey.from_coercible(result.asset_key), check_name=result.check_name, passed=result.passed,
+        metadata=result.metadata, severity=result.severity, description=result.description, blocking=True, partition=partition,
+    )  # fmt: skip
 
 
 def publish_spec(name: str, asset: str, description: str, partitions_def: PartitionsDefinition | None = None) -> AssetCheckSpec:

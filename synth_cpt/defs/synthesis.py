@@ -14,6 +14,7 @@ autoregressive context), the target's counts what is kept (rows' n_tokens, `toke
 rules). `chunking_counter` picks the generator's; each asset records it as `chunking_tokenizer`.
 """
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +22,12 @@ from typing import Any
 
 from dagster import (
     AssetExecutionContext,
+    AssetKey,
+    AssetMaterialization,
     AssetsDefinition,
     AssetSpec,
     AutomationCondition,
-    MaterializeResult,
+    BackfillPolicy,
     MetadataValue,
     multi_asset,
 )
@@ -36,9 +39,10 @@ from synth_cpt.core.layout import SYNTHETIC_REJECTS as REJECTS_FILE
 from synth_cpt.core.publish import CandidateRejected
 from synth_cpt.core.storage import Storage
 from synth_cpt.corpus.tokenizer import TokenCounter
-from synth_cpt.defs.checks import check_result, publish_spec, rejected_result
+from synth_cpt.defs.checks import check_result, partition_check, publish_spec, rejected_result
 from synth_cpt.defs.partitions import corpus_partitions, split_corpus_key
 from synth_cpt.defs.resources import LLM, PipelineResource
+from synth_cpt.generation.joint import JointBackend
 from synth_cpt.generation.prompt_archive import archive_prompt
 from synth_cpt.generation.settings import LLMSettings, release_engines
 from synth_cpt.synthesis.entigraph import Budget
@@ -46,6 +50,7 @@ from synth_cpt.synthesis.outputs import publish_tables
 from synth_cpt.synthesis.prompts import PromptError, load_kind, load_prompt
 from synth_cpt.synthesis.routing import check_library, check_routing, why_not_routed
 from synth_cpt.synthesis.rows import table
+from synth_cpt.synthesis.schedule import Task, run_tasks
 from synth_cpt.synthesis.steps import (
     PASS_RATE,
     ROWS_VALID,
@@ -81,24 +86,35 @@ def chunking_counter(
 
 
 class EngineLease:
-    """The step's engine, built on first use; counts the model loads it caused."""
+    """The step's engine, built on first use by whichever of its threads needs it first, behind one
+    `JointBackend`: every run of every thread feeds the one engine run. Counts the model loads it caused."""
 
     def __init__(self, context: AssetExecutionContext, llm: LLM, storage: Storage, storage_root: str) -> None:
         self.context, self.llm, self.storage, self.root = context, llm, storage, storage_root
         self.engine = None
+        self.joint: JointBackend | None = None
         self.loads_before = 0
         self.load_seconds_before = 0.0
+        self._lock = threading.Lock()
 
     def get(self):
-        if self.engine is None:
-            self.engine = self.llm.engine(self.storage, self.root, log=self.context.log.info)
-            self.loads_before = self.engine.backend.loads
-            self.load_seconds_before = self.engine.backend.load_seconds
-        return self.engine
+        with self._lock:
+            if self.engine is None:
+                engine = self.llm.engine(self.storage, self.root, log=self.context.log.info)
+                self.loads_before = engine.backend.loads
+                self.load_seconds_before = engine.backend.load_seconds
+                self.joint = JointBackend(engine.backend, log=self.context.log.info)
+                self.engine = engine.with_backend(self.joint)
+            return self.engine
 
-    def figures(self) -> dict[str, float | int | str]:
-        """Loads caused by this step, and whether its engine speculates (`speculation`: on|off, with why)."""
-        if self.engine is None:
+    def close(self) -> None:
+        if self.joint is not None:
+            self.joint.close()
+
+    def figures(self, used: bool = True) -> dict[str, float | int | str]:
+        """Loads caused by this step, and whether its engine speculates (`speculation`: on|off, with why); an
+        output that generated nothing (`used` False) reports none."""
+        if self.engine is None or not used:
             return {"engine_loads": 0, "engine_load_seconds": 0.0, "speculation": "off (no engine was needed)"}
         backend = self.engine.backend
         return {
@@ -111,9 +127,11 @@ class EngineLease:
         }
 
 
-def _publish(context: AssetExecutionContext, storage: Storage, asset: str, language: str, quality: str, step: StepOutput, lease):
+def _publish(context: AssetExecutionContext, storage: Storage, asset: str, partition: str, step: StepOutput, lease):
     """Validate, then publish: the step's checks are yielded, and the output only if they passed. The
-    prompt files the rows name are archived by SHA first, so `lineage` can always print their text."""
+    prompt files the rows name are archived by SHA first, so `lineage` can always print their text.
+    Events name their partition: a single-run backfill covers several in one step."""
+    language, quality = split_corpus_key(partition)
     started = time.monotonic()
     for prompt in step.prompts:
         archive_prompt(storage, prompt.sha, prompt.raw)
@@ -123,19 +141,20 @@ def _publish(context: AssetExecutionContext, storage: Storage, asset: str, langu
     except CandidateRejected as rejected:
         for name, outcome in step.outcomes.items():
             if name != rejected.check_name:
-                yield check_result(outcome, check_name=name, asset_key=asset)
+                yield partition_check(check_result(outcome, check_name=name, asset_key=asset), partition)
         failed = {k: MetadataValue.json(step.metadata[k]) for k in ("failed_requests", "failed_by_reason") if step.metadata.get(k)}
-        yield rejected_result(context, rejected, asset_key=asset, **lease.figures(), **failed)  # what the next run sends again
+        # what the step spent anyway, and what the next run sends again
+        yield partition_check(rejected_result(context, rejected, asset_key=asset, **lease.figures(step.engine_used), **failed), partition)
         return False
     for name, outcome in step.outcomes.items():
-        yield check_result(outcome, check_name=name, asset_key=asset)
+        yield partition_check(check_result(outcome, check_name=name, asset_key=asset), partition)
     metadata = {
         "dagster/row_count": step.rows,
         "dagster/uri": storage.uri(pointer["prefix"]),
         "version": pointer["version"],
         "tokens": step.tokens,
         "publish_seconds": round(time.monotonic() - started, 2),
-        **lease.figures(),
+        **lease.figures(step.engine_used),
     }
     for key, value in step.metadata.items():
         if key == "examples":
@@ -147,7 +166,7 @@ def _publish(context: AssetExecutionContext, storage: Storage, asset: str, langu
     context.log.info(
         f"{asset} {language}|{quality}: {step.rows:,} rows, {step.tokens:,} tokens, pass rate {step.metadata.get('pass_rate', 1.0)}"
     )
-    yield MaterializeResult(asset_key=asset, metadata=metadata)
+    yield AssetMaterialization(asset_key=asset, partition=partition, metadata=metadata)
     return True
 
 
@@ -200,50 +219,85 @@ def build_synthesis_assets(config: PipelineConfig) -> list[AssetsDefinition]:
         for name, text in ((ROWS_VALID, _ROWS), (PASS_RATE, _PASS))
     ]
     order = [spec.key.to_user_string() for spec in specs]  # rewrites, then entity_graphs, then entigraph_corpus
+    policy = BackfillPolicy.single_run() if config.synthesis.backfill == "single_run" else BackfillPolicy.multi_run(1)
 
     @multi_asset(
         name="synthesis", specs=specs, check_specs=check_specs, can_subset=True, partitions_def=parts, pool="gpu",
-        description="Every generation asset of a partition in one step, so the engine is loaded once per run.",
+        backfill_policy=policy,
+        description="Every generation asset of every partition of the run in one step: one engine load, one engine run.",
     )  # fmt: skip
     def synthesis(context: AssetExecutionContext, pipeline: PipelineResource, llm: LLM):
         cfg, storage = pipeline.load(), pipeline.storage()
-        language, quality = split_corpus_key(context.partition_key)
-        selected = {key.to_user_string() for key in context.selected_asset_keys}
+        partitions = sorted(context.partition_keys if context.has_partition_key_range else [context.partition_key])
+        selected = [a for a in order if AssetKey(a) in context.selected_asset_keys]
         target = TokenCounter.from_storage(storage)
         prompt_counter, chunking = chunking_counter(llm, cfg.storage_uri(), target, context.log.info)
-        inputs = partition_inputs(storage, cfg, language, quality, target.count, prompt_counter.count)
         lease = EngineLease(context, llm, storage, cfg.storage_uri())
-        context.log.info(f"{language}|{quality}: {len(inputs.documents)} documents of {len(inputs.subset_doc_ids)} in the subset")
+        tasks = []
+        for partition in partitions:
+            language, quality = split_corpus_key(partition)
+            inputs = partition_inputs(storage, cfg, language, quality, target.count, prompt_counter.count)
+            context.log.info(f"{language}|{quality}: {len(inputs.documents)} documents of {len(inputs.subset_doc_ids)} in the subset")
+            tasks += _tasks(cfg, storage, inputs, lease, selected, str(partition), chunking)
+        context.log.info(f"{len(tasks)} generation step(s) ({len(selected)} asset(s) x {len(partitions)} partition(s)) feed one engine run")
+        steps = run_tasks(tasks)
+        errors: list[str] = []
         try:
-            yield from _materialize(context, cfg, storage, inputs, lease, selected, language, quality, chunking)
+            for done in steps:
+                asset, partition = done.task.key
+                if done.skipped:
+                    context.log.error(f"{asset} {partition} not run: {done.skipped}")
+                elif done.error is not None:
+                    errors.append(f"{asset} {partition}: {type(done.error).__name__}: {done.error}")
+                    context.log.error(f"{asset} {partition} failed: {type(done.error).__name__}: {done.error}")
+                else:
+                    done.published = yield from _publish(context, storage, asset, partition, done.output, lease)
         finally:
+            lease.close()  # a step stopped early: threads still waiting on the engine end now
+            steps.close()
+            if lease.joint is not None:
+                context.log.info(f"joint engine run: {lease.joint.figures()}")
             if release_engines():  # a step process must be able to exit (see settings.keep_engines)
                 context.log.info("engine closed at the end of the step")
+        if errors:
+            raise RuntimeError(f"{len(errors)} generation step(s) failed: " + " | ".join(errors))
 
-    def _materialize(context, cfg, storage, inputs, lease, selected, language, quality, chunking):
+    def _tasks(cfg, storage, inputs, lease, selected, partition, chunking) -> list[Task]:
+        """One task per selected asset of the partition; entigraph_corpus waits for entity_graphs when both run."""
         minimum = cfg.synthesis.min_pass_rate
-        graphs_rejected = False
-        for asset in (a for a in order if a in selected):
-            if asset == ENTIGRAPH_CORPUS and graphs_rejected:
-                context.log.error("entigraph_corpus not run: this run's entity_graphs failed a blocking check")
-                continue
+        e = cfg.synthesis.entigraph
+
+        def rewrite(asset: str) -> StepOutput:
+            prompt = styles[asset.removeprefix(rewrite_asset(""))]
+            reason = why_not_routed(cfg.synthesis, prompt, inputs.quality)
+            if reason:
+                return empty_step(reason, minimum, {SYNTHETIC_ROWS: table([], SYNTHETIC), REJECTS_FILE: table([], SYNTHETIC_REJECTS)})
+            return rewrite_step(lease.get(), inputs, prompt, judge, asset, minimum)
+
+        def graphs() -> StepOutput:
+            return entity_graphs_step(lease.get(), inputs, entigraph["entities"], e.max_entities, minimum, max_attempts=e.max_attempts)
+
+        def corpus() -> StepOutput:
+            budget = Budget(e.triples_per_document, e.tokens_per_document)
+            return entigraph_corpus_step(lease.get(), storage, inputs, entigraph, budget, ENTIGRAPH_CORPUS, minimum)
+
+        def chunked(make):
+            def step() -> StepOutput:
+                out = make()
+                out.metadata["chunking_tokenizer"] = chunking
+                return out
+
+            return step
+
+        tasks = []
+        for asset in selected:
             if asset == ENTITY_GRAPHS:
-                e = cfg.synthesis.entigraph
-                step = entity_graphs_step(lease.get(), inputs, entigraph["entities"], e.max_entities, minimum, max_attempts=e.max_attempts)
+                tasks.append(Task((asset, partition), chunked(graphs)))
             elif asset == ENTIGRAPH_CORPUS:
-                e = cfg.synthesis.entigraph
-                budget = Budget(e.triples_per_document, e.tokens_per_document)
-                step = entigraph_corpus_step(lease.get(), storage, inputs, entigraph, budget, asset, minimum)
+                after = (ENTITY_GRAPHS, partition) if ENTITY_GRAPHS in selected else None
+                tasks.append(Task((asset, partition), chunked(corpus), after=after))
             else:
-                prompt = styles[asset.removeprefix(rewrite_asset(""))]
-                reason = why_not_routed(cfg.synthesis, prompt, quality)
-                if reason:
-                    empty = {SYNTHETIC_ROWS: table([], SYNTHETIC), REJECTS_FILE: table([], SYNTHETIC_REJECTS)}
-                    step = empty_step(reason, minimum, empty)
-                else:
-                    step = rewrite_step(lease.get(), inputs, prompt, judge, asset, minimum)
-            step.metadata["chunking_tokenizer"] = chunking
-            published = yield from _publish(context, storage, asset, language, quality, step, lease)
-            graphs_rejected = graphs_rejected or (asset == ENTITY_GRAPHS and not published)
+                tasks.append(Task((asset, partition), chunked(lambda a=asset: rewrite(a))))
+        return tasks
 
     return [synthesis]

@@ -138,6 +138,7 @@ class GenerationCache:
         self._memo: dict[str, pa.ChunkedArray] = {}
         self._memo_keys = 0
         self._local = isinstance(storage, LocalStorage)
+        self._lookups = threading.RLock()  # the runs of a joint engine run look up from their own threads; the memo is shared
 
     # -- keys ---------------------------------------------------------------------------------------
     def _keys(self, area: str, scope: str | None) -> list[str]:
@@ -279,6 +280,10 @@ class GenerationCache:
         ids = list(dict.fromkeys(request_ids))
         if not ids:
             return {}
+        with self._lookups:
+            return self._lookup(ids, scope, gone)
+
+    def _lookup(self, ids: list[str], scope: str | None, gone: set[str] | None) -> dict[str, str]:
         by_key = {id_key(r): r for r in ids}
         own = safe_scope(scope)
         seen: set[str] = set()

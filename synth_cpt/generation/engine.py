@@ -129,6 +129,13 @@ class GenerationEngine:
         self.progress = progress
         self.log_every_s = log_every_s
 
+    def with_backend(self, backend: Backend) -> GenerationEngine:
+        """The same engine (cache, model, settings) generating through `backend`, e.g. a `JointBackend` around this one's."""
+        return GenerationEngine(
+            backend, self.cache, model=self.model, model_fingerprint=self.fingerprint, flush_every=self.flush_every,
+            flush_seconds=self.flush_seconds, log=self.log, progress=self.progress, log_every_s=self.log_every_s,
+        )  # fmt: skip
+
     def speculation(self) -> str:
         """Whether the engine decodes with n-gram speculation, and why (see backends.speculation_decision)."""
         return self.backend.speculation()
@@ -193,7 +200,7 @@ class GenerationEngine:
             engine_version=self.backend.version(), flush_every=self.flush_every, flush_seconds=self.flush_seconds,
             scope=scope, engine_config=self.backend.config(), check=output_rejection,
         )  # fmt: skip
-        feed = Feed(throughput_order(pending))
+        feed = Feed(throughput_order(pending), checkpoint=writer.flush, checkpoint_rows=writer.batch_rows)
         by_id = {p.request_id: p for p in pending}
         answered: set[str] = set()
         unexpected: list[str] = []

@@ -90,6 +90,7 @@ class StepOutput:
     rows: int = 0
     tokens: int = 0
     prompts: list[Prompt] = field(default_factory=list)  # the prompt files the rows name (archived by SHA before publishing)
+    engine_used: bool = True  # False: nothing was generated (a style not routed here), so the run's engine figures are not its own
 
 
 def _examples(documents: list[SourceDocument], rows: pl.DataFrame, n: int = 3) -> str:
@@ -150,6 +151,7 @@ def empty_step(reason: str, minimum_pass_rate: float, tables: dict[str, pl.DataF
         tables=tables,
         outcomes={ROWS_VALID: Outcome(True), PASS_RATE: check_pass_rate(1.0, minimum_pass_rate)},
         metadata={"not_routed": reason},
+        engine_used=False,
     )
 
 
