@@ -316,11 +316,18 @@ def check_mix(rows: pl.DataFrame, origins: list[str], planned: dict[str, tuple[i
     """The shards' rows before publishing: the contract's columns, text and tokens in every row, only the
     recipe's origins, a synth_id on every synthetic row, and each origin's tokens at most its target and
     short of it by less than one of its documents (`planned`: origin -> (target, largest document))."""
-    gxe = expect()
     narrowed = rows.select(
         "origin", "doc_id", "n_tokens", pl.col("text").str.len_chars().alias("text_chars"),
         (pl.col("synth_id").is_not_null() | (pl.col("origin") == "original")).alias("has_lineage"),
     )  # fmt: skip
+    return check_mix_columns(narrowed, rows.columns, origins, planned)
+
+
+def check_mix_columns(narrowed: pl.DataFrame, columns: list[str], origins: list[str], planned: dict[str, tuple[int, int]]) -> Outcome:
+    """`check_mix` of rows given only as what its suite reads (`origin`, `doc_id`, `n_tokens`, `text_chars`,
+    `has_lineage`) and their column names: a mix of millions of rows is checked without its texts or ids,
+    and GX's pandas copy holds only these narrow columns."""
+    gxe = expect()
     suite = run_suite(
         "mix_rows",
         narrowed,
@@ -332,12 +339,13 @@ def check_mix(rows: pl.DataFrame, origins: list[str], planned: dict[str, tuple[i
             gxe.ExpectColumnValuesToBeInSet(column="has_lineage", value_set=[True]),
         ],
     )
-    got = dict(rows.group_by("origin").agg(pl.col("n_tokens").sum()).iter_rows()) if rows.height else {}
+    got = dict(narrowed.group_by("origin").agg(pl.col("n_tokens").sum()).iter_rows()) if narrowed.height else {}
     off = {
         o: (got.get(o, 0), t) for o, (t, largest) in planned.items() if not (t - max(largest, 1) < got.get(o, 0) <= t or got.get(o, 0) == t)
     }
     tokens = Outcome(not off, [f"tokens of {o}: {g:,}, target {t:,}" for o, (g, t) in off.items()], {"tokens_by_origin": got})
-    return merge({"schema": _exact_columns(rows, MIX_SHARD, "mix rows"), "rows": suite, "tokens": tokens})
+    schema = _exact_columns(pl.DataFrame(schema=dict.fromkeys(columns, pl.Null)), MIX_SHARD, "mix rows")
+    return merge({"schema": schema, "rows": suite, "tokens": tokens})
 
 
 def check_pass_rate(pass_rate: float, minimum: float) -> Outcome:

@@ -7,13 +7,17 @@ sample (the row counts and tokens are always of the whole set).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from synth_cpt.core.config import EvalsConfig, PipelineConfig
 from synth_cpt.core.layout import ENTIGRAPH_CORPUS, QUALITY_SUBSETS, REWRITES, SYNTHETIC_ROWS, TRAINING_MIX, partition_file
@@ -36,26 +40,44 @@ SCORE_SCHEMA = {
 @dataclass
 class TextSet:
     """One set of the partition: its totals (from the `n_tokens` column of every file) and a seeded sample
-    of its rows (whole row groups, so a 10B-token set is never read whole)."""
+    of its rows (chosen by row group from the footers, then only the sampled rows kept as batches are read,
+    so a 10B-token set is never read whole)."""
 
     rows: int
     tokens: int
     sample: pl.DataFrame
 
 
-def _tokens(pf: Any, count: Any) -> int:
-    """A file's tokens: its `n_tokens` column, or (a file without one) its texts counted row group by row group."""
+BATCH_ROWS = 2048  # rows read at once: of a file's n_tokens, of the texts counted or sampled
+
+
+def _tokens(pf: Any, count: Any, batch_rows: int = BATCH_ROWS) -> int:
+    """A file's tokens: its `n_tokens` column, or (a file without one) its texts counted, a batch at a time."""
     if pf.metadata.num_rows == 0:
         return 0
-    if "n_tokens" in pf.schema_arrow.names:
-        return int(pl.from_arrow(pf.read(columns=["n_tokens"]))["n_tokens"].sum() or 0)
-    return sum(sum(count(pf.read_row_group(g, columns=["text"]).column("text").to_pylist())) for g in range(pf.metadata.num_row_groups))
+    column = "n_tokens" if "n_tokens" in pf.schema_arrow.names else "text"
+    total = 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=[column], use_threads=False):
+        values = batch.column(0)
+        total += int(pc.sum(values).as_py() or 0) if column == "n_tokens" else sum(count(values.to_pylist()))
+    return total
 
 
-def _sample(storage: Storage, keys: list[str], columns: list[str], limit: int, seed: int, count: Any) -> TextSet:
+def _sampled_rows(height: int, limit: int, seed: int) -> np.ndarray | None:
+    """The positions `DataFrame.sample(limit, seed=seed)` takes of a frame of `height` rows, in its order
+    (they depend on the height alone); None when every row is kept."""
+    if height <= limit:
+        return None
+    return pl.DataFrame({"i": pl.int_range(height, eager=True, dtype=pl.Int64)}).sample(limit, seed=seed)["i"].to_numpy()
+
+
+def _sample(
+    storage: Storage, keys: list[str], columns: list[str], limit: int, seed: int, count: Any, batch_rows: int = BATCH_ROWS
+) -> TextSet:
     """Each file is opened once where it can be (on S3 every open fetches the footer again): the row
-    groups to sample are chosen from the footers (a row group's rows are in its metadata), then read file
-    by file, the last file opened for the totals still open."""
+    groups to sample are chosen from the footers (a row group's rows are in its metadata), and so are the
+    rows sampled of them; then the groups are read file by file, a batch at a time, keeping only those
+    rows, the last file opened for the totals still open."""
     rows = tokens = 0
     groups: list[tuple[str, int]] = []
     sizes: dict[tuple[str, int], int] = {}
@@ -69,7 +91,7 @@ def _sample(storage: Storage, keys: list[str], columns: list[str], limit: int, s
             pf = storage.parquet_file(key)
             last = (key, pf)
             rows += pf.metadata.num_rows
-            tokens += _tokens(pf, count)
+            tokens += _tokens(pf, count, batch_rows)
             names[key] = pf.schema_arrow.names
             for g in range(pf.metadata.num_row_groups):
                 groups.append((key, g))
@@ -81,6 +103,9 @@ def _sample(storage: Storage, keys: list[str], columns: list[str], limit: int, s
                 break
             chosen.append(group)
             taken += sizes[group]
+        picked = _sampled_rows(taken, limit, seed)  # positions in the chosen groups, one after another
+        wanted_rows = np.sort(picked) if picked is not None else None
+        first = dict(zip(chosen, np.cumsum([0] + [sizes[g] for g in chosen[:-1]]).tolist(), strict=True))
         read: dict[tuple[str, int], pl.DataFrame] = {}
         for key in dict.fromkeys(k for k, _ in chosen):  # each file once, in the order first sampled
             if last is None or last[0] != key:
@@ -90,15 +115,30 @@ def _sample(storage: Storage, keys: list[str], columns: list[str], limit: int, s
                 last = (key, storage.parquet_file(key))
             wanted = [c for c in columns if c in names[key]]
             for g in (g for k, g in chosen if k == key):
-                read[(key, g)] = pl.from_arrow(last[1].read_row_group(g, columns=wanted))  # type: ignore[assignment]
+                read[(key, g)] = _read_rows(last[1], g, wanted, first[(key, g)], wanted_rows, batch_rows)
     finally:
         if last is not None:
             last[1].close()
     frames = [read[group] for group in chosen]  # in the sampled order, as before
     sample = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame(schema={"doc_id": pl.String, "text": pl.String})
-    if sample.height > limit:
-        sample = sample.sample(limit, seed=seed)
+    if picked is not None:  # the rows kept are in position order: put them in the sample's
+        sample = sample[pl.Series(np.searchsorted(wanted_rows, picked), dtype=pl.UInt32)]  # type: ignore[arg-type]
     return TextSet(rows, tokens, sample)
+
+
+def _read_rows(pf: Any, group: int, columns: list[str], offset: int, wanted: np.ndarray | None, batch_rows: int) -> pl.DataFrame:
+    """Row group `group` (its first row at position `offset` of the chosen rows), a batch at a time, keeping
+    only the rows at the `wanted` positions (every row when None)."""
+    kept: list[pa.Table] = []
+    start = offset
+    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns, use_threads=False):
+        table, end = pa.Table.from_batches([batch]), start + batch.num_rows
+        if wanted is not None:
+            table = table.take(pa.array(wanted[np.searchsorted(wanted, start) : np.searchsorted(wanted, end)] - start, type=pa.int64()))
+        kept.append(table)
+        start = end
+    table = pa.concat_tables(kept) if kept else pa.schema([pf.schema_arrow.field(c) for c in columns]).empty_table()
+    return pl.from_arrow(table.combine_chunks())  # type: ignore[return-value]
 
 
 def text_sets(storage: Storage, language: str, quality: str, limit: int, seed: int, count: Any) -> dict[str, TextSet]:
@@ -119,17 +159,17 @@ def text_sets(storage: Storage, language: str, quality: str, limit: int, seed: i
     return sets
 
 
-def _sources(storage: Storage, language: str, quality: str, doc_ids: set[str]) -> dict[str, str]:
-    """The subset's texts of `doc_ids` only (a filtered scan, never the whole partition in memory)."""
+def _sources(storage: Storage, language: str, quality: str, doc_ids: set[str], batch_rows: int = BATCH_ROWS) -> dict[str, str]:
+    """The subset's texts of `doc_ids` only (read a batch at a time, never the whole partition in memory)."""
     key = partition_file(QUALITY_SUBSETS, language, quality)
     if not doc_ids or not storage.exists(key):
         return {}
     wanted = pl.Series(sorted(doc_ids))
     found = []
-    pf = storage.parquet_file(key)
-    for g in range(pf.metadata.num_row_groups):
-        frame = pl.from_arrow(pf.read_row_group(g, columns=["doc_id", "text"]))
-        found.append(frame.filter(pl.col("doc_id").is_in(wanted.implode())))
+    with contextlib.closing(storage.parquet_file(key)) as pf:
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=["doc_id", "text"], use_threads=False):
+            frame = pl.from_arrow(pa.Table.from_batches([batch]))
+            found.append(frame.filter(pl.col("doc_id").is_in(wanted.implode())))  # type: ignore[union-attr]
     return dict(pl.concat(found).iter_rows()) if found else {}
 
 

@@ -7,6 +7,14 @@ published `tokenizer`, SentencePiece or Hugging Face), whose ids and EOS the `.b
 plan is made before anything is written (mix/plan.py), so a mix that cannot be made as asked fails
 with its shortfall in tokens and writes nothing.
 
+Memory is bounded by a batch of rows and a shard, not by the components: each component is read
+once, `batch_rows` rows at a time (its text and lineage columns); texts are counted (and for `.bin`
+shards encoded once) and, with each row's lineage strings, spooled to a local work folder
+(mix/spool.py). Only numbers stay per row (token counts, spool positions, a lineage class), so the plan,
+the pins, the manifest's lists and the suite are made from them, and each shard (and the repeats
+table) gathers its rows' strings from the spool. What is published is byte for byte what reading whole
+components made.
+
 A mix version pins the exact inputs it read (`inputs` in its manifest, written first as `inputs.json`):
 each synthesis component's published version folder, the tokenizer's version, the drop versions its
 rows name (when rows carry `drop_version`), and the subset partition by content (a one-file output: its
@@ -18,17 +26,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
-from collections import Counter
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from synth_cpt.core import publish
 from synth_cpt.core.config import MixRecipe
-from synth_cpt.core.contracts import MIX_SHARD, check_mix
+from synth_cpt.core.contracts import MIX_SHARD, check_mix_columns
 from synth_cpt.core.layout import (
     ENTIGRAPH_CORPUS,
     INPUTS,
@@ -47,6 +59,7 @@ from synth_cpt.core.storage import Storage
 from synth_cpt.core.validation import Outcome
 from synth_cpt.mix.plan import MixPlan, Part, plan_mix, shard_bounds, shuffled, take
 from synth_cpt.mix.shards import token_layout, write_shard
+from synth_cpt.mix.spool import Spooled, TextSpool
 
 if TYPE_CHECKING:
     from synth_cpt.corpus.tokenizer import TokenCounter
@@ -54,9 +67,13 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 REPEATS = "repeats.parquet"
 _SYNTH_COLUMNS = ["synth_id", "doc_id", "drop_id", "drop_version", "text", "prompt_sha", "model_fingerprint"]
+_LINEAGE = [c for c in _SYNTH_COLUMNS if c != "text"]  # a row's lineage: spool.LINEAGE, then what only the manifest needs
 DROP_VERSION = "drop_version"  # the drop version a row came from, where its producer records it (null otherwise)
 TOKEN_COUNTS = ("tokens: the documents' own tokens (sum of n_tokens, text ids only); tokens_in_file: the ids a .bin shard holds, "
                 "every document framed as [BOS] ids EOS (see token_shards)")  # fmt: skip
+BATCH_ROWS = 2048  # rows read, counted and spooled at once (and lineage records gathered at once)
+READ_BUFFER = 1 << 20  # texts are read from a column chunk in pieces of this size, never the whole chunk
+_COPY_CHUNK = 1 << 20
 
 
 def origin_of(source: str) -> str:
@@ -66,44 +83,61 @@ def origin_of(source: str) -> str:
 
 @dataclass
 class Component:
-    """What a component can draw from, and the exact input it was read from (its pin)."""
+    """Where a component's rows are read from (in file order, batch by batch), how many there are (from
+    the footer), and the exact input it was read from (its pin): `snapshot` (a one-file input, copied as
+    read: the bytes the pin names) or `texts_key` (a file of a published version folder, never rewritten)."""
 
-    frame: pl.DataFrame
+    rows: int
     pin: dict[str, Any]
-    snapshot: bytes | None = None  # a one-file input's bytes as read, kept under the pin's key once the mix is planned
+    snapshot: Path | None = None  # kept under the pin's key once the mix is planned
+    texts_key: str | None = None
 
 
 def _with_lineage_columns(frame: pl.DataFrame) -> pl.DataFrame:
-    missing = [pl.lit(None, pl.String).alias(c) for c in _SYNTH_COLUMNS if c not in frame.columns]
-    return frame.with_columns(missing).select(_SYNTH_COLUMNS).with_columns(pl.col(DROP_VERSION).cast(pl.String))
+    missing = [pl.lit(None, pl.String).alias(c) for c in _LINEAGE if c not in frame.columns]
+    return frame.with_columns(missing).select(_LINEAGE).with_columns(pl.col(DROP_VERSION).cast(pl.String))
 
 
-def component_rows(storage: Storage, origin: str, language: str, quality: str) -> Component | None:
-    """A component's rows read once from what is published (None when its partition never was), and its pin."""
+def component_rows(storage: Storage, origin: str, language: str, quality: str, workdir: Path | None = None) -> Component | None:
+    """A published component (None when its partition never was): its row count and pin, nothing of its
+    rows. The subset (a one-file output a rerun replaces) is copied once into `workdir` as it is hashed,
+    so its rows, pin and snapshot are all of the same bytes."""
     if origin == "original":
         key = partition_file(QUALITY_SUBSETS, language, quality)
         if not storage.exists(key):
             return None
-        data = storage.read_bytes(key)  # read once: the pin is exactly what the mix read
-        sha = hashlib.sha256(data).hexdigest()
-        names = pl.read_parquet_schema(io.BytesIO(data))
-        frame = pl.read_parquet(io.BytesIO(data), columns=[c for c in ("doc_id", "drop_id", DROP_VERSION, "text") if c in names])
+        if workdir is None:
+            raise ValueError("the originals are read through a local copy: give component_rows a work folder")
+        copy, digest = Path(workdir, "original.parquet"), hashlib.sha256()
+        with contextlib.closing(storage.open(key)) as source, open(copy, "wb") as out:
+            while chunk := source.read(_COPY_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+        sha = digest.hexdigest()
         pin = {"component": origin, "asset": QUALITY_SUBSETS, "prefix": snapshot_key(partition_prefix(QUALITY_SUBSETS, language, quality), sha),
                "source": key, "sha256": sha}  # fmt: skip
-        return Component(_with_lineage_columns(frame), pin, data)
+        return Component(pq.read_metadata(copy).num_rows, pin, snapshot=copy)
     asset = ENTIGRAPH_CORPUS if origin == "entigraph" else rewrite_asset(origin.split(":", 1)[1])
     pointer = publish.published(storage, partition_prefix(asset, language, quality))
     if pointer is None:
         return None
     key = f"{pointer['prefix']}/{SYNTHETIC_ROWS}"
-    # opened once for ranged reads: the footer and the lineage columns, not the object (on S3 a
-    # download, and a second open for the schema, would fetch what the mix never uses)
-    with contextlib.closing(storage.parquet_file(key)) as pf:
-        names = pf.schema_arrow.names
-        frame = pl.from_arrow(pf.read(columns=[c for c in _SYNTH_COLUMNS if c in names]))
-    return Component(
-        _with_lineage_columns(frame), {"component": origin, "asset": asset, "prefix": pointer["prefix"], "version": pointer["version"]}
-    )
+    with contextlib.closing(storage.parquet_file(key)) as pf:  # the footer only (on S3 one ranged read)
+        rows = pf.metadata.num_rows
+    pin = {"component": origin, "asset": asset, "prefix": pointer["prefix"], "version": pointer["version"]}
+    return Component(rows, pin, texts_key=key)
+
+
+@contextlib.contextmanager
+def component_batches(storage: Storage, component: Component, batch_rows: int = BATCH_ROWS) -> Iterator[Iterator[pa.RecordBatch]]:
+    """The component's rows in file order, `batch_rows` at a time: its text and the lineage columns it has.
+    Read from a local file without pre-buffering, so a row group's text column is never held whole (on
+    S3 the rows file is downloaded to a temporary file first: the mix reads every text, most of it)."""
+    with contextlib.ExitStack() as stack:
+        path = component.snapshot if component.snapshot is not None else stack.enter_context(storage.local_path(str(component.texts_key)))
+        pf = stack.enter_context(contextlib.closing(pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER)))
+        columns = [c for c in ("text", *_LINEAGE) if c in pf.schema_arrow.names]
+        yield pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
 
 
 def _tokenizer_pin(storage: Storage, tokenizer: TokenCounter) -> list[dict[str, Any]]:
@@ -119,11 +153,9 @@ def _tokenizer_pin(storage: Storage, tokenizer: TokenCounter) -> list[dict[str, 
     return [{"asset": TOKENIZER, "prefix": pointer["prefix"], "version": pointer["version"]}]
 
 
-def _drop_pins(mixed: pl.DataFrame) -> list[dict[str, Any]]:
-    if not mixed.height or DROP_VERSION not in mixed.columns:
-        return []
-    pairs = mixed.select("drop_id", DROP_VERSION).drop_nulls().unique().sort("drop_id", DROP_VERSION)
-    return [{"asset": "crawl_drops", "drop_id": d, "prefix": version_prefix(drop_prefix(d), v), "version": v} for d, v in pairs.iter_rows()]
+def _drop_pins(pairs: set[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The drop versions the rows taken name (`pairs`: their distinct (drop_id, drop_version))."""
+    return [{"asset": "crawl_drops", "drop_id": d, "prefix": version_prefix(drop_prefix(d), v), "version": v} for d, v in sorted(pairs)]
 
 
 @dataclass
@@ -141,55 +173,124 @@ def recipe_sha(recipe: MixRecipe) -> str:
     return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def _gather(frame: pl.DataFrame, rows: list[int]) -> pl.DataFrame:
-    return frame.select(pl.all().gather(pl.Series(rows, dtype=pl.UInt32)))
+def _first_picks(picked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows picked, each once in the order first picked, and how often each was."""
+    rows, first, counts = np.unique(picked, return_index=True, return_counts=True)
+    order = np.argsort(first, kind="stable")
+    return rows[order], counts[order].astype(np.int64)
+
+
+def _checked_columns(origins: list[str], comp: np.ndarray, n_tokens: np.ndarray, has: dict[str, np.ndarray]) -> pl.DataFrame:
+    """The mix's rows as the suite of `check_mix` reads them (`contracts.check_mix_columns`), in the mix's
+    order, made from numbers: origin and n_tokens as they are, `text_chars` 0 for an empty text and 1
+    otherwise, `doc_id` a stand-in null exactly where the row's is (what the suite tests of them)."""
+    original = comp == origins.index("original") if "original" in origins else np.zeros(comp.size, dtype=bool)
+    return pl.DataFrame(
+        {
+            "origin": pl.Series(comp, dtype=pl.UInt32).replace_strict(dict(enumerate(origins)), return_dtype=pl.String),
+            "doc_id": pl.Series(has["doc_id"], dtype=pl.Boolean),
+            "n_tokens": pl.Series(n_tokens, dtype=pl.Int64),
+            "text_chars": pl.Series(has["text"], dtype=pl.Boolean).cast(pl.Int64),
+            "has_lineage": pl.Series(has["synth_id"] | original, dtype=pl.Boolean),
+        }
+    ).with_columns(doc_id=pl.when(pl.col("doc_id")).then(pl.lit("doc_id")).otherwise(pl.lit(None, pl.String)))
 
 
 def build_mix(
-    storage: Storage, name: str, recipe: MixRecipe, language: str, quality: str, tokenizer: TokenCounter, run_id: str | None = None
+    storage: Storage,
+    name: str,
+    recipe: MixRecipe,
+    language: str,
+    quality: str,
+    tokenizer: TokenCounter,
+    run_id: str | None = None,
+    batch_rows: int = BATCH_ROWS,
 ) -> MixResult:
     """Plan, write, validate, publish (see the module docstring). Raises MixShortfall before writing."""
+    with tempfile.TemporaryDirectory(prefix="synth-cpt-mix-") as work:
+        spool = TextSpool(Path(work), with_ids="tokens" in recipe.formats)
+        try:
+            return _build(storage, name, recipe, language, quality, tokenizer, run_id, batch_rows, Path(work), spool)
+        finally:
+            spool.close()
+
+
+def _build(
+    storage: Storage, name: str, recipe: MixRecipe, language: str, quality: str, tokenizer: TokenCounter,
+    run_id: str | None, batch_rows: int, work: Path, spool: TextSpool,
+) -> MixResult:  # fmt: skip
     parts_cfg = recipe.parts()
-    frames: dict[str, pl.DataFrame] = {}
+    spooled: dict[str, Spooled] = {}  # origin -> where its rows are in the spool, their token counts and lineage classes
     components: dict[str, Component] = {}
     missing: list[str] = []
     for part in parts_cfg:
         origin = origin_of(part.source)
-        component = component_rows(storage, origin, language, quality)
+        component = component_rows(storage, origin, language, quality, work)
         if component is None:
             missing.append(origin)
-            frame = pl.DataFrame(schema={c: pl.String for c in _SYNTH_COLUMNS})
-        else:
-            components[origin], frame = component, component.frame
-        frames[origin] = frame.with_columns(pl.Series("n_tokens", tokenizer.count(frame["text"].to_list()), dtype=pl.Int64))
-    parts = [Part(origin_of(p.source), p.ratio, p.max_epochs, int(frames[origin_of(p.source)]["n_tokens"].sum() or 0)) for p in parts_cfg]
+            spooled[origin] = spool.add([], tokenizer, _with_lineage_columns)
+            continue
+        components[origin] = component
+        with component_batches(storage, component, batch_rows) as batches:
+            spooled[origin] = spool.add(batches, tokenizer, _with_lineage_columns)
+        if spooled[origin].rows != component.rows:
+            raise ValueError(f"{origin}: {spooled[origin].rows:,} rows read of the {component.rows:,} its footer counts")
+    parts = [Part(origin_of(p.source), p.ratio, p.max_epochs, int(spooled[origin_of(p.source)].n_tokens.sum())) for p in parts_cfg]
     plan = plan_mix(parts, target_tokens=recipe.target_tokens, target_originals=recipe.target_originals, on_shortfall=recipe.on_shortfall)
 
-    taken: list[pl.DataFrame] = []
-    repeats: list[pl.DataFrame] = []
+    origins = [p.origin for p in plan.parts]
+    classes = spool.classes
+    picks: list[np.ndarray] = []
+    firsts: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # origin -> the rows taken, each once in the order first taken, and their repeats
+    pairs: set[tuple[str, str]] = set()  # (drop_id, drop_version) of the rows taken
+    drops: set[str] = set()
+    prompts: set[str] = set()
+    models: set[str] = set()
+    by_origin: dict[str, dict[str, int]] = {}
     for p in plan.parts:
-        frame = frames[p.origin]
-        picked = take(frame["n_tokens"].to_list(), p.target, p.max_epochs, recipe.seed, p.origin)
-        rows = _gather(frame, picked).with_columns(pl.lit(p.origin).alias("origin"))
-        taken.append(rows)
-        counts = Counter(picked)
-        once = _gather(frame, list(counts))
-        repeats.append(
-            pl.DataFrame(
-                {
-                    "origin": [p.origin] * len(counts),
-                    "doc_id": once["doc_id"].to_list(),
-                    "synth_id": once["synth_id"].to_list(),
-                    "repeats": list(counts.values()),
-                },
-                schema={"origin": pl.String, "doc_id": pl.String, "synth_id": pl.String, "repeats": pl.Int64},
-            )  # fmt: skip
-        )
-    mixed = pl.concat(taken) if taken else pl.DataFrame()
-    mixed = _gather(mixed, shuffled(mixed.height, recipe.seed)) if mixed.height else mixed
-    rows = mixed.select([c for c in MIX_SHARD.names]) if mixed.height else pl.from_arrow(MIX_SHARD.empty_table())
-    largest = {o: int(f["n_tokens"].max() or 0) for o, f in frames.items()}
-    outcome = check_mix(rows, [p.origin for p in plan.parts], {p.origin: (p.target, largest[p.origin]) for p in plan.parts})
+        s = spooled[p.origin]
+        picked = np.frombuffer(take(s.n_tokens.tolist(), p.target, p.max_epochs, recipe.seed, p.origin), dtype=np.int64)
+        picks.append(picked)
+        firsts[p.origin] = once, _ = _first_picks(picked)
+        for c in (classes[int(k)] for k in np.unique(s.lineage_class[once])):
+            if c["drop_id"] is not None:
+                drops.add(c["drop_id"])  # type: ignore[arg-type]
+                if c[DROP_VERSION] is not None:
+                    pairs.add((c["drop_id"], c[DROP_VERSION]))  # type: ignore[arg-type]
+            if p.origin != "original":
+                prompts.update([c["prompt_sha"]] if c["prompt_sha"] is not None else [])  # type: ignore[list-item]
+                models.update([c["model_fingerprint"]] if c["model_fingerprint"] is not None else [])  # type: ignore[list-item]
+        if picked.size:
+            by_origin[p.origin] = {"documents": int(picked.size), "tokens": int(s.n_tokens[picked].sum())}
+    # the mix's rows, as (component, row) in the shuffled order
+    comp = np.concatenate([np.full(k.size, i, dtype=np.int32) for i, k in enumerate(picks)])
+    row = np.concatenate(picks)
+    del picks
+    order = np.frombuffer(shuffled(int(row.size), recipe.seed), dtype=np.int64)
+    comp, row = comp[order], row[order]
+    del order
+
+    def column(values: dict[str, np.ndarray]) -> np.ndarray:
+        """One value per row of the mix, from one array per component (in file order)."""
+        out = np.empty(row.size, dtype=next(iter(values.values())).dtype) if values else np.empty(0, dtype=np.int64)
+        for i, origin in enumerate(origins):
+            mask = comp == i
+            out[mask] = values[origin][row[mask]]
+        return out
+
+    has_doc = np.array([c["has_doc_id"] for c in classes] or [False], dtype=bool)
+    has_synth = np.array([c["has_synth_id"] for c in classes] or [False], dtype=bool)
+    n_tokens = column({o: spooled[o].n_tokens for o in origins})
+    has = {
+        "text": column({o: spooled[o].text_bytes > 0 for o in origins}),
+        "doc_id": column({o: has_doc[spooled[o].lineage_class] for o in origins}),
+        "synth_id": column({o: has_synth[spooled[o].lineage_class] for o in origins}),
+    }
+    largest = {o: int(spooled[o].n_tokens.max()) if spooled[o].rows else 0 for o in spooled}
+    checked = _checked_columns(origins, comp, n_tokens, has)
+    del has
+    outcome = check_mix_columns(checked, MIX_SHARD.names, origins, {p.origin: (p.target, largest[p.origin]) for p in plan.parts})
+    del checked
 
     prefix = partition_prefix(mix_asset(name), language, quality)
     version = publish.new_version()
@@ -197,41 +298,42 @@ def build_mix(
     # pins first (gc reads them from a mix still being built), then the snapshots they name, always
     # (re)written: a gc planned before the pins may be about to remove an existing one, and it leaves a
     # snapshot written within CANDIDATE_GRACE alone (content-addressed: rewriting changes no byte)
-    inputs = [c.pin for c in components.values()] + _tokenizer_pin(storage, tokenizer) + _drop_pins(mixed)
+    inputs = [c.pin for c in components.values()] + _tokenizer_pin(storage, tokenizer) + _drop_pins(pairs)
     storage.write_json(f"{folder}/{INPUTS}", inputs)
     for c in components.values():
         if c.snapshot is not None:
-            storage.write_bytes(c.pin["prefix"], c.snapshot)
-        c.snapshot = None
+            with open(c.snapshot, "rb") as source, storage.writing(c.pin["prefix"]) as tmp, open(tmp, "wb") as out:
+                while chunk := source.read(_COPY_CHUNK):
+                    out.write(chunk)
     shards = []
-    for i, (a, b) in enumerate(shard_bounds(rows["n_tokens"].to_list(), recipe.shard_tokens)):
-        shard = rows[a:b]
-        written = [write_shard(storage, folder, i, shard, fmt, tokenizer) for fmt in recipe.formats]
-        by_origin = shard.group_by("origin").agg(pl.len().alias("documents"), pl.col("n_tokens").sum().alias("tokens")).sort("origin")
+    for i, (a, b) in enumerate(shard_bounds(n_tokens, recipe.shard_tokens)):
+        shard, ids = _shard(spooled, spool, origins, comp[a:b], row[a:b], with_ids="tokens" in recipe.formats)
+        written = [write_shard(storage, folder, i, shard, fmt, tokenizer, ids) for fmt in recipe.formats]
+        by_shard = shard.group_by("origin").agg(pl.len().alias("documents"), pl.col("n_tokens").sum().alias("tokens")).sort("origin")
         in_file = [w.tokens_in_file for w in written if w.tokens_in_file is not None]
         shards.append({"shard": i, "files": [k.rsplit("/", 1)[1] for w in written for k in w.keys], "documents": shard.height,
                        "tokens": int(shard["n_tokens"].sum() or 0), **({"tokens_in_file": in_file[0]} if in_file else {}),
-                       "by_origin": {r["origin"]: {"documents": r["documents"], "tokens": r["tokens"]} for r in by_origin.to_dicts()}})  # fmt: skip
-    repeat_table = pl.concat(repeats) if repeats else pl.DataFrame()
+                       "by_origin": {r["origin"]: {"documents": r["documents"], "tokens": r["tokens"]} for r in by_shard.to_dicts()}})  # fmt: skip
+        del shard, ids
+    repeat_table = _repeats(spool, spooled, firsts, batch_rows)
     storage.write_parquet(f"{folder}/{REPEATS}", repeat_table)
-    synthetic = mixed.filter(pl.col("origin") != "original") if mixed.height else mixed
-    by_origin = rows.group_by("origin").agg(pl.len().alias("documents"), pl.col("n_tokens").sum().alias("tokens")).sort("origin")
     manifest = {
         "recipe": name, "version": version, "recipe_sha": recipe_sha(recipe), "seed": recipe.seed, "language": language, "quality": quality, "run_id": run_id,
         "tokenizer_sha": tokenizer.sha256, "formats": list(recipe.formats), "shard_tokens": recipe.shard_tokens,
         "plan": plan.describe(), "missing_components": missing,
-        "documents": rows.height, "tokens": int(rows["n_tokens"].sum() or 0), "token_counts": TOKEN_COUNTS,
+        "documents": int(row.size), "tokens": int(n_tokens.sum()), "token_counts": TOKEN_COUNTS,
         **({"tokens_in_files": sum(e["tokens_in_file"] for e in shards)} if "tokens" in recipe.formats else {}),
         "inputs": inputs,
-        "by_origin": {r["origin"]: {"documents": r["documents"], "tokens": r["tokens"]} for r in by_origin.to_dicts()},
-        "drops": sorted(set(mixed["drop_id"].drop_nulls().to_list())) if mixed.height else [],
-        "prompt_shas": sorted(set(synthetic["prompt_sha"].drop_nulls().to_list())) if synthetic.height else [],
-        "model_fingerprints": sorted(set(synthetic["model_fingerprint"].drop_nulls().to_list())) if synthetic.height else [],
+        "by_origin": dict(sorted(by_origin.items())),
+        "drops": sorted(drops),
+        "prompt_shas": sorted(prompts),
+        "model_fingerprints": sorted(models),
         "repeats": {"file": REPEATS, "max": int(repeat_table["repeats"].max() or 0) if repeat_table.height else 0,
                     "documents_repeated": int((repeat_table["repeats"] > 1).sum()) if repeat_table.height else 0},
         "shards": shards,
         **({"token_shards": token_layout(tokenizer)} if "tokens" in recipe.formats else {}),
     }  # fmt: skip
+    del repeat_table
     storage.write_json(f"{folder}/{MANIFEST}", manifest)
     if not outcome.success:
         kept = publish.reject_version(storage, prefix, version)
@@ -240,3 +342,50 @@ def build_mix(
         newer = publish.published(storage, prefix)
         return MixResult(plan, None, outcome, manifest, None, missing, superseded_by=newer["version"] if newer else None)
     return MixResult(plan, publish.published(storage, prefix), outcome, manifest, None, missing)
+
+
+def _repeats(
+    spool: TextSpool, spooled: dict[str, Spooled], firsts: dict[str, tuple[np.ndarray, np.ndarray]], batch_rows: int
+) -> pl.DataFrame:
+    """repeats.parquet's rows: each row taken once, component by component in the order first taken, with
+    how often it was. Its ids are gathered from the spool `batch_rows` at a time; the table is written in
+    one call, because its bytes are those of one row group (pyarrow cannot append to an open one), and a
+    component's rows are one chunk, as they were (a chunk boundary can move a page boundary)."""
+    frames = []
+    for origin, (once, counts) in firsts.items():
+        s = spooled[origin]
+        ids = [spool.lineage(s.lineage_start[once[a : a + batch_rows]], s.lineage_bytes[once[a : a + batch_rows]]).select("doc_id", "synth_id")
+               for a in range(0, once.size, batch_rows)]  # fmt: skip
+        frame = pl.concat(ids, rechunk=True) if ids else pl.DataFrame(schema={"doc_id": pl.String, "synth_id": pl.String})
+        frames.append(
+            frame.select(
+                pl.lit(origin, pl.String).alias("origin"), "doc_id", "synth_id", pl.Series("repeats", counts, dtype=pl.Int64)
+            ).rechunk()
+        )
+    return pl.concat(frames) if frames else pl.DataFrame()
+
+
+def _shard(
+    spooled: dict[str, Spooled], spool: TextSpool, origins: list[str], comp: np.ndarray, row: np.ndarray, with_ids: bool
+) -> tuple[pl.DataFrame, tuple[np.ndarray, np.ndarray] | None]:
+    """One shard's rows (the MIX_SHARD columns, in the mix's order), its texts and lineage gathered from
+    the spool, and with `with_ids` their ids (concatenated, and their lengths)."""
+    starts, sizes, n_tokens = np.empty(row.size, np.int64), np.empty(row.size, np.int64), np.empty(row.size, np.int64)
+    line_starts, line_sizes = np.empty(row.size, np.int64), np.empty(row.size, np.int64)
+    id_starts = np.empty(row.size, np.int64) if with_ids else None
+    for i, origin in enumerate(origins):
+        at = np.flatnonzero(comp == i)
+        if not at.size:
+            continue
+        rows, s = row[at], spooled[origin]
+        starts[at], sizes[at], n_tokens[at] = s.text_start[rows], s.text_bytes[rows], s.n_tokens[rows]
+        line_starts[at], line_sizes[at] = s.lineage_start[rows], s.lineage_bytes[rows]
+        if id_starts is not None:
+            id_starts[at] = s.ids_start[rows]  # type: ignore[index]
+    shard = spool.lineage(line_starts, line_sizes).with_columns(
+        spool.texts(starts, sizes),
+        pl.Series("origin", comp, dtype=pl.UInt32).replace_strict(dict(enumerate(origins)), return_dtype=pl.String),
+        pl.Series("n_tokens", n_tokens, dtype=pl.Int64),
+    )
+    ids = (spool.ids(id_starts, n_tokens), n_tokens) if id_starts is not None else None
+    return shard.select(MIX_SHARD.names).rechunk(), ids

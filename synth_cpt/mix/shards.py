@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,10 +65,32 @@ class WrittenShard:
     tokens_in_file: int | None = None
 
 
+def frame_documents(ids: np.ndarray, lengths: np.ndarray, bos: int | None, eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """(every id of a `.bin` shard as int64, its `.idx` offsets): each document's `ids` (concatenated,
+    `lengths` each) framed as `[BOS] ids EOS`."""
+    head = 0 if bos is None else 1
+    sizes = lengths.astype(np.int64) + head + 1
+    index_values = np.concatenate([[0], np.cumsum(sizes)]).astype("<i8")
+    flat = np.full(int(index_values[-1]), eos, dtype=np.int64)
+    starts = index_values[:-1]
+    if head:
+        flat[starts] = bos
+    before = np.cumsum(lengths) - lengths  # ids of the documents before each one
+    flat[np.arange(ids.size, dtype=np.int64) + np.repeat(starts + head - before, lengths)] = ids
+    return flat, index_values
+
+
 def write_shard(
-    storage: Storage, folder: str, index: int, rows: pl.DataFrame, fmt: str, tokenizer: TokenCounter | None = None
+    storage: Storage,
+    folder: str,
+    index: int,
+    rows: pl.DataFrame,
+    fmt: str,
+    tokenizer: TokenCounter | None = None,
+    ids: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> WrittenShard:
-    """Write one shard in one format (each file atomically)."""
+    """Write one shard in one format (each file atomically). `ids`: the rows' ids already encoded by
+    `tokenizer` (concatenated, and their lengths), so a `.bin` shard need not encode its texts again."""
     key = f"{folder}/{shard_name(index, fmt)}"
     if fmt == "parquet":
         storage.write_parquet(key, rows)
@@ -83,12 +106,12 @@ def write_shard(
         eos = tokenizer.eos_id
         if eos is None:
             raise ValueError(f"the {tokenizer.kind} tokenizer has no EOS id: the tokens format separates documents with EOS")
-        head = [] if (bos := document_bos(tokenizer)) is None else [bos]
-        ids = tokenizer.encode(rows["text"].to_list())
-        lengths = np.fromiter((len(head) + len(d) + 1 for d in ids), dtype=np.int64, count=len(ids))
-        index_values = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
+        if ids is None:
+            encoded = tokenizer.encode(rows["text"].to_list())
+            lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+            ids = (np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(lengths.sum())), lengths)
+        flat, index_values = frame_documents(ids[0], ids[1], document_bos(tokenizer), eos)
         dtype = token_dtype(tokenizer.vocab_size)
-        flat = np.fromiter((t for doc in ids for t in (*head, *doc, eos)), dtype=np.int64, count=int(lengths.sum()))
         if flat.size and (flat.min() < 0 or flat.max() > np.iinfo(dtype).max):  # never wrap an id around silently
             raise ValueError(f"token id {int(flat.max())} does not fit {dtype.name} (vocab_size {tokenizer.vocab_size})")
         flat = flat.astype(dtype)
