@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96, help="cap on every prompt's max_tokens (default 96)")
     parser.add_argument("--entities", type=int, default=4, help="synthesis.entigraph.max_entities (default 4: 6 pairs)")
     parser.add_argument("--skip-old", action="store_true", help="do not run the old order (quicker)")
+    parser.add_argument("--kv", type=float, default=0.2, help="generation.gpu_memory_utilization: host memory share of the KV cache")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-graph-"))
@@ -63,7 +64,8 @@ def main() -> None:
                 "synthesis": {
                     "max_documents": args.documents, "min_pass_rate": 0.0,
                     "entigraph": {"max_entities": args.entities, "triples_per_document": 2},
-                }
+                },
+                "generation": {"gpu_memory_utilization": args.kv},
             }
         )
     )  # fmt: skip

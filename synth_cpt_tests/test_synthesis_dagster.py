@@ -218,6 +218,45 @@ def test_generation_is_manual_unless_configured_eager(pipeline):
     assert eager.get(AssetKey("entigraph_corpus")).automation_condition is not None
 
 
+def test_a_backfill_is_one_run_unless_configured_per_partition(pipeline):
+    from dagster import BackfillPolicy
+
+    defs, _, _, configure = pipeline
+    assert defs.resolve_asset_graph().get(AssetKey("rewrites_medium")).backfill_policy == BackfillPolicy.single_run()
+    per_partition = configure(backfill="per_partition").resolve_asset_graph()
+    assert per_partition.get(AssetKey("entity_graphs")).backfill_policy is None  # Dagster's default: a run per partition
+
+
+def test_a_run_over_several_partitions_publishes_each_with_its_own_events(pipeline):
+    """A single-run backfill's step covers a range: every asset of every partition is published and checked under
+    its own partition key, and their requests share one engine run."""
+    defs, instance, home, _ = pipeline
+    assert defs.resolve_job_def("quality_subsets_job").execute_in_process(instance=instance, partition_key="en|low").success
+    synthesis = next(a for a in defs.assets if getattr(a, "node_def", None) is not None and a.node_def.name == "synthesis")
+    result = materialize(
+        [synthesis], instance=instance, selection=[AssetKey("rewrites_medium"), AssetKey("entity_graphs")],
+        tags={"dagster/asset_partition_range_start": "pt|high", "dagster/asset_partition_range_end": "en|low"},
+        resources={"pipeline": PipelineResource(), "llm": LLMWithTestDouble()}, raise_on_error=False,
+    )  # fmt: skip
+    failure = next(e.event_specific_data.error.to_string() for e in result.all_events if e.is_step_failure)
+    assert not result.success and "2 generation step(s) failed" in failure and "pt|low: FileNotFoundError" in failure, failure
+    made = {(e.asset_key.to_user_string(), e.partition) for e in result.get_asset_materialization_events()}
+    # the range is every pair of its languages and qualities: pt|low and en|high too (their subsets are not made: the
+    # run fails for them, the others are published)
+    assert made == {(a, p) for a in ("rewrites_medium", "entity_graphs") for p in ("pt|high", "en|low")}
+    checks = sorted(
+        (ev.asset_key.to_user_string(), ev.partition, ev.check_name)
+        for ev in (e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION")
+    )
+    assert checks == sorted((a, p, c) for a, p in made for c in ("pass_rate", "rows_valid"))
+    assert instance.get_materialized_partitions(AssetKey("entity_graphs")) == {"pt|high", "en|low"}
+    assert (home / "rewrites_medium/en/low/current.json").is_file() and (home / "entity_graphs/pt/high/current.json").is_file()
+    assert not (home / "rewrites_medium/pt/low").exists()
+    logs = [r.user_message for r in instance.all_logs(result.run_id) if r.user_message.startswith("joint engine run: {")]
+    # one joint run for the step: 2 assets x 2 partitions ran through it, 4 documents each (3 of pt|high, 1 of en|low)
+    assert len(logs) == 1 and "'joint_runs': 4," in logs[0] and "'joint_sent': 8," in logs[0], logs
+
+
 def test_a_new_drop_sends_only_the_new_documents_requests(pipeline, tmp_path):
     """The cache is content-addressed: after a new drop, rematerializing a style asks only for the
     documents it has not seen (the drop, raw_corpus, tokenizer and subset all rebuilt in between)."""

@@ -1,11 +1,12 @@
 """Generation assets: `rewrites_<style>` (one per prompts/rewrite/<style>.yaml), `entity_graphs` and
 `entigraph_corpus`, each `[language|quality]` and reading `quality_subsets`.
 
-One engine load per run: the generation assets are one multi-asset that can be subset. A run of any
-selection of them for a partition is one step, which builds the engine once and hands it to every
-selected asset in turn (rewrites, then entity_graphs, then entigraph_corpus). The engine's backend
-is also shared by every later step in the same process (`LLMSettings.shared_backend`), so
-`synth-cpt synthesize`, which runs all partitions in one process, loads the model once in total.
+One engine load and one engine run per run: the generation assets are one multi-asset that can be
+subset. A run of any selection of them, for one partition or a range (a single-run backfill,
+`synth-cpt synthesize`), is one step, which builds the engine once; every selected asset of every
+partition then generates in its own thread (`synthesis.schedule`), all feeding one `JointBackend`, and
+is published from the step's thread as it finishes (entigraph_corpus after its entity_graphs). The
+engine's backend is also shared by every later step in the same process (`LLMSettings.shared_backend`).
 The `gpu` pool (one slot, `make instance`) keeps two runs from holding two engines on one machine.
 Assets stay separately materializable and each keeps its own checks, metadata and lineage.
 
@@ -219,7 +220,8 @@ def build_synthesis_assets(config: PipelineConfig) -> list[AssetsDefinition]:
         for name, text in ((ROWS_VALID, _ROWS), (PASS_RATE, _PASS))
     ]
     order = [spec.key.to_user_string() for spec in specs]  # rewrites, then entity_graphs, then entigraph_corpus
-    policy = BackfillPolicy.single_run() if config.synthesis.backfill == "single_run" else BackfillPolicy.multi_run(1)
+    # per_partition: Dagster's default (None), whose runs carry `dagster/partition` for the queue's per-partition limit
+    policy = BackfillPolicy.single_run() if config.synthesis.backfill == "single_run" else None
 
     @multi_asset(
         name="synthesis", specs=specs, check_specs=check_specs, can_subset=True, partitions_def=parts, pool="gpu",
@@ -234,14 +236,19 @@ def build_synthesis_assets(config: PipelineConfig) -> list[AssetsDefinition]:
         prompt_counter, chunking = chunking_counter(llm, cfg.storage_uri(), target, context.log.info)
         lease = EngineLease(context, llm, storage, cfg.storage_uri())
         tasks = []
+        errors: list[str] = []
         for partition in partitions:
             language, quality = split_corpus_key(partition)
-            inputs = partition_inputs(storage, cfg, language, quality, target.count, prompt_counter.count)
+            try:
+                inputs = partition_inputs(storage, cfg, language, quality, target.count, prompt_counter.count)
+            except Exception as exc:  # this partition fails; the run's others still generate and publish
+                errors.append(f"{partition}: {type(exc).__name__}: {exc}")
+                context.log.error(f"{partition} not run: its inputs could not be read: {type(exc).__name__}: {exc}")
+                continue
             context.log.info(f"{language}|{quality}: {len(inputs.documents)} documents of {len(inputs.subset_doc_ids)} in the subset")
             tasks += _tasks(cfg, storage, inputs, lease, selected, str(partition), chunking)
         context.log.info(f"{len(tasks)} generation step(s) ({len(selected)} asset(s) x {len(partitions)} partition(s)) feed one engine run")
         steps = run_tasks(tasks)
-        errors: list[str] = []
         try:
             for done in steps:
                 asset, partition = done.task.key
