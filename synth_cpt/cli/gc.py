@@ -61,9 +61,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
     removed = plan.remove if done is None else done.removed
     versions = sum(1 for r in removed if r.version)
     candidates = sum(1 for r in removed if r.candidate)
+    memories = sum(1 for r in removed if r.sensor_memory)
     files, size = sum(r.files for r in removed), sum(r.bytes for r in removed)
-    say(f"synth-cpt gc: {verb} {versions:,} version(s), {len(removed) - versions - candidates:,} snapshot(s) and "
-        f"{candidates:,} candidate file(s) killed writes left: {files:,} files, "
+    say(f"synth-cpt gc: {verb} {versions:,} version(s), {len(removed) - versions - candidates - memories:,} snapshot(s), "
+        f"{memories:,} old sensor memory file(s) and {candidates:,} candidate file(s) killed writes left: {files:,} files, "
         f"{_size(size)} ({size:,} bytes)" + (" (dry run: nothing removed)" if args.dry_run else ""))  # fmt: skip
     for line in done.kept if done else []:
         say(f"  kept: {line}")

@@ -245,9 +245,10 @@ class SynthesisConfig(_Strict):
     max_documents: int | None = Field(None, gt=0, description="documents per partition sent to generation (a demo cap)")
     backfill: Literal["single_run", "per_partition"] = Field(
         "single_run",
-        description="a backfill of the generation assets: 'single_run' makes one run of every partition asked, whose requests "
-        "all feed one engine run (one machine, one GPU); 'per_partition' one run per partition (a cluster, where the queue's "
-        "per-partition limit and the gpu pool spread runs over machines)",
+        description="a backfill of the generation assets: 'single_run' makes as few runs as Dagster allows (one per range of "
+        "partitions: one per language for all four), each feeding every request of its assets and partitions into one engine "
+        "run (one machine, one GPU); 'per_partition' one run per partition (a cluster, where the queue's per-partition limit "
+        "and the gpu pool spread runs over machines)",
     )
     min_pass_rate: float = Field(0.5, ge=0.0, le=1.0, description="blocking: accepted / (accepted + rejected) of a partition")
     judge: bool = Field(False, description="an LLM judge (prompts/judge/fidelity.yaml) verifies every rewrite that passed the rules")
