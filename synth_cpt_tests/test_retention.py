@@ -259,14 +259,15 @@ def test_the_gc_command(tmp_path, isolated_env, capsys):
     assert main(["--config", config, "gc", "--keep-last", "1", "--dry-run"]) == 0
     err = capsys.readouterr().err
     assert (
-        "would free 1 version(s), 0 snapshot(s) and 0 candidate file(s) killed writes left: 1 files, 7 B (7 bytes) (dry run: nothing removed)"
+        "would free 1 version(s), 0 snapshot(s), 0 old sensor memory file(s) and 0 candidate file(s) killed writes left: 1 files, 7 B (7 bytes) (dry run: nothing removed)"
         in err
     )
     assert f"kept rewrites_easy/pt/high/v/{versions[1]}: superseded less than 6:00:00 ago, a reader may still be on it" in err
     assert published_versions(storage, "rewrites_easy/pt/high") == versions
     assert main(["--config", config, "gc", "--keep-last", "1"]) == 0
     assert (
-        "freed 1 version(s), 0 snapshot(s) and 0 candidate file(s) killed writes left: 1 files, 7 B (7 bytes)\n" in capsys.readouterr().err
+        "freed 1 version(s), 0 snapshot(s), 0 old sensor memory file(s) and 0 candidate file(s) killed writes left: 1 files, 7 B (7 bytes)\n"
+        in capsys.readouterr().err
     )
     assert published_versions(storage, "rewrites_easy/pt/high") == versions[1:]
     assert not storage.list("rewrites_easy/pt/high/_published/" + versions[0]), "its marker went with it"
@@ -304,7 +305,8 @@ def test_gc_names_what_it_could_not_remove_and_exits_1(tmp_path, isolated_env, c
     monkeypatch.undo()
     assert main(["--config", config, "gc", "--keep-last", "1"]) == 0
     assert (
-        "freed 1 version(s), 0 snapshot(s) and 0 candidate file(s) killed writes left: 1 files, 7 B (7 bytes)\n" in capsys.readouterr().err
+        "freed 1 version(s), 0 snapshot(s), 0 old sensor memory file(s) and 0 candidate file(s) killed writes left: 1 files, 7 B (7 bytes)\n"
+        in capsys.readouterr().err
     )
     assert storage.list(version_prefix("rewrites_easy/pt/high", versions[0])) == []
 
@@ -350,7 +352,10 @@ def test_a_store_published_before_markers_loses_no_published_version(tmp_path, i
     assert publish_version(storage, prefix, third, {})
     assert [storage.read_json(published_marker(prefix, v))["recorded"] for v in before] == ["before markers"] * 2
     assert main(["--config", config, "gc", "--keep-last", "10"]) == 0
-    assert "freed 0 version(s), 0 snapshot(s) and 0 candidate file(s) killed writes left: 0 files" in capsys.readouterr().err
+    assert (
+        "freed 0 version(s), 0 snapshot(s), 0 old sensor memory file(s) and 0 candidate file(s) killed writes left: 0 files"
+        in capsys.readouterr().err
+    )
     assert published_versions(storage, prefix) == before + [third]
     assert [k for k in storage.list(prefix) if "/v/" in k] == [f"{version_prefix(prefix, v)}/tokenizer.model" for v in before + [third]]
 
@@ -390,12 +395,14 @@ def test_inputs_a_mix_made_before_pinning_may_have_read_stay_unless_forced(tmp_p
     err = capsys.readouterr().err
     for kept in (rewrites[0], stray["pt/high"]):
         assert f"kept {kept}: 1 retained mix version(s) made before inputs were pinned may have read it, e.g. {mixes[0]} " in err
-    assert "freed 0 version(s), 1 snapshot(s) and 0 candidate file(s)" in err, "a snapshot of another language|quality is not held"
+    assert "freed 0 version(s), 1 snapshot(s), 0 old sensor memory file(s) and 0 candidate file(s)" in err, (
+        "a snapshot of another language|quality is not held"
+    )
     assert storage.exists(f"{rewrites[0]}/rows.parquet") and storage.exists(stray["pt/high"]) and not storage.exists(stray["en/low"])
     assert main([*args, "--force"]) == 0
     err = capsys.readouterr().err
     assert f"--force: removing {rewrites[0]}, which 1 retained mix version(s) made before inputs were pinned may have read" in err
-    assert "freed 1 version(s), 1 snapshot(s) and 0 candidate file(s)" in err
+    assert "freed 1 version(s), 1 snapshot(s), 0 old sensor memory file(s) and 0 candidate file(s)" in err
     assert not storage.exists(f"{rewrites[0]}/rows.parquet") and not storage.exists(stray["pt/high"])
     assert published_versions(storage, "training_mix_demo/pt/high") == [m.rsplit("/", 1)[1] for m in mixes]
 
@@ -439,7 +446,10 @@ def test_gc_removes_candidates_killed_writes_left_once_past_the_grace(tmp_path, 
     assert main(["--config", config, "gc", "--keep-last", "3"]) == 0
     err = capsys.readouterr().err
     print(err)
-    assert "freed 0 version(s), 0 snapshot(s) and 2 candidate file(s) killed writes left: 2 files, 24 B (24 bytes)\n" in err
+    assert (
+        "freed 0 version(s), 0 snapshot(s), 0 old sensor memory file(s) and 2 candidate file(s) killed writes left: 2 files, 24 B (24 bytes)\n"
+        in err
+    )
     assert not pointer.exists() and not segment.exists()
     assert fresh.exists(), "a candidate touched within the grace may be a write in progress"
     assert storage.list("") == listed and published_versions(storage, "rewrites_easy/pt/high") == versions
@@ -460,3 +470,36 @@ def test_a_candidate_written_to_after_the_plan_is_kept(tmp_path):
     done = collect(storage, plan)
     print(done.kept)
     assert slow.exists() and done.removed == [] and done.kept == [f"{plan.remove[0].key}: written to since the plan (a write in progress)"]
+
+
+def test_gc_keeps_the_newest_sensor_memories_and_frees_older_ones_past_the_grace(tmp_path):
+    """The drop sensor writes a new `_sensor/published/<sha256>.bin` whenever the published set changes: gc frees all
+    but the newest SENSOR_MEMORIES_KEPT once older than the grace, whatever the policy, and keeps one the sensor
+    wrote again since the plan (its set came back)."""
+    from synth_cpt.core.layout import sensor_memory_key
+
+    storage = LocalStorage(tmp_path / "home")
+    now = time.time()
+    ages_h = [10, 9, 2, 1, 0.5, 0]  # oldest first; the grace is 6 h
+    keys = []
+    for i, age in enumerate(ages_h):
+        raw = bytes([i]) * 8 * (i + 1)
+        keys.append(sensor_memory_key(hashlib.sha256(raw).hexdigest()))
+        storage.write_bytes(keys[-1], raw)
+        os.utime(storage.path(keys[-1]), (now - age * 3600, now - age * 3600))
+    assert retention.SENSOR_MEMORIES_KEPT == 3
+    plan = plan_gc(storage, Policy(keep_last=5))
+    assert [(r.key, r.bytes, r.why, r.sensor_memory) for r in plan.remove] == [
+        (keys[0], 8, "an old memory of the drop sensor (a newer one is in use)", True),
+        (keys[1], 16, "an old memory of the drop sensor (a newer one is in use)", True),
+    ], "keys[2] is beyond the newest 3 but younger than the grace; keys[3:] are the newest 3"
+    assert plan_gc(storage, Policy(keep_last=5), only=("rewrites_",)).remove == [], "--asset limits gc to those outputs"
+    storage.write_bytes(keys[1], bytes([1]) * 16)  # the sensor's set came back to this one: written again, in use
+    done = collect(storage, plan)
+    assert [r.key for r in done.removed] == [keys[0]] and done.failures == []
+    assert done.kept == [f"{keys[1]}: written again since the plan (the drop sensor's memory in use)"]
+    assert storage.list("_sensor") == sorted(keys[1:])
+    later = datetime.now(timezone.utc) + CANDIDATE_GRACE + timedelta(hours=1)
+    assert sorted(r.key for r in plan_gc(storage, Policy(keep_last=5), now=later).remove) == sorted(keys[2:4]), (
+        "oldest written first: keys[1], rewritten, is now among the newest 3"
+    )

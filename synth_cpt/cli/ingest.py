@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import threading
 import time
 import warnings
 from collections import Counter
@@ -62,6 +63,33 @@ def ingest_steps(defs, instance, new_drops: list[str]) -> list[tuple[list, str |
     return steps
 
 
+def merge_steps(graph, run: list, partition: str | None, queue: list[tuple[list, str | None]], why_not) -> tuple[list, list]:
+    """The steps of `queue` that can join a run of `run` at `partition`, and the queue without them.
+
+    One run per step costs a Dagster run each (its start, its event log, its end); a run may hold several
+    assets of one partition, and assets without partitions. A step joins when it has that partition (or
+    none), no step it would overtake holds an asset it depends on, and it has its input counting what the
+    run publishes before it (`why_not(key, partition, pending)` is None for each of its assets). So
+    raw_corpus of the last partition, the tokenizer and quality_subsets of that partition are one run;
+    a step left out runs as before, in its place."""
+    pending = {(k, partition) for k in run}
+    pdefs = {id(graph.get(k).partitions_def) for k in run if graph.get(k).partitions_def is not None}
+    taken, rest, overtaken = [], [], set()
+    for keys, part in queue:
+        defs_ = {id(graph.get(k).partitions_def) for k in keys if graph.get(k).partitions_def is not None}
+        fits = part is None or partition is None or (part == partition and defs_ <= pdefs)
+        ancestors = set().union(*(graph.get_ancestor_asset_keys(k) for k in keys)) if fits else set()
+        if fits and not (ancestors & overtaken) and all(why_not(k, part, frozenset(pending)) is None for k in keys):
+            taken.append((keys, part))
+            pending |= {(k, part) for k in keys}
+            pdefs |= defs_
+            partition = partition if part is None else part
+        else:
+            rest.append((keys, part))
+            overtaken |= set(keys)
+    return taken, rest
+
+
 def wait_until_settled(
     location: Storage,
     storage: Storage,
@@ -103,10 +131,14 @@ def wait_until_settled(
         sleep(wait + 0.05)
 
 
-def missing_input(asset: str, partition: str | None, storage: Storage, config: PipelineConfig) -> str | None:
+def missing_input(
+    asset: str, partition: str | None, storage: Storage, config: PipelineConfig, pending: set[tuple[str, str | None]] | None = None
+) -> str | None:
     """Why a step of the ingest assets has nothing to work on, read from what is published, with the
     functions the asset itself reads it with; None: it has its input, run it. An asset without a rule
-    here runs (unless an asset it depends on was skipped, see `cmd_ingest`)."""
+    here runs (unless an asset it depends on was skipped, see `cmd_ingest`). `pending`: (asset, partition)
+    that run before it in the same run, counted as published (Dagster skips the step if they are not)."""
+    pending = pending or set()
     from synth_cpt.corpus.tokenizer import published_tokenizer
     from synth_cpt.ingest.drops import drop_accepted, ingested_drops
 
@@ -127,15 +159,18 @@ def missing_input(asset: str, partition: str | None, storage: Storage, config: P
         if config.tokenizer.model_file:
             return None  # a given model: nothing to train on is needed
         rows = 0
+        rebuilt = {partition_file(RAW_CORPUS, *str(p).split("|")) for a, p in pending if a == RAW_CORPUS}  # not counted: may change
         for key in storage.list(RAW_CORPUS):  # what the asset trains on
-            if key.endswith(".parquet"):
+            if key.endswith(".parquet") and key not in rebuilt:
                 with contextlib.closing(storage.parquet_file(key)) as pf:
                     rows += pf.metadata.num_rows
         return None if rows else "no accepted drop in raw_corpus yet: nothing to train it on (or set tokenizer.model_file)"
     if asset == QUALITY_SUBSETS:
         lang, quality = str(partition).split("|")
-        if not storage.exists(partition_file(RAW_CORPUS, lang, quality)):
+        if (RAW_CORPUS, partition) not in pending and not storage.exists(partition_file(RAW_CORPUS, lang, quality)):
             return f"raw_corpus {partition} is not published"
+        if (TOKENIZER, None) in pending:
+            return None
         try:
             published_tokenizer(storage)
         except FileNotFoundError:
@@ -174,7 +209,6 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     settle = config.drops.settle_seconds if args.settle is None else args.settle
 
     from synth_cpt.defs.resources import open_location
-    from synth_cpt.ingest.drops import register_drop
     from synth_cpt.ingest.sources import list_drops
 
     console = terminal()
@@ -196,10 +230,22 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     listing, plan = wait_until_settled(drops_storage, storage, config, settle, say)  # before Dagster loads: a wait starts at once
     for line in listing.refused:
         say(f"[yellow]refused[/yellow] {escape(line)}")
+    with contextlib.ExitStack() as stack:
+        if any(d.size > 2 * config.limits.batch_bytes for d in plan.new):  # a drop big enough for worker processes
+            from synth_cpt.ingest.drops import worker_pool
 
-    from dagster import AssetKey
+            stack.enter_context(worker_pool(config))  # they start now, while Dagster loads, and serve every drop
+        return _ingest(config, storage, location, listing, plan, console, say)
+
+
+def _ingest(
+    config: PipelineConfig, storage: Storage, location: str, listing: Listing, plan: DropPlan, console: Console, say: Callable[[str], None]
+) -> int:
+    """Register the planned drops, materialize every step, print the summary; the exit status."""
+    from dagster import AssetKey, DagsterEventType
 
     from synth_cpt.defs.partitions import crawl_drop_partitions
+    from synth_cpt.ingest.drops import register_drop
 
     instance = dagster_instance()
     with warnings.catch_warnings():  # partitioned check specs are "preview" in Dagster: known, and not the user's business
@@ -207,6 +253,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         from synth_cpt.defs.definitions import build_definitions
 
         defs = build_definitions()
+    threading.Thread(target=_import_what_steps_use, name="warm-imports", daemon=True).start()
     todo = plan.new
     for drop in todo:
         register_drop(storage, drop, location)
@@ -224,22 +271,34 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     skipped: set[tuple[AssetKey, str | None]] = set()
     failures: list[str] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+
+    def why_not(key: AssetKey, partition: str | None, pending: frozenset = frozenset()) -> str | None:
+        """Why the step of `key` would have nothing to work on (None: run it); `pending` runs before it in the same run."""
+        why = missing_input(key.to_user_string(), partition, storage, config, {(k.to_user_string(), p) for k, p in pending})
+        if why is None:  # an asset without its own rule: skipped when an asset it reads was
+            parents = [(p, part) for p in sorted(graph.get(key).parent_keys, key=str) for part in (partition, None)]
+            parent = next((pp for pp in parents if pp in skipped), None)
+            why = f"{_label(parent[0].to_user_string(), parent[1])} was skipped" if parent else None
+        return why
+
+    def _skip(key: AssetKey, partition: str | None, why: str | None) -> bool:
+        if why is not None:
+            skipped.add((key, partition))
+            say(f"{_label(key.to_user_string(), partition)}: skipped, {escape(why)}")
+        return why is not None
+
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("materializing", total=len(steps))
-        for keys, partition in steps:
-            run: list = []
-            for key in keys:
-                name = key.to_user_string()
-                why = missing_input(name, partition, storage, config)
-                if why is None:  # an asset without its own rule: skipped when an asset it reads was
-                    parents = [(p, part) for p in sorted(graph.get(key).parent_keys, key=str) for part in (partition, None)]
-                    parent = next((pp for pp in parents if pp in skipped), None)
-                    why = f"{_label(parent[0].to_user_string(), parent[1])} was skipped" if parent else None
-                if why is None:
-                    run.append(key)
-                else:
-                    skipped.add((key, partition))
-                    say(f"{_label(name, partition)}: skipped, {escape(why)}")
+        task = progress.add_task("materializing", total=sum(len(keys) for keys, _ in steps))
+        queue = list(steps)
+        while queue:
+            keys, partition = queue.pop(0)
+            run = [k for k in keys if not _skip(k, partition, why_not(k, partition))]
+            done = len(keys) - len(run)  # skipped ones
+            if run:  # later steps this run can take: see `merge_steps`
+                taken, queue = merge_steps(graph, run, partition, queue, why_not)
+                for more, part in taken:
+                    run += more
+                    partition = partition if part is None else part
             if run:
                 names = _label(", ".join(k.to_user_string() for k in run), partition)
                 progress.update(task, description=names)
@@ -252,13 +311,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                     run_config=QUIET_RUN_CONFIG,
                     tags=run_tags("ingest"),
                 )
+                started = {e.step_key for e in result.all_events if e.event_type == DagsterEventType.STEP_START}
+                not_run = [k for k in run if k.to_user_string() not in started]
+                if not_run:  # after a failed step: their own steps again, judged on what is published now
+                    queue = [*(([k], partition if graph.get(k).partitions_def else None) for k in not_run), *queue]
                 if not result.success:
                     why = failure_line(result)
                     kept_out = _kept_out_because(storage, config, str(partition)) if run == [AssetKey(CRAWL_DROPS)] else []
                     if kept_out and why.startswith("blocking check"):  # the drop's own words, not GX's
                         why = why.split(":")[0] + ": " + "; ".join(kept_out)
                     failures.append(f"{names}: {why} (run {result.run_id})")
-            progress.advance(task)
+                done += len(run) - len(not_run)
+            progress.advance(task, done)
         progress.update(task, description="ingest")
 
     _print_summary(wide_console(), storage, config, [f"{lang}|{q}" for lang in config.languages for q in config.quality.buckets])
@@ -273,6 +337,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             f"[red]kept out by the quarantine_rate check since an earlier run:[/red] {escape(', '.join(kept_out))} (see the crawl drops table)"
         )
     return 1 if failures or kept_out or plan.unsettled else 0
+
+
+def _import_what_steps_use() -> None:
+    """Import, in the background, the libraries the steps' checks and metadata load on first use (GX takes
+    seconds): this thread does it while the first run waits for its worker processes, not after."""
+    # no warnings.catch_warnings here: it swaps the process's filters, under the main thread's feet
+    with contextlib.suppress(Exception):  # a failed import fails the step that needs it, with its error
+        import great_expectations  # noqa: F401
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
 
 
 def _kept_out_because(storage: Storage, config: PipelineConfig, drop_id: str) -> list[str]:

@@ -115,6 +115,15 @@ def published_marker(prefix: str, version: str) -> str:
     return f"{prefix}/{PUBLISHED_LOG}/{version}.json"
 
 
+SENSOR_MEMORY = "_sensor/published"  # <sha256>.bin: the drops the drop sensor knows are published (its cursor names one)
+
+
+def sensor_memory_key(sha256: str) -> str:
+    """Content-addressed (the SHA-256 of the bytes), so a file is never rewritten with other content: a cursor
+    naming an older one still finds what it named until `synth-cpt gc` removes it."""
+    return f"{SENSOR_MEMORY}/{sha256}.bin"
+
+
 def snapshot_key(partition_prefix: str, sha256: str) -> str:
     """Where the bytes of a one-file partition (e.g. quality_subsets) are kept once a mix pinned them."""
     return f"{partition_prefix}/{SNAPSHOTS}/{sha256}.parquet"

@@ -15,6 +15,9 @@ CANDIDATE_GRACE. Snapshots of one-file inputs that a mix pinned by content (`<as
 go when no mix version pins them and they were written longer ago than CANDIDATE_GRACE (a build
 rewrites its snapshot after its pins, so one being pinned right now is young); the pins are read
 again just before they are removed.
+The drop sensor's memory files (`_sensor/published/<sha256>.bin`, content-addressed: a new one whenever the set of
+published drops changes) are a cache: all but the newest SENSOR_MEMORIES_KEPT go once older than CANDIDATE_GRACE
+(a cursor naming one removed makes the sensor read every pointer once, and write it again).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from synth_cpt.core.layout import (
     QUALITY_SUBSETS,
     REJECTED,
     REWRITES,
+    SENSOR_MEMORY,
     SNAPSHOTS,
     TRAINING_MIX,
     published_marker,
@@ -42,12 +46,14 @@ from synth_cpt.core.publish import (
     version_folders,
     version_stamp,
 )
-from synth_cpt.core.storage import Storage
+from synth_cpt.core.storage import FileInfo, Storage
 
 ORPHANED_CANDIDATE = "a candidate file a killed write left (never published, never read)"
 MANIFEST = "manifest.json"  # a mix version's manifest (mix/build.py), whose `inputs` are its pins
 # what a mix made before pinning may have read from its own language|quality (mix/build.py components)
 MIX_READS = (REWRITES, ENTIGRAPH_CORPUS, f"{QUALITY_SUBSETS}/")
+SENSOR_MEMORIES_KEPT = 3  # the newest memory files of the drop sensor (the one its cursor names is the newest it wrote)
+OLD_SENSOR_MEMORY = "an old memory of the drop sensor (a newer one is in use)"
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class Removal:
     # mix versions this plan also removes that pin it (or, made before pinning, may have read it): it goes only after they did
     pinned_by: tuple[str, ...] = ()
     candidate: bool = False  # a `.<name>.<id>.tmp` file a killed write left (never renamed into place, never read)
+    sensor_memory: bool = False  # an old `_sensor/published/<sha256>.bin` (a cache: losing it costs one full tick)
 
 
 @dataclass
@@ -268,6 +275,10 @@ def plan_gc(storage: Storage, policy: Policy, only: tuple[str, ...] = (), now: d
                 plan.remove.append(
                     Removal("/".join(parts[:3]), "", key, 1, _written_at(storage, key)[1], "a snapshot no retained mix version pins", wait)
                 )
+    for info in _sensor_memories(storage)[:-SENSOR_MEMORIES_KEPT]:  # oldest first
+        written = datetime.fromtimestamp(info.modified_ns / 1e9, timezone.utc) if info.modified_ns else None
+        if (only == () or info.key.startswith(only)) and written is not None and written < grace:
+            plan.remove.append(Removal(SENSOR_MEMORY, "", info.key, 1, info.size, OLD_SENSOR_MEMORY, sensor_memory=True))
     for info in storage.candidates():
         in_doomed = any(info.key.startswith(f"{folder}/") for folder in doomed)  # goes with its folder
         written = datetime.fromtimestamp(info.modified_ns / 1e9, timezone.utc)
@@ -276,6 +287,15 @@ def plan_gc(storage: Storage, policy: Policy, only: tuple[str, ...] = (), now: d
             where = info.key.rsplit("/", 1)[0] if "/" in info.key else ""
             plan.remove.append(Removal(where, "", info.key, 1, info.size, ORPHANED_CANDIDATE, candidate=True))
     return plan
+
+
+def _sensor_memories(storage: Storage) -> list[FileInfo]:
+    """The drop sensor's memory files, oldest written first."""
+    try:
+        found = storage.files(SENSOR_MEMORY, recursive=False).files
+    except FileNotFoundError:
+        return []
+    return sorted(found, key=lambda f: (f.modified_ns, f.key))
 
 
 def pinned_now(storage: Storage) -> dict[str, list[str]]:
@@ -297,8 +317,9 @@ def pinned_now(storage: Storage) -> dict[str, list[str]]:
 
 
 def _order(r: Removal) -> tuple[int, str]:
-    """Mix versions first (what they pin goes after them), then other versions, then snapshots, then candidates."""
-    return (0 if r.version and r.prefix.startswith(TRAINING_MIX) else 1 if r.version else 3 if r.candidate else 2, r.key)
+    """Mix versions first (what they pin goes after them), then other versions, then snapshots, then candidates and
+    the sensor's old memory files."""
+    return (0 if r.version and r.prefix.startswith(TRAINING_MIX) else 1 if r.version else 3 if r.candidate or r.sensor_memory else 2, r.key)
 
 
 def collect(storage: Storage, plan: GcPlan, now: datetime | None = None) -> Collected:
@@ -317,6 +338,12 @@ def collect(storage: Storage, plan: GcPlan, now: datetime | None = None) -> Coll
             if r.version:
                 storage.delete(published_marker(r.prefix, r.version))
                 storage.delete_prefix(r.key)
+            elif r.sensor_memory:
+                at, _ = _written_at(storage, r.key)  # the sensor writes a set again when it comes back to it (or had lost it)
+                if at is not None and at > (now or datetime.now(timezone.utc)) - CANDIDATE_GRACE:
+                    done.kept.append(f"{r.key}: written again since the plan (the drop sensor's memory in use)")
+                    continue
+                storage.delete(r.key)
             elif r.candidate:
                 if _candidate_written_lately(storage, r.key, now or datetime.now(timezone.utc)):
                     done.kept.append(f"{r.key}: written to since the plan (a write in progress)")

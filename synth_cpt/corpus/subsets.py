@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,19 @@ import pyarrow.parquet as pq
 from synth_cpt.corpus.tokenizer import TokenCounter
 
 CHUNK = 2048
+FIRST_COUNT = 64  # documents tokenized first; each later slice twice as many, up to CHUNK
+
+
+def _slices(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """The batches cut into slices of FIRST_COUNT rows, then twice as many each time up to CHUNK: a small
+    budget, filled by the first few dozen documents, tokenizes those and not a whole CHUNK."""
+    size = FIRST_COUNT
+    for batch in batches:
+        start = 0
+        while start < batch.num_rows:
+            yield batch.slice(start, size)
+            start += size
+            size = min(2 * size, CHUNK)
 
 
 def _ordered(path: str, order: str, seed: int) -> pl.LazyFrame:
@@ -59,7 +73,7 @@ def select_budgeted_file(source: str, target: str, counter: TokenCounter, budget
         schema = reader.schema_arrow.append(pa.field("n_tokens", pa.int64()))
         total, taken, stopped = 0, 0, None
         with pq.ParquetWriter(target, schema, compression="zstd") as writer:
-            for batch in reader.iter_batches(batch_size=CHUNK):
+            for batch in _slices(reader.iter_batches(batch_size=CHUNK)):
                 counts = counter.count(batch.column("text").to_pylist())
                 keep = 0
                 for n in counts:
