@@ -93,7 +93,17 @@ def test_two_drops_make_nine_runs_and_every_partition_is_materialized_and_checke
     assert info["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
 
 
-def test_drops_ingested_through_one_kept_pool_equal_drops_ingested_with_their_own(tmp_path):
+def test_drops_ingested_through_one_kept_pool_equal_drops_ingested_with_their_own(tmp_path, monkeypatch):
+    from synth_cpt.ingest import drops as drops_module
+
+    starts: list[int] = []
+    start_pool = drops_module._start_pool
+
+    def counted(workers):
+        starts.append(workers)
+        return start_pool(workers)
+
+    monkeypatch.setattr(drops_module, "_start_pool", counted)
     drops = tmp_path / "drops"
     drops.mkdir()
     names = ["2026-11-01_pt_gimp-help.jsonl.gz", "2026-11-02_pt_debian-edu.jsonl"]
@@ -115,9 +125,22 @@ def test_drops_ingested_through_one_kept_pool_equal_drops_ingested_with_their_ow
         return frames
 
     kept = ingest_all(tmp_path / "kept", keep_pool=True)
+    assert starts == [2], "one pool of 2 workers for both drops"
     own = ingest_all(tmp_path / "own", keep_pool=False)
+    assert starts == [2, 2, 2], "then a pool per drop"
     for a, b in zip(kept, own, strict=True):
         assert a.height > 0 and a.equals(b)
+    # a kept pool whose worker died is broken for good: the next drop gets a pool of its own
+    cfg = parse_config(f'{{"storage_root": "{tmp_path / "broken"}", "limits": {{"batch_bytes": 20000, "workers": 2}}}}', "test")
+    listed = {d.relative_path: d for d in list_drops(location, cfg.drops.patterns).drops}
+    with worker_pool(cfg):
+        pool = drops_module._POOLS[-1][1]
+        next(iter(pool._processes.values())).kill()
+        with contextlib.suppress(Exception):
+            pool.submit(sum, [1]).result(timeout=30)  # the pool notices the dead worker
+        assert pool._broken
+        ingest_drop(cfg, LocalStorage(tmp_path / "broken"), location, listed[names[0]])
+    assert starts == [2, 2, 2, 2, 2]
 
 
 def test_a_budget_past_the_first_chunk_takes_the_rules_prefix(counter):  # noqa: F811 - the fixture

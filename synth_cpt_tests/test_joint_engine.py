@@ -213,6 +213,34 @@ def test_an_engine_that_fails_fails_every_run_it_serves(tmp_path):
     assert sorted(errors) == [0, 1, 2] and {str(e) for e in errors.values()} == {"engine core died"}
 
 
+def test_closing_sends_nothing_new_and_caches_what_was_in_the_engine(tmp_path):
+    """A step stopped early (an error, an interrupt) closes the joint run: what is already in the engine is still
+    answered and written to the cache, nothing more is sent, and the runs still waiting fail with the reason."""
+
+    class ClosingTestBackend(SteppingTestBackend):
+        def generate(self, batch, on_result):
+            queue, running = iter(batch), []
+            while len(running) < self.max_in_flight and (p := next(queue, None)) is not None:
+                self.send(p)
+                running.append(p)
+            closing = threading.Thread(target=joint.close)
+            closing.start()  # from another thread, as the step's thread does while the driver is busy
+            while not joint._closed:
+                time.sleep(0.01)
+            for p in running:
+                on_result(p, self.answer(p))
+            assert next(queue, None) is None, "nothing is taken once closed"
+
+    inner = ClosingTestBackend(max_in_flight=2)
+    joint = JointBackend(inner)
+    engine = engine_for(tmp_path, joint, "joint")
+    batch = [link(3, k) for k in range(5)]
+    with pytest.raises(RuntimeError, match="closed before this run ended"):
+        engine.run(batch, scope="run3")
+    assert len(inner.sent) == 2
+    assert sorted(engine.cache.finished_ids(engine.request_ids(batch))) == sorted(inner.sent), "the two answered are cached"
+
+
 def test_a_closed_joint_run_refuses_new_runs(tmp_path):
     joint = JointBackend(SteppingTestBackend(max_in_flight=2))
     joint.close()
@@ -292,3 +320,28 @@ def test_the_partitions_asked_run_as_the_fewest_ranges():
     three = ["high", "medium", "low"]
     assert partition_ranges(["pt|high", "pt|low"], ["pt"], three) == [("pt|high", "pt|high"), ("pt|low", "pt|low")]
     assert partition_ranges(["pt|high", "en|high"], ["pt", "es", "en"], ["high"]) == [("pt|high", "pt|high"), ("en|high", "en|high")]
+
+
+def test_an_unknown_partition_is_refused_by_name(tmp_path, monkeypatch, isolated_env):
+    from synth_cpt.cli import main
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setenv("SYNTH_CPT_HOME", str(tmp_path / "home"))
+    with pytest.raises(SystemExit) as refused:
+        main(["mix", "--partition", "pt|hgih", "--partition", "en|low"])
+    assert str(refused.value) == (
+        "synth-cpt mix: unknown partitions ['pt|hgih']; there are ['pt|high', 'pt|low', 'en|high', 'en|low'] (language|quality)"
+    )
+
+
+def test_the_engine_load_decides_from_the_probes_not_the_first_run_to_arrive(tmp_path):
+    from synth_cpt.generation.backends import Prepared
+
+    from .doubles import DeterministicTestBackend
+
+    probes = [Prepared(link(p, 0), f"probe:{p}", 0) for p in range(3)]
+    inner = DeterministicTestBackend()
+    joint = JointBackend(inner, probes=probes)
+    engine_for(tmp_path, joint, "joint").run([link(7, 0)])
+    joint.close()
+    assert inner.prepared == probes and inner.loads == 1

@@ -335,8 +335,8 @@ def test_a_tick_reads_only_the_pointers_of_drops_not_known_published(tmp_path, i
 
 
 def test_every_cursor_format_and_a_lost_memory(tmp_path, isolated_env, monkeypatch):
-    """The inline base64 of the previous sensor is used (no pointer read) and moved to a memory file; a memory file
-    that is missing (removed by gc) or does not hold what its name says, or a cursor naming no SHA-256, means every
+    """A cursor naming no memory file (the first sensor's, or any other) reads every pointer once and writes the
+    memory file; a memory file that is missing (removed by gc) or does not hold what its name says, or a cursor naming no SHA-256, means every
     pointer is read again, and the memory is written anew."""
     import base64
 
@@ -358,7 +358,7 @@ def test_every_cursor_format_and_a_lost_memory(tmp_path, isolated_env, monkeypat
         inline = json.dumps({"published": base64.b64encode(b"".join(digests)).decode(), "requested": {}, "refused": []})
         home.take(), home.take_writes()
         runs, _, cursor = _tick(instance, cfg_path, inline)
-        assert runs == [] and home.take() == [], "the inline memory of the previous sensor is trusted: no read at all"
+        assert runs == [] and home.take() == every_pointer, "a cursor naming no memory file: every pointer once"
         assert home.take_writes() == [f"_sensor/published/{sha}.bin"] and memory_file.read_bytes() == b"".join(digests)
         assert cursor == json.dumps({"published_sha256": sha, "refused": [], "requested": {}}, sort_keys=True)
 

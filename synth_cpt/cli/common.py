@@ -216,7 +216,11 @@ def materialize_group(
     unknown = [k.to_user_string() for k in keys if k not in everything]
     if unknown:
         raise SystemExit(f"synth-cpt {label}: unknown assets {unknown}; there are {[k.to_user_string() for k in everything]}")
-    partitions = args.partition or [f"{lang}|{q}" for lang in config.languages for q in config.quality.buckets]
+    every = [f"{lang}|{q}" for lang in config.languages for q in config.quality.buckets]
+    partitions = args.partition or every
+    unknown = [p for p in partitions if p not in every]
+    if unknown:
+        raise SystemExit(f"synth-cpt {label}: unknown partitions {unknown}; there are {every} (language|quality)")
     if one_run:
         runs = partition_ranges(partitions, list(config.languages), list(config.quality.buckets))
     else:

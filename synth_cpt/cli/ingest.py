@@ -253,7 +253,8 @@ def _ingest(
         from synth_cpt.defs.definitions import build_definitions
 
         defs = build_definitions()
-    threading.Thread(target=_import_what_steps_use, name="warm-imports", daemon=True).start()
+    warming = threading.Thread(target=_import_what_steps_use, name="warm-imports", daemon=True)
+    warming.start()
     todo = plan.new
     for drop in todo:
         register_drop(storage, drop, location)
@@ -290,6 +291,7 @@ def _ingest(
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("materializing", total=sum(len(keys) for keys, _ in steps))
         queue = list(steps)
+        requeued: set[tuple[AssetKey, str | None]] = set()
         while queue:
             keys, partition = queue.pop(0)
             run = [k for k in keys if not _skip(k, partition, why_not(k, partition))]
@@ -302,6 +304,7 @@ def _ingest(
             if run:
                 names = _label(", ".join(k.to_user_string() for k in run), partition)
                 progress.update(task, description=names)
+                warming.join()  # no step imports what that thread may be importing (a half-initialized module)
                 job = defs.resolve_implicit_job_def_def_for_assets(run)
                 result = job.execute_in_process(
                     instance=instance,
@@ -312,9 +315,14 @@ def _ingest(
                     tags=run_tags("ingest"),
                 )
                 started = {e.step_key for e in result.all_events if e.event_type == DagsterEventType.STEP_START}
-                not_run = [k for k in run if k.to_user_string() not in started]
-                if not_run:  # after a failed step: their own steps again, judged on what is published now
+                # an asset's step is its op's (a multi-asset's op holds several assets); requeued at most once, and
+                # only when some step of the run started (a run that started none would start none again)
+                not_run = [k for k in run if defs.get_assets_def(k).node_def.name not in started and (k, partition) not in requeued]
+                if not_run and started:  # after a failed step: their own steps again, judged on what is published now
+                    requeued.update((k, partition) for k in not_run)
                     queue = [*(([k], partition if graph.get(k).partitions_def else None) for k in not_run), *queue]
+                else:
+                    not_run = []
                 if not result.success:
                     why = failure_line(result)
                     kept_out = _kept_out_because(storage, config, str(partition)) if run == [AssetKey(CRAWL_DROPS)] else []
@@ -341,7 +349,7 @@ def _ingest(
 
 def _import_what_steps_use() -> None:
     """Import, in the background, the libraries the steps' checks and metadata load on first use (GX takes
-    seconds): this thread does it while the first run waits for its worker processes, not after."""
+    seconds): this thread does it while drops are registered and the steps planned; the first run waits for it."""
     # no warnings.catch_warnings here: it swaps the process's filters, under the main thread's feet
     with contextlib.suppress(Exception):  # a failed import fails the step that needs it, with its error
         import great_expectations  # noqa: F401

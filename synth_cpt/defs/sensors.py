@@ -14,8 +14,6 @@ gc`), does not match its SHA-256, or a cursor without one (reset in the UI, or w
 means every pointer is read once more.
 """
 
-import base64
-import binascii
 import hashlib
 import json
 import re
@@ -48,15 +46,6 @@ def unpack_published(raw: bytes) -> set[bytes] | None:
     if len(raw) % DIGEST_BYTES:
         return None
     return {raw[i : i + DIGEST_BYTES] for i in range(0, len(raw), DIGEST_BYTES)}
-
-
-def decode_published(text: str) -> set[bytes]:
-    """The digests an earlier sensor kept inline in its cursor (`published`, base64); damaged: none."""
-    try:
-        found = unpack_published(base64.b64decode(text, validate=True))
-    except (binascii.Error, ValueError):
-        return set()
-    return found or set()
 
 
 def save_published(storage: Storage, digests: set[bytes]) -> str | None:
@@ -100,8 +89,6 @@ def crawl_drop_sensor(context: SensorEvaluationContext, pipeline: PipelineResour
         loaded, why = load_published(storage, memory)
         if loaded is None:
             context.log.warning(f"the drop sensor's memory of published drops is lost: {why}; every drop's pointer is read once")
-    elif "published" in state:  # the inline base64 of the sensor before the memory file
-        loaded = decode_published(state["published"])
     plan = plan_drops(
         storage, listing.drops, cfg.drops.settle_seconds, requested=state.get("requested", {}), known_published=loaded or set()
     )

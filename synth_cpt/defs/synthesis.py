@@ -29,6 +29,7 @@ from dagster import (
     AssetSpec,
     AutomationCondition,
     BackfillPolicy,
+    MaterializeResult,
     MetadataValue,
     multi_asset,
 )
@@ -43,12 +44,14 @@ from synth_cpt.corpus.tokenizer import TokenCounter
 from synth_cpt.defs.checks import check_result, partition_check, publish_spec, rejected_result
 from synth_cpt.defs.partitions import corpus_partitions, split_corpus_key
 from synth_cpt.defs.resources import LLM, PipelineResource
+from synth_cpt.generation.backends import Prepared
 from synth_cpt.generation.joint import JointBackend
 from synth_cpt.generation.prompt_archive import archive_prompt
+from synth_cpt.generation.requests import ChatRequest
 from synth_cpt.generation.settings import LLMSettings, release_engines
 from synth_cpt.synthesis.entigraph import Budget
 from synth_cpt.synthesis.outputs import publish_tables
-from synth_cpt.synthesis.prompts import PromptError, load_kind, load_prompt
+from synth_cpt.synthesis.prompts import Prompt, PromptError, judge_for, load_kind, load_prompt
 from synth_cpt.synthesis.routing import check_library, check_routing, why_not_routed
 from synth_cpt.synthesis.rows import table
 from synth_cpt.synthesis.schedule import Task, run_tasks
@@ -90,8 +93,11 @@ class EngineLease:
     """The step's engine, built on first use by whichever of its threads needs it first, behind one
     `JointBackend`: every run of every thread feeds the one engine run. Counts the model loads it caused."""
 
-    def __init__(self, context: AssetExecutionContext, llm: LLM, storage: Storage, storage_root: str) -> None:
+    def __init__(
+        self, context: AssetExecutionContext, llm: LLM, storage: Storage, storage_root: str, prompts: list[Prompt] | None = None
+    ) -> None:
         self.context, self.llm, self.storage, self.root = context, llm, storage, storage_root
+        self.prompts = prompts or []
         self.engine = None
         self.joint: JointBackend | None = None
         self.loads_before = 0
@@ -104,7 +110,7 @@ class EngineLease:
                 engine = self.llm.engine(self.storage, self.root, log=self.context.log.info)
                 self.loads_before = engine.backend.loads
                 self.load_seconds_before = engine.backend.load_seconds
-                self.joint = JointBackend(engine.backend, log=self.context.log.info)
+                self.joint = JointBackend(engine.backend, log=self.context.log.info, probes=prompt_probes(self.prompts))
                 self.engine = engine.with_backend(self.joint)
             return self.engine
 
@@ -128,11 +134,23 @@ class EngineLease:
         }
 
 
-def _publish(context: AssetExecutionContext, storage: Storage, asset: str, partition: str, step: StepOutput, lease):
+def prompt_probes(prompts: list[Prompt]) -> list[Prepared]:
+    """One empty request per prompt of the run, with its sampling: what the engine's load decides speculation from,
+    the same whichever of the run's threads loads it."""
+    return [Prepared(ChatRequest.chat([], p.sampling(), prompt_name=p.id), f"probe:{p.id}", 0) for p in prompts]
+
+
+def _publish(context: AssetExecutionContext, storage: Storage, asset: str, partition: str, step: StepOutput, lease, ranged: bool):
     """Validate, then publish: the step's checks are yielded, and the output only if they passed. The
     prompt files the rows name are archived by SHA first, so `lineage` can always print their text.
-    Events name their partition: a single-run backfill covers several in one step."""
+    A step of one partition yields results (an output, so downstream steps of the same run go on); a step
+    of a range (a single-run backfill) yields events that name their partition, since Dagster would give a
+    result every partition of the range."""
     language, quality = split_corpus_key(partition)
+
+    def check(result):
+        return partition_check(result, partition) if ranged else result
+
     started = time.monotonic()
     for prompt in step.prompts:
         archive_prompt(storage, prompt.sha, prompt.raw)
@@ -142,13 +160,13 @@ def _publish(context: AssetExecutionContext, storage: Storage, asset: str, parti
     except CandidateRejected as rejected:
         for name, outcome in step.outcomes.items():
             if name != rejected.check_name:
-                yield partition_check(check_result(outcome, check_name=name, asset_key=asset), partition)
+                yield check(check_result(outcome, check_name=name, asset_key=asset))
         failed = {k: MetadataValue.json(step.metadata[k]) for k in ("failed_requests", "failed_by_reason") if step.metadata.get(k)}
         # what the step spent anyway, and what the next run sends again
-        yield partition_check(rejected_result(context, rejected, asset_key=asset, **lease.figures(step.engine_used), **failed), partition)
+        yield check(rejected_result(context, rejected, asset_key=asset, **lease.figures(step.engine_used), **failed))
         return False
     for name, outcome in step.outcomes.items():
-        yield partition_check(check_result(outcome, check_name=name, asset_key=asset), partition)
+        yield check(check_result(outcome, check_name=name, asset_key=asset))
     metadata = {
         "dagster/row_count": step.rows,
         "dagster/uri": storage.uri(pointer["prefix"]),
@@ -167,7 +185,11 @@ def _publish(context: AssetExecutionContext, storage: Storage, asset: str, parti
     context.log.info(
         f"{asset} {language}|{quality}: {step.rows:,} rows, {step.tokens:,} tokens, pass rate {step.metadata.get('pass_rate', 1.0)}"
     )
-    yield AssetMaterialization(asset_key=asset, partition=partition, metadata=metadata)
+    yield (
+        AssetMaterialization(asset_key=asset, partition=partition, metadata=metadata)
+        if ranged
+        else MaterializeResult(asset_key=asset, metadata=metadata)
+    )
     return True
 
 
@@ -230,11 +252,12 @@ def build_synthesis_assets(config: PipelineConfig) -> list[AssetsDefinition]:
     )  # fmt: skip
     def synthesis(context: AssetExecutionContext, pipeline: PipelineResource, llm: LLM):
         cfg, storage = pipeline.load(), pipeline.storage()
-        partitions = sorted(context.partition_keys if context.has_partition_key_range else [context.partition_key])
+        ranged = context.has_partition_key_range
+        partitions = sorted(context.partition_keys if ranged else [context.partition_key])
         selected = [a for a in order if AssetKey(a) in context.selected_asset_keys]
         target = TokenCounter.from_storage(storage)
         prompt_counter, chunking = chunking_counter(llm, cfg.storage_uri(), target, context.log.info)
-        lease = EngineLease(context, llm, storage, cfg.storage_uri())
+        lease = EngineLease(context, llm, storage, cfg.storage_uri(), _prompts_of(cfg, selected, partitions))
         tasks = []
         errors: list[str] = []
         for partition in partitions:
@@ -258,7 +281,11 @@ def build_synthesis_assets(config: PipelineConfig) -> list[AssetsDefinition]:
                     errors.append(f"{asset} {partition}: {type(done.error).__name__}: {done.error}")
                     context.log.error(f"{asset} {partition} failed: {type(done.error).__name__}: {done.error}")
                 else:
-                    done.published = yield from _publish(context, storage, asset, partition, done.output, lease)
+                    try:
+                        done.published = yield from _publish(context, storage, asset, partition, done.output, lease, ranged)
+                    except Exception as exc:  # e.g. storage: this output is not published; the others still are
+                        errors.append(f"{asset} {partition}: publishing: {type(exc).__name__}: {exc}")
+                        context.log.error(f"{asset} {partition} not published: {type(exc).__name__}: {exc}")
         finally:
             lease.close()  # a step stopped early: threads still waiting on the engine end now
             steps.close()
@@ -268,6 +295,23 @@ def build_synthesis_assets(config: PipelineConfig) -> list[AssetsDefinition]:
                 context.log.info("engine closed at the end of the step")
         if errors:
             raise RuntimeError(f"{len(errors)} generation step(s) failed: " + " | ".join(errors))
+
+    def _prompts_of(cfg, selected: list[str], partitions: list) -> list[Prompt]:
+        """Every prompt the run may send, in the assets' order."""
+        used: dict[str, Prompt] = {}
+        for asset in selected:
+            if asset == ENTITY_GRAPHS:
+                used |= {"entities": entigraph["entities"]}
+            elif asset == ENTIGRAPH_CORPUS:
+                used |= {name: entigraph[name] for name in ENTIGRAPH_PROMPTS}
+            else:
+                prompt = styles[asset.removeprefix(rewrite_asset(""))]
+                if any(why_not_routed(cfg.synthesis, prompt, split_corpus_key(p)[1]) is None for p in partitions):
+                    used[prompt.id] = prompt
+                    checker = judge_for(prompt, judge)
+                    if checker is not None:
+                        used[checker.id] = checker
+        return list(used.values())
 
     def _tasks(cfg, storage, inputs, lease, selected, partition, chunking) -> list[Task]:
         """One task per selected asset of the partition; entigraph_corpus waits for entity_graphs when both run."""

@@ -37,13 +37,21 @@ class Feed:
     soon as that output is back, and a backend takes it on its next top-up. `next(feed, None)` is None
     while nothing is waiting; a backend is done when nothing is waiting and nothing is in flight."""
 
-    def __init__(self, items: Iterable[Prepared] = (), checkpoint: Callable[[], None] | None = None, checkpoint_rows: int = 0) -> None:
+    def __init__(
+        self,
+        items: Iterable[Prepared] = (),
+        checkpoint: Callable[[], None] | None = None,
+        checkpoint_rows: int = 0,
+        buffered: Callable[[], int] | None = None,
+    ) -> None:
         self._items: deque[Prepared] = deque(items)
         self.total = len(self._items)
-        # The run's cache writer (its `flush`, and the rows it buffers before flushing by itself): a backend serving
-        # several runs at once flushes all of theirs together, so a crash loses one checkpoint of the joint run.
+        # The run's cache writer: its `flush`, the rows it buffers before flushing by itself, and how many it holds
+        # now. A backend serving several runs at once flushes the fullest of them whenever together they hold a
+        # checkpoint's worth, so a crash loses one checkpoint of the joint run, not one per run.
         self.checkpoint = checkpoint
         self.checkpoint_rows = checkpoint_rows
+        self.buffered = buffered
 
     def push(self, p: Prepared) -> None:
         self._items.append(p)

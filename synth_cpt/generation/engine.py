@@ -200,7 +200,9 @@ class GenerationEngine:
             engine_version=self.backend.version(), flush_every=self.flush_every, flush_seconds=self.flush_seconds,
             scope=scope, engine_config=self.backend.config(), check=output_rejection,
         )  # fmt: skip
-        feed = Feed(throughput_order(pending), checkpoint=writer.flush, checkpoint_rows=writer.batch_rows)
+        feed = Feed(
+            throughput_order(pending), checkpoint=writer.flush, checkpoint_rows=writer.batch_rows, buffered=lambda: len(writer.rows)
+        )
         by_id = {p.request_id: p for p in pending}
         answered: set[str] = set()
         unexpected: list[str] = []

@@ -72,8 +72,11 @@ class _Merged:
 class JointBackend(Backend):
     """Wraps the backend of one engine so that concurrent runs share a single stream into it."""
 
-    def __init__(self, inner: Backend, log: Callable[[str], None] | None = None, log_every_s: float = 10.0) -> None:
+    def __init__(
+        self, inner: Backend, log: Callable[[str], None] | None = None, log_every_s: float = 10.0, probes: list[Prepared] | None = None
+    ) -> None:
         self.inner = inner
+        self.probes = probes or []  # what the engine's load decides speculation from (every prompt of the run), if given
         self.name = inner.name
         self.log = log
         self.log_every_s = log_every_s
@@ -91,7 +94,6 @@ class JointBackend(Backend):
         self.most_runs_at_once = 0
         self._started = 0.0
         self._last_log = 0.0
-        self._unflushed = 0  # results handed to the runs since every run's writer last flushed
 
     # -- what the engine and the runs' metadata read: the inner backend's ----------------------------
     @property
@@ -112,8 +114,10 @@ class JointBackend(Backend):
         return self.inner.speculation()
 
     def prepare(self, batch: list[Prepared] | None = None) -> None:
-        with self._load:  # the first run to get here loads the model (and decides speculation from its batch); the others wait
-            self.inner.prepare(batch)
+        # the first run to get here loads the model; the others wait. Speculation is decided from the probes (every
+        # prompt of the joint run) when given, so it does not depend on which run's thread came first
+        with self._load:
+            self.inner.prepare(self.probes or batch)
 
     def figures(self) -> dict[str, int]:
         return {
@@ -142,16 +146,18 @@ class JointBackend(Backend):
             raise member.error
 
     def close(self) -> None:
-        """Stop the driver (not the inner backend: `release_engines` owns it). Runs still waiting fail."""
+        """Stop the driver (not the inner backend: `release_engines` owns it). Nothing new is sent; what is in
+        the engine is still answered and handed to its run (so it is cached), then runs still waiting fail."""
         with self._cond:
             self._closed = True
+            self._cond.notify_all()
+        if self._driver is not None and self._driver is not threading.current_thread():
+            self._driver.join()
+        with self._cond:
             for m in self._members:
                 m.error = m.error or RuntimeError("the joint engine run was closed before this run ended")
                 m.done.set()
             self._members.clear()
-            self._cond.notify_all()
-        if self._driver is not None and self._driver is not threading.current_thread():
-            self._driver.join()
 
     # -- the driver -----------------------------------------------------------------------------------
     def queued(self) -> int:
@@ -162,7 +168,7 @@ class JointBackend(Backend):
         """The next request: from the runs served first, if one has a request, else from the next run in turn;
         None when no run has one now."""
         with self._cond:
-            while self._members:
+            while self._members and not self._closed:
                 n = len(self._members)
                 order = sorted(range(n), key=lambda i: (not self._members[i].first, (i - self._turn) % n))
                 for i in order:
@@ -201,27 +207,33 @@ class JointBackend(Backend):
                     member.error = exc
             with self._cond:
                 self._finish_if_done(member)
-        self._checkpoint(len(askers))
+        self._checkpoint()
         self._progress()
 
-    def _checkpoint(self, results: int) -> None:
-        """Each run's writer flushes itself every `checkpoint_rows` of its own results, so N runs at once could
-        hold N times that unwritten. Flushing every run's writer each time the joint run has handed that many
-        results keeps a crash's loss to one checkpoint of the joint run, as for a run alone."""
-        self._unflushed += results
+    def _checkpoint(self) -> None:
+        """Each run's writer flushes itself every `checkpoint_rows` of its own results, so N runs at once could hold
+        N times that unwritten. Whenever together they hold that many, the fullest are flushed until at most half
+        remains: a crash loses about one checkpoint of the joint run, and segments stay as large as they can."""
         with self._cond:
-            members = [m for m in self._members if m.error is None and m.feed.checkpoint is not None]
-        rows = min((m.feed.checkpoint_rows for m in members), default=0)
-        if not members or self._unflushed < max(rows, 1):
+            members = [m for m in self._members if m.error is None and m.feed.checkpoint is not None and m.feed.buffered is not None]
+        if not members:
             return
-        self._unflushed = 0
-        for member in members:  # in the driver thread, as each writer's own add/flush: a run ends only after its last result
+        rows = max(min(m.feed.checkpoint_rows for m in members), 1)
+        sizes = sorted(((m.feed.buffered(), i) for i, m in enumerate(members)), reverse=True)  # type: ignore[misc]
+        total = sum(size for size, _ in sizes)
+        if total < rows:
+            return
+        for size, i in sizes:  # in the driver thread, as each writer's own add/flush: a run ends only after its last result
+            if total <= rows // 2 or size == 0:
+                break
+            member = members[i]
             try:
-                member.feed.checkpoint()
+                member.feed.checkpoint()  # type: ignore[misc]
             except BaseException as exc:  # that run's cache write failed: it fails, as it would alone
                 with self._cond:
                     member.error = exc
                     self._finish_if_done(member)
+            total -= size
 
     def _finish_if_done(self, member: _Member) -> None:
         if member in self._members and (member.error is not None or (member.outstanding == 0 and len(member.feed) == 0)):

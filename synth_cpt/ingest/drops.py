@@ -375,7 +375,8 @@ def _finished(batches: Iterator[Batch], config: PipelineConfig, drop: DropFile) 
         for batch in batches:
             yield _records(batch), finish_batch(batch, config, drop.key, drop.uri)
         return
-    kept = next((pool for n, pool in _POOLS if n == workers), None)
+    # a kept pool whose worker died (killed, out of memory) is broken for good: later drops get a pool of their own
+    kept = next((pool for n, pool in _POOLS if n == workers and not getattr(pool, "_broken", False)), None)
     with contextlib.nullcontext(kept) if kept is not None else _start_pool(workers) as pool:
         pending: deque[tuple[int, Future]] = deque()
         for batch in batches:

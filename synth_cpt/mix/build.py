@@ -7,10 +7,11 @@ published `tokenizer`, SentencePiece or Hugging Face), whose ids and EOS the `.b
 plan is made before anything is written (mix/plan.py), so a mix that cannot be made as asked fails
 with its shortfall in tokens and writes nothing.
 
-Memory is bounded by a batch of rows and a shard, not by the components: each component is read
-once, `batch_rows` rows at a time (its text and lineage columns); texts are counted (and for `.bin`
+Strings are held a batch of rows and a shard at a time, never a whole component; what grows with the
+input is a few numbers per row (tens of bytes) and the repeats table (the ids of every distinct row
+taken, written at the end in one row group). Each component is read once, `batch_rows` rows at a time (its text and lineage columns); texts are counted (and for `.bin`
 shards encoded once) and, with each row's lineage strings, spooled to a local work folder
-(mix/spool.py). Only numbers stay per row (token counts, spool positions, a lineage class), so the plan,
+(mix/spool.py; under TMPDIR: on a pod, give it the room of the partition's text). Only numbers stay per row (token counts, spool positions, a lineage class), so the plan,
 the pins, the manifest's lists and the suite are made from them, and each shard (and the repeats
 table) gathers its rows' strings from the spool. What is published is byte for byte what reading whole
 components made.
