@@ -42,7 +42,6 @@ import os
 import random
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.processes import measure  # noqa: E402
 
 STYLES = ["easy", "medium", "hard", "qa"]
 LANGS = ["pt", "en", "es", "fr", "de"]
@@ -218,14 +218,6 @@ def child(which: str, root: str, request: str, out: str) -> None:
     )
 
 
-def measure(which: str, root: Path, request: Path, out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", which, str(root), str(request), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
-    if proc.returncode != 0:
-        raise SystemExit(f"{which} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def compare(work: Path, expected: list[str]) -> None:
     """Both sides: the same finished ids (the expected ones) and the same rows with the same texts."""
     import polars as pl
@@ -258,7 +250,7 @@ def bench(root: Path, rows: int, args: argparse.Namespace, pool: bytes) -> dict:
         runs: dict[str, list[dict]] = {"old": [], "new": []}
         for attempt in range(args.repeats + 1):  # the first is a warm-up
             for which in ("old", "new"):
-                r = measure(which, cache_root, request, work / which)
+                r = measure(__file__, which, cache_root, request, work / which, cwd=REPO)
                 print(f"  {'warm-up' if attempt == 0 else f'run {attempt}':8} {which}: {r['ids_s']:.3f} s ids + {r['rows_s']:.3f} s rows,"
                       f" {r['rows']:,} rows, peak RSS {r['peak_rss_mb']:.0f} MB (ru_maxrss {r['ru_maxrss_mb']:.0f})", flush=True)  # fmt: skip
                 if attempt:

@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.processes import measure, peak_rss_mb  # noqa: E402
 
 DROPS = 8
 LANGUAGES = {"pt": 0.6, "en": 0.4}
@@ -207,12 +207,6 @@ def generate(root: Path, gb: float, seed: int = 0) -> dict:
     return dict(totals)
 
 
-def peak_rss_mb() -> float:
-    """This process' peak RSS so far (VmHWM)."""
-    status = Path("/proc/self/status").read_text()
-    return int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) / 1024
-
-
 def run(which: str, root: str, out: str) -> dict:
     from synth_cpt.core.config import parse_config
     from synth_cpt.core.contracts import check_corpus_file
@@ -256,18 +250,6 @@ def child(which: str, root: str, out: str) -> None:
     print(json.dumps(result))
 
 
-def measure(which: str, root: Path, out: Path) -> dict:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", which, str(root), str(out)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{which} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def same_output(old: Path, new: Path) -> None:
     import polars as pl
 
@@ -307,8 +289,8 @@ def main() -> None:
             f"({totals['pt']:,} pt, {totals['en']:,} en), {totals['characters'] / 1e9:.2f} G characters; partition {'|'.join(PARTITION)}",
             flush=True,
         )
-        old = measure("old", root, Path(tmp, "old.parquet"))
-        new = measure("new", root, Path(tmp, "new.parquet"))
+        old = measure(__file__, "old", root, Path(tmp, "old.parquet"))
+        new = measure(__file__, "new", root, Path(tmp, "new.parquet"))
         same_output(Path(tmp, "old.parquet"), Path(tmp, "new.parquet"))
         figures = ("language_documents", "unique_documents", "duplicates_removed", "in_no_bucket", "documents", "characters")
         if any(old[k] != new[k] for k in figures):

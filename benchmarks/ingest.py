@@ -18,7 +18,6 @@ import json
 import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.processes import measure  # noqa: E402
 
 
 def paragraphs() -> list[str]:
@@ -163,13 +163,6 @@ def child(which: str, drop: str, out: str) -> None:
     print(json.dumps(result))
 
 
-def measure(which: str, drop: Path, out: Path) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", which, str(drop), str(out)], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{which} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=200, help="size of the generated drop in MB (default 200)")
@@ -190,8 +183,8 @@ def main() -> None:
         if args.profile:
             profile_ours(drop, Path(tmp, "ours"), args.profile)
             return
-        ours = measure("ours", drop, Path(tmp, "ours"))
-        base = measure("baseline", drop, Path(tmp, "baseline"))
+        ours = measure(__file__, "ours", drop, Path(tmp, "ours"))
+        base = measure(__file__, "baseline", drop, Path(tmp, "baseline"))
         if (ours["documents"], ours["quarantined"]) != (base["documents"], base["quarantined"]):
             raise SystemExit(f"ours and the baseline disagree: {ours} vs {base}")
     ours_mb_s, base_mb_s = mb / ours["seconds"], mb / base["seconds"]

@@ -36,7 +36,6 @@ import argparse
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.processes import measure, peak_rss_mb  # noqa: E402
 
 STYLES = ("easy", "medium", "hard", "qa")
 SHARES = {"original": 1.0, **{s: 0.9 for s in STYLES}}  # of the text; each style must cover 0.75 of the originals' tokens
@@ -132,12 +132,6 @@ def generate(root: Path, gb: float, seed: int = 0) -> dict:
     return totals
 
 
-def peak_rss_mb() -> float:
-    """This process' peak RSS so far (VmHWM)."""
-    status = Path("/proc/self/status").read_text()
-    return int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) / 1024
-
-
 def run(which: str, root: str, out: str) -> dict:
     from synth_cpt.core.config import load_config
     from synth_cpt.core.storage import LocalStorage
@@ -164,13 +158,6 @@ def child(which: str, root: str, out: str) -> None:
     result = run(which, root, out)
     result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
-
-
-def measure(which: str, root: Path, out: Path) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", which, str(root), str(out)], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{which} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def same_output(old: Path, new: Path) -> int:
@@ -228,13 +215,13 @@ def main() -> None:
             f"{RECIPE}, formats {', '.join(FORMATS)}: {totals['bytes_of_text'] / 1e9:.2f} GB of text, {totals['documents']:,} documents",
             flush=True,
         )
-        baseline = measure("baseline", big, Path(tmp, "baseline"))
+        baseline = measure(__file__, "baseline", big, Path(tmp, "baseline"))
         print(f"  baseline: {baseline['seconds']:.1f} s, {baseline['peak_rss_mb']:,.0f} MB", flush=True)
-        ours = measure("ours", big, Path(tmp, "ours"))
+        ours = measure(__file__, "ours", big, Path(tmp, "ours"))
         print(f"  ours:     {ours['seconds']:.1f} s, {ours['peak_rss_mb']:,.0f} MB", flush=True)
         compared = same_output(Path(tmp, "baseline"), Path(tmp, "ours"))
         shutil.rmtree(Path(tmp, "baseline"))
-        ours_small = measure("ours", small, Path(tmp, "ours-small"))
+        ours_small = measure(__file__, "ours", small, Path(tmp, "ours-small"))
         print(f"  ours at {small_gb:g} GB: {ours_small['seconds']:.1f} s, {ours_small['peak_rss_mb']:,.0f} MB", flush=True)
     print(f"same output: {ours['shards']} shards x {len(FORMATS)} formats, repeats, inputs and manifest ({compared / 1e9:.2f} GB compared)")
     print(f"mix: {ours['documents']:,} documents, {ours['tokens']:,} tokens")
