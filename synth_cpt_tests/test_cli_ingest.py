@@ -140,3 +140,18 @@ def test_quality_cutpoints_wait_for_a_published_drop(tmp_path):
     config = load_config(str(REPO / "synth_cpt/defaults/nemotron.yaml"))
     storage = LocalStorage(tmp_path / "home")
     assert missing_input(QUALITY_CUTPOINTS, "pt", storage, config) == "no drop is published in crawl_drops yet"
+
+
+def test_steps_a_failed_run_never_started_are_requeued_once_by_their_op():
+    from synth_cpt.cli.ingest import to_requeue
+
+    ops = {"raw_corpus": "raw_corpus", "tokenizer": "tokenizer", "subsets": "quality_subsets", "scores": "quality_subsets"}
+    run = ["raw_corpus", "tokenizer", "subsets", "scores"]
+    # the tokenizer's step failed: the multi-asset op after it never started, both its assets go again
+    assert to_requeue(run, "pt|high", {"raw_corpus", "tokenizer"}, set(), ops.get) == ["subsets", "scores"]
+    # once only: an asset requeued before for this partition is not requeued again
+    assert to_requeue(run, "pt|high", {"raw_corpus"}, {("tokenizer", "pt|high")}, ops.get) == ["subsets", "scores"]
+    assert to_requeue(run, "en|low", {"raw_corpus"}, {("tokenizer", "pt|high")}, ops.get) == ["tokenizer", "subsets", "scores"]
+    # a run that started no step would start none again; a run whose steps all started leaves nothing
+    assert to_requeue(run, "pt|high", set(), set(), ops.get) == []
+    assert to_requeue(run, "pt|high", {"raw_corpus", "tokenizer", "quality_subsets"}, set(), ops.get) == []

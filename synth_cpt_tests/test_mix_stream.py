@@ -4,8 +4,10 @@ whole tables and scores the same rows."""
 
 from __future__ import annotations
 
+import io
 import random
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -75,6 +77,27 @@ def published_files(storage: LocalStorage, result) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name not in ("manifest.json",)}
 
 
+def assert_same_repeats(old: bytes, new: bytes) -> None:
+    """repeats.parquet is written in row groups as it is gathered: the same rows, in the same order and
+    with the same column types, as the in-memory build's one row group (its bytes differ)."""
+    before, ours = pq.read_table(io.BytesIO(old)), pq.read_table(io.BytesIO(new))
+    assert ours.schema == before.schema and ours.num_rows == before.num_rows > 0
+    assert ours.equals(before)
+
+
+def test_repeats_are_written_a_row_group_at_a_time(tmp_path, tokenizer, monkeypatch):  # noqa: F811
+    storage = inputs(tmp_path)
+    before = mix_v0.build_mix(storage, "demo", recipe(("parquet",)), "pt", "high", tokenizer, run_id="r")
+    monkeypatch.setattr(build, "REPEATS_GROUP", 4)
+    ours = build.build_mix(storage, "demo", recipe(("parquet",)), "pt", "high", tokenizer, run_id="r", batch_rows=3)
+    old, new = (published_files(storage, r)[build.REPEATS] for r in (before, ours))
+    assert_same_repeats(old, new)
+    groups = [pq.ParquetFile(io.BytesIO(new)).metadata.row_group(i).num_rows for i in range(pq.ParquetFile(io.BytesIO(new)).num_row_groups)]
+    rows = pq.read_metadata(io.BytesIO(old)).num_rows
+    assert groups == [4] * (rows // 4) + ([rows % 4] if rows % 4 else []), groups
+    assert ours.manifest["repeats"] == before.manifest["repeats"] and ours.manifest["repeats"]["max"] > 1
+
+
 @pytest.mark.parametrize("formats", FORMATS, ids=["+".join(f) for f in FORMATS])
 def test_the_streamed_build_publishes_what_the_in_memory_build_did(tmp_path, tokenizer, formats):  # noqa: F811
     storage = inputs(tmp_path)
@@ -84,7 +107,8 @@ def test_the_streamed_build_publishes_what_the_in_memory_build_did(tmp_path, tok
     assert ours.outcome == before.outcome, "the same suite results, details included"
     old, new = published_files(storage, before), published_files(storage, ours)
     assert sorted(new) == sorted(old) and len([k for k in new if k.endswith(".parquet") and k.startswith("shard-")]) >= 4
-    assert [k for k in new if old[k] != new[k]] == [], "every shard, repeats.parquet and inputs.json byte for byte"
+    assert [k for k in new if old[k] != new[k] and k != build.REPEATS] == [], "every shard and inputs.json byte for byte"
+    assert_same_repeats(old[build.REPEATS], new[build.REPEATS])
     assert {**ours.manifest, "version": None} == {**before.manifest, "version": None}
     assert ours.manifest["missing_components"] == ["entigraph"] and ours.manifest["repeats"]["max"] > 1
     assert {i["version"] for i in ours.manifest["inputs"] if i["asset"] == "crawl_drops"} == {"v1", "v2"}
@@ -208,3 +232,36 @@ def test_eval_scores_reads_in_bounded_batches(tmp_path, monkeypatch):
     sampled = [n for cols, n in RecordingParquetFile.seen if cols == "doc_id,text"]
     assert totals == [4] * 7 + [2] + [4] * 3, totals
     assert sampled == [4, 4, 1], "one sampled row group of 9, 4 rows at a time"
+
+
+def test_lineage_spooled_side_by_side_comes_back_as_it_was(tmp_path):
+    """doc_id and synth_id bytes are spooled side by side and split back without a per-row loop; nulls come
+    back from the row's lineage class, drop_id and drop_version from it too, in any gathered order."""
+    from synth_cpt.mix.spool import TextSpool
+
+    class Counting:
+        def count(self, texts):
+            return [len(t) for t in texts]
+
+    frame = pl.DataFrame(
+        {
+            "synth_id": [None, "s1", "", "sé✓", None],
+            "doc_id": ["d0", None, "ドキュメント", "", "d4"],
+            "drop_id": ["a", "a", "b", None, "a"],
+            "drop_version": ["v1", "v1", None, None, "v2"],
+            "prompt_sha": [None, "p", "p", "p", None],
+            "model_fingerprint": [None, "m", "m", "m", None],
+        }
+    )
+    batch = frame.with_columns(text=pl.Series(["x", "yy", "", "zzz", "w"])).to_arrow().to_batches()[0]
+    spool = TextSpool(tmp_path, with_ids=False)
+    try:
+        spooled = spool.add([batch.slice(0, 2), batch.slice(2)], Counting(), lambda f: f.drop("text"))
+        assert spooled.doc_id_bytes.tolist() == [2, 0, 18, 0, 2] and spooled.synth_id_bytes.tolist() == [0, 2, 0, 6, 0]
+        assert len(spool.classes) == 5 and spooled.lineage_class.tolist() == [0, 1, 2, 3, 4]
+        order = np.array([4, 2, 0, 3, 1, 2])
+        back = spool.lineage(*spooled.lineage_of(order))
+        assert back.to_dicts() == frame.select("synth_id", "doc_id", "drop_id", "drop_version")[order.tolist()].to_dicts()
+        assert spool.texts(spooled.text_start[order], spooled.text_bytes[order]).to_list() == ["w", "", "x", "zzz", "yy", ""]
+    finally:
+        spool.close()

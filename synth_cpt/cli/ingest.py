@@ -15,7 +15,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -88,6 +88,16 @@ def merge_steps(graph, run: list, partition: str | None, queue: list[tuple[list,
             rest.append((keys, part))
             overtaken |= set(keys)
     return taken, rest
+
+
+def to_requeue(run: list, partition: str | None, started: set[str], requeued: set, op_of: Callable[[Any], str]) -> list:
+    """The assets of a finished run whose steps never started (a step before them failed), to be run again
+    on their own: an asset's step is its op's (`op_of`: a multi-asset's op holds several assets). Each is
+    requeued at most once, and none when no step of the run started (a run that started none would start
+    none again)."""
+    if not started:
+        return []
+    return [k for k in run if op_of(k) not in started and (k, partition) not in requeued]
 
 
 def wait_until_settled(
@@ -315,14 +325,9 @@ def _ingest(
                     tags=run_tags("ingest"),
                 )
                 started = {e.step_key for e in result.all_events if e.event_type == DagsterEventType.STEP_START}
-                # an asset's step is its op's (a multi-asset's op holds several assets); requeued at most once, and
-                # only when some step of the run started (a run that started none would start none again)
-                not_run = [k for k in run if defs.get_assets_def(k).node_def.name not in started and (k, partition) not in requeued]
-                if not_run and started:  # after a failed step: their own steps again, judged on what is published now
-                    requeued.update((k, partition) for k in not_run)
-                    queue = [*(([k], partition if graph.get(k).partitions_def else None) for k in not_run), *queue]
-                else:
-                    not_run = []
+                not_run = to_requeue(run, partition, started, requeued, lambda k: defs.get_assets_def(k).node_def.name)
+                requeued.update((k, partition) for k in not_run)  # after a failed step: their own steps again, judged on what is published now
+                queue = [*(([k], partition if graph.get(k).partitions_def else None) for k in not_run), *queue]
                 if not result.success:
                     why = failure_line(result)
                     kept_out = _kept_out_because(storage, config, str(partition)) if run == [AssetKey(CRAWL_DROPS)] else []

@@ -8,13 +8,13 @@ plan is made before anything is written (mix/plan.py), so a mix that cannot be m
 with its shortfall in tokens and writes nothing.
 
 Strings are held a batch of rows and a shard at a time, never a whole component; what grows with the
-input is a few numbers per row (tens of bytes) and the repeats table (the ids of every distinct row
-taken, written at the end in one row group). Each component is read once, `batch_rows` rows at a time (its text and lineage columns); texts are counted (and for `.bin`
+input is a few numbers per row (tens of bytes); the repeats table (the ids of every distinct row
+taken) is written in row groups as it is gathered. Each component is read once, `batch_rows` rows at a time (its text and lineage columns); texts are counted (and for `.bin`
 shards encoded once) and, with each row's lineage strings, spooled to a local work folder
 (mix/spool.py; under TMPDIR: on a pod, give it the room of the partition's text). Only numbers stay per row (token counts, spool positions, a lineage class), so the plan,
 the pins, the manifest's lists and the suite are made from them, and each shard (and the repeats
-table) gathers its rows' strings from the spool. What is published is byte for byte what reading whole
-components made.
+table) gathers its rows' strings from the spool. The shards, inputs and manifest are byte for byte what reading
+whole components made; repeats.parquet holds the same rows in other row groups.
 
 A mix version pins the exact inputs it read (`inputs` in its manifest, written first as `inputs.json`):
 each synthesis component's published version folder, the tokenizer's version, the drop versions its
@@ -316,8 +316,7 @@ def _build(
                        "tokens": int(shard["n_tokens"].sum() or 0), **({"tokens_in_file": in_file[0]} if in_file else {}),
                        "by_origin": {r["origin"]: {"documents": r["documents"], "tokens": r["tokens"]} for r in by_shard.to_dicts()}})  # fmt: skip
         del shard, ids
-    repeat_table = _repeats(spool, spooled, firsts, batch_rows)
-    storage.write_parquet(f"{folder}/{REPEATS}", repeat_table)
+    repeated = write_repeats(storage, f"{folder}/{REPEATS}", spool, spooled, firsts, batch_rows)
     manifest = {
         "recipe": name, "version": version, "recipe_sha": recipe_sha(recipe), "seed": recipe.seed, "language": language, "quality": quality, "run_id": run_id,
         "tokenizer_sha": tokenizer.sha256, "formats": list(recipe.formats), "shard_tokens": recipe.shard_tokens,
@@ -329,12 +328,10 @@ def _build(
         "drops": sorted(drops),
         "prompt_shas": sorted(prompts),
         "model_fingerprints": sorted(models),
-        "repeats": {"file": REPEATS, "max": int(repeat_table["repeats"].max() or 0) if repeat_table.height else 0,
-                    "documents_repeated": int((repeat_table["repeats"] > 1).sum()) if repeat_table.height else 0},
+        "repeats": {"file": REPEATS, **repeated},
         "shards": shards,
         **({"token_shards": token_layout(tokenizer)} if "tokens" in recipe.formats else {}),
     }  # fmt: skip
-    del repeat_table
     storage.write_json(f"{folder}/{MANIFEST}", manifest)
     if not outcome.success:
         kept = publish.reject_version(storage, prefix, version)
@@ -345,25 +342,53 @@ def _build(
     return MixResult(plan, publish.published(storage, prefix), outcome, manifest, None, missing)
 
 
-def _repeats(
-    spool: TextSpool, spooled: dict[str, Spooled], firsts: dict[str, tuple[np.ndarray, np.ndarray]], batch_rows: int
-) -> pl.DataFrame:
-    """repeats.parquet's rows: each row taken once, component by component in the order first taken, with
-    how often it was. Its ids are gathered from the spool `batch_rows` at a time; the table is written in
-    one call, because its bytes are those of one row group (pyarrow cannot append to an open one), and a
-    component's rows are one chunk, as they were (a chunk boundary can move a page boundary)."""
-    frames = []
-    for origin, (once, counts) in firsts.items():
-        s = spooled[origin]
-        ids = [spool.lineage(s.lineage_start[once[a : a + batch_rows]], s.lineage_bytes[once[a : a + batch_rows]]).select("doc_id", "synth_id")
-               for a in range(0, once.size, batch_rows)]  # fmt: skip
-        frame = pl.concat(ids, rechunk=True) if ids else pl.DataFrame(schema={"doc_id": pl.String, "synth_id": pl.String})
-        frames.append(
-            frame.select(
-                pl.lit(origin, pl.String).alias("origin"), "doc_id", "synth_id", pl.Series("repeats", counts, dtype=pl.Int64)
-            ).rechunk()
-        )
-    return pl.concat(frames) if frames else pl.DataFrame()
+REPEATS_SCHEMA = pa.schema(
+    [("origin", pa.large_string()), ("doc_id", pa.large_string()), ("synth_id", pa.large_string()), ("repeats", pa.int64())]
+)
+REPEATS_GROUP = 1 << 16  # rows of repeats.parquet per row group: ~9 MB of ids, whatever the mix's size
+
+
+def write_repeats(
+    storage: Storage,
+    key: str,
+    spool: TextSpool,
+    spooled: dict[str, Spooled],
+    firsts: dict[str, tuple[np.ndarray, np.ndarray]],
+    batch_rows: int,
+) -> dict[str, int]:
+    """repeats.parquet: each row taken once, component by component in the order first taken, with how
+    often it was. Its ids are gathered from the spool `batch_rows` at a time and written in row groups of
+    REPEATS_GROUP rows, so memory holds one group, never the table. Returns the manifest's figures of it."""
+    most, repeated = 0, 0
+    with storage.parquet_writer(key, REPEATS_SCHEMA) as writer:
+        group: list[pa.Table] = []
+
+        def flush(whole: bool) -> None:
+            """Write full row groups of what is gathered (and with `whole`, the rest too)."""
+            table = pa.concat_tables(group).combine_chunks()
+            cut = table.num_rows if whole else table.num_rows - table.num_rows % REPEATS_GROUP
+            if cut:
+                writer.write_table(table.slice(0, cut), row_group_size=REPEATS_GROUP)
+            group[:] = [table.slice(cut)] if cut < table.num_rows else []
+
+        for origin, (once, counts) in firsts.items():
+            s = spooled[origin]
+            most, repeated = max(most, int(counts.max(initial=0))), repeated + int((counts > 1).sum())
+            for a in range(0, once.size, batch_rows):
+                rows = once[a : a + batch_rows]
+                ids = spool.lineage(*s.lineage_of(rows))
+                group.append(
+                    pa.table(
+                        {"origin": pa.array([origin] * rows.size, pa.large_string()), "doc_id": ids["doc_id"].to_arrow().cast(pa.large_string()),
+                         "synth_id": ids["synth_id"].to_arrow().cast(pa.large_string()), "repeats": pa.array(counts[a : a + batch_rows], pa.int64())},
+                        schema=REPEATS_SCHEMA,
+                    )
+                )  # fmt: skip
+                if sum(t.num_rows for t in group) >= REPEATS_GROUP:
+                    flush(whole=False)
+        if group:
+            flush(whole=True)
+    return {"max": most, "documents_repeated": repeated}
 
 
 def _shard(
@@ -372,7 +397,7 @@ def _shard(
     """One shard's rows (the MIX_SHARD columns, in the mix's order), its texts and lineage gathered from
     the spool, and with `with_ids` their ids (concatenated, and their lengths)."""
     starts, sizes, n_tokens = np.empty(row.size, np.int64), np.empty(row.size, np.int64), np.empty(row.size, np.int64)
-    line_starts, line_sizes = np.empty(row.size, np.int64), np.empty(row.size, np.int64)
+    lineage = (np.empty(row.size, np.int64), np.empty(row.size, np.int32), np.empty(row.size, np.int32), np.empty(row.size, np.int32))
     id_starts = np.empty(row.size, np.int64) if with_ids else None
     for i, origin in enumerate(origins):
         at = np.flatnonzero(comp == i)
@@ -380,10 +405,11 @@ def _shard(
             continue
         rows, s = row[at], spooled[origin]
         starts[at], sizes[at], n_tokens[at] = s.text_start[rows], s.text_bytes[rows], s.n_tokens[rows]
-        line_starts[at], line_sizes[at] = s.lineage_start[rows], s.lineage_bytes[rows]
+        for gathered, values in zip(lineage, s.lineage_of(rows), strict=True):
+            gathered[at] = values
         if id_starts is not None:
             id_starts[at] = s.ids_start[rows]  # type: ignore[index]
-    shard = spool.lineage(line_starts, line_sizes).with_columns(
+    shard = spool.lineage(*lineage).with_columns(
         spool.texts(starts, sizes),
         pl.Series("origin", comp, dtype=pl.UInt32).replace_strict(dict(enumerate(origins)), return_dtype=pl.String),
         pl.Series("n_tokens", n_tokens, dtype=pl.Int64),

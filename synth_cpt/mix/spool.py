@@ -2,18 +2,19 @@
 
 Why: a mix's rows come out in one seeded shuffle of every component, so a shard needs texts from
 anywhere in its inputs. Reading each component once, in bounded batches, into flat local files (a
-text's UTF-8 bytes; its lineage strings as one small JSON record; with `.bin` shards its ids as uint32)
+text's UTF-8 bytes; its doc_id and synth_id bytes side by side; with `.bin` shards its ids as uint32)
 lets a shard (and the repeats table) gather exactly its rows with positioned reads: memory holds a
 batch or a shard, never a component's strings. Per row only numbers stay in memory: where its text,
-lineage and ids are, its token count, and its lineage class (an index into the few distinct
+ids and doc_id/synth_id bytes are, its token count, and its lineage class (an index into the few distinct
 (drop, drop version, prompt, model, has doc_id, has synth_id) a component has), from which the pins,
-the manifest's lists and the suite's null checks are made. The files go with the build's work folder.
+the manifest's lists, the suite's null checks and a row's drop_id and drop_version are made. Spooling
+and gathering are vectorized (no per-row Python but one positioned read). The files go with the
+build's work folder.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 if TYPE_CHECKING:
     from synth_cpt.corpus.tokenizer import TokenCounter
@@ -36,15 +38,21 @@ CLASS = ("drop_id", "drop_version", "prompt_sha", "model_fingerprint", "has_doc_
 @dataclass(frozen=True)
 class Spooled:
     """One component's rows in the spool, in file order: where each text's bytes are, its token count,
-    (when ids are spooled) where its ids start, where its lineage record is, and its lineage class."""
+    (when ids are spooled) where its ids start, where its doc_id (then its synth_id) bytes are and how
+    many, and its lineage class."""
 
     text_start: np.ndarray
     text_bytes: np.ndarray
     n_tokens: np.ndarray
     ids_start: np.ndarray | None
     lineage_start: np.ndarray
-    lineage_bytes: np.ndarray
+    doc_id_bytes: np.ndarray  # int32
+    synth_id_bytes: np.ndarray  # int32
     lineage_class: np.ndarray  # int32 indices into TextSpool.classes
+
+    def lineage_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """What `TextSpool.lineage` gathers the lineage of `rows` from."""
+        return self.lineage_start[rows], self.doc_id_bytes[rows], self.synth_id_bytes[rows], self.lineage_class[rows]
 
     @property
     def rows(self) -> int:
@@ -53,6 +61,42 @@ class Spooled:
 
 def _int64(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _int32(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int32, copy=False) if parts else np.zeros(0, dtype=np.int32)
+
+
+def _interleave(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """[first[0], second[0], first[1], second[1], ...]"""
+    out = np.empty(first.size + second.size, dtype=np.result_type(first, second))
+    out[0::2], out[1::2] = first, second
+    return out
+
+
+def _side_by_side(a: pa.Array, b: pa.Array) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """Two string arrays of one length as one byte string, row by row a's bytes then b's (nulls as
+    empty), and each row's two lengths."""
+    (a_off, a_data), (b_off, b_data) = (_string_buffers(x.fill_null("")) for x in (a, b))
+    a_len, b_len = np.diff(a_off), np.diff(b_off)
+    both = np.frombuffer(b"".join((a_data, b_data)), dtype=np.uint8)  # a's bytes, then b's
+    lengths = _interleave(a_len, b_len)  # the pieces in the order they are written
+    source = _interleave(a_off[:-1], b_off[:-1] + a_off[-1])  # where each piece is in `both`
+    shift = np.repeat(source - (np.cumsum(lengths) - lengths), lengths)
+    return both[np.arange(shift.size, dtype=np.int64) + shift].tobytes(), a_len, b_len
+
+
+def _split_side_by_side(data: bytes, a_len: np.ndarray, b_len: np.ndarray) -> tuple[pa.Array, pa.Array]:
+    """The inverse of `_side_by_side`: the two columns (no nulls yet) as large strings."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    is_a = np.repeat(np.tile(np.array([True, False]), a_len.size), _interleave(a_len, b_len))
+    out = []
+    for part, lengths in ((buf[is_a], a_len), (buf[~is_a], b_len)):
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+        array = pa.LargeStringArray.from_buffers(lengths.size, pa.py_buffer(offsets), pa.py_buffer(part.tobytes()))
+        array.validate(full=True)  # UTF-8 as read: a damaged spool fails here, not in a shard
+        out.append(array)
+    return out[0], out[1]
 
 
 def _string_buffers(texts: pa.Array) -> tuple[np.ndarray, memoryview]:
@@ -87,8 +131,8 @@ class TextSpool:
 
     def add(self, batches: Iterable[pa.RecordBatch], tokenizer: TokenCounter, lineage: Callable[[pl.DataFrame], pl.DataFrame]) -> Spooled:
         """Count (and with ids, encode) each batch's texts with the target tokenizer and append them, and
-        its lineage (`lineage` makes a batch's LINEAGE and CLASS string columns, in that order)."""
-        starts, sizes, counts, id_starts, line_starts, line_sizes, classes = [], [], [], [], [], [], []
+        its lineage (`lineage` makes a batch's LINEAGE and CLASS string columns)."""
+        starts, sizes, counts, id_starts, line_starts, doc_sizes, synth_sizes, classes = [], [], [], [], [], [], [], []
         for batch in batches:
             self.batches.append(batch.num_rows)
             texts = batch.column(batch.schema.get_field_index("text"))
@@ -99,27 +143,38 @@ class TextSpool:
             self._texts.write(data)
             self._text_end += len(data)
             counts.append(n)
-            records, codes = [], []
-            for row in lineage(pl.from_arrow(batch)).iter_rows():  # type: ignore[arg-type]
-                records.append(json.dumps(row[:4], ensure_ascii=False).encode())
-                key = (*row[2:6], row[1] is not None, row[0] is not None)
-                if (code := self._class_of.get(key)) is None:
-                    code = self._class_of[key] = len(self.classes)
-                    self.classes.append(dict(zip(CLASS, key, strict=True)))
-                codes.append(code)
-            lengths = np.fromiter(map(len, records), dtype=np.int64, count=len(records))
-            line_starts.append(self._lineage_end + np.cumsum(lengths) - lengths)
-            line_sizes.append(lengths)
-            classes.append(np.asarray(codes, dtype=np.int32))
-            self._lineage.write(b"".join(records))
-            self._lineage_end += int(lengths.sum())
+            frame = lineage(pl.from_arrow(batch))  # type: ignore[arg-type]
+            records, doc_n, synth_n = _side_by_side(frame["doc_id"].to_arrow(), frame["synth_id"].to_arrow())
+            line_starts.append(self._lineage_end + np.cumsum(doc_n + synth_n) - (doc_n + synth_n))
+            doc_sizes.append(doc_n)
+            synth_sizes.append(synth_n)
+            classes.append(self._classes(frame))
+            self._lineage.write(records)
+            self._lineage_end += len(records)
         for f in (self._texts, self._ids, self._lineage):
             if f is not None:
                 f.flush()
         return Spooled(
             _int64(starts), _int64(sizes), _int64(counts), _int64(id_starts) if self._ids is not None else None,
-            _int64(line_starts), _int64(line_sizes), np.concatenate(classes) if classes else np.zeros(0, dtype=np.int32),
+            _int64(line_starts), _int32(doc_sizes), _int32(synth_sizes), _int32(classes),
         )  # fmt: skip
+
+    def _classes(self, frame: pl.DataFrame) -> np.ndarray:
+        """Each row's lineage class, new classes numbered as first seen."""
+        keys = frame.select(
+            *CLASS[:4], has_doc_id=pl.col("doc_id").is_not_null(), has_synth_id=pl.col("synth_id").is_not_null()
+        ).with_columns(pl.col(c).cast(pl.String) for c in CLASS[:4])
+        seen = keys.unique(maintain_order=True)
+        codes = []
+        for key in seen.iter_rows():
+            if (code := self._class_of.get(key)) is None:
+                code = self._class_of[key] = len(self.classes)
+                self.classes.append(dict(zip(CLASS, key, strict=True)))
+            codes.append(code)
+        coded = keys.with_row_index("row").join(
+            seen.with_columns(code=pl.Series(codes, dtype=pl.Int32)), on=list(CLASS), how="left", nulls_equal=True
+        )
+        return coded.sort("row")["code"].to_numpy().astype(np.int32, copy=False)
 
     def _count(self, texts: pa.Array, tokenizer: TokenCounter, id_starts: list[np.ndarray]) -> np.ndarray:
         """The batch's token counts (with ids, encoded and appended), ENCODE_ROWS texts at a time."""
@@ -138,15 +193,30 @@ class TextSpool:
             out.append(n)
         return _int64(out)
 
-    def lineage(self, starts: np.ndarray, sizes: np.ndarray) -> pl.DataFrame:
-        """The LINEAGE columns of the rows at (start, size), in that order."""
+    def lineage(self, starts: np.ndarray, doc_sizes: np.ndarray, synth_sizes: np.ndarray, classes: np.ndarray) -> pl.DataFrame:
+        """The LINEAGE columns of the rows at (start, doc_id bytes, synth_id bytes, class) (`Spooled.lineage_of`), in that order."""
         self.gathered.append(int(starts.size))
-        fd = self._lineage.fileno()
-        records = [os.pread(fd, n, s) for s, n in zip(starts.tolist(), sizes.tolist(), strict=True)]
-        rows = json.loads(b"[" + b",".join(records) + b"]")
-        if len(rows) != starts.size:
-            raise OSError(f"the lineage spool returned {len(rows):,} records of {starts.size:,}")
-        return pl.DataFrame(rows, schema=dict.fromkeys(LINEAGE, pl.String), orient="row")
+        fd, sizes = self._lineage.fileno(), doc_sizes.astype(np.int64) + synth_sizes
+        data = b"".join(os.pread(fd, n, s) for s, n in zip(starts.tolist(), sizes.tolist(), strict=True))
+        if len(data) != int(sizes.sum()):
+            raise OSError(f"the lineage spool returned {len(data):,} bytes of {int(sizes.sum()):,}")
+        doc_ids, synth_ids = _split_side_by_side(data, doc_sizes, synth_sizes)
+        codes = pa.array(classes, pa.int32())
+
+        def of_class(field: str) -> pa.Array:
+            return pa.array([c[field] for c in self.classes], pa.large_string()).take(codes)
+
+        def valid(field: str) -> pa.Array:
+            return pa.array([bool(c[field]) for c in self.classes], pa.bool_()).take(codes)
+
+        return pl.DataFrame(
+            {
+                "synth_id": pc.if_else(valid("has_synth_id"), synth_ids, None),
+                "doc_id": pc.if_else(valid("has_doc_id"), doc_ids, None),
+                "drop_id": of_class("drop_id"),
+                "drop_version": of_class("drop_version"),
+            }
+        ).select(LINEAGE)
 
     def texts(self, starts: np.ndarray, sizes: np.ndarray) -> pl.Series:
         """The texts at (start, size), in that order, as the `text` column of a shard."""
