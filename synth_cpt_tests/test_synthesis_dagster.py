@@ -257,6 +257,29 @@ def test_a_run_over_several_partitions_publishes_each_with_its_own_events(pipeli
     assert len(logs) == 1 and "'joint_runs': 4," in logs[0] and "'joint_sent': 8," in logs[0], logs
 
 
+def test_an_output_whose_publish_raises_fails_alone_and_the_others_are_published(pipeline, monkeypatch):
+    """Storage failing while one output is published (after its rows were made): that output is neither
+    published nor reported materialized, the step fails naming it, and every other output is published."""
+    from synth_cpt.defs import synthesis as synthesis_defs
+
+    defs, instance, home, _ = pipeline
+    real = synthesis_defs.publish_tables
+
+    def publish_tables(storage, asset, *args, **kwargs):
+        if asset == "rewrites_medium":
+            raise OSError("disk full (a test double of storage)")
+        return real(storage, asset, *args, **kwargs)
+
+    monkeypatch.setattr(synthesis_defs, "publish_tables", publish_tables)
+    result = synthesize(defs, instance, ["rewrites_medium", "rewrites_distill", "entity_graphs"], raise_on_error=False)
+    failure = next(e.event_specific_data.error.to_string() for e in result.all_events if e.is_step_failure)
+    assert not result.success and "1 generation step(s) failed" in failure, failure
+    assert "rewrites_medium pt|high: publishing: OSError: disk full" in failure, failure
+    assert set(materializations(result)) == {"rewrites_distill", "entity_graphs"}
+    assert (home / "rewrites_distill/pt/high/current.json").is_file() and (home / "entity_graphs/pt/high/current.json").is_file()
+    assert not (home / "rewrites_medium/pt/high/current.json").exists()
+
+
 def test_a_new_drop_sends_only_the_new_documents_requests(pipeline, tmp_path):
     """The cache is content-addressed: after a new drop, rematerializing a style asks only for the
     documents it has not seen (the drop, raw_corpus, tokenizer and subset all rebuilt in between)."""
