@@ -334,6 +334,17 @@ def test_an_unknown_partition_is_refused_by_name(tmp_path, monkeypatch, isolated
     )
 
 
+def test_mix_without_recipes_says_so(tmp_path, monkeypatch, isolated_env):
+    from synth_cpt.cli import main
+
+    (tmp_path / "config.yaml").write_text("mixes:\n  recipes: {}\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setenv("SYNTH_CPT_HOME", str(tmp_path / "home"))
+    with pytest.raises(SystemExit) as refused:
+        main(["--config", str(tmp_path / "config.yaml"), "mix"])
+    assert str(refused.value) == "synth-cpt mix: the config defines no mix assets (add recipes under mixes.recipes)"
+
+
 def test_the_engine_load_decides_from_the_probes_not_the_first_run_to_arrive(tmp_path):
     from synth_cpt.generation.backends import Prepared
 

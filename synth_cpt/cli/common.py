@@ -212,6 +212,9 @@ def materialize_group(
     defs = build_definitions()
     graph = defs.resolve_asset_graph()
     everything = sorted((k for k in graph.get_all_asset_keys() if graph.get(k).group_name == group), key=str)
+    if not everything:  # e.g. no mix recipe in the config: say so, not Dagster's error about an empty selection
+        where = " (add recipes under mixes.recipes)" if label == "mix" else ""
+        raise SystemExit(f"synth-cpt {label}: the config defines no {group} assets{where}")
     keys = [AssetKey(a) for a in args.asset] if args.asset else everything
     unknown = [k.to_user_string() for k in keys if k not in everything]
     if unknown:
