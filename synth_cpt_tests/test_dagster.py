@@ -55,6 +55,19 @@ def _setup(tmp_path, monkeypatch):
     return build_definitions()
 
 
+def test_the_daemons_sensor_intervals_come_from_the_config(tmp_path, monkeypatch):
+    defs = _setup(tmp_path, monkeypatch)
+    shipped = {s.name: s.minimum_interval_seconds for s in defs.sensors}
+    assert shipped == {"crawl_drop_sensor": 30, "synth_cpt_automation": 30}
+    cfg = yaml.safe_load((tmp_path / "pipeline.yaml").read_text())
+    cfg["drops"] |= {"sensor_interval_seconds": 5, "automation_interval_seconds": 7}
+    (tmp_path / "faster.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("SYNTH_CPT_CONFIG", str(tmp_path / "faster.yaml"))  # another file: the config is cached by its path
+    from synth_cpt.defs.definitions import build_definitions
+
+    assert {s.name: s.minimum_interval_seconds for s in build_definitions().sensors} == {"crawl_drop_sensor": 5, "synth_cpt_automation": 7}
+
+
 def test_a_new_drop_flows_downstream_by_automation(tmp_path, monkeypatch):
     defs = _setup(tmp_path, monkeypatch)
     with DagsterInstance.ephemeral() as instance:

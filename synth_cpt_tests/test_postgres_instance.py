@@ -70,7 +70,7 @@ def test_a_postgres_instance_records_every_queued_run_event_check_and_partition_
             yaml.safe_dump(
                 {
                     "extends": str(REPO / "synth_cpt" / "defaults" / "demo.yaml"),
-                    "drops": {"location": str(drops), "settle_seconds": 0},
+                    "drops": {"location": str(drops), "settle_seconds": 0, "sensor_interval_seconds": 5, "automation_interval_seconds": 5},
                     # a cluster's backfills: one run per partition, spread by the queue's limits (README "Scaling out")
                     "synthesis": {"max_documents": 1, "routing": {"high": ["medium"], "low": ["medium"]}, "backfill": "per_partition"},
                     "generation": {"backend": "openai", "endpoints": [server.url], "served_model_name": "test-double", "concurrency": 4},

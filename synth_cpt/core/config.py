@@ -49,6 +49,10 @@ class DropsConfig(_Strict):
     settle_seconds: float = Field(
         30.0, ge=0.0, description="a local file is taken once it has not changed for this long (it may still be being copied)"
     )
+    sensor_interval_seconds: int = Field(30, ge=1, description="the daemon lists the drops location at most this often (crawl_drop_sensor)")
+    automation_interval_seconds: int = Field(
+        30, ge=1, description="the daemon evaluates automation (raw_corpus, tokenizer, quality_subsets after new drops) at most this often"
+    )
 
 
 class FieldsConfig(_Strict):

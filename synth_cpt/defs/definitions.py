@@ -21,7 +21,7 @@ from synth_cpt.defs.mix import GROUP as MIX_GROUP
 from synth_cpt.defs.mix import build_mix_assets
 from synth_cpt.defs.partitions import corpus_partitions, crawl_drop_partitions, language_partitions
 from synth_cpt.defs.resources import LLM, PipelineResource
-from synth_cpt.defs.sensors import crawl_drop_sensor
+from synth_cpt.defs.sensors import drop_sensor_every
 from synth_cpt.defs.synthesis import GROUP as SYNTHESIS_GROUP
 from synth_cpt.defs.synthesis import build_synthesis_assets
 
@@ -35,15 +35,17 @@ MIX_JOB = "mix_job"
 EVALS_JOB = "evals_job"
 
 
-# Declarative automation (eager downstream of a new drop), on by default when the daemon runs.
-automation_sensor = AutomationConditionSensorDefinition(
-    "synth_cpt_automation",
-    target=AssetSelection.all(),
-    default_status=DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=30,
-    description="Brings raw_corpus, tokenizer and quality_subsets up to date after new drops (and the generation assets too "
-    "when synthesis.automation is eager).",
-)
+def automation_sensor_every(seconds: int) -> AutomationConditionSensorDefinition:
+    """Declarative automation (eager downstream of a new drop), on by default when the daemon runs, evaluated
+    at most every `seconds` (config `drops.automation_interval_seconds`)."""
+    return AutomationConditionSensorDefinition(
+        "synth_cpt_automation",
+        target=AssetSelection.all(),
+        default_status=DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=seconds,
+        description="Brings raw_corpus, tokenizer and quality_subsets up to date after new drops (and the generation assets too "
+        "when synthesis.automation is eager).",
+    )
 
 
 def build_definitions() -> Definitions:
@@ -68,7 +70,7 @@ def build_definitions() -> Definitions:
         assets=assets,
         asset_checks=CHECKS,
         jobs=jobs,
-        sensors=[crawl_drop_sensor, automation_sensor],
+        sensors=[drop_sensor_every(config.drops.sensor_interval_seconds), automation_sensor_every(config.drops.automation_interval_seconds)],
         resources={"pipeline": PipelineResource(), "llm": LLM.from_config(config)},
     )
 

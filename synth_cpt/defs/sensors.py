@@ -6,7 +6,7 @@ of each listed drop found published at its listed version, so a tick reads only 
 has not seen published: new, replaced, requested or still settling.
 
 Why that memory is a file under the storage root and not the cursor: Dagster stores the cursor with every
-tick record (one per 30 s, skipped ticks kept for days), so 80 KB of digests there would grow the instance
+tick record (one per `drops.sensor_interval_seconds`, 30 by default; skipped ticks kept for days), so 80 KB of digests there would grow the instance
 database by gigabytes. The digests go to `_sensor/published/<sha256>.bin` (sorted, so an unchanged set is
 the same file), written atomically and only when the set changes; the cursor names only its SHA-256. A
 quiet tick costs the listing and one read of that file. A memory that is missing (removed by `synth-cpt
@@ -18,7 +18,16 @@ import hashlib
 import json
 import re
 
-from dagster import AssetSelection, DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
+from dagster import (
+    AssetSelection,
+    DefaultSensorStatus,
+    RunRequest,
+    SensorDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
 
 from synth_cpt.core.layout import CRAWL_DROPS, sensor_memory_key
 from synth_cpt.core.storage import Storage
@@ -70,14 +79,18 @@ def load_published(storage: Storage, sha: object) -> tuple[set[bytes] | None, st
     return found, "" if found is not None else f"{storage.uri(sensor_memory_key(sha))} does not hold what its name says"
 
 
-@sensor(
-    name="crawl_drop_sensor",
-    asset_selection=AssetSelection.assets(CRAWL_DROPS),
-    minimum_interval_seconds=30,
-    default_status=DefaultSensorStatus.RUNNING,
-    description="Watches the drops folder or S3 prefix; each new or replaced file becomes a crawl_drops partition and a run.",
-)
-def crawl_drop_sensor(context: SensorEvaluationContext, pipeline: PipelineResource) -> SensorResult | SkipReason:
+def drop_sensor_every(seconds: int) -> SensorDefinition:
+    """crawl_drop_sensor, evaluated by the daemon at most every `seconds` (config `drops.sensor_interval_seconds`)."""
+    return sensor(
+        name="crawl_drop_sensor",
+        asset_selection=AssetSelection.assets(CRAWL_DROPS),
+        minimum_interval_seconds=seconds,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Watches the drops folder or S3 prefix; each new or replaced file becomes a crawl_drops partition and a run.",
+    )(_drop_tick)
+
+
+def _drop_tick(context: SensorEvaluationContext, pipeline: PipelineResource) -> SensorResult | SkipReason:
     cfg, storage = pipeline.load(), pipeline.storage()
     location = cfg.drops_uri()
     listing = list_drops(pipeline.drops(), cfg.drops.patterns, cfg.drops.recursive)
@@ -115,3 +128,6 @@ def crawl_drop_sensor(context: SensorEvaluationContext, pipeline: PipelineResour
         dynamic_partitions_requests=[crawl_drop_partitions.build_add_request(new_keys)] if new_keys else [],
         cursor=cursor,
     )
+
+
+crawl_drop_sensor = drop_sensor_every(30)  # the shipped interval; definitions use the config's
