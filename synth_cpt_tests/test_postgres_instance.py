@@ -27,15 +27,23 @@ import yaml
 
 from .conftest import REPO, SAMPLE_DROPS, environ
 from .dagster_dev import dagster_dev, start_backfill, wait_backfill
-from .fault_server import FaultServer
+from .fault_server import FaultServer, echo_reply
 from .postgres import postgres_server
 
 pytestmark = pytest.mark.e2e
 
 PARTITIONS = ["en|high", "en|low", "pt|high", "pt|low"]
+ANSWER_S = 1.5
 GPU_SLOTS = 2  # fewer than the 4 runs the per-partition limit lets start at once: only the pool can hold them to 2
 INGEST_HALF = ["raw_corpus", "quality_subsets"]
 DROPS = ["2026-11-03_en_fortunes.jsonl.zst", "2026-11-03_pt_fortunes-br.jsonl.gz"]
+
+
+def _slow_reply(body: dict) -> str:
+    """Each answer takes ANSWER_S, as a GPU's would: a generation run lasts seconds, not the queue's launch
+    latency, so the runs the pool allows at once do run at once."""
+    time.sleep(ANSWER_S)
+    return echo_reply(body)
 
 
 def _most_at_once(spans: list[tuple[float, float]]) -> int:
@@ -55,7 +63,7 @@ def test_a_postgres_instance_records_every_queued_run_event_check_and_partition_
     from synth_cpt.synthesis.prompts import load_kind
 
     with contextlib.ExitStack() as cleanup, postgres_server() as url:
-        server = FaultServer(seed=18)
+        server = FaultServer(seed=18, reply=_slow_reply)
         cleanup.callback(server.stop)
         server.faulty = False  # a healthy server: this test is about the instance, not the client
         home = tmp_path / "dagster_home"
