@@ -86,10 +86,37 @@ def assert_same_repeats(old: bytes, new: bytes) -> None:
 
 
 def test_repeats_are_written_a_row_group_at_a_time(tmp_path, tokenizer, monkeypatch):  # noqa: F811
+    """Each full row group is written as soon as its ids are gathered, not once the table is whole."""
     storage = inputs(tmp_path)
     before = mix_v0.build_mix(storage, "demo", recipe(("parquet",)), "pt", "high", tokenizer, run_id="r")
     monkeypatch.setattr(build, "REPEATS_GROUP", 4)
+    events: list[tuple[str, int]] = []
+    write_table = pq.ParquetWriter.write_table
+
+    def recording_write(self, table, *args, **kwargs):
+        if table.schema.names == build.REPEATS_SCHEMA.names:  # not a shard's
+            events.append(("write", table.num_rows))
+        return write_table(self, table, *args, **kwargs)
+
+    class Spool(build.TextSpool):
+        def lineage(self, *args):
+            frame = super().lineage(*args)
+            events.append(("gather", frame.height))
+            return frame
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", recording_write)
+    monkeypatch.setattr(build, "TextSpool", Spool)
     ours = build.build_mix(storage, "demo", recipe(("parquet",)), "pt", "high", tokenizer, run_id="r", batch_rows=3)
+    repeats = [e for e in events[len(ours.manifest["shards"]) :]]  # after each shard's one gather
+    expected, pending = [], 0
+    for _, n in (e for e in repeats if e[0] == "gather"):
+        expected.append(("gather", n))
+        pending += n
+        if pending >= 4:
+            expected.append(("write", pending - pending % 4))
+            pending %= 4
+    expected += [("write", pending)] if pending else []
+    assert repeats == expected and sum(n for k, n in repeats if k == "write") > 8, repeats
     old, new = (published_files(storage, r)[build.REPEATS] for r in (before, ours))
     assert_same_repeats(old, new)
     groups = [pq.ParquetFile(io.BytesIO(new)).metadata.row_group(i).num_rows for i in range(pq.ParquetFile(io.BytesIO(new)).num_row_groups)]
@@ -244,24 +271,35 @@ def test_lineage_spooled_side_by_side_comes_back_as_it_was(tmp_path):
             return [len(t) for t in texts]
 
     frame = pl.DataFrame(
-        {
-            "synth_id": [None, "s1", "", "sé✓", None],
-            "doc_id": ["d0", None, "ドキュメント", "", "d4"],
-            "drop_id": ["a", "a", "b", None, "a"],
-            "drop_version": ["v1", "v1", None, None, "v2"],
-            "prompt_sha": [None, "p", "p", "p", None],
-            "model_fingerprint": [None, "m", "m", "m", None],
+        {  # rows 5-8 repeat the classes of rows 4, 2, 1 and 0, out of order, with other ids
+            "synth_id": [None, "s1", "", "sé✓", None, None, "s6", "s7", None],
+            "doc_id": ["d0", None, "ドキュメント", "", "d4", "d5", "d6", None, "d8"],
+            "drop_id": ["a", "a", "b", None, "a", "a", "b", "a", "a"],
+            "drop_version": ["v1", "v1", None, None, "v2", "v2", None, "v1", "v1"],
+            "prompt_sha": [None, "p", "p", "p", None, None, "p", "p", None],
+            "model_fingerprint": [None, "m", "m", "m", None, None, "m", "m", None],
         }
     )
-    batch = frame.with_columns(text=pl.Series(["x", "yy", "", "zzz", "w"])).to_arrow().to_batches()[0]
+    texts = ["x", "yy", "", "zzz", "w", "v5", "v6", "v7", "v8"]
+    batch = frame.with_columns(text=pl.Series(texts)).to_arrow().to_batches()[0]
     spool = TextSpool(tmp_path, with_ids=False)
     try:
         spooled = spool.add([batch.slice(0, 2), batch.slice(2)], Counting(), lambda f: f.drop("text"))
-        assert spooled.doc_id_bytes.tolist() == [2, 0, 18, 0, 2] and spooled.synth_id_bytes.tolist() == [0, 2, 0, 6, 0]
-        assert len(spool.classes) == 5 and spooled.lineage_class.tolist() == [0, 1, 2, 3, 4]
-        order = np.array([4, 2, 0, 3, 1, 2])
+        assert spooled.doc_id_bytes.tolist() == [2, 0, 18, 0, 2, 2, 2, 0, 2] and spooled.synth_id_bytes.tolist() == [
+            0,
+            2,
+            0,
+            6,
+            0,
+            0,
+            2,
+            2,
+            0,
+        ]
+        assert len(spool.classes) == 5 and spooled.lineage_class.tolist() == [0, 1, 2, 3, 4, 4, 2, 1, 0]
+        order = np.array([4, 2, 0, 8, 3, 1, 6, 2, 5, 7])
         back = spool.lineage(*spooled.lineage_of(order))
         assert back.to_dicts() == frame.select("synth_id", "doc_id", "drop_id", "drop_version")[order.tolist()].to_dicts()
-        assert spool.texts(spooled.text_start[order], spooled.text_bytes[order]).to_list() == ["w", "", "x", "zzz", "yy", ""]
+        assert spool.texts(spooled.text_start[order], spooled.text_bytes[order]).to_list() == [texts[i] for i in order]
     finally:
         spool.close()

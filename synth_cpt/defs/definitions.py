@@ -70,7 +70,10 @@ def build_definitions() -> Definitions:
         assets=assets,
         asset_checks=CHECKS,
         jobs=jobs,
-        sensors=[drop_sensor_every(config.drops.sensor_interval_seconds), automation_sensor_every(config.drops.automation_interval_seconds)],
+        sensors=[
+            drop_sensor_every(config.drops.sensor_interval_seconds),
+            automation_sensor_every(config.drops.automation_interval_seconds),
+        ],
         resources={"pipeline": PipelineResource(), "llm": LLM.from_config(config)},
     )
 

@@ -29,6 +29,7 @@ from dagster import (
     sensor,
 )
 
+from synth_cpt.core.config import DropsConfig
 from synth_cpt.core.layout import CRAWL_DROPS, sensor_memory_key
 from synth_cpt.core.storage import Storage
 from synth_cpt.defs.partitions import crawl_drop_partitions
@@ -130,4 +131,4 @@ def _drop_tick(context: SensorEvaluationContext, pipeline: PipelineResource) -> 
     )
 
 
-crawl_drop_sensor = drop_sensor_every(30)  # the shipped interval; definitions use the config's
+crawl_drop_sensor = drop_sensor_every(DropsConfig().sensor_interval_seconds)  # the default's; definitions use the config's

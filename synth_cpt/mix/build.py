@@ -10,7 +10,7 @@ with its shortfall in tokens and writes nothing.
 Strings are held a batch of rows and a shard at a time, never a whole component; what grows with the
 input is a few numbers per row (tens of bytes); the repeats table (the ids of every distinct row
 taken) is written in row groups as it is gathered. Each component is read once, `batch_rows` rows at a time (its text and lineage columns); texts are counted (and for `.bin`
-shards encoded once) and, with each row's lineage strings, spooled to a local work folder
+shards encoded once) and, with each row's doc_id and synth_id, spooled to a local work folder
 (mix/spool.py; under TMPDIR: on a pod, give it the room of the partition's text). Only numbers stay per row (token counts, spool positions, a lineage class), so the plan,
 the pins, the manifest's lists and the suite are made from them, and each shard (and the repeats
 table) gathers its rows' strings from the spool. The shards, inputs and manifest are byte for byte what reading
@@ -72,7 +72,7 @@ _LINEAGE = [c for c in _SYNTH_COLUMNS if c != "text"]  # a row's lineage: spool.
 DROP_VERSION = "drop_version"  # the drop version a row came from, where its producer records it (null otherwise)
 TOKEN_COUNTS = ("tokens: the documents' own tokens (sum of n_tokens, text ids only); tokens_in_file: the ids a .bin shard holds, "
                 "every document framed as [BOS] ids EOS (see token_shards)")  # fmt: skip
-BATCH_ROWS = 2048  # rows read, counted and spooled at once (and lineage records gathered at once)
+BATCH_ROWS = 2048  # rows read, counted and spooled at once (and the repeats table's ids gathered at once)
 READ_BUFFER = 1 << 20  # texts are read from a column chunk in pieces of this size, never the whole chunk
 _COPY_CHUNK = 1 << 20
 
@@ -345,7 +345,7 @@ def _build(
 REPEATS_SCHEMA = pa.schema(
     [("origin", pa.large_string()), ("doc_id", pa.large_string()), ("synth_id", pa.large_string()), ("repeats", pa.int64())]
 )
-REPEATS_GROUP = 1 << 16  # rows of repeats.parquet per row group: ~9 MB of ids, whatever the mix's size
+REPEATS_GROUP = 1 << 16  # rows of repeats.parquet per row group: ~5 MB of 32-character ids, whatever the mix's size
 
 
 def write_repeats(
@@ -358,7 +358,7 @@ def write_repeats(
 ) -> dict[str, int]:
     """repeats.parquet: each row taken once, component by component in the order first taken, with how
     often it was. Its ids are gathered from the spool `batch_rows` at a time and written in row groups of
-    REPEATS_GROUP rows, so memory holds one group, never the table. Returns the manifest's figures of it."""
+    REPEATS_GROUP rows, so memory holds about two groups (one being written, the rest of the last gather), never the table. Returns the manifest's figures of it."""
     most, repeated = 0, 0
     with storage.parquet_writer(key, REPEATS_SCHEMA) as writer:
         group: list[pa.Table] = []

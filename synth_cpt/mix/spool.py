@@ -7,9 +7,9 @@ lets a shard (and the repeats table) gather exactly its rows with positioned rea
 batch or a shard, never a component's strings. Per row only numbers stay in memory: where its text,
 ids and doc_id/synth_id bytes are, its token count, and its lineage class (an index into the few distinct
 (drop, drop version, prompt, model, has doc_id, has synth_id) a component has), from which the pins,
-the manifest's lists, the suite's null checks and a row's drop_id and drop_version are made. Spooling
-and gathering are vectorized (no per-row Python but one positioned read). The files go with the
-build's work folder.
+the manifest's lists, the suite's null checks and a row's drop_id and drop_version are made. The
+lineage is spooled and split back with numpy (no per-row Python but one positioned read); texts are
+counted and encoded ENCODE_ROWS at a time. The files go with the build's work folder.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 ID_DTYPE = np.dtype("<u4")  # every vocabulary's ids fit; a shard narrows them to its own dtype
 ENCODE_ROWS = 256  # texts encoded at once: a batch's ids as Python lists are ~40 bytes an id
-LINEAGE = ("synth_id", "doc_id", "drop_id", "drop_version")  # what a shard row (and a repeats row) carries of its lineage
+LINEAGE = ("synth_id", "doc_id", "drop_id", "drop_version")  # what a shard row carries of its lineage (a repeats row: the ids)
 CLASS = ("drop_id", "drop_version", "prompt_sha", "model_fingerprint", "has_doc_id", "has_synth_id")  # a lineage class's fields
 
 
@@ -131,7 +131,8 @@ class TextSpool:
 
     def add(self, batches: Iterable[pa.RecordBatch], tokenizer: TokenCounter, lineage: Callable[[pl.DataFrame], pl.DataFrame]) -> Spooled:
         """Count (and with ids, encode) each batch's texts with the target tokenizer and append them, and
-        its lineage (`lineage` makes a batch's LINEAGE and CLASS string columns)."""
+        its lineage (`lineage` makes a batch's LINEAGE columns, prompt_sha and model_fingerprint; whether
+        doc_id and synth_id are null is part of the row's class)."""
         starts, sizes, counts, id_starts, line_starts, doc_sizes, synth_sizes, classes = [], [], [], [], [], [], [], []
         for batch in batches:
             self.batches.append(batch.num_rows)
