@@ -33,15 +33,15 @@ from .postgres import postgres_server
 pytestmark = pytest.mark.e2e
 
 PARTITIONS = ["en|high", "en|low", "pt|high", "pt|low"]
-ANSWER_S = 1.5
+ANSWER_S = 4.0  # a step then lasts longer than a run takes to start: at 1.5 s two runs overlapped but once their steps did not
 GPU_SLOTS = 2  # fewer than the 4 runs the per-partition limit lets start at once: only the pool can hold them to 2
 INGEST_HALF = ["raw_corpus", "quality_subsets"]
 DROPS = ["2026-11-03_en_fortunes.jsonl.zst", "2026-11-03_pt_fortunes-br.jsonl.gz"]
 
 
 def _slow_reply(body: dict) -> str:
-    """Each answer takes ANSWER_S, as a GPU's would: a generation run lasts seconds, not the queue's launch
-    latency, so the runs the pool allows at once do run at once."""
+    """Each answer takes ANSWER_S, as a GPU's would: a generation step lasts longer than the spread of its run's
+    launch, so the steps the pool allows at once do run at once."""
     time.sleep(ANSWER_S)
     return echo_reply(body)
 
