@@ -326,9 +326,8 @@ def _ingest(
                 )
                 started = {e.step_key for e in result.all_events if e.event_type == DagsterEventType.STEP_START}
                 not_run = to_requeue(run, partition, started, requeued, lambda k: defs.get_assets_def(k).node_def.name)
-                requeued.update(
-                    (k, partition) for k in not_run
-                )  # after a failed step: their own steps again, judged on what is published now
+                # after a failed step: their own steps again, judged on what is published now
+                requeued.update((k, partition) for k in not_run)
                 queue = [*(([k], partition if graph.get(k).partitions_def else None) for k in not_run), *queue]
                 if not result.success:
                     why = failure_line(result)

@@ -90,13 +90,24 @@ def _split_side_by_side(data: bytes, a_len: np.ndarray, b_len: np.ndarray) -> tu
     """The inverse of `_side_by_side`: the two columns (no nulls yet) as large strings."""
     buf = np.frombuffer(data, dtype=np.uint8)
     is_a = np.repeat(np.tile(np.array([True, False]), a_len.size), _interleave(a_len, b_len))
-    out = []
-    for part, lengths in ((buf[is_a], a_len), (buf[~is_a], b_len)):
-        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
-        array = pa.LargeStringArray.from_buffers(lengths.size, pa.py_buffer(offsets), pa.py_buffer(part.tobytes()))
-        array.validate(full=True)  # UTF-8 as read: a damaged spool fails here, not in a shard
-        out.append(array)
-    return out[0], out[1]
+    return _large_strings(buf[is_a].tobytes(), a_len), _large_strings(buf[~is_a].tobytes(), b_len)
+
+
+def _large_strings(data: bytes, lengths: np.ndarray) -> pa.Array:
+    """`data` cut into strings of `lengths` bytes, checked as UTF-8: a damaged spool fails here, not in a shard."""
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+    array = pa.LargeStringArray.from_buffers(lengths.size, pa.py_buffer(offsets), pa.py_buffer(data))
+    array.validate(full=True)
+    return array
+
+
+def _read_at(f, starts: np.ndarray, sizes: np.ndarray, what: str) -> bytes:
+    """The bytes at (start, size) of the open file `f`, concatenated in that order."""
+    fd = f.fileno()
+    data = b"".join(os.pread(fd, n, s) for s, n in zip(starts.tolist(), sizes.tolist(), strict=True))
+    if len(data) != int(sizes.sum()):
+        raise OSError(f"the {what} spool returned {len(data):,} bytes of {int(sizes.sum()):,}")
+    return data
 
 
 def _string_buffers(texts: pa.Array) -> tuple[np.ndarray, memoryview]:
@@ -197,10 +208,7 @@ class TextSpool:
     def lineage(self, starts: np.ndarray, doc_sizes: np.ndarray, synth_sizes: np.ndarray, classes: np.ndarray) -> pl.DataFrame:
         """The LINEAGE columns of the rows at (start, doc_id bytes, synth_id bytes, class) (`Spooled.lineage_of`), in that order."""
         self.gathered.append(int(starts.size))
-        fd, sizes = self._lineage.fileno(), doc_sizes.astype(np.int64) + synth_sizes
-        data = b"".join(os.pread(fd, n, s) for s, n in zip(starts.tolist(), sizes.tolist(), strict=True))
-        if len(data) != int(sizes.sum()):
-            raise OSError(f"the lineage spool returned {len(data):,} bytes of {int(sizes.sum()):,}")
+        data = _read_at(self._lineage, starts, doc_sizes.astype(np.int64) + synth_sizes, "lineage")
         doc_ids, synth_ids = _split_side_by_side(data, doc_sizes, synth_sizes)
         codes = pa.array(classes, pa.int32())
 
@@ -221,22 +229,11 @@ class TextSpool:
 
     def texts(self, starts: np.ndarray, sizes: np.ndarray) -> pl.Series:
         """The texts at (start, size), in that order, as the `text` column of a shard."""
-        fd = self._texts.fileno()
-        data = b"".join(os.pread(fd, n, s) for s, n in zip(starts.tolist(), sizes.tolist(), strict=True))
-        if len(data) != int(sizes.sum()):
-            raise OSError(f"the text spool returned {len(data):,} bytes of {int(sizes.sum()):,}")
-        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        array = pa.LargeStringArray.from_buffers(len(sizes), pa.py_buffer(offsets), pa.py_buffer(data))
-        array.validate(full=True)  # UTF-8 as read: a damaged spool fails here, not in a shard
-        return pl.Series("text", array)
+        return pl.Series("text", _large_strings(_read_at(self._texts, starts, sizes, "text"), sizes))
 
     def ids(self, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """The ids of the rows at (first id, n_tokens), concatenated in that order."""
         if self._ids is None:
             raise ValueError("this spool was made without ids")
-        fd, width = self._ids.fileno(), ID_DTYPE.itemsize
-        data = b"".join(os.pread(fd, n * width, s * width) for s, n in zip(starts.tolist(), counts.tolist(), strict=True))
-        flat = np.frombuffer(data, dtype=ID_DTYPE)
-        if flat.size != int(counts.sum()):
-            raise OSError(f"the id spool returned {flat.size:,} ids of {int(counts.sum()):,}")
-        return flat
+        width = ID_DTYPE.itemsize
+        return np.frombuffer(_read_at(self._ids, starts * width, counts * width, "id"), dtype=ID_DTYPE)
